@@ -1,0 +1,45 @@
+# ensam: two commands on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STUDIES ?= sample-datasets/studies
+PORT ?= 8000
+HOST ?= 127.0.0.1
+export MONAI_LABEL_TRACKING_ENABLED ?= false
+export PYTHONPATH := $(CURDIR)/apps/ensam:$(PYTHONPATH)
+
+.PHONY: venv data serve test eval bench pretrain clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q -e '.[test,train]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+sample-datasets/.fetched: $(VENV)/.installed scripts/fetch_sample_data.py
+	$(VPY) scripts/fetch_sample_data.py --out sample-datasets
+	touch $@
+
+data: sample-datasets/.fetched
+
+serve: venv data
+	$(VENV)/bin/monailabel start_server --app apps/ensam --studies $(STUDIES) --conf models ensam \
+		--host $(HOST) --port $(PORT) --uvicorn_app lib.server:app
+
+test: venv data
+	$(VPY) -m pytest -q -rs tests
+
+eval: venv data
+	$(VPY) -m lib.evaluation --data sample-datasets/eval --out eval-results
+
+bench: venv
+	$(VPY) -m lib.benchmark
+
+pretrain: venv data
+	$(VPY) -m lib.training.pretrain --config apps/ensam/lib/training/pretrain.yaml
+
+clean:
+	rm -rf $(VENV) sample-datasets/.fetched

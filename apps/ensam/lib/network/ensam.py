@@ -1,0 +1,112 @@
+"""ENSAM: Equivariant, Normalized, Segment Anything Model (our implementation; see docs/ARCHITECTURE.md).
+
+image -> ImageEncoder (cacheable) -> latent + dense prompts -> TwoWayTransformer with prompt tokens (rotary
+relative positions, QK-normalised attention) -> UNetDecoder (skips, dense prompts at every scale; SAMU adds
+prompt cross-attention at every decoder scale) -> one logit map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import TwoWayTransformer
+from .decoder import UNetDecoder, grid_positions
+from .encoder import ImageEncoder
+from .prompt_encoder import N_DENSE, FourierPositions, PromptEncoder
+
+__all__ = ["NetworkConfig", "EnsamNet", "build_network"]
+
+
+@dataclass
+class NetworkConfig:
+    """Every size of the network. ``variant``: 'ensam' (prompt attention at the latent level only) or 'samu'
+    (also at every decoder scale). ``positional``: 'rotary' (relative) or 'absolute' (Fourier features)."""
+
+    in_channels: int = 1
+    filters: int = 16
+    blocks: tuple[int, ...] = (1, 2, 2, 2)
+    heads: int = 4
+    depth: int = 2
+    mlp_ratio: float = 2.0
+    num_labels: int = 128
+    n_output_tokens: int = 2
+    norm: str = "instance"
+    variant: str = "ensam"
+    positional: str = "rotary"
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EnsamNet(nn.Module):
+    """See module docstring. Shapes: image (B, in, D, H, W) with D, H, W divisible by the latent stride."""
+
+    def __init__(self, config: NetworkConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or NetworkConfig()
+        if cfg.variant not in ("ensam", "samu"):
+            raise ValueError(f"variant must be 'ensam' or 'samu', not {cfg.variant!r}")
+        if cfg.positional not in ("rotary", "absolute"):
+            raise ValueError(f"positional must be 'rotary' or 'absolute', not {cfg.positional!r}")
+        self.config = cfg
+        self.encoder = ImageEncoder(cfg.in_channels, cfg.filters, cfg.blocks, cfg.norm)
+        ch = self.encoder.channels
+        dim = ch[-1]
+        rotary = cfg.positional == "rotary"
+        self.prompt_encoder = PromptEncoder(dim, cfg.num_labels, cfg.n_output_tokens)
+        self.latent_dense = nn.Conv3d(N_DENSE, dim, 1)
+        self.abs_pos = None if rotary else FourierPositions(dim)
+        self.transformer = TwoWayTransformer(dim, cfg.heads, cfg.depth, cfg.mlp_ratio, rotary=rotary)
+        levels = tuple(range(len(ch) - 1)) if cfg.variant == "samu" else ()
+        self.decoder = UNetDecoder(ch, dim, norm=cfg.norm, attention_levels=levels, rotary=rotary)
+
+    @property
+    def stride(self) -> int:
+        return self.encoder.stride
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """image (B, in, D, H, W) -> encoder features, finest first. Independent of prompts (cacheable)."""
+        s = self.stride
+        if any(d % s for d in image.shape[2:]):
+            raise ValueError(f"spatial shape {tuple(image.shape[2:])} must be divisible by {s}")
+        return self.encoder(image)
+
+    def decode(self, feats: list[torch.Tensor], points: torch.Tensor, point_types: torch.Tensor,
+               dense: torch.Tensor, label_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """feats from :meth:`encode`; points (B, N, 3) model-grid voxels; point_types (B, N) (-1 = padding);
+        dense (B, 4, D, H, W); label_ids (B,) or None. Returns logits (B, 1, D, H, W)."""
+        model_shape = tuple(dense.shape[2:])
+        s = self.stride
+        latent = feats[-1]
+        b, c = latent.shape[:2]
+        lshape = tuple(latent.shape[2:])
+        latent = latent + self.latent_dense(F.avg_pool3d(dense, s))
+        img = latent.flatten(2).transpose(1, 2)  # (B, L, C)
+        i_pos = grid_positions(lshape, s, model_shape, s, img.device, img.dtype).expand(b, -1, -1)
+        tokens, t_pos, t_mask = self.prompt_encoder(points, point_types, label_ids, model_shape, s)
+        if self.abs_pos is not None:
+            img = img + self.abs_pos(i_pos)
+            tokens = tokens + self.abs_pos(t_pos) * t_mask[..., None].to(tokens.dtype)
+        tokens, img = self.transformer(tokens, img, t_pos, i_pos, t_mask)
+        latent = img.transpose(1, 2).reshape(b, c, *lshape)
+        return self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
+
+    def forward(self, image, points, point_types, dense, label_ids=None):
+        return self.decode(self.encode(image), points, point_types, dense, label_ids)
+
+
+def build_network(config: NetworkConfig | dict | None = None) -> EnsamNet:
+    if isinstance(config, dict):
+        config = NetworkConfig.from_dict(config)
+    return EnsamNet(config)
