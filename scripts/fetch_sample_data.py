@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Build ensam's sample data from public, openly licensed sources (run by ``make data``).
+
+Usage::
+
+    python scripts/fetch_sample_data.py --out sample-datasets [--force]
+
+What it does (each step is skipped when its outputs already exist, so it is safe to run again):
+
+1. ``pip download --no-deps --no-binary :all: totalsegmentator==2.9.0`` (the source distribution, ~9.5 MB, never
+   installed) into ``<out>/.cache/``; extracts ``tests/reference_files/``, ``totalsegmentator/map_to_binary.py``
+   and ``LICENSE``. Label names come from ``class_map["total"]`` / ``class_map["total_mr"]``, read with ``ast``
+   (the module is never imported).
+2. Evaluation set ``<out>/eval/``: the 20-slice CT DICOM series (read with SimpleITK, int16 HU) with its labels
+   resampled physically (nearest neighbour) onto the DICOM grid, and the small abdominal MR; ``dataset.json``.
+3. Training set ``<out>/train/``: the small abdominal CT (41 labels) and the MNI152 2009 T1 template (nilearn) with
+   a 3-class brain label map; ``dataset.json``. No evaluation image is ever put there.
+4. Datastore for the demo server ``<out>/studies/``: three images and the reference labels of ``ct_small``.
+5. ``<out>/dicom/ct/*.dcm``: the CT series with Study/Series/SOP Instance UIDs, SOP Class UID, PatientID and
+   PatientName filled in deterministically (``2.25.`` UIDs derived from a fixed seed), pixel data untouched,
+   so that a PACS (Orthanc) accepts it.
+
+Only the Python package index is needed (step 1); everything else is computed locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+TS_VERSION = "2.9.0"
+TS_SDIST = f"totalsegmentator-{TS_VERSION}.tar.gz"
+TS_ROOT = f"totalsegmentator-{TS_VERSION}"
+# Fixed seed for the DICOM identifiers: changing it changes every UID (and so what a PACS sees as "the same study").
+UID_SEED = "ensam-sample-datasets/ct-dicom/v1"
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ensam:sample-datasets")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+LICENCE_TS = "Apache-2.0 (TotalSegmentator 2.9.0 test reference files, Wasserthal et al.; labels are model outputs)"
+LICENCE_MNI = "BSD-3-Clause (MNI ICBM152 2009 template as shipped by nilearn; Copyright (C) 1993-2009 Louis Collins, " \
+              "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University)"
+
+
+def log(msg: str) -> None:
+    print(f"[fetch_sample_data] {msg}", flush=True)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 1: the TotalSegmentator source distribution
+# --------------------------------------------------------------------------------------------------------------
+def download_sdist(cache: Path) -> Path:
+    sdist = cache / TS_SDIST
+    if sdist.is_file() and tarfile.is_tarfile(sdist):
+        log(f"have {sdist} (skip download)")
+        return sdist
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--retries", "1",
+           "--timeout", "30", "--dest", str(cache), f"totalsegmentator=={TS_VERSION}"]
+    log("downloading the TotalSegmentator source distribution: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not sdist.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise FetchError(
+            f"could not download totalsegmentator=={TS_VERSION} (sdist) from the Python package index.\n"
+            f"Is the package registry reachable (pip config / PIP_INDEX_URL / proxy)? pip said:\n{tail}\n"
+            f"Alternatively put {TS_SDIST} into {cache}/ by hand and run this script again.")
+    log(f"saved {sdist} ({sdist.stat().st_size / 1e6:.1f} MB)")
+    return sdist
+
+
+def extract_sdist(sdist: Path, cache: Path) -> Path:
+    """Extract only what is needed; member names are checked so nothing lands outside ``cache``."""
+    root = cache / TS_ROOT
+    done = root / ".extracted"
+    if done.is_file():
+        log(f"have {root} (skip extraction)")
+        return root
+    wanted_prefix = f"{TS_ROOT}/tests/reference_files/"
+    wanted_files = {f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_ROOT}/LICENSE"}
+    n = 0
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if not (name.startswith(wanted_prefix) or name in wanted_files) or not member.isfile():
+                continue
+            parts = Path(name).parts
+            if Path(name).is_absolute() or ".." in parts:
+                raise FetchError(f"unsafe path in {sdist}: {name}")
+            dest = cache.joinpath(*parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            with open(dest, "wb") as fh:
+                shutil.copyfileobj(src, fh)
+            n += 1
+    if not (root / "tests" / "reference_files" / "example_ct_sm.nii.gz").is_file():
+        raise FetchError(f"{sdist} does not contain tests/reference_files/ as expected")
+    done.write_text("ok\n")
+    log(f"extracted {n} files into {root}")
+    return root
+
+
+def read_class_maps(map_to_binary: Path) -> dict:
+    """``class_map`` from TotalSegmentator's map_to_binary.py, parsed with ``ast`` (never imported)."""
+    tree = ast.parse(map_to_binary.read_text(), filename=str(map_to_binary))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets):
+            maps = ast.literal_eval(node.value)
+            return {task: {int(k): str(v) for k, v in m.items()} for task, m in maps.items()}
+    raise FetchError(f"no class_map assignment in {map_to_binary}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+def _tmp_path(path: Path) -> Path:
+    name = path.name
+    stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (path.stem, path.suffix)
+    return path.with_name(f".{stem}.tmp{ext}")
+
+
+def write_sitk(img, path: Path) -> None:
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    sitk.WriteImage(img, str(tmp), True)
+    os.replace(tmp, path)
+
+
+def write_nib(data, affine, path: Path, dtype) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = _tmp_path(path)
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+def copy_file(src: Path, dst: Path) -> bool:
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size:
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return True
+
+
+def present_labels(label_path: Path, names: dict) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    ids = np.unique(np.asarray(nib.load(str(label_path)).dataobj))
+    out = {}
+    for i in ids.tolist():
+        if i == 0:
+            continue
+        out[str(int(i))] = names.get(int(i), f"label_{int(i)}")
+    return out
+
+
+def write_json(path: Path, obj: dict, force: bool) -> None:
+    if path.is_file() and not force:
+        log(f"have {path} (skip)")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+    log(f"wrote {path}")
+
+
+def dicom_files(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 2: evaluation set
+# --------------------------------------------------------------------------------------------------------------
+def build_eval(ref: Path, out: Path, maps: dict, force: bool) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    ev = out / "eval"
+    img_ct, lab_ct = ev / "imagesTs" / "ct_dicom.nii.gz", ev / "labelsTs" / "ct_dicom.nii.gz"
+    if force or not (img_ct.is_file() and lab_ct.is_file()):
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(ref / "example_ct_dicom"))
+        if len(names) != 20:
+            raise FetchError(f"expected 20 DICOM files in {ref / 'example_ct_dicom'}, found {len(names)}")
+        reader.SetFileNames(names)
+        ct = sitk.Cast(reader.Execute(), sitk.sitkInt16)  # HU after rescale slope/intercept; range fits int16
+        seg = sitk.ReadImage(str(ref / "example_seg_dicom.nii.gz"))
+        # Physical resampling: the NIfTI is stored y-flipped (LAS) relative to the DICOM grid (LPS voxel order);
+        # SimpleITK maps both through their world coordinates, so the flip is undone without any guesswork.
+        seg_on_ct = sitk.Resample(seg, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        hu = sitk.GetArrayFromImage(ct)
+        lab = sitk.GetArrayFromImage(seg_on_ct)
+        src = sitk.GetArrayFromImage(seg)
+        # Check 1: the grids coincide up to the flip, so every label keeps its exact voxel count.
+        c_src = np.bincount(src.ravel(), minlength=256)
+        c_dst = np.bincount(lab.ravel(), minlength=256)
+        if not np.array_equal(c_src, c_dst):
+            log("warning: label voxel counts changed in resampling (grids do not coincide exactly)")
+        # Check 2: the labels must sit on the right tissue. Labelled voxels are almost never air (gas in the
+        # colon aside) and vertebrae are bone; the stored array copied without the flip fails both (~27% air).
+        names_total = maps["total"]
+        vert = np.isin(lab, [i for i, n in names_total.items() if n.startswith("vertebrae_")])
+        air = float(np.mean(hu[lab > 0] < -500))
+        air_naive = float(np.mean(hu[src > 0] < -500))
+        vert_hu = float(np.median(hu[vert])) if vert.any() else float("nan")
+        liver = lab == 5
+        liver_hu = float(np.median(hu[liver])) if liver.any() else float("nan")
+        log(f"CT DICOM labels after physical resampling: {100 * air:.1f}% of labelled voxels are air (HU < -500; "
+            f"{100 * air_naive:.1f}% if the stored array were copied without the flip), vertebrae median HU "
+            f"{vert_hu:.0f}, liver median HU {liver_hu:.0f}; label voxel counts preserved: "
+            f"{np.array_equal(c_src, c_dst)}")
+        if not (air < 0.08 and vert_hu > 150 and 20 <= liver_hu <= 200):
+            raise FetchError("label/image overlap check failed after resampling the CT DICOM labels")
+        write_sitk(ct, img_ct)
+        write_sitk(seg_on_ct, lab_ct)
+        log(f"wrote {img_ct} {ct.GetSize()} spacing {tuple(round(s, 4) for s in ct.GetSpacing())} and {lab_ct}")
+    else:
+        log(f"have {img_ct} and {lab_ct} (skip)")
+
+    img_mr, lab_mr = ev / "imagesTs" / "mr.nii.gz", ev / "labelsTs" / "mr.nii.gz"
+    if force or not (img_mr.is_file() and lab_mr.is_file()):
+        import nibabel as nib
+
+        im = nib.load(str(ref / "example_mr_sm.nii.gz"))
+        lb = nib.load(str(ref / "example_seg_mr.nii.gz"))
+        if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
+            raise FetchError("example_mr_sm and example_seg_mr are not on the same grid")
+        write_nib(np.asarray(im.dataobj), im.affine, img_mr, np.int16)
+        write_nib(np.asarray(lb.dataobj), im.affine, lab_mr, np.uint8)
+        log(f"wrote {img_mr} {im.shape} and {lab_mr}")
+    else:
+        log(f"have {img_mr} and {lab_mr} (skip)")
+
+    testing = [
+        {"image": "imagesTs/ct_dicom.nii.gz", "label": "labelsTs/ct_dicom.nii.gz", "modality": "CT",
+         "source": "TotalSegmentator tests/reference_files/example_ct_dicom + example_seg_dicom.nii.gz",
+         "labels": present_labels(lab_ct, maps["total"])},
+        {"image": "imagesTs/mr.nii.gz", "label": "labelsTs/mr.nii.gz", "modality": "MR",
+         "source": "TotalSegmentator tests/reference_files/example_mr_sm + example_seg_mr.nii.gz",
+         "labels": present_labels(lab_mr, maps["total_mr"])},
+    ]
+    write_json(ev / "dataset.json", {
+        "name": "ensam-eval",
+        "description": "Evaluation set for the interactive protocol (never used for training or tuning).",
+        "licence": LICENCE_TS,
+        "numTest": len(testing),
+        "testing": testing,
+    }, force)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 3: training set
+# --------------------------------------------------------------------------------------------------------------
+def mni_brain_labels():
+    """MNI152 2009 T1 (1 mm) and a label map: 1 white matter, 2 grey matter, 3 rest of brain (CSF, etc.).
+
+    Inside nilearn's brain mask (threshold 0.2) each voxel gets the largest of the WM probability, the GM
+    probability and the remainder ``1 - WM - GM``; outside the mask it is 0. Image stored as int16 = 1000 x the
+    template's [0, 1] intensity.
+    """
+    import numpy as np
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata()
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata()
+    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata() > 0
+    rest = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    lab = (np.argmax(np.stack([wm, gm, rest]), axis=0) + 1).astype(np.uint8)
+    lab[~brain] = 0
+    image = np.round(t1.get_fdata() * 1000.0)
+    return image, lab, t1.affine
+
+
+def build_train(ref: Path, out: Path, maps: dict, force: bool) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    tr = out / "train"
+    img, lab = tr / "imagesTr" / "ct_small.nii.gz", tr / "labelsTr" / "ct_small.nii.gz"
+    if force or not (img.is_file() and lab.is_file()):
+        im = nib.load(str(ref / "example_ct_sm.nii.gz"))
+        lb = nib.load(str(ref / "example_seg.nii.gz"))
+        if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
+            raise FetchError("example_ct_sm and example_seg are not on the same grid")
+        write_nib(np.asarray(im.dataobj), im.affine, img, np.int16)
+        write_nib(np.asarray(lb.dataobj), im.affine, lab, np.uint8)
+        log(f"wrote {img} {im.shape} and {lab}")
+    else:
+        log(f"have {img} and {lab} (skip)")
+
+    img_m, lab_m = tr / "imagesTr" / "mni152_t1.nii.gz", tr / "labelsTr" / "mni152_t1.nii.gz"
+    if force or not (img_m.is_file() and lab_m.is_file()):
+        image, labels, affine = mni_brain_labels()
+        write_nib(image, affine, img_m, np.int16)
+        write_nib(labels, affine, lab_m, np.uint8)
+        counts = np.bincount(labels.ravel(), minlength=4)
+        log(f"wrote {img_m} {image.shape} and {lab_m} (voxels WM {counts[1]}, GM {counts[2]}, rest {counts[3]})")
+    else:
+        log(f"have {img_m} and {lab_m} (skip)")
+
+    mni_names = {1: "white_matter", 2: "grey_matter", 3: "brain_other"}
+    training = [
+        {"image": "imagesTr/ct_small.nii.gz", "label": "labelsTr/ct_small.nii.gz", "modality": "CT",
+         "source": "TotalSegmentator tests/reference_files/example_ct_sm + example_seg.nii.gz",
+         "licence": LICENCE_TS, "labels": present_labels(lab, maps["total"])},
+        {"image": "imagesTr/mni152_t1.nii.gz", "label": "labelsTr/mni152_t1.nii.gz", "modality": "MR",
+         "source": "nilearn load_mni152_template(resolution=1); labels from nilearn's GM/WM probability maps "
+                   "inside load_mni152_brain_mask (argmax of WM, GM, 1-WM-GM)",
+         "licence": LICENCE_MNI, "labels": {str(k): v for k, v in mni_names.items()}},
+    ]
+    write_json(tr / "dataset.json", {
+        "name": "ensam-train",
+        "description": "Small labelled training/tuning set; disjoint from eval/.",
+        "numTraining": len(training),
+        "training": training,
+    }, force)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 4: datastore for the demo server
+# --------------------------------------------------------------------------------------------------------------
+def build_studies(out: Path) -> None:
+    st = out / "studies"
+    pairs = [
+        (out / "train" / "imagesTr" / "ct_small.nii.gz", st / "ct_small.nii.gz"),
+        (out / "eval" / "imagesTs" / "ct_dicom.nii.gz", st / "ct_dicom.nii.gz"),
+        (out / "eval" / "imagesTs" / "mr.nii.gz", st / "mr.nii.gz"),
+        (out / "train" / "labelsTr" / "ct_small.nii.gz", st / "labels" / "final" / "ct_small.nii.gz"),
+    ]
+    for src, dst in pairs:
+        log(("copied " if copy_file(src, dst) else "have ") + str(dst))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 5: DICOM with identifiers, for a PACS
+# --------------------------------------------------------------------------------------------------------------
+def uid_for(what: str) -> str:
+    """A ``2.25.`` UID (ISO/IEC 9834-8: the decimal value of a UUID) derived from the fixed seed and ``what``."""
+    return "2.25." + str(uuid.uuid5(UID_NAMESPACE, f"{UID_SEED}/{what}").int)
+
+
+def build_dicom(ref: Path, out: Path, force: bool) -> None:
+    import pydicom
+
+    dst = out / "dicom" / "ct"
+    srcs = dicom_files(ref / "example_ct_dicom")
+    if not force and dst.is_dir() and len(list(dst.glob("*.dcm"))) == len(srcs):
+        log(f"have {dst} ({len(srcs)} files, skip)")
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = uid_for("study"), uid_for("series")
+    items = []
+    for p in srcs:
+        ds = pydicom.dcmread(str(p))
+        items.append((int(ds.get("InstanceNumber", 0) or 0), p.name, ds))
+    items.sort(key=lambda t: (t[0], t[1]))
+    for idx, (inst, src_name, ds) in enumerate(items, start=1):
+        pixels_before = ds.PixelData
+        sop_uid = uid_for(f"sop/{src_name}")
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = sop_uid
+        if not ds.get("SOPClassUID"):
+            ds.SOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID") or CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        if not ds.get("PatientID"):
+            ds.PatientID = "ENSAM-SAMPLE-CT-001"
+        if not str(ds.get("PatientName", "")):
+            ds.PatientName = "Sample^CT"
+        if not ds.get("StudyID"):
+            ds.StudyID = "1"
+        if ds.get("SeriesNumber") in (None, ""):
+            ds.SeriesNumber = 1
+        if not ds.get("InstanceNumber"):
+            ds.InstanceNumber = idx
+        assert ds.PixelData is pixels_before or ds.PixelData == pixels_before
+        out_path = dst / f"ct_{idx:04d}.dcm"
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        ds.save_as(str(tmp), write_like_original=True)
+        os.replace(tmp, out_path)
+    # Verify: same pixel bytes as the originals, one study / one series.
+    for (inst, src_name, _), path in zip(items, sorted(dst.glob("*.dcm"))):
+        a = pydicom.dcmread(str(ref / "example_ct_dicom" / src_name)).PixelData
+        b = pydicom.dcmread(str(path))
+        if a != b.PixelData or b.StudyInstanceUID != study_uid or b.SeriesInstanceUID != series_uid:
+            raise FetchError(f"DICOM rewrite check failed for {path}")
+    log(f"wrote {len(items)} DICOM files into {dst} (StudyInstanceUID {study_uid})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="sample-datasets", help="output folder (default: sample-datasets)")
+    ap.add_argument("--force", action="store_true", help="rebuild every output even if it exists")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    cache = out / ".cache"
+    try:
+        sdist = download_sdist(cache)
+        root = extract_sdist(sdist, cache)
+        ref = root / "tests" / "reference_files"
+        maps = read_class_maps(root / "totalsegmentator" / "map_to_binary.py")
+        for task in ("total", "total_mr"):
+            if task not in maps:
+                raise FetchError(f"class_map[{task!r}] missing in map_to_binary.py")
+        log(f"label names: {len(maps['total'])} (total), {len(maps['total_mr'])} (total_mr)")
+        build_eval(ref, out, maps, args.force)
+        build_train(ref, out, maps, args.force)
+        build_studies(out)
+        build_dicom(ref, out, args.force)
+    except FetchError as e:
+        print(f"[fetch_sample_data] ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+    log(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
