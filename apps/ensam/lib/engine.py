@@ -1,0 +1,337 @@
+"""EnsamEngine: whole-volume interactive inference with an encoding cache, and prompt-free label segmentation.
+
+All prompt geometry goes through :mod:`lib.geometry`. Typical use::
+
+    eng = EnsamEngine(weights="apps/ensam/model/pretrained_ensam.pt")
+    mask = eng.segment(image, affine, boxes=[[10, 40, 20, 60, 5, 15]])
+    mask = eng.segment(image, affine, boxes=[...], points=[[25, 40, 10]], point_labels=[0], prev_mask=mask)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
+                       normalize_boxes, normalize_intensity, spacing_from_affine, validate_points)
+from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
+
+__all__ = ["EngineConfig", "EnsamEngine", "PromptError", "load_network", "image_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Inference settings. ``roi``: how the region of interest is chosen; ``max_zoom``: how many times the ROI may
+    grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the encoding
+    cache; ``label_spacing_mm``: working spacing of prompt-free label segmentation (sliding window)."""
+
+    roi: RoiPolicy = field(default_factory=RoiPolicy)
+    max_zoom: int = 2
+    zoom_factor: float = 1.5
+    reuse_roi_growth: float = 1.6
+    cache_bytes: int = 512 * 2 ** 20
+    label_spacing_mm: float = 3.0
+    label_overlap: float = 0.25
+    threshold: float = 0.0
+
+
+def load_network(weights: str | None = None, config: NetworkConfig | dict | None = None,
+                 device: str | torch.device = "cpu") -> EnsamNet:
+    """Build the network (config from ``config``, else ``<weights>.json`` beside the weights, else defaults) and
+    load a plain state_dict with ``weights_only=True``."""
+    if config is None and weights and os.path.exists(os.path.splitext(weights)[0] + ".json"):
+        with open(os.path.splitext(weights)[0] + ".json") as f:
+            config = json.load(f).get("network", {})
+    net = build_network(config)
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+def image_fingerprint(image: np.ndarray, affine) -> str:
+    """A cheap content key for an image: shape, dtype, affine and a strided sample of the voxels."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((image.shape, str(image.dtype))).encode())
+    h.update(np.asarray(affine, dtype=np.float64).tobytes())
+    step = [max(1, s // 64) for s in image.shape[:3]]
+    h.update(np.ascontiguousarray(image[::step[0], ::step[1], ::step[2]]).tobytes())
+    return h.hexdigest()
+
+
+class _EncodingCache:
+    """LRU of encoder features keyed by (image key, ROI, weights version), bounded in bytes. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._d: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(feats) -> int:
+        return sum(f.numel() * f.element_size() for f in feats)
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return v
+
+    def put(self, key, feats) -> None:
+        size = self._size(feats)
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = feats
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._d) > 1:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= self._size(old)
+
+    def rois_for(self, image_key, version):
+        with self._lock:
+            return [k[1] for k in reversed(self._d) if k[0] == image_key and k[2] == version]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+class EnsamEngine:
+    """Interactive and prompt-free segmentation of whole volumes with an :class:`EnsamNet`.
+
+    Args:
+        network: a built network (takes precedence), else ``weights`` (path of a plain state_dict; re-read when
+            the file's mtime changes, so published fine-tuned weights are picked up) with ``network_config``.
+        device: 'cpu', 'cuda', ... . config: :class:`EngineConfig`.
+    """
+
+    def __init__(self, network: EnsamNet | None = None, weights: str | None = None, device: str = "cpu",
+                 config: EngineConfig | None = None, network_config: NetworkConfig | dict | None = None) -> None:
+        self.device = torch.device(device)
+        self.config = config or EngineConfig()
+        self.weights = weights
+        self._network_config = network_config
+        self._mtime = None
+        self._version = 0
+        self._lock = threading.RLock()
+        if network is not None:
+            self.network = network.to(self.device).eval()
+        else:
+            self.network = load_network(weights, network_config, self.device)
+            self._mtime = os.path.getmtime(weights) if weights else None
+        self.cache = _EncodingCache(self.config.cache_bytes)
+        self.config.roi = RoiPolicy(**{**self.config.roi.__dict__,
+                                       "model_shape": tuple(self.network.config.roi_size)})
+        self.last_info: dict = {}
+
+    # ------------------------------------------------------------------ weights
+    def reload_if_changed(self) -> bool:
+        """Re-read the weights file if it changed on disk (invalidates the cache). Returns True if reloaded."""
+        if not self.weights or not os.path.exists(self.weights):
+            return False
+        mtime = os.path.getmtime(self.weights)
+        if mtime == self._mtime:
+            return False
+        with self._lock:
+            self.network = load_network(self.weights, self._network_config, self.device)
+            self._mtime = mtime
+            self.set_network(self.network)
+        return True
+
+    def set_network(self, network: EnsamNet) -> None:
+        """Use another network (e.g. after training); the encoding cache is invalidated."""
+        with self._lock:
+            self.network = network.to(self.device).eval()
+            self._version += 1
+            self.cache.clear()
+
+    # ------------------------------------------------------------------ interactive
+    def _encode(self, image: np.ndarray, roi: Roi, key: str):
+        ck = (key, roi, self._version)
+        feats = self.cache.get(ck)
+        if feats is None:
+            x = crop_to_model(image, roi).to(self.device)[None]
+            feats = self.network.encode(x)
+            self.cache.put(ck, feats)
+            return feats, False
+        return feats, True
+
+    def _pick_roi(self, shape, spacing, boxes, fg, prev_mask, key) -> Roi:
+        """The ROI for these prompts; an already-encoded ROI of the same image is reused when it contains the
+        prompts and is not much larger than the fresh choice (so refinement clicks hit the cache)."""
+        roi = choose_roi(shape, spacing, boxes, fg, prev_mask, self.config.roi)
+        lo_hi = []
+        for b in boxes:
+            lo_hi += [b[0::2], b[1::2]]
+        lo_hi += list(fg)
+        if prev_mask is not None and prev_mask.any():
+            nz = np.nonzero(prev_mask)
+            lo_hi += [np.array([n.min() for n in nz]), np.array([n.max() for n in nz])]
+        lo, hi = np.min(lo_hi, axis=0), np.max(lo_hi, axis=0)
+        for cached in self.cache.rois_for(key, self._version):
+            if cached.model_shape != roi.model_shape or not cached.contains(lo, hi):
+                continue
+            if np.all(np.asarray(cached.size) <= self.config.reuse_roi_growth * np.asarray(roi.size)):
+                return cached
+        return roi
+
+    def segment(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
+                image_key: str | None = None) -> np.ndarray:
+        """Segment one object. image (X, Y, Z) as stored; affine 4x4; points (N, 3) voxel indices with
+        point_labels (N,) 1 = foreground / 0 = background; boxes [[i0, i1, j0, j1, k0, k1], ...]; prev_mask
+        (X, Y, Z). Several boxes are several objects: each is segmented (with the clicks inside it) and the
+        results are united. Returns uint8 (X, Y, Z). Raises PromptError for unusable prompts."""
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.ndim != 3:
+            raise PromptError(f"expected a 3D image, got shape {list(image.shape)}")
+        shape = image.shape
+        pts = validate_points(points, shape)
+        labels = np.zeros(0, dtype=int) if point_labels is None else np.asarray(point_labels, dtype=int).reshape(-1)
+        if len(labels) != len(pts):
+            raise PromptError(f"{len(pts)} points but {len(labels)} point labels")
+        if np.any((labels != 0) & (labels != 1)):
+            raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+        bxs = normalize_boxes(boxes, shape)
+        if prev_mask is not None:
+            prev_mask = np.asarray(prev_mask)
+            if prev_mask.ndim == 4 and prev_mask.shape[0] == 1:
+                prev_mask = prev_mask[0]
+            if prev_mask.shape != shape:
+                raise PromptError(f"previous mask shape {list(prev_mask.shape)} differs from image {list(shape)}")
+            prev_mask = prev_mask > 0
+        if not len(bxs) and not np.any(labels == 1) and (prev_mask is None or not prev_mask.any()):
+            raise PromptError("no prompt: give a box (roi), at least one foreground click, or a previous mask")
+        key = image_key or image_fingerprint(image, affine)
+        spacing = spacing_from_affine(affine)
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            if len(bxs) > 1:
+                out = np.zeros(shape, dtype=np.uint8)
+                for b in bxs:
+                    lo, hi = b[0::2], b[1::2]
+                    inside = np.all((pts >= lo - 0.5) & (pts <= hi + 0.5), axis=1)
+                    pm = None
+                    if prev_mask is not None:
+                        pm = np.zeros_like(prev_mask)
+                        sl = tuple(slice(a, c + 1) for a, c in zip(lo, hi))
+                        pm[sl] = prev_mask[sl]
+                    out |= self._segment_one(image, spacing, pts[inside], labels[inside], b[None], pm, key)
+            else:
+                out = self._segment_one(image, spacing, pts, labels, bxs, prev_mask, key)
+        self.last_info["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, key) -> np.ndarray:
+        shape = image.shape
+        fg = pts[labels == 1]
+        roi = self._pick_roi(shape, spacing, bxs, fg, prev_mask, key)
+        hits, zooms = 0, 0
+        for zoom in range(self.config.max_zoom + 1):
+            feats, hit = self._encode(image, roi, key)
+            hits += hit
+            model_pts = [roi.to_model(pts)]
+            types = [np.where(labels == 1, FG, BG)]
+            if len(bxs):
+                mb = roi.boxes_to_model(bxs)
+                model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
+                types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
+            p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
+            t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
+            pm = None
+            if prev_mask is not None:
+                pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
+            dense = dense_prompt_maps(p, t, roi.model_shape, pm)
+            logits = self.network.decode(feats, p, t, dense)[0, 0]
+            model_mask = (logits > self.config.threshold).cpu().numpy()
+            if zoom == self.config.max_zoom or not roi.touches_border(model_mask, shape):
+                break
+            roi = roi.enlarged(self.config.zoom_factor)
+            zooms += 1
+        self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
+                          "zooms": zooms}
+        out = logits_to_original(logits, roi, shape, threshold=self.config.threshold)
+        if prev_mask is not None:  # keep the previous result outside the ROI (nothing is lost)
+            st, sz = np.asarray(roi.start), np.asarray(roi.size)
+            keep = prev_mask.copy()
+            a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
+            keep[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = False
+            out[keep] = 1
+        return out
+
+    # ------------------------------------------------------------------ prompt-free
+    def segment_label(self, image: np.ndarray, affine, label_id: int, batch_size: int = 1) -> np.ndarray:
+        """Prompt-free segmentation of the structure named by ``label_id`` (a learned label token) over the whole
+        volume: resample to ``label_spacing_mm`` isotropic, sliding windows of the model size, back to the
+        original grid. Returns uint8 (X, Y, Z)."""
+        from monai.inferers import sliding_window_inference
+
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if not 0 <= int(label_id) < self.network.config.num_labels:
+            raise PromptError(f"label id {label_id} is out of range 0..{self.network.config.num_labels - 1}")
+        shape = np.asarray(image.shape)
+        spacing = spacing_from_affine(affine)
+        work = np.maximum(np.round(shape * spacing / self.config.label_spacing_mm), 1).astype(int)
+        roi = Roi((0, 0, 0), tuple(int(s) for s in shape), tuple(int(s) for s in work))
+        win = tuple(self.network.config.roi_size)
+        with self._lock, torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
+            x = F.interpolate(x, size=tuple(int(s) for s in work), mode="trilinear", align_corners=False)
+            lab = torch.tensor([int(label_id)], device=self.device)
+
+            def predictor(batch: torch.Tensor) -> torch.Tensor:
+                outs = []
+                for w in batch:
+                    xw = normalize_intensity(w)[None]
+                    feats = self.network.encode(xw)
+                    p = torch.zeros(1, 0, 3, device=self.device)
+                    t = torch.zeros(1, 0, dtype=torch.long, device=self.device)
+                    dense = torch.zeros(1, 4, *xw.shape[2:], device=self.device)
+                    outs.append(self.network.decode(feats, p, t, dense, lab))
+                return torch.cat(outs)
+
+            logits = sliding_window_inference(x, win, batch_size, predictor, overlap=self.config.label_overlap,
+                                              mode="gaussian", padding_mode="replicate")
+        return logits_to_original(logits[0, 0], roi, tuple(shape), threshold=self.config.threshold)
+
+    def encode_features(self, image: np.ndarray) -> np.ndarray:
+        """A global descriptor of an image (latent features of the whole volume resized to the model grid,
+        averaged), used by active learning's novelty score. Returns (C,) float32."""
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        roi = Roi((0, 0, 0), tuple(int(s) for s in image.shape), tuple(self.network.config.roi_size))
+        with self._lock, torch.inference_mode():
+            feats = self.network.encode(crop_to_model(image, roi).to(self.device)[None])
+            return feats[-1].mean(dim=(2, 3, 4))[0].float().cpu().numpy()
