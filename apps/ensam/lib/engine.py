@@ -235,23 +235,31 @@ class EnsamEngine:
         spacing = spacing_from_affine(affine)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
-            if len(bxs) > 1:
-                out = np.zeros(shape, dtype=np.uint8)
+            out = np.zeros(shape, dtype=np.uint8)
+            covered = np.zeros(shape, dtype=bool)
+            groups = [(pts, labels, bxs)]
+            if len(bxs) > 1:  # several objects: each box with the clicks inside it
+                groups = []
                 for b in bxs:
-                    lo, hi = b[0::2], b[1::2]
-                    inside = np.all((pts >= lo - 0.5) & (pts <= hi + 0.5), axis=1)
-                    pm = None
-                    if prev_mask is not None:
-                        pm = np.zeros_like(prev_mask)
-                        sl = tuple(slice(a, c + 1) for a, c in zip(lo, hi))
-                        pm[sl] = prev_mask[sl]
-                    out |= self._segment_one(image, spacing, pts[inside], labels[inside], b[None], pm, key)
-            else:
-                out = self._segment_one(image, spacing, pts, labels, bxs, prev_mask, key)
+                    inside = np.all((pts >= b[0::2] - 0.5) & (pts <= b[1::2] + 0.5), axis=1)
+                    groups.append((pts[inside], labels[inside], b[None]))
+            for g_pts, g_labels, g_boxes in groups:
+                pm = prev_mask
+                if len(bxs) > 1 and prev_mask is not None:
+                    pm = np.zeros_like(prev_mask)
+                    sl = tuple(slice(a, c + 1) for a, c in zip(g_boxes[0, 0::2], g_boxes[0, 1::2]))
+                    pm[sl] = prev_mask[sl]
+                roi = self._segment_one(image, spacing, g_pts, g_labels, g_boxes, pm, key, out)
+                st, sz = np.asarray(roi.start), np.asarray(roi.size)
+                a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
+                covered[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+            if prev_mask is not None:  # the previous result outside the predicted regions is kept (nothing lost)
+                out[prev_mask & ~covered] = 1
         self.last_info["seconds"] = time.perf_counter() - t0
         return out
 
-    def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, key) -> np.ndarray:
+    def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, key, out: np.ndarray) -> Roi:
+        """Predict one object and OR it into ``out``; returns the final ROI."""
         shape = image.shape
         fg = pts[labels == 1]
         roi = self._pick_roi(shape, spacing, bxs, fg, prev_mask, key)
@@ -279,14 +287,9 @@ class EnsamEngine:
             zooms += 1
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms}
-        out = logits_to_original(logits, roi, shape, threshold=self.config.threshold)
-        if prev_mask is not None:  # keep the previous result outside the ROI (nothing is lost)
-            st, sz = np.asarray(roi.start), np.asarray(roi.size)
-            keep = prev_mask.copy()
-            a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
-            keep[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = False
-            out[keep] = 1
-        return out
+        mask = logits_to_original(logits, roi, shape, threshold=self.config.threshold)
+        out |= mask
+        return roi
 
     # ------------------------------------------------------------------ prompt-free
     def segment_label(self, image: np.ndarray, affine, label_id: int, batch_size: int = 1) -> np.ndarray:

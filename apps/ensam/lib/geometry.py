@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Resize, ScaleIntensityRangePercentiles
+from monai.transforms import Resize, ScaleIntensity, ScaleIntensityRange
 
 __all__ = ["PromptError", "Roi", "RoiPolicy", "spacing_from_affine", "normalize_boxes", "validate_points",
            "choose_roi", "crop_to_model", "mask_to_model", "logits_to_original", "normalize_intensity"]
@@ -200,8 +200,14 @@ def _crop(volume: np.ndarray, roi: Roi, fill: float) -> np.ndarray:
 
 
 def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
-    """Modality-agnostic intensity normalisation of a model-grid image: percentiles 0.5..99.5 -> 0..1, clipped."""
-    return ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)(x)
+    """Modality-agnostic intensity normalisation of a model-grid image: percentiles 0.5..99.5 -> 0..1, clipped;
+    min..max -> 0..1 when those percentiles coincide (mostly constant images); zeros for a constant image."""
+    lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)].float(), torch.tensor([0.005, 0.995]))
+    if hi - lo > 1e-6 * max(1.0, float(abs(hi))):
+        return ScaleIntensityRange(a_min=float(lo), a_max=float(hi), b_min=0.0, b_max=1.0, clip=True)(x)
+    if float(x.max() - x.min()) > 0:
+        return ScaleIntensity(minv=0.0, maxv=1.0)(x)
+    return torch.zeros_like(x)
 
 
 def crop_to_model(image: np.ndarray, roi: Roi) -> torch.Tensor:

@@ -50,7 +50,8 @@ class NetworkConfig:
 
 
 class EnsamNet(nn.Module):
-    """See module docstring. Shapes: image (B, in, D, H, W) with D, H, W divisible by the latent stride."""
+    """See module docstring. Shapes: image (B, in, D, H, W), any D, H, W (padded internally to a multiple of
+    the latent stride ``2 ** (len(blocks) - 1)``; the logits are cropped back)."""
 
     def __init__(self, config: NetworkConfig | None = None) -> None:
         super().__init__()
@@ -75,17 +76,25 @@ class EnsamNet(nn.Module):
     def stride(self) -> int:
         return self.encoder.stride
 
-    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """image (B, in, D, H, W) -> encoder features, finest first. Independent of prompts (cacheable)."""
+    def _pad(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pad the high end of each spatial axis up to a multiple of the latent stride."""
         s = self.stride
-        if any(d % s for d in image.shape[2:]):
-            raise ValueError(f"spatial shape {tuple(image.shape[2:])} must be divisible by {s}")
-        return self.encoder(image)
+        pad = []
+        for d in reversed(x.shape[2:]):
+            pad += [0, (-d) % s]
+        return F.pad(x, pad, mode=mode) if any(pad) else x
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """image (B, in, D, H, W), any size -> encoder features, finest first (level l has ceil(D / 2**l)...
+        voxels after padding the high end to a multiple of the stride). Independent of prompts (cacheable)."""
+        return self.encoder(self._pad(image, "replicate"))
 
     def decode(self, feats: list[torch.Tensor], points: torch.Tensor, point_types: torch.Tensor,
                dense: torch.Tensor, label_ids: torch.Tensor | None = None) -> torch.Tensor:
         """feats from :meth:`encode`; points (B, N, 3) model-grid voxels; point_types (B, N) (-1 = padding);
         dense (B, 4, D, H, W); label_ids (B,) or None. Returns logits (B, 1, D, H, W)."""
+        out_shape = tuple(dense.shape[2:])
+        dense = self._pad(dense, "constant")
         model_shape = tuple(dense.shape[2:])
         s = self.stride
         latent = feats[-1]
@@ -100,7 +109,8 @@ class EnsamNet(nn.Module):
             tokens = tokens + self.abs_pos(t_pos) * t_mask[..., None].to(tokens.dtype)
         tokens, img = self.transformer(tokens, img, t_pos, i_pos, t_mask)
         latent = img.transpose(1, 2).reshape(b, c, *lshape)
-        return self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
+        logits = self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
+        return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]]
 
     def forward(self, image, points, point_types, dense, label_ids=None):
         return self.decode(self.encode(image), points, point_types, dense, label_ids)

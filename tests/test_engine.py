@@ -1,0 +1,153 @@
+"""EnsamEngine without a server: output on the original grid, encoding cache hits and invalidation,
+AutoZoom, weights reload, clear errors."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lib.engine import EngineConfig, EnsamEngine, PromptError
+from lib.geometry import RoiPolicy
+from lib.network import NetworkConfig, build_network
+
+torch.set_num_threads(1)
+CFG = NetworkConfig(filters=4, blocks=(1, 1, 1), heads=2, depth=1, roi_size=(24, 24, 24), num_labels=8)
+
+
+def _engine(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("config", EngineConfig(max_zoom=0))  # an untrained network's masks touch borders at random
+    return EnsamEngine(network=build_network(CFG), **kw)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 20, (70, 60, 30)).astype(np.int16)
+    img[20:40, 20:45, 10:20] += 300
+    return img, np.diag([0.9, 0.9, 2.5, 1.0])
+
+
+def test_segment_returns_mask_on_original_grid_and_is_deterministic(volume):
+    img, aff = volume
+    eng = _engine()
+    a = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    b = eng.segment(img, aff, boxes=[[39, 20, 44, 20, 19, 10]])
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+
+
+def test_refinement_click_reuses_the_encoding(volume):
+    img, aff = volume
+    eng = _engine()
+    m = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    assert eng.cache.misses >= 1 and eng.cache.hits == 0
+    misses = eng.cache.misses
+    eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]], points=[[30, 30, 15]], point_labels=[1], prev_mask=m)
+    eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]], points=[[30, 30, 15], [22, 22, 12]],
+                point_labels=[1, 0], prev_mask=m)
+    assert eng.cache.hits >= 2 and eng.cache.misses == misses
+
+
+def test_cache_invalidated_by_new_image_and_new_weights(volume):
+    img, aff = volume
+    eng = _engine()
+    box = [[20, 39, 20, 44, 10, 19]]
+    eng.segment(img, aff, boxes=box)
+    m0 = eng.cache.misses
+    other = img.copy()
+    other[0, 0, 0] += 1  # sampled voxel: a different image
+    other[::2, ::2, ::2] += 5
+    eng.segment(other, aff, boxes=box)
+    assert eng.cache.misses == m0 + 1
+    eng.set_network(build_network(CFG))
+    eng.segment(img, aff, boxes=box)
+    assert eng.cache.misses == m0 + 2 and len(eng.cache) == 1
+
+
+def test_cache_is_bounded_in_bytes(volume):
+    img, aff = volume
+    eng = _engine(config=EngineConfig(cache_bytes=1, max_zoom=0))
+    for k in range(3):
+        eng.segment(img, aff, boxes=[[5 + k, 30, 5, 30, 5, 20]], image_key=f"img{k}")
+    assert len(eng.cache) == 1
+
+
+def test_several_boxes_are_several_objects(volume):
+    img, aff = volume
+    eng = _engine()
+    b1, b2 = [2, 10, 2, 10, 2, 8], [50, 65, 40, 55, 15, 25]
+    one = eng.segment(img, aff, boxes=[b1])
+    two = eng.segment(img, aff, boxes=[b2])
+    both = eng.segment(img, aff, boxes=[b1, b2])
+    assert np.array_equal(both, one | two)
+
+
+def test_autozoom_grows_roi_when_mask_touches_border(volume):
+    img, aff = volume
+    eng = _engine(config=EngineConfig(max_zoom=2, roi=RoiPolicy(click_extent_mm=10.0, min_extent_mm=5.0)))
+    # force "all foreground" so the mask always touches the ROI border
+    torch.nn.init.constant_(eng.network.decoder.bias.bias, 100.0)
+    torch.nn.init.zeros_(eng.network.decoder.bias.weight)
+    eng.set_network(eng.network)
+    m = eng.segment(img, aff, points=[[35, 30, 15]], point_labels=[1])
+    assert eng.last_info["zooms"] == 2
+    assert eng.last_info["roi_size"][0] >= int(10 / 0.9 * 1.5 * 1.5)
+    assert m.sum() > 0
+
+
+def test_weights_file_is_reloaded_when_it_changes(tmp_path, volume):
+    img, aff = volume
+    path = str(tmp_path / "w.pt")
+    def constant_net(value):
+        net = build_network(CFG)
+        torch.nn.init.constant_(net.decoder.bias.bias, value)
+        torch.nn.init.zeros_(net.decoder.bias.weight)
+        torch.nn.init.zeros_(net.decoder.hyper[-1].weight)
+        torch.nn.init.zeros_(net.decoder.hyper[-1].bias)
+        return net
+
+    torch.save(constant_net(100.0).state_dict(), path)
+    eng = EnsamEngine(weights=path, network_config=CFG)
+    a = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    assert not eng.reload_if_changed()
+    torch.save(constant_net(-100.0).state_dict(), path)
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert eng.reload_if_changed()
+    b = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    assert a.sum() > 0 and b.sum() == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(points=[[70, 0, 0]], point_labels=[1]), "outside the image"),
+    (dict(points=[[1, 2, 3]], point_labels=[1, 0]), "point labels"),
+    (dict(points=[[1, 2, 3]], point_labels=[2]), "1 .foreground. or 0"),
+    (dict(boxes=[[1, 2, 3]]), "must be"),
+    (dict(), "no prompt"),
+    (dict(points=[[1, 2, 3]], point_labels=[0]), "no prompt"),
+    (dict(boxes=[[1, 5, 1, 5, 1, 5]], prev_mask=np.zeros((3, 3, 3))), "previous mask shape"),
+])
+def test_bad_prompts(volume, kwargs, message):
+    img, aff = volume
+    with pytest.raises(PromptError, match=message):
+        _engine().segment(img, aff, **kwargs)
+
+
+def test_previous_mask_outside_the_roi_is_kept(volume):
+    img, aff = volume
+    eng = _engine()
+    prev = np.zeros(img.shape, np.uint8)
+    prev[60:65, 50:55, 25:28] = 1  # far away from the boxes
+    out = eng.segment(img, aff, boxes=[[2, 10, 2, 10, 2, 8], [20, 30, 20, 30, 10, 15]], prev_mask=prev)
+    assert out[60:65, 50:55, 25:28].all()  # each box's ROI leaves the rest of the previous mask as it was
+
+
+def test_prompt_free_label_segmentation_shape(volume):
+    img, aff = volume
+    eng = _engine()
+    m = eng.segment_label(img, aff, 3)
+    assert m.shape == img.shape and m.dtype == np.uint8
+    with pytest.raises(PromptError, match="out of range"):
+        eng.segment_label(img, aff, 99)

@@ -1,0 +1,92 @@
+"""Prompt geometry: a click on a voxel lands on that voxel, through ROI choice, crop, resize and back, for
+anisotropic, flipped and oblique affines (the image is used as stored; only spacing matters)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lib.geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original,
+                          mask_to_model, normalize_boxes, spacing_from_affine, validate_points)
+
+
+def _oblique_affine(spacing, flip=(1, -1, 1), angle=0.3):
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(flip)
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag(spacing)
+    a[:3, 3] = [-100, 50, 20]
+    return a
+
+
+AFFINES = [np.diag([1.0, 1.0, 1.0, 1.0]), np.diag([-0.7, 0.7, 3.0, 1.0]), _oblique_affine([0.9, 1.2, 2.5]),
+           _oblique_affine([2.0, 0.5, 5.0], flip=(-1, -1, -1), angle=1.1)]
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+def test_spacing_from_any_affine(affine):
+    expected = np.abs(np.linalg.svd(affine[:3, :3])[1])  # rotation does not change column norms
+    assert np.allclose(sorted(spacing_from_affine(affine)), sorted(expected))
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("seed", range(4))
+def test_click_round_trip_lands_on_its_voxel(affine, seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(x) for x in rng.integers(20, 90, 3))
+    v = np.array([rng.integers(0, s) for s in shape])
+    roi = choose_roi(shape, spacing_from_affine(affine), fg_points=v[None], policy=RoiPolicy(model_shape=(32, 24, 40)))
+    m = roi.to_model(v[None])[0]
+    assert np.allclose(roi.to_original(m[None])[0], v)
+    # the model predicts a small blob at the click; pasted back it covers the clicked voxel
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in roi.model_shape], indexing="ij"), -1)
+    logits = torch.from_numpy(1.5 - np.linalg.norm(grid - m, axis=-1)).float()
+    mask = logits_to_original(logits, roi, shape)
+    assert mask.shape == shape and mask[tuple(v)] == 1
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+def test_bright_voxel_is_found_at_its_model_coordinate(affine):
+    shape = (60, 50, 30)
+    img = np.zeros(shape, np.float32)
+    v = np.array([37, 12, 20])
+    img[tuple(v)] = 1000
+    box = normalize_boxes([[45, 30, 5, 20, 25, 15]], shape)  # reversed pairs are sorted
+    assert box.tolist() == [[30, 45, 5, 20, 15, 25]]
+    roi = choose_roi(shape, spacing_from_affine(affine), boxes=box)
+    x = crop_to_model(img, roi)[0].numpy()
+    peak = np.array(np.unravel_index(np.argmax(x), x.shape))
+    assert np.all(np.abs(peak - roi.to_model(v[None])[0]) <= 1.0)
+
+
+def test_mask_round_trip_through_model_grid():
+    shape = (40, 70, 25)
+    mask = np.zeros(shape, np.uint8)
+    mask[10:30, 20:50, 5:20] = 1
+    roi = Roi((-5, 10, 0), (50, 60, 30), (32, 32, 32))
+    soft = mask_to_model(mask, roi)[0]
+    back = logits_to_original(soft - 0.5, roi, shape)
+    dice = 2 * (back & mask).sum() / (back.sum() + mask.sum())
+    assert dice > 0.95
+    assert back[:, :10].sum() == 0  # nothing written outside the ROI
+
+
+def test_roi_contains_prompts_with_margin_and_respects_aspect():
+    shape, spacing = (512, 512, 20), np.array([0.8, 0.8, 2.0])
+    box = normalize_boxes([[100, 150, 200, 300, 5, 10]], shape)
+    roi = choose_roi(shape, spacing, boxes=box, policy=RoiPolicy(margin=0.25, max_aspect=2.0))
+    assert roi.contains(box[0, 0::2], box[0, 1::2])
+    mm = np.asarray(roi.size) * spacing
+    assert mm.max() / mm.min() <= 2.0 + 1e-6
+    assert mm[1] >= 101 * 0.8 * 1.5 - 1
+
+
+def test_bad_prompts_are_clear_errors():
+    with pytest.raises(PromptError, match="outside the image"):
+        validate_points([[10, 10, 99]], (20, 20, 20))
+    with pytest.raises(PromptError, match=r"\[i0, i1, j0, j1, k0, k1\]"):
+        normalize_boxes([[1, 2, 3, 4]], (20, 20, 20))
+    with pytest.raises(PromptError, match="outside the image"):
+        normalize_boxes([[30, 40, 1, 2, 1, 2]], (20, 20, 20))
+    with pytest.raises(PromptError, match="no prompt"):
+        choose_roi((20, 20, 20), (1, 1, 1))
+    assert normalize_boxes([[-5, 25, 1, 2, 3, 4]], (20, 20, 20)).tolist() == [[0, 19, 1, 2, 3, 4]]
