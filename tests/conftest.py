@@ -1,8 +1,156 @@
-"""pytest configuration: the app's code is imported as ``lib.*`` from apps/ensam."""
+"""pytest configuration.
+
+* The app's code is imported as ``lib.*`` from apps/ensam: that folder goes FIRST on ``sys.path``.
+* ``ensam_server`` (session scope, used by tests/test_app_*.py): a real MONAI Label server started as a
+  subprocess (``monailabel start_server ... --uvicorn_app lib.server:app``) on a free 127.0.0.1 port, over a
+  throw-away copy of the app (so training never touches apps/ensam/model) and a datastore of small real NIfTI
+  volumes; tracking, datastore auto-reload and auto-scoring off. Killed at the end of the session.
+"""
+
+from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 
-_APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "apps", "ensam")
-if _APP not in sys.path:
-    sys.path.insert(0, _APP)
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_APP = os.path.join(ROOT, "apps", "ensam")
+while _APP in sys.path:
+    sys.path.remove(_APP)
+sys.path.insert(0, _APP)
+
+# Synthetic study geometry: not cubic, anisotropic, with an axis flip, so any axis mix-up shows.
+SHAPE = (48, 40, 24)
+SPACING = (1.5, 1.2, 3.0)
+BLOBS = {  # name -> (centre [i, j, k], radii in voxels, intensity)
+    "blob_a": ((14, 12, 8), (7, 6, 4), 900.0),
+    "blob_b": ((34, 27, 15), (6, 7, 4), 500.0),
+}
+
+
+def synthetic_volume(seed: int, shift=(0, 0, 0)):
+    """(image, label, affine): two ellipsoids with noise; label 1 = blob_a, 2 = blob_b."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    img = rng.normal(0.0, 40.0, SHAPE).astype(np.float32) - 100.0
+    lab = np.zeros(SHAPE, dtype=np.uint8)
+    for value, (c, r, inten) in enumerate(BLOBS.values(), start=1):
+        c = [c[a] + shift[a] for a in range(3)]
+        inside = ((ii - c[0]) / r[0]) ** 2 + ((jj - c[1]) / r[1]) ** 2 + ((kk - c[2]) / r[2]) ** 2 <= 1.0
+        img[inside] += inten
+        lab[inside] = value
+    affine = np.diag([-SPACING[0], SPACING[1], SPACING[2], 1.0])
+    affine[:3, 3] = [30.0, -20.0, 10.0]
+    return img, lab, affine
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EnsamServer:
+    url: str
+    app_dir: str
+    studies: str
+    work: str
+    log_path: str
+    proc: subprocess.Popen = field(repr=False)
+    images: dict = field(default_factory=dict)  # image id -> (image, label, affine) arrays
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _copy_app(dst: str) -> str:
+    """apps/ensam without its model weights' mutable state: code + pre-trained weights (if any)."""
+    ignore = shutil.ignore_patterns("__pycache__", "logs", "bin", "model", "*.pyc")
+    shutil.copytree(_APP, dst, ignore=ignore)
+    os.makedirs(os.path.join(dst, "model"), exist_ok=True)
+    src_model = os.path.join(_APP, "model")
+    if os.path.isdir(src_model):
+        for f in os.listdir(src_model):
+            if f.startswith("pretrained_"):
+                os.symlink(os.path.join(src_model, f), os.path.join(dst, "model", f))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def ensam_server(tmp_path_factory):
+    import nibabel as nib
+    import requests
+
+    work = str(tmp_path_factory.mktemp("ensam_server"))
+    app_dir = _copy_app(os.path.join(work, "app"))
+    studies = os.path.join(work, "studies")
+    os.makedirs(studies)
+    images = {}
+    for n, (seed, shift) in enumerate([(1, (0, 0, 0)), (2, (3, -2, 1)), (3, (-2, 3, 2)), (4, (1, 1, -1))]):
+        img, lab, aff = synthetic_volume(seed, shift)
+        image_id = f"vol{n}"
+        nib.save(nib.Nifti1Image(img, aff), os.path.join(studies, f"{image_id}.nii.gz"))
+        images[image_id] = (img, lab, aff)
+
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "MONAI_LABEL_TRACKING_ENABLED": "false",
+            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "MONAI_LABEL_SESSIONS": "false",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
+    cmd = [  # not the `monailabel` wrapper script: it runs whatever `python` is first on PATH
+        sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
+        "--conf", "models", "ensam", "--conf", "labels", ",".join(BLOBS),
+        "--host", "127.0.0.1", "--port", str(port), "--uvicorn_app", "lib.server:app",
+    ]
+    log_path = os.path.join(work, "server.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = EnsamServer(f"http://127.0.0.1:{port}", app_dir, studies, work, log_path, proc, images)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not answer within 180 s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def pytest_report_header(config):
+    return f"ensam app: {_APP}"

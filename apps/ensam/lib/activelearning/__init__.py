@@ -1,0 +1,6 @@
+"""Active learning for ensam: scoring methods and next-sample strategies."""
+
+from .scoring import NoveltyScoring, UncertaintyScoring
+from .strategies import NoveltyStrategy, UncertaintyStrategy
+
+__all__ = ["NoveltyScoring", "UncertaintyScoring", "NoveltyStrategy", "UncertaintyStrategy"]

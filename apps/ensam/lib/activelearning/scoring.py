@@ -1,0 +1,190 @@
+"""Scoring methods ``novelty`` and ``uncertainty``; results go to the datastore's image info.
+
+* ``novelty``: core-set distance. Each image gets an embedding (pooled encoder features, no prompt), stored in its
+  info as ``ensam_embedding``; its score is the cosine distance to the NEAREST labelled image (tag ``final``), i.e.
+  how far it lies from what the model has already been taught. With nothing labelled yet, the distance to the mean
+  embedding of all images is used (outliers first).
+* ``uncertainty``: for every known label name, the prompt-free prediction on the image as stored and mirrored along
+  each axis (4 passes); the score is the mean over label names of 1 - mean pairwise Dice between the 4 masks.
+
+Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
+recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
+them. Run them with ``POST /scoring/novelty`` / ``POST /scoring/uncertainty``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from lib.infers.engine_provider import EngineProvider
+from lib.infers.imageio import VolumeCache, file_key
+from lib.infers.label_vocab import load_vocab
+from lib.infers.request_parsing import parse_bool
+
+from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding
+
+logger = logging.getLogger(__name__)
+
+EMBED_KEY = "ensam_embedding"
+
+
+def refresh(datastore: Datastore) -> None:
+    """Re-read the datastore file when another process (a scoring or training subprocess) changed it."""
+    if isinstance(datastore, LocalDatastore):
+        datastore.refresh()
+
+
+def _stamp(provider: EngineProvider, image_uri: str) -> dict:
+    info = provider.weights_info()
+    return {"image": file_key(image_uri).split("|", 1)[1], "weights": info.get("weights"),
+            "weights_mtime": info.get("weights_mtime")}
+
+
+def _images(request: dict, datastore: Datastore) -> List[str]:
+    images = request.get("images")
+    if isinstance(images, str) and images not in ("", "all"):
+        images = [s.strip() for s in images.split(",") if s.strip()]
+    if not isinstance(images, list):
+        images = datastore.list_images()
+    known = set(datastore.list_images())
+    return sorted(i for i in images if i in known)
+
+
+class _EnsamScoring(ScoringMethod):
+    key = ""
+
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache, description: str):
+        super().__init__(description)
+        self.provider = provider
+        self.volumes = volumes
+
+    def _engine(self, request):
+        from lib.infers.engine_provider import resolve_device
+
+        dev = request.get("device")
+        dev = dev[0] if isinstance(dev, list) and dev else dev
+        device = resolve_device(dev)
+        return self.provider.get(device), self.provider.device_lock(device)
+
+
+class NoveltyScoring(_EnsamScoring):
+    key = "novelty"
+
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache):
+        super().__init__(provider, volumes, "Core-set novelty: distance of the image's encoding to the labelled ones")
+
+    def __call__(self, request, datastore: Datastore):
+        start = time.time()
+        refresh(datastore)
+        force = parse_bool(request.get("force"), "force")
+        ids = sorted(datastore.list_images())
+        engine = lock = None
+        embeddings: Dict[str, np.ndarray] = {}
+        computed = 0
+        for image_id in ids:
+            uri = datastore.get_image_uri(image_id)
+            info = datastore.get_image_info(image_id)
+            stamp = _stamp(self.provider, uri)
+            stored = info.get(EMBED_KEY)
+            if not force and isinstance(stored, dict) and stored.get("stamp") == stamp and stored.get("vector"):
+                embeddings[image_id] = np.asarray(stored["vector"], dtype=np.float32)
+                continue
+            if engine is None:
+                engine, lock = self._engine(request)
+            vol = self.volumes.get(uri)
+            with lock:
+                vec = image_embedding(engine, vol.array, vol.affine, image_key=vol.key)
+            embeddings[image_id] = vec
+            datastore.update_image_info(
+                image_id, {EMBED_KEY: {"vector": [round(float(x), 5) for x in vec], "stamp": stamp}}
+            )
+            computed += 1
+
+        scores = novelty_scores(embeddings, set(datastore.get_labeled_images(DefaultLabelTag.FINAL)))
+        wanted = set(_images(request, datastore))
+        now = int(time.time())
+        for image_id, s in scores.items():
+            if image_id in wanted:
+                datastore.update_image_info(image_id, {self.key: round(s, 6), f"{self.key}_ts": now})
+        logger.info(f"novelty: {len(scores)} images ({computed} embeddings computed) in {time.time() - start:.1f}s")
+        return {"method": self.key, "scores": {k: v for k, v in scores.items() if k in wanted},
+                "computed": computed, "seconds": round(time.time() - start, 2)}
+
+
+def novelty_scores(embeddings: Dict[str, np.ndarray], labelled: set,
+                   pending: Optional[set] = None) -> Dict[str, float]:
+    """Distance of every image to its nearest reference (labelled + ``pending``) image other than itself."""
+    ids = sorted(embeddings)
+    if not ids:
+        return {}
+    mat = np.stack([embeddings[i] for i in ids])
+    refs = [i for i in ids if i in labelled or (pending and i in pending)]
+    if not refs:
+        centre = mat.mean(axis=0, keepdims=True)
+        d = cosine_distance_matrix(mat, centre)[:, 0]
+        return {i: float(v) for i, v in zip(ids, d)}
+    ref_mat = np.stack([embeddings[i] for i in refs])
+    d = cosine_distance_matrix(mat, ref_mat)
+    for r, rid in enumerate(refs):  # an image is not its own neighbour
+        d[ids.index(rid), r] = np.inf
+    nearest = d.min(axis=1)
+    if len(refs) == 1:  # the only reference image has no other reference: use the mean over the rest
+        others = [k for k, i in enumerate(ids) if i != refs[0]]
+        nearest[ids.index(refs[0])] = float(np.mean(nearest[others])) if others else 0.0
+    return {i: float(v) for i, v in zip(ids, nearest)}
+
+
+class UncertaintyScoring(_EnsamScoring):
+    key = "uncertainty"
+
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache, default_vocab: Optional[dict] = None):
+        super().__init__(provider, volumes, "Disagreement of prompt-free predictions under test-time flips")
+        self.default_vocab = dict(default_vocab or {})
+
+    def __call__(self, request, datastore: Datastore):
+        start = time.time()
+        refresh(datastore)
+        force = parse_bool(request.get("force"), "force")
+        vocab = load_vocab(self.provider.paths, self.default_vocab)
+        wanted_labels = request.get("labels") or list(vocab)
+        if isinstance(wanted_labels, str):
+            wanted_labels = [s.strip() for s in wanted_labels.split(",") if s.strip()]
+        labels = {n: vocab[n] for n in wanted_labels if n in vocab}
+        if not labels:
+            raise ValueError(f"uncertainty needs known label names; ensam knows {sorted(vocab)}")
+        engine = lock = None
+        scores: Dict[str, float] = {}
+        computed = 0
+        for image_id in _images(request, datastore):
+            uri = datastore.get_image_uri(image_id)
+            info = datastore.get_image_info(image_id)
+            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels))
+            meta = info.get(f"{self.key}_meta")
+            if not force and meta == stamp and self.key in info:
+                scores[image_id] = float(info[self.key])
+                continue
+            if engine is None:
+                engine, lock = self._engine(request)
+            vol = self.volumes.get(uri)
+            per_label = {}
+            with lock:
+                for name, token in labels.items():
+                    masks = flip_predictions(engine, vol.array, vol.affine, token, image_key=vol.key)
+                    per_label[name] = round(disagreement(masks), 6)
+            score = float(np.mean(list(per_label.values())))
+            scores[image_id] = score
+            datastore.update_image_info(image_id, {
+                self.key: round(score, 6), f"{self.key}_labels": per_label, f"{self.key}_meta": stamp,
+                f"{self.key}_ts": int(time.time()),
+            })
+            computed += 1
+        logger.info(f"uncertainty: {len(scores)} images ({computed} computed) in {time.time() - start:.1f}s")
+        return {"method": self.key, "scores": scores, "computed": computed,
+                "seconds": round(time.time() - start, 2)}

@@ -1,0 +1,1 @@
+"""Task configs selectable with ``--conf models <name>``."""

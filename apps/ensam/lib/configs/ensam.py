@@ -1,0 +1,95 @@
+"""TaskConfig for ensam: one network, two infer tasks, one train task, two scoring methods, four strategies.
+
+Selected with ``--conf models ensam``. Settings (``--conf key value``):
+
+=====================  ==============================================================================
+``network``            JSON file with a NetworkConfig (default: ``<weights>.json`` beside the weights)
+``labels``             comma-separated label names when no vocabulary file ships with the weights
+``infer_concurrency``  inferences that may run on one device at the same time (default 1)
+``session_history``    undo steps kept per (client, image, label) (default 10)
+``session_mb``         memory for kept results, MiB (default 256)
+``preload``            build the engine at start-up (default false; first request otherwise)
+=====================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Union
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
+from lib.infers import EngineProvider, EnsamInteractive, EnsamSegmentation, SessionStore, VolumeCache
+from lib.trainers import EnsamTrain
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(v: Any, default: bool = False) -> bool:
+    if v is None:
+        return default
+    return str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+class EnsamConfig(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        conf = conf or {}
+        os.makedirs(model_dir, exist_ok=True)
+        self.path = [os.path.join(model_dir, f"pretrained_{name}.pt"), os.path.join(model_dir, f"{name}.pt")]
+        self.network_config = self._network_config(conf.get("network"))  # None: from <weights>.json
+        self.num_labels = int((self.network_config or {}).get("num_labels", 128))
+        names = [s.strip() for s in str(conf.get("labels", "")).split(",") if s.strip()]
+        self.default_vocab = {n: i for i, n in enumerate(names)}
+
+        self.provider = EngineProvider(
+            self.path, network_config=self.network_config, concurrency=int(conf.get("infer_concurrency", 1))
+        )
+        self.volumes = VolumeCache(max_items=int(conf.get("image_cache", 2)))
+        self.sessions = SessionStore(
+            max_sessions=int(conf.get("sessions", 64)),
+            max_history=int(conf.get("session_history", 10)),
+            max_bytes=int(float(conf.get("session_mb", 256)) * 2**20),
+        )
+        if _flag(conf.get("preload")):
+            self.provider.get(None)
+
+    def _network_config(self, path: Optional[str]) -> Optional[dict]:
+        """An explicit network config (``--conf network file.json``), else None: the engine then reads the
+        config saved beside the weights (``<weights>.json``), or uses the defaults."""
+        if not path:
+            return None
+        with open(path) as f:
+            data = json.load(f)
+        return dict(data.get("network", data))
+
+    def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
+        return {
+            self.name: EnsamInteractive(self.provider, self.volumes, self.sessions),
+            f"{self.name}_seg": EnsamSegmentation(self.provider, self.volumes, self.default_vocab),
+        }
+
+    def trainer(self) -> Optional[TrainTask]:
+        return EnsamTrain(
+            self.model_dir,
+            self.path,
+            network_config=self.network_config,
+            default_vocab=self.default_vocab,
+            num_labels=self.num_labels,
+        )
+
+    def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:
+        return {"novelty": NoveltyStrategy(), "uncertainty": UncertaintyStrategy()}
+
+    def scoring_method(self) -> Union[None, ScoringMethod, Dict[str, ScoringMethod]]:
+        return {
+            "novelty": NoveltyScoring(self.provider, self.volumes),
+            "uncertainty": UncertaintyScoring(self.provider, self.volumes, self.default_vocab),
+        }

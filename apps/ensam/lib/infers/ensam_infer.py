@@ -1,0 +1,256 @@
+"""MONAI Label infer tasks for ensam: ``ensam`` (interactive, type deepgrow) and ``ensam_seg`` (segmentation).
+
+Both subclass monailabel's :class:`InferTask` and hand the work to :class:`lib.engine.EnsamEngine` through a shared
+:class:`EngineProvider`: the image is loaded as stored (no reorientation, the engine owns the geometry), the result
+is written on the original grid (NIfTI by default; ``.nrrd`` etc. when the client asks ``result_extension``).
+Bad input raises :class:`RequestError` (a ValueError carrying an HTTP status) before anything changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from .engine_provider import EngineProvider, resolve_device
+from .imageio import VolumeCache, write_mask
+from .label_vocab import load_vocab, output_ids
+from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
+from .session_store import SessionStore
+
+logger = logging.getLogger(__name__)
+
+
+def call_supported(fn, *args, **kwargs):
+    """Call ``fn`` with only the keyword arguments it accepts (optional engine features such as ``image_key``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _first(v: Any) -> Any:
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+def _image_path(request: dict) -> str:
+    image = request.get("image")
+    if not isinstance(image, str):
+        raise RequestError("ensam needs an image id from the datastore, an uploaded file, or a session id")
+    if not image or not os.path.exists(image):
+        raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404)
+    return image
+
+
+def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
+    ext = _first(request.get("result_extension")) or ".nii.gz"
+    if not isinstance(ext, str) or not ext.strip():
+        ext = ".nii.gz"
+    allowed = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
+    ext = ext.strip() if ext.strip().startswith(".") else "." + ext.strip()
+    if ext.lower() not in allowed:
+        raise RequestError(f"result_extension {ext!r} is not supported; use one of {', '.join(allowed)}")
+    dtype = _first(request.get("result_dtype")) or "uint8"
+    compress = parse_bool(request.get("result_compress"), "result_compress", default=True)
+    return ext, dtype, compress
+
+
+class _EnsamTask(InferTask):
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache, type, labels, description, config=None):
+        super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
+        self.provider = provider
+        self.volumes = volumes
+
+    def is_valid(self) -> bool:
+        return self.provider.is_valid()
+
+    def get_path(self, validate=True):
+        p = self.provider.weights_path()
+        return p if p or not validate else None
+
+    def _device(self, request: dict) -> str:
+        return resolve_device(_first(request.get("device")))
+
+    def _write(self, mask: np.ndarray, vol, request: dict) -> str:
+        ext, dtype, compress = _result_format(request)
+        return write_mask(mask, vol, extension=ext, dtype=dtype, compress=compress)
+
+
+class EnsamInteractive(_EnsamTask):
+    """Clicks, boxes and the previous result -> one binary mask (deepgrow-type task)."""
+
+    def __init__(
+        self,
+        provider: EngineProvider,
+        volumes: VolumeCache,
+        sessions: SessionStore,
+        label_names: Sequence[str] = (),
+        description: str = "ENSAM interactive 3D segmentation: clicks, boxes (ROI) and the previous result",
+        config: Optional[dict] = None,
+    ):
+        cfg = {"reset_state": False, "undo": False}
+        cfg.update(config or {})
+        super().__init__(provider, volumes, InferType.DEEPGROW, list(label_names), description, cfg)
+        self.sessions = sessions
+
+    def __call__(self, request) -> Tuple[Optional[str], Dict]:
+        t0 = time.time()
+        label = _first(request.get("label")) or ""
+        if not isinstance(label, str):
+            label = str(label)
+        client_id = _first(request.get("client_id")) or ""
+        undo = parse_bool(request.get("undo"), "undo")
+        reset = parse_bool(request.get("reset_state"), "reset_state")
+        keep_session = parse_bool(request.get("session_memory", True), "session_memory", default=True)
+        points, plabels, boxes = parse_prompts(request)  # malformed input fails before the image is read
+        _result_format(request)
+
+        image_path = _image_path(request)
+        vol = self.volumes.get(image_path)
+        t_load = time.time()
+        skey = self.sessions.key(client_id, os.path.realpath(image_path), label)
+
+        if undo:
+            if points or boxes:
+                raise RequestError("'undo' takes no prompts: send it alone to restore the previous result")
+            try:
+                mask, depth = self.sessions.undo(skey)
+            except KeyError:
+                raise RequestError(
+                    f"nothing to undo for client {client_id!r}, label {label!r} on this image", status_code=409
+                ) from None
+            mask = mask if mask is not None else np.zeros(vol.shape, dtype=np.uint8)
+            out = self._write(mask, vol, request)
+            return out, self._result(label, mask, t0, t_load, t_load, time.time(), depth, {"undo": True})
+
+        prompts = validate_prompts(points, plabels, boxes, vol.shape)
+        if prompts.empty:
+            raise RequestError(
+                "no prompt: give at least one click ('foreground'/'background' or 'points'+'point_labels'), "
+                "an 'roi' [i0, i1, j0, j1, k0, k1] or 'boxes'"
+            )
+        if reset:
+            self.sessions.reset(skey)
+        prev = self.sessions.last(skey, vol.shape) if keep_session else None
+
+        device = self._device(request)
+        engine = self.provider.get(device)
+        with self.provider.device_lock(device):
+            t_infer = time.time()
+            mask = engine.segment(
+                vol.array,
+                vol.affine,
+                points=prompts.points if len(prompts.points) else None,
+                point_labels=prompts.point_labels if len(prompts.points) else None,
+                boxes=prompts.boxes or None,
+                prev_mask=prev,
+                image_key=vol.key,
+            )
+            t_done = time.time()
+        mask = (np.asarray(mask) > 0).astype(np.uint8)
+        if mask.shape != vol.shape:
+            raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
+        depth = self.sessions.push(skey, mask) if keep_session else 0
+        out = self._write(mask, vol, request)
+        extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset}
+        return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra)
+
+    def _result(self, label, mask, t0, t_load, t_infer, t_done, depth, extra) -> Dict:
+        t_end = time.time()
+        res = {
+            "label_names": {label or "ensam": 1},
+            "voxels": int(np.count_nonzero(mask)),
+            "session": {"step": depth, "can_undo": depth > 0},
+            "latencies": {
+                "pre": round(t_load - t0, 4),
+                "wait": round(max(t_infer - t_load, 0.0), 4),
+                "infer": round(max(t_done - t_infer, 0.0), 4),
+                "post": round(t_end - t_done, 4),
+                "total": round(t_end - t0, 4),
+            },
+        }
+        res.update(self.provider.weights_info())
+        res.update(extra)
+        return res
+
+
+class EnsamSegmentation(_EnsamTask):
+    """Prompt-free segmentation of the label names ensam knows (their learned label tokens)."""
+
+    def __init__(
+        self,
+        provider: EngineProvider,
+        volumes: VolumeCache,
+        default_vocab: Optional[Dict[str, int]] = None,
+        description: str = "ENSAM prompt-free segmentation of the known label names",
+        config: Optional[dict] = None,
+    ):
+        self.default_vocab = dict(default_vocab or {})
+        labels = output_ids(load_vocab(provider.paths, self.default_vocab))
+        super().__init__(provider, volumes, InferType.SEGMENTATION, labels, description, dict(config or {}))
+
+    def vocab(self) -> Dict[str, int]:
+        return load_vocab(self.provider.paths, self.default_vocab)
+
+    def info(self) -> Dict[str, Any]:
+        self.labels = output_ids(self.vocab())
+        return super().info()
+
+    def is_valid(self) -> bool:
+        return super().is_valid() and bool(self.vocab())
+
+    def __call__(self, request) -> Tuple[Optional[str], Dict]:
+        t0 = time.time()
+        vocab = self.vocab()
+        ids = output_ids(vocab)
+        wanted = request.get("labels") or request.get("label_names")
+        if isinstance(wanted, str):
+            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
+        if isinstance(wanted, dict):
+            wanted = list(wanted.keys())
+        if wanted:
+            unknown = [w for w in wanted if w not in vocab]
+            if unknown:
+                raise RequestError(
+                    f"unknown label name(s) {unknown}; ensam knows {sorted(vocab)}", status_code=422
+                )
+        names = [n for n in ids if not wanted or n in wanted]
+        _result_format(request)
+        image_path = _image_path(request)
+        vol = self.volumes.get(image_path)
+        t_load = time.time()
+
+        device = self._device(request)
+        engine = self.provider.get(device)
+        out = np.zeros(vol.shape, dtype=np.uint8 if len(ids) < 256 else np.uint16)
+        counts = {}
+        with self.provider.device_lock(device):
+            t_infer = time.time()
+            for name in names:
+                m = np.asarray(call_supported(engine.segment_label, vol.array, vol.affine, vocab[name], image_key=vol.key)) > 0
+                out[m] = ids[name]
+                counts[name] = int(m.sum())
+            t_done = time.time()
+        path = self._write(out, vol, request)
+        t_end = time.time()
+        res = {
+            "label_names": {n: ids[n] for n in names},
+            "voxels": counts,
+            "latencies": {
+                "pre": round(t_load - t0, 4),
+                "wait": round(t_infer - t_load, 4),
+                "infer": round(t_done - t_infer, 4),
+                "post": round(t_end - t_done, 4),
+                "total": round(t_end - t0, 4),
+            },
+        }
+        res.update(self.provider.weights_info())
+        return path, res

@@ -1,0 +1,184 @@
+"""Reading volumes exactly as stored and writing masks on the same grid.
+
+Conventions (docs/ARCHITECTURE.md): arrays are indexed ``[i, j, k]`` as the file stores them, with a 4x4 ``affine``
+mapping voxel index -> world millimetres in RAS (the NIfTI convention). No reorientation and no resampling happen
+here: the engine owns the geometry.
+
+NIfTI goes through nibabel (its affine is already RAS). Every other format SimpleITK reads (NRRD, MHA, a DICOM
+series folder) goes through SimpleITK, whose LPS geometry is converted to a RAS affine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D image as stored: ``array[i, j, k]``, ``affine`` (RAS), and where it came from."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str = ""
+    header: Any = field(default=None, repr=False)  # nibabel header when the source is NIfTI
+    key: str = ""  # identity of the file content (path + mtime + size), used as the engine's cache key
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+
+def is_nifti(path: str) -> bool:
+    p = path.lower()
+    return p.endswith(".nii") or p.endswith(".nii.gz")
+
+
+def file_key(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def _squeeze_to_3d(arr: np.ndarray, path: str) -> np.ndarray:
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 4:  # a 4D series: use its first volume, as the viewers show it first
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"{os.path.basename(path)}: expected a 3D volume, got an array of shape {arr.shape}")
+    return arr
+
+
+def _sitk_affine(img) -> np.ndarray:
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing[None, :]
+    lps[:3, 3] = np.asarray(img.GetOrigin(), dtype=np.float64)
+    return _LPS_RAS @ lps
+
+
+def load_volume(path: str) -> Volume:
+    """Load a 3D volume (NIfTI, NRRD, MHA, ... or a DICOM series folder) without reorienting it."""
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path!r}")
+    key = file_key(path)
+    if is_nifti(path):
+        import nibabel as nib
+
+        img = nib.load(path)
+        arr = _squeeze_to_3d(np.asanyarray(img.dataobj), path)  # scl_slope/scl_inter applied by nibabel
+        return Volume(np.asarray(arr), np.asarray(img.affine, dtype=np.float64), path, img.header, key)
+
+    import SimpleITK as sitk
+
+    if os.path.isdir(path):
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(path)
+        if not files:
+            raise ValueError(f"no DICOM series found in folder {path!r}")
+        reader.SetFileNames(files)
+        img = reader.Execute()
+    else:
+        img = sitk.ReadImage(path)
+    if img.GetDimension() != 3:
+        raise ValueError(f"{os.path.basename(path)}: expected a 3D volume, got {img.GetDimension()}D")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{os.path.basename(path)}: multi-component (e.g. RGB) images are not supported")
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # sitk gives [k, j, i]
+    return Volume(np.ascontiguousarray(arr), _sitk_affine(img), path, None, key)
+
+
+class VolumeCache:
+    """A tiny LRU of loaded volumes keyed by file identity, so that repeated clicks do not re-read the file."""
+
+    def __init__(self, max_items: int = 2):
+        self.max_items = max(0, int(max_items))
+        self._items: "OrderedDict[str, Volume]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> Volume:
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"image file not found: {path!r}")
+        key = file_key(path)
+        with self._lock:
+            vol = self._items.get(key)
+            if vol is not None:
+                self._items.move_to_end(key)
+                return vol
+        vol = load_volume(path)
+        if self.max_items:
+            with self._lock:
+                self._items[key] = vol
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+        return vol
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+
+
+_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
+
+
+def write_mask(
+    mask: np.ndarray,
+    reference: Volume,
+    extension: Optional[str] = None,
+    dtype: Optional[str] = None,
+    compress: bool = True,
+    directory: Optional[str] = None,
+) -> str:
+    """Write ``mask`` (indexed ``[i, j, k]`` on ``reference``'s grid) to a new temporary file and return its path.
+
+    ``extension`` ``.nii.gz`` (default) / ``.nii`` keeps the reference NIfTI header (same affine, qform and sform
+    codes); ``.nrrd`` / ``.seg.nrrd`` / ``.mha`` / ``.nii`` via SimpleITK use the same geometry converted to LPS.
+    """
+    mask = np.asarray(mask)
+    if mask.shape[:3] != reference.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image shape {reference.shape}")
+    ext = (extension or ".nii.gz").strip()
+    if not ext.startswith("."):
+        ext = "." + ext
+    np_dtype = _DTYPES.get(str(dtype).lower(), np.uint8) if dtype else np.uint8
+    data = mask.astype(np_dtype, copy=False)
+    fd, out = tempfile.mkstemp(suffix=ext, prefix="ensam_", dir=directory)
+    os.close(fd)
+
+    if ext.lower() in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        if reference.header is not None and isinstance(reference.header, nib.Nifti1Header):
+            hdr = reference.header.copy()
+            hdr.set_data_dtype(np_dtype)
+            hdr.set_slope_inter(1.0, 0.0)
+            img = nib.Nifti1Image(data, reference.affine, header=hdr)
+            img.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]) or 1)
+            img.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]) or 1)
+        else:
+            img = nib.Nifti1Image(data, reference.affine)
+            img.set_qform(reference.affine, code=1)
+            img.set_sform(reference.affine, code=1)
+        nib.save(img, out)
+        return out
+
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    lps = _LPS_RAS @ np.asarray(reference.affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    spacing[spacing == 0] = 1.0
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()])
+    img.SetOrigin([float(v) for v in lps[:3, 3]])
+    sitk.WriteImage(img, out, bool(compress))
+    return out

@@ -1,0 +1,197 @@
+"""Turning a MONAI Label infer request into prompts for the engine, with clear 4xx errors for bad input.
+
+What the clients send (see the shared MONAI Label notes): 3D Slicer ``foreground`` / ``background`` (lists of
+``[i, j, k]``), ``roi`` = ``[i0, i1, j0, j1, k0, k1]`` (a pair may be reversed), ``label``, ``reset_state``,
+``client_id``; OHIF v3 ``foreground`` / ``background`` or ``points`` + ``point_labels`` (1 fg / 0 bg). ensam also
+takes ``boxes`` (a list of ROIs, several objects of the same label in one call) and ``undo``.
+All coordinates are voxel indices of the ORIGINAL image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A bad request: the server answers ``status_code`` with ``str(self)`` as the detail; nothing is changed."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = int(status_code)
+
+
+TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
+FALSE_WORDS = {"0", "false", "no", "off", "n", "f", "", "none", "null"}
+
+
+def parse_bool(value: Any, name: str = "flag", default: bool = False) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in TRUE_WORDS:
+            return True
+        if v in FALSE_WORDS:
+            return False
+    if isinstance(value, (list, tuple)) and value:  # Slicer may echo a list-valued config
+        return parse_bool(value[0], name, default)
+    raise RequestError(f"'{name}' must be true or false, got {value!r}")
+
+
+def _maybe_json(value: Any, name: str) -> Any:
+    if isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"'{name}' is not valid JSON: {value!r} ({e.msg})") from None
+    return value
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise RequestError(f"{what}: expected a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise RequestError(f"{what}: expected a finite number, got {v!r}")
+    return f
+
+
+def _point_list(value: Any, name: str) -> List[List[float]]:
+    value = _maybe_json(value, name)
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"'{name}' must be a list of [i, j, k] voxel indices, got {value!r}")
+    if len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = [value]  # a single point given flat
+    pts = []
+    for n, p in enumerate(value):
+        if not isinstance(p, (list, tuple)) or len(p) != 3:
+            raise RequestError(f"'{name}'[{n}] must be a voxel index [i, j, k] (3 numbers), got {p!r}")
+        pts.append([_number(c, f"'{name}'[{n}]") for c in p])
+    return pts
+
+
+def _box(value: Any, name: str) -> List[float]:
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in value
+    ):
+        value = [c for pair in value for c in pair]  # [[i0, i1], [j0, j1], [k0, k1]]
+    if not isinstance(value, (list, tuple)) or len(value) != 6:
+        raise RequestError(
+            f"'{name}' must be [i0, i1, j0, j1, k0, k1] (6 voxel indices: a min/max pair per axis), got {value!r}"
+        )
+    return [_number(c, f"'{name}'") for c in value]
+
+
+@dataclass
+class Prompts:
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))  # (N, 3) [i, j, k]
+    point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))  # 1 fg / 0 bg
+    boxes: List[List[int]] = field(default_factory=list)  # inclusive [i0, i1, j0, j1, k0, k1], sorted, clipped
+
+    @property
+    def empty(self) -> bool:
+        return len(self.points) == 0 and len(self.boxes) == 0
+
+    def summary(self) -> dict:
+        return {
+            "foreground": int((self.point_labels == 1).sum()),
+            "background": int((self.point_labels == 0).sum()),
+            "boxes": len(self.boxes),
+        }
+
+
+def parse_prompts(request: dict) -> Tuple[List[List[float]], List[int], List[List[float]]]:
+    """Read every prompt key of ``request`` (no image needed): (points, labels, raw boxes). Raises RequestError."""
+    points: List[List[float]] = []
+    labels: List[int] = []
+    for key, lab in (("foreground", 1), ("background", 0)):
+        pts = _point_list(request.get(key), key)
+        points += pts
+        labels += [lab] * len(pts)
+
+    if request.get("points") is not None:
+        pts = _point_list(request.get("points"), "points")
+        pl = _maybe_json(request.get("point_labels"), "point_labels")
+        if pl is None:
+            pl = [1] * len(pts)
+        if not isinstance(pl, (list, tuple)) or len(pl) != len(pts):
+            raise RequestError(
+                f"'point_labels' must be a list with one entry (1 foreground / 0 background) per point: "
+                f"{len(pts)} points, point_labels={pl!r}"
+            )
+        for n, v in enumerate(pl):
+            v = _number(v, f"'point_labels'[{n}]")
+            if v not in (0.0, 1.0):
+                raise RequestError(f"'point_labels'[{n}] must be 1 (foreground) or 0 (background), got {pl[n]!r}")
+            labels.append(int(v))
+        points += pts
+
+    boxes: List[List[float]] = []
+    roi = _maybe_json(request.get("roi"), "roi")
+    if roi is not None and not (isinstance(roi, (list, tuple)) and len(roi) == 0):
+        boxes.append(_box(roi, "roi"))
+    raw_boxes = _maybe_json(request.get("boxes"), "boxes")
+    if raw_boxes is not None:
+        if not isinstance(raw_boxes, (list, tuple)):
+            raise RequestError(f"'boxes' must be a list of [i0, i1, j0, j1, k0, k1], got {raw_boxes!r}")
+        if len(raw_boxes) == 6 and all(isinstance(v, (int, float)) for v in raw_boxes):
+            raw_boxes = [raw_boxes]
+        for n, b in enumerate(raw_boxes):
+            boxes.append(_box(b, f"boxes[{n}]"))
+    return points, labels, boxes
+
+
+def validate_prompts(
+    points: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    boxes: Sequence[Sequence[float]],
+    shape: Sequence[int],
+) -> Prompts:
+    """Check prompts against the image ``shape``: clicks must lie inside (422 otherwise); boxes are sorted per
+    axis, clipped to the image, and refused (422) only when they miss the image entirely."""
+    shape = [int(s) for s in shape[:3]]
+    valid = ", ".join(f"0..{s - 1}" for s in shape)
+    out_pts = []
+    for n, (p, lab) in enumerate(zip(points, labels)):
+        q = [int(round(c)) for c in p]
+        if any(c < 0 or c >= s for c, s in zip(q, shape)):
+            kind = "foreground" if lab == 1 else "background"
+            raise RequestError(
+                f"{kind} click {list(p)} is outside the image: shape {tuple(shape)}, valid voxel indices "
+                f"[i, j, k] in ({valid})",
+                status_code=422,
+            )
+        out_pts.append(q)
+    out_boxes = []
+    for n, b in enumerate(boxes):
+        box = []
+        for a in range(3):
+            lo, hi = sorted((b[2 * a], b[2 * a + 1]))
+            lo, hi = int(math.floor(lo + 0.5)), int(math.floor(hi + 0.5))
+            if hi < 0 or lo > shape[a] - 1:
+                raise RequestError(
+                    f"box {list(b)} lies outside the image on axis {'ijk'[a]}: shape {tuple(shape)}, valid voxel "
+                    f"indices [i, j, k] in ({valid})",
+                    status_code=422,
+                )
+            box += [max(lo, 0), min(hi, shape[a] - 1)]
+        out_boxes.append(box)
+    return Prompts(
+        points=np.asarray(out_pts, dtype=np.int64).reshape(-1, 3),
+        point_labels=np.asarray(list(labels), dtype=np.int64).reshape(-1),
+        boxes=out_boxes,
+    )

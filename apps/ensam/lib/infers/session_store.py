@@ -1,0 +1,123 @@
+"""Bounded, thread-safe memory of interactive results: the previous mask and an undo history.
+
+A session is keyed by ``(client_id, image, label)``. Each step pushes the new mask; ``undo`` pops it and gives
+back the one before (an empty mask when nothing is left). Masks are stored bit-packed (1 bit per voxel) and the
+store keeps at most ``max_sessions`` sessions and ``max_bytes`` of packed masks, evicting the least recently
+used session first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Hashable, List, Optional, Tuple
+
+import numpy as np
+
+
+class _Packed:
+    __slots__ = ("shape", "bits", "nbytes")
+
+    def __init__(self, mask: np.ndarray):
+        m = np.asarray(mask) != 0
+        self.shape = m.shape
+        self.bits = np.packbits(m.ravel())
+        self.nbytes = int(self.bits.nbytes)
+
+    def unpack(self) -> np.ndarray:
+        n = int(np.prod(self.shape))
+        return np.unpackbits(self.bits, count=n).reshape(self.shape).astype(np.uint8)
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int = 64, max_history: int = 10, max_bytes: int = 256 * 2**20):
+        self.max_sessions = max(1, int(max_sessions))
+        self.max_history = max(1, int(max_history))
+        self.max_bytes = max(1, int(max_bytes))
+        self._sessions: "OrderedDict[Hashable, Tuple[float, List[_Packed]]]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def key(client_id: Optional[str], image_key: str, label: Optional[str]) -> Tuple[str, str, str]:
+        return (str(client_id or ""), str(image_key), str(label or ""))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def depth(self, key) -> int:
+        with self._lock:
+            entry = self._sessions.get(key)
+            return len(entry[1]) if entry else 0
+
+    def last(self, key, shape=None) -> Optional[np.ndarray]:
+        """The latest mask of the session (None when there is none or it does not fit ``shape``)."""
+        with self._lock:
+            entry = self._sessions.get(key)
+            if not entry or not entry[1]:
+                return None
+            self._sessions.move_to_end(key)
+            packed = entry[1][-1]
+        if shape is not None and tuple(packed.shape) != tuple(shape):
+            return None
+        return packed.unpack()
+
+    def push(self, key, mask: np.ndarray) -> int:
+        """Record a new step; returns the session depth."""
+        packed = _Packed(mask)
+        with self._lock:
+            _, history = self._sessions.pop(key, (0.0, []))
+            history.append(packed)
+            self._bytes += packed.nbytes
+            while len(history) > self.max_history:
+                self._bytes -= history.pop(0).nbytes
+            self._sessions[key] = (time.time(), history)
+            self._evict(keep=key)
+            return len(history)
+
+    def undo(self, key) -> Tuple[Optional[np.ndarray], int]:
+        """Drop the latest step. Returns (the mask now current or None if none is left, remaining depth).
+        Raises KeyError when the session has nothing to undo."""
+        with self._lock:
+            entry = self._sessions.get(key)
+            if not entry or not entry[1]:
+                raise KeyError(key)
+            history = entry[1]
+            self._bytes -= history.pop().nbytes
+            self._sessions.move_to_end(key)
+            current = history[-1] if history else None
+            depth = len(history)
+        return (current.unpack() if current is not None else None), depth
+
+    def reset(self, key) -> None:
+        with self._lock:
+            entry = self._sessions.pop(key, None)
+            if entry:
+                self._bytes -= sum(p.nbytes for p in entry[1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+            self._bytes = 0
+
+    def _evict(self, keep) -> None:
+        while len(self._sessions) > self.max_sessions or (self._bytes > self.max_bytes and len(self._sessions) > 1):
+            oldest = next(iter(self._sessions))
+            if oldest == keep:
+                self._sessions.move_to_end(keep)
+                oldest = next(iter(self._sessions))
+                if oldest == keep:
+                    break
+            _, history = self._sessions.pop(oldest)
+            self._bytes -= sum(p.nbytes for p in history)
+        # a single session larger than the budget keeps only its newest step
+        if self._bytes > self.max_bytes and keep in self._sessions:
+            history = self._sessions[keep][1]
+            while len(history) > 1 and self._bytes > self.max_bytes:
+                self._bytes -= history.pop(0).nbytes
