@@ -1,0 +1,504 @@
+"""The interactive evaluator: one box, then corrective clicks, for every labelled structure of a dataset.
+
+Protocol (CVPR 2025 "Foundation Models for Interactive 3D Biomedical Image Segmentation", adapted to a full 3D box
+as a Slicer ROI gives it; see /work/shared/notes/model-and-evaluation.md):
+
+* step 0: box prompt = the structure's 3D bounding box, each side moved outward by a random 0..3 voxels
+  (:func:`lib.prompts.box_from_mask`, seeded per structure);
+* steps 1..5: one click each from :func:`lib.prompts.next_click` (deepest voxel of the largest 26-connected error
+  component); the method receives the box, ALL clicks so far and its previous mask at every step. When the
+  prediction is already perfect there is no click: the step is not run and the previous mask and scores carry
+  over (``no_click`` in the results);
+* DSC per step; NSD at 2 mm with the real voxel spacing, computed only when DSC > 0.2 (else 0);
+  DSC_AUC / NSD_AUC = trapezoid over the 5 click steps with unit spacing (range 0..4, perfect = 4; the box step is
+  not included); final = after the 5th click; box = after step 0;
+* seconds per step (wall clock around ``predict``) and peak memory per step: the process's resident set size
+  (RSS, via psutil) sampled every 2 ms in a background thread during ``predict``, minus the RSS before the call
+  (so it covers NumPy, PyTorch and C/C++ allocations alike; allocations shorter than the sampling interval can
+  be missed). On CUDA, ``torch.cuda.max_memory_allocated`` is reported as well.
+* per structure, then overall = mean over structures (every structure weighs the same, whatever its image).
+  The challenge's 90 s per structure budget is not enforced; ``over_budget`` flags structures that exceeded it.
+
+Randomness: each structure gets its own generator seeded from ``(seed, image name, label id)``, so results do
+not depend on the order or subset of structures or methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..prompts.simulation import box_from_mask, next_click
+from .metrics import auc, dice, protocol_nsd, spacing_from_affine
+
+__all__ = ["Method", "EnsamMethod", "Case", "load_dataset", "evaluate_structure", "evaluate", "summarize",
+           "write_results", "PROTOCOL"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = {
+    "box": "full 3D bounding box of the label, each side moved outward by random 0..jitter voxels",
+    "jitter_voxels": 3,
+    "clicks": 5,
+    "click_rule": "deepest voxel (EDT in voxel units, image border = outside) of the largest 26-connected "
+                  "component of pred XOR gt; foreground if gt is set there; ties broken with the seeded rng",
+    "nsd_tolerance_mm": 2.0,
+    "nsd_min_dsc": 0.2,
+    "auc": "trapezoid over the 5 click steps, unit spacing (0..4)",
+    "memory": "peak RSS above the pre-call RSS during predict, sampled every 2 ms (psutil)",
+    "time_budget_s": 90.0,
+}
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the evaluator drives. Same conventions as the engine contract (docs/ARCHITECTURE.md).
+
+    ``predict(image, affine, boxes, points, point_labels, prev_mask) -> uint8 (X, Y, Z)``:
+
+    * ``image``: ``(X, Y, Z)`` array exactly as stored (e.g. int16 HU), indexed ``[i, j, k]``;
+    * ``affine``: 4x4 voxel index -> world mm;
+    * ``boxes``: list of ``[i0, i1, j0, j1, k0, k1]`` (inclusive voxel indices); one box here;
+    * ``points``: ``(N, 3)`` int voxel indices ``[i, j, k]`` (N = 0 at the box step);
+    * ``point_labels``: ``(N,)`` 1 = foreground click, 0 = background click;
+    * ``prev_mask``: ``(X, Y, Z)`` uint8 previous prediction, ``None`` at the box step.
+
+    Optional ``reset()`` is called before each structure (drop per-structure state, keep image caches).
+    """
+
+    name: str
+
+    def predict(self, image: np.ndarray, affine: np.ndarray, boxes: List[np.ndarray], points: np.ndarray,
+                point_labels: np.ndarray, prev_mask: Optional[np.ndarray]) -> np.ndarray:
+        ...
+
+
+class EnsamMethod:
+    """Adapter from :class:`lib.engine.EnsamEngine` to the :class:`Method` interface (engine imported lazily)."""
+
+    name = "ensam"
+
+    def __init__(self, weights: Optional[str] = None, device: str = "cpu", engine=None, name: str = "ensam"):
+        self.name = name
+        if engine is None:
+            from ..engine import EnsamEngine  # lazy: the evaluator works without the engine/torch
+
+            engine = EnsamEngine(weights=weights, device=device)
+        self.engine = engine
+
+    @staticmethod
+    def _key(image, affine) -> str:
+        from ..engine import image_fingerprint  # cheap (strided sample); keeps the engine's encoding cache warm
+
+        return image_fingerprint(image, affine)
+
+    def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+        pts = np.asarray(points).reshape(-1, 3)
+        return self.engine.segment(
+            image, affine,
+            points=pts if len(pts) else None,
+            point_labels=np.asarray(point_labels).reshape(-1) if len(pts) else None,
+            boxes=[np.asarray(b).tolist() for b in boxes] if boxes else None,
+            prev_mask=prev_mask,
+            image_key=self._key(image, affine),
+        )
+
+
+def default_ensam_weights() -> Optional[str]:
+    """The fine-tuned weights if present, else the shipped pretrained ones (None if neither exists)."""
+    model_dir = Path(__file__).resolve().parents[2] / "model"
+    for name in ("ensam.pt", "pretrained_ensam.pt"):
+        if (model_dir / name).is_file():
+            return str(model_dir / name)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Path
+    modality: str = ""
+    labels: Dict[int, str] = field(default_factory=dict)
+
+
+def load_dataset(data_dir, cases: Optional[Sequence[str]] = None) -> List[Case]:
+    """Cases of ``<data_dir>/dataset.json`` (its ``testing`` list, else ``training``). Each entry has ``image``,
+    ``label`` (paths relative to data_dir), optional ``modality`` and ``labels`` (id -> name; if missing, the
+    non-zero ids present in the label file). ``cases``: keep only entries whose image name contains one of these
+    strings."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "dataset.json").read_text())
+    entries = meta.get("testing") or meta.get("training") or []
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or "label" not in e:
+            continue
+        img = data_dir / e["image"]
+        name = img.name[:-7] if img.name.endswith(".nii.gz") else img.stem
+        if cases and not any(c in name for c in cases):
+            continue
+        labels = {int(k): str(v) for k, v in (e.get("labels") or {}).items()}
+        out.append(Case(name, img, data_dir / e["label"], e.get("modality", ""), labels))
+    if not out:
+        raise ValueError(f"no cases with labels in {data_dir / 'dataset.json'}")
+    return out
+
+
+def _load(case: Case):
+    import nibabel as nib
+
+    im = nib.load(str(case.image))
+    lb = nib.load(str(case.label))
+    image = np.asanyarray(im.dataobj)
+    labels = np.asanyarray(lb.dataobj).astype(np.int32)
+    if image.ndim == 4 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if labels.ndim == 4 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if image.shape != labels.shape:
+        raise ValueError(f"{case.name}: image {image.shape} and label {labels.shape} differ")
+    return image, np.asarray(im.affine, dtype=np.float64), labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+# ----------------------------------------------------------------------------------------------------------------
+class _PeakRSS:
+    """Peak resident set size above the value at entry, sampled in a thread (MB)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak_mb = 0.0
+        try:
+            import psutil
+
+            self._proc = psutil.Process(os.getpid())
+        except Exception:  # pragma: no cover - psutil comes with monailabel
+            self._proc = None
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self._proc is None:
+            return self
+        self._start = self._rss()
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss())
+        self.peak_mb = (self._peak - self._start) / 2 ** 20
+        return False
+
+
+def _cuda_peak_reset():
+    try:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return torch
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+def _structure_seed(seed: int, case_name: str, label_id: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(case_name.encode()), int(label_id)]))
+
+
+def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                       n_clicks: int = 5, jitter: int = 3, tolerance_mm: float = 2.0,
+                       measure_memory: bool = True) -> dict:
+    """Run the protocol for one structure. ``gt``: ``(X, Y, Z)`` binary. Returns per-step lists (index 0 = box,
+    1..n_clicks = clicks) ``dsc``, ``nsd``, ``seconds``, ``peak_mb`` and the summary numbers."""
+    gt = np.asarray(gt) != 0
+    spacing = spacing_from_affine(affine)
+    box = box_from_mask(gt, jitter=jitter, rng=rng)
+    if hasattr(method, "reset"):
+        method.reset()
+    points = np.zeros((0, 3), dtype=np.int64)
+    plabels = np.zeros((0,), dtype=np.int64)
+    pred = None
+    rec = {"box": box.tolist(), "voxels": int(gt.sum()), "dsc": [], "nsd": [], "seconds": [], "peak_mb": [],
+           "cuda_peak_mb": [], "clicks": [], "no_click": [], "errors": []}
+    for step in range(n_clicks + 1):
+        if step > 0:
+            click = next_click(pred, gt, rng)
+            if click is None:  # perfect already: no click, nothing to run, scores carry over
+                rec["no_click"].append(step)
+                rec["clicks"].append(None)
+                for k in ("dsc", "nsd"):
+                    rec[k].append(rec[k][-1])
+                rec["seconds"].append(None)
+                rec["peak_mb"].append(None)
+                rec["cuda_peak_mb"].append(None)
+                continue
+            pt, is_fg = click
+            points = np.concatenate([points, pt[None].astype(np.int64)])
+            plabels = np.concatenate([plabels, [1 if is_fg else 0]])
+            rec["clicks"].append([int(v) for v in pt] + [int(is_fg)])
+        torch_mod = _cuda_peak_reset()
+        meter = _PeakRSS() if measure_memory else None
+        t0 = time.perf_counter()
+        try:
+            if meter is not None:
+                with meter:
+                    out = method.predict(image, affine, [box.copy()], points.copy(), plabels.copy(),
+                                         None if pred is None else pred.copy())
+            else:
+                out = method.predict(image, affine, [box.copy()], points.copy(), plabels.copy(),
+                                     None if pred is None else pred.copy())
+            out = np.asarray(out)
+            if out.shape != gt.shape:
+                raise ValueError(f"prediction shape {out.shape} != image shape {gt.shape}")
+            out = (out != 0).astype(np.uint8)
+        except Exception as e:  # a failing step scores 0 and the protocol goes on
+            logger.warning("%s failed at step %d: %s", getattr(method, "name", method), step, e)
+            rec["errors"].append(f"step {step}: {type(e).__name__}: {e}")
+            out = np.zeros(gt.shape, dtype=np.uint8)
+        dt = time.perf_counter() - t0
+        pred = out
+        d = dice(pred, gt)
+        rec["dsc"].append(d)
+        rec["nsd"].append(protocol_nsd(pred, gt, spacing, dsc=d, tolerance=tolerance_mm))
+        rec["seconds"].append(dt)
+        rec["peak_mb"].append(meter.peak_mb if meter is not None else None)
+        rec["cuda_peak_mb"].append(torch_mod.cuda.max_memory_allocated() / 2 ** 20 if torch_mod else None)
+    rec["box_dsc"] = rec["dsc"][0]
+    rec["box_nsd"] = rec["nsd"][0]
+    rec["dsc_auc"] = auc(rec["dsc"][1:])
+    rec["nsd_auc"] = auc(rec["nsd"][1:])
+    rec["final_dsc"] = rec["dsc"][-1]
+    rec["final_nsd"] = rec["nsd"][-1]
+    times = [t for t in rec["seconds"] if t is not None]
+    rec["seconds_total"] = float(sum(times))
+    rec["seconds_per_step"] = float(np.mean(times)) if times else 0.0
+    mems = [m for m in rec["peak_mb"] if m is not None]
+    rec["peak_mb_max"] = float(max(mems)) if mems else None
+    rec["over_budget"] = rec["seconds_total"] > PROTOCOL["time_budget_s"]
+    return rec
+
+
+SUMMARY_KEYS = ("box_dsc", "box_nsd", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
+
+
+def summarize(structures: List[dict]) -> dict:
+    """Mean over structures of the summary numbers and of the per-step curves."""
+    if not structures:
+        return {}
+    out = {k: float(np.mean([s[k] for s in structures])) for k in SUMMARY_KEYS}
+    out["dsc_curve"] = np.mean([s["dsc"] for s in structures], axis=0).tolist()
+    out["nsd_curve"] = np.mean([s["nsd"] for s in structures], axis=0).tolist()
+    times = [t for s in structures for t in s["seconds"] if t is not None]
+    out["seconds_per_step"] = float(np.mean(times)) if times else 0.0
+    mems = [s["peak_mb_max"] for s in structures if s.get("peak_mb_max") is not None]
+    out["peak_mb"] = float(max(mems)) if mems else None
+    out["n_structures"] = len(structures)
+    out["n_errors"] = int(sum(len(s["errors"]) for s in structures))
+    out["n_over_budget"] = int(sum(bool(s["over_budget"]) for s in structures))
+    return out
+
+
+def _structure_ids(case: Case, labels: np.ndarray, max_structures: Optional[int]) -> List[int]:
+    present = set(int(v) for v in np.unique(labels) if v != 0)
+    ids = sorted(i for i in (case.labels or {i: "" for i in present}) if i in present)
+    if max_structures is not None and max_structures > 0:
+        ids = ids[:max_structures]
+    return ids
+
+
+def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitter: int = 3,
+             max_structures: Optional[int] = None, cases: Optional[Sequence[str]] = None,
+             progress: bool = True, measure_memory: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+    """Evaluate ``methods`` on every labelled structure of the dataset (``max_structures``: at most that many per
+    image, the lowest label ids). Returns the results dictionary written by :func:`write_results`."""
+    cases_ = load_dataset(data_dir, cases)
+    per_method: Dict[str, List[dict]] = {m.name: [] for m in methods}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for case in cases_:
+        image, affine, labels = _load(case)
+        ids = _structure_ids(case, labels, max_structures)
+        log(f"{case.name}: {image.shape} spacing {np.round(spacing_from_affine(affine), 3).tolist()}, "
+            f"{len(ids)} structures")
+        for m in methods:
+            it = ids
+            if progress and tqdm is not None:
+                it = tqdm(ids, desc=f"{m.name} / {case.name}", leave=False)
+            for lid in it:
+                gt = labels == lid
+                rec = evaluate_structure(m, image, affine, gt, _structure_seed(seed, case.name, lid),
+                                         n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory)
+                rec.update({"case": case.name, "modality": case.modality, "label": int(lid),
+                            "name": case.labels.get(lid, f"label_{lid}")})
+                per_method[m.name].append(rec)
+            s = summarize([r for r in per_method[m.name] if r["case"] == case.name])
+            log(f"  {m.name:15s} box DSC {s['box_dsc']:.3f}  DSC_AUC {s['dsc_auc']:.3f}  NSD_AUC {s['nsd_auc']:.3f}  "
+                f"final DSC {s['final_dsc']:.3f}  final NSD {s['final_nsd']:.3f}  {s['seconds_per_step']:.2f} s/step")
+    results = {
+        "protocol": {**PROTOCOL, "clicks": n_clicks, "jitter_voxels": jitter, "seed": seed},
+        "data": str(data_dir),
+        "machine": machine_info(),
+        "methods": {},
+    }
+    for name, recs in per_method.items():
+        by_case = {c.name: summarize([r for r in recs if r["case"] == c.name]) for c in cases_}
+        results["methods"][name] = {"overall": summarize(recs), "by_case": by_case, "structures": recs}
+    return results
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            info["torch_threads"] = torch.get_num_threads()
+            info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports
+# ----------------------------------------------------------------------------------------------------------------
+def _f(v, nd=3):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def results_markdown(results: dict) -> str:
+    methods = results["methods"]
+    lines = ["# Interactive evaluation", "",
+             f"Data: `{results['data']}`; seed {results['protocol']['seed']}; box (jitter 0..{results['protocol']['jitter_voxels']} "
+             f"voxels) then {results['protocol']['clicks']} clicks; NSD at {results['protocol']['nsd_tolerance_mm']} mm "
+             f"(0 when DSC <= {results['protocol']['nsd_min_dsc']}); AUC = trapezoid over the click steps (max "
+             f"{results['protocol']['clicks'] - 1}). Mean over structures.", "",
+             "| method | structures | box DSC | DSC_AUC | NSD_AUC | final DSC | final NSD | s/step | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        o = m["overall"]
+        if not o:
+            continue
+        lines.append(f"| {name} | {o['n_structures']} | {_f(o['box_dsc'])} | {_f(o['dsc_auc'])} | {_f(o['nsd_auc'])} | "
+                     f"{_f(o['final_dsc'])} | {_f(o['final_nsd'])} | {_f(o['seconds_per_step'], 2)} | "
+                     f"{_f(o['peak_mb'], 0)} |")
+    # per image
+    case_names = []
+    for m in methods.values():
+        for c in m["by_case"]:
+            if c not in case_names:
+                case_names.append(c)
+    lines += ["", "## Per image", "", "| image | method | structures | box DSC | DSC_AUC | NSD_AUC | final DSC | "
+              "final NSD | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in case_names:
+        for name, m in methods.items():
+            o = m["by_case"].get(c)
+            if not o:
+                continue
+            lines.append(f"| {c} | {name} | {o['n_structures']} | {_f(o['box_dsc'])} | {_f(o['dsc_auc'])} | "
+                         f"{_f(o['nsd_auc'])} | {_f(o['final_dsc'])} | {_f(o['final_nsd'])} | "
+                         f"{_f(o['seconds_per_step'], 2)} |")
+    # per structure
+    names = list(methods)
+    rows = {}
+    for name, m in methods.items():
+        for s in m["structures"]:
+            rows.setdefault((s["case"], s["label"], s["name"], s["voxels"]), {})[name] = s
+    for title, key in (("box DSC", "box_dsc"), ("DSC_AUC", "dsc_auc"), ("final DSC", "final_dsc"),
+                       ("final NSD", "final_nsd")):
+        lines += ["", f"## Per structure: {title}", "", "| image | id | structure | voxels | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        for (c, lid, sname, vox), per in rows.items():
+            lines.append(f"| {c} | {lid} | {sname} | {vox} | " +
+                         " | ".join(_f(per[n][key]) if n in per else "-" for n in names) + " |")
+    errs = [(n, s["case"], s["name"], e) for n, m in methods.items() for s in m["structures"] for e in s["errors"]]
+    if errs:
+        lines += ["", "## Errors", ""] + [f"- {n} / {c} / {s}: {e}" for n, c, s, e in errs[:50]]
+    mach = results.get("machine", {})
+    lines += ["", f"Machine: {mach.get('processor')} ({mach.get('cpu_count')} CPUs visible), OMP_NUM_THREADS="
+              f"{mach.get('omp_num_threads')}, torch threads {mach.get('torch_threads', '-')}, CUDA "
+              f"{mach.get('cuda', '-')}. Memory = {results['protocol']['memory']}.", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = results["protocol"]["clicks"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in results["methods"].items():
+        o = m["overall"]
+        if o:
+            ax.plot(range(n + 1), o["dsc_curve"], marker="o", label=name)
+    ax.set_xticks(range(n + 1))
+    ax.set_xticklabels(["box"] + [f"click {i}" for i in range(1, n + 1)], rotation=30)
+    ax.set_ylabel("mean DSC over structures")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"DSC per interaction step ({Path(results['data']).name})")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def write_results(results: dict, out_dir) -> Dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``dsc_vs_step.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "dsc_vs_step.png"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    paths["md"].write_text(results_markdown(results))
+    plot_curves(results, paths["png"])
+    return paths
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))

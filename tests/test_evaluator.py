@@ -1,0 +1,260 @@
+"""Interactive evaluator (lib.evaluation): metrics, protocol and CLI on synthetic volumes with known answers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lib.evaluation import auc, dice, protocol_nsd, surface_dice
+from lib.evaluation.baselines import BoxFill, GraphCut, RandomWalker, RegionGrowing
+from lib.evaluation.evaluator import evaluate_structure, summarize
+
+AFF = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def _cube(shape, lo, hi):
+    m = np.zeros(shape, dtype=np.uint8)
+    m[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1
+    return m
+
+
+class Perfect:
+    name = "perfect"
+
+    def __init__(self, gt):
+        self.gt = gt
+
+    def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+        return self.gt.copy()
+
+
+class Empty:
+    name = "empty"
+
+    def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+        return np.zeros(image.shape, np.uint8)
+
+
+class Spy:
+    """Returns half of the ground truth first, then adds what the clicks point at; records the calls."""
+
+    name = "spy"
+
+    def __init__(self, gt):
+        self.gt, self.calls, self.resets = gt, [], 0
+
+    def reset(self):
+        self.resets += 1
+
+    def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+        self.calls.append((list(map(np.copy, boxes)), np.copy(points), np.copy(point_labels),
+                           None if prev_mask is None else prev_mask.copy()))
+        out = np.zeros_like(self.gt) if prev_mask is None else prev_mask.copy()
+        if prev_mask is None:
+            out[: self.gt.shape[0] // 2] = self.gt[: self.gt.shape[0] // 2]
+        for p in np.asarray(points).reshape(-1, 3):
+            out[tuple(p)] = self.gt[tuple(p)]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_dice_basics():
+    a = _cube((10, 10, 10), (0, 0, 0), (4, 4, 4))
+    assert dice(a, a) == 1.0
+    assert dice(a, np.zeros_like(a)) == 0.0
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    b = _cube((10, 10, 10), (0, 0, 0), (4, 4, 1))  # 50 of a's 125 voxels
+    assert dice(a, b) == pytest.approx(2 * 50 / 175)
+
+
+def test_auc_arithmetic():
+    assert auc([1, 1, 1, 1, 1]) == 4.0
+    assert auc([0, 0.5, 1, 1, 1]) == pytest.approx(0.25 + 0.75 + 1 + 1)
+    assert auc([0.2, 0.4, 0.6, 0.8, 1.0]) == pytest.approx(2.4)
+    assert auc([0, 0, 0, 0, 0]) == 0.0
+
+
+def test_nsd_identity_and_empty():
+    a = _cube((20, 20, 20), (5, 5, 5), (12, 12, 12))
+    assert surface_dice(a, a, (1, 1, 1)) == 1.0
+    assert surface_dice(a, np.zeros_like(a), (1, 1, 1)) == 0.0
+    assert surface_dice(np.zeros_like(a), np.zeros_like(a), (1, 1, 1)) == 1.0
+
+
+def test_nsd_tolerance_with_anisotropic_spacing():
+    gt = _cube((30, 30, 30), (8, 8, 8), (20, 20, 20))
+    shift_i = np.roll(gt, 2, axis=0)  # 2 voxels along i
+    shift_k = np.roll(gt, 1, axis=2)  # 1 voxel along k
+    sp = (1.0, 1.0, 3.0)  # anisotropic: 1 mm in-plane, 3 mm along k
+    # 2 voxels x 1 mm = 2 mm: inside the 2 mm tolerance (inclusive)
+    assert surface_dice(shift_i, gt, sp, 2.0) == pytest.approx(1.0)
+    # 1 voxel x 3 mm = 3 mm on the k faces: those surface voxels fail, the side faces still agree
+    nsd_k = surface_dice(shift_k, gt, sp, 2.0)
+    assert 0.5 < nsd_k < 1.0
+    assert surface_dice(shift_k, gt, sp, 3.0) == pytest.approx(1.0)
+    # isotropic 1 mm: the same 1-voxel shift along k is within tolerance
+    assert surface_dice(shift_k, gt, (1.0, 1.0, 1.0), 2.0) == pytest.approx(1.0)
+    # 3 voxels x 1 mm along i: the i faces fail
+    assert surface_dice(np.roll(gt, 3, axis=0), gt, sp, 2.0) < 1.0
+
+
+def test_nsd_matches_monai_on_random_blobs():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    torch = pytest.importorskip("torch")
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for sp in [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)]:
+        a = ndimage.gaussian_filter(rng.random((40, 36, 24)), 3) > 0.5
+        b = ndimage.gaussian_filter(rng.random((40, 36, 24)), 3) > 0.5
+        a[[0, -1]] = b[[0, -1]] = False  # keep the image border out of the comparison
+        a[:, [0, -1]] = b[:, [0, -1]] = False
+        a[:, :, [0, -1]] = b[:, :, [0, -1]] = False
+        ours = surface_dice(a, b, sp, 2.0)
+        oh = lambda m: torch.from_numpy(np.stack([~m, m])[None].astype(np.float32))  # noqa: E731
+        ref = monai_metrics.compute_surface_dice(oh(a), oh(b), class_thresholds=[2.0], include_background=False,
+                                                 spacing=list(sp)).item()
+        assert ours == pytest.approx(ref, abs=1e-6)
+
+
+def test_protocol_nsd_zero_below_dsc_threshold():
+    gt = _cube((20, 20, 20), (5, 5, 5), (14, 14, 14))
+    small = _cube((20, 20, 20), (5, 5, 5), (6, 6, 6))  # DSC ~ 0.016
+    assert dice(small, gt) < 0.2
+    assert surface_dice(small, gt, (1, 1, 1)) > 0  # surfaces touch at a corner region
+    assert protocol_nsd(small, gt, (1, 1, 1)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def test_perfect_method_scores_one_and_auc_four():
+    gt = _cube((24, 24, 24), (6, 7, 8), (15, 16, 17)).astype(bool)
+    image = gt.astype(np.int16) * 100
+    rec = evaluate_structure(Perfect(gt), image, AFF, gt, np.random.default_rng(0))
+    assert rec["dsc"] == [1.0] * 6 and rec["nsd"] == [1.0] * 6
+    assert rec["dsc_auc"] == 4.0 and rec["nsd_auc"] == 4.0
+    assert rec["final_dsc"] == 1.0 and rec["box_dsc"] == 1.0
+    assert rec["no_click"] == [1, 2, 3, 4, 5]  # nothing wrong, no click, predict not called again
+    assert rec["seconds"][1:] == [None] * 5
+
+
+def test_box_fill_on_cube_is_perfect_without_jitter():
+    gt = _cube((24, 24, 24), (3, 4, 5), (18, 12, 20))
+    rec = evaluate_structure(BoxFill(), gt * 50, AFF, gt, np.random.default_rng(0), jitter=0)
+    assert rec["box_dsc"] == 1.0 and rec["final_dsc"] == 1.0 and rec["final_nsd"] == 1.0
+    # with jitter the box is larger (never smaller): DSC <= 1 and the box contains the cube
+    rec = evaluate_structure(BoxFill(), gt * 50, AFF, gt, np.random.default_rng(1), jitter=3)
+    b = rec["box"]
+    assert b[0] <= 3 and b[1] >= 18 and b[2] <= 4 and b[3] >= 12 and b[4] <= 5 and b[5] >= 20
+    assert 0.5 < rec["box_dsc"] <= 1.0
+
+
+def test_empty_method_scores_zero():
+    gt = _cube((20, 20, 20), (5, 5, 5), (12, 12, 12))
+    rec = evaluate_structure(Empty(), gt, AFF, gt, np.random.default_rng(0))
+    assert rec["dsc"] == [0.0] * 6 and rec["nsd"] == [0.0] * 6
+    assert rec["dsc_auc"] == 0.0 and rec["nsd_auc"] == 0.0
+    assert all(c is not None and c[3] == 1 for c in rec["clicks"])  # always a foreground click
+
+
+def test_prompts_accumulate_and_prev_mask_is_passed():
+    gt = _cube((24, 24, 24), (4, 4, 4), (19, 19, 19))
+    spy = Spy(gt)
+    rec = evaluate_structure(spy, gt, AFF, gt, np.random.default_rng(0))
+    assert spy.resets == 1
+    assert len(spy.calls) == 1 + sum(c is not None for c in rec["clicks"])
+    boxes0, pts0, lab0, prev0 = spy.calls[0]
+    assert len(boxes0) == 1 and pts0.shape == (0, 3) and lab0.shape == (0,) and prev0 is None
+    for n, (boxes, pts, labs, prev) in enumerate(spy.calls[1:], start=1):
+        assert pts.shape == (n, 3) and labs.shape == (n,)
+        assert np.array_equal(boxes[0], boxes0[0])  # same box every step
+        assert prev is not None and prev.shape == gt.shape
+    # each click sits in the error of the step before and is labelled by the ground truth
+    for c in rec["clicks"]:
+        if c is not None:
+            assert c[3] == int(gt[tuple(c[:3])])
+    assert rec["dsc"][-1] > rec["dsc"][0]
+
+
+def test_failing_method_scores_zero_and_records_error():
+    class Boom:
+        name = "boom"
+
+        def predict(self, *a):
+            raise RuntimeError("kaput")
+
+    gt = _cube((16, 16, 16), (4, 4, 4), (10, 10, 10))
+    rec = evaluate_structure(Boom(), gt, AFF, gt, np.random.default_rng(0))
+    assert rec["final_dsc"] == 0.0 and len(rec["errors"]) == 6 and "kaput" in rec["errors"][0]
+
+
+def test_deterministic_given_seed_and_summary():
+    gt = _cube((24, 24, 24), (4, 6, 8), (16, 18, 20))
+    r1 = evaluate_structure(Spy(gt), gt, AFF, gt, np.random.default_rng(3))
+    r2 = evaluate_structure(Spy(gt), gt, AFF, gt, np.random.default_rng(3))
+    assert r1["box"] == r2["box"] and r1["clicks"] == r2["clicks"] and r1["dsc"] == r2["dsc"]
+    s = summarize([r1, r2])
+    assert s["n_structures"] == 2 and len(s["dsc_curve"]) == 6
+    assert s["final_dsc"] == pytest.approx(r1["final_dsc"])
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def _bright_sphere(shape=(36, 36, 28), centre=(18, 17, 14), r=8, seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.ogrid[tuple(slice(0, s) for s in shape)]
+    gt = (sum((gg - c) ** 2 for gg, c in zip(g, centre)) <= r * r).astype(np.uint8)
+    image = (gt * 200 + rng.normal(0, 20, shape)).astype(np.int16)
+    return image, gt
+
+
+@pytest.mark.parametrize("cls", [GraphCut, RandomWalker, RegionGrowing])
+def test_baselines_segment_a_bright_sphere(cls):
+    image, gt = _bright_sphere()
+    rec = evaluate_structure(cls(), image, AFF, gt, np.random.default_rng(0), n_clicks=2)
+    assert rec["box_dsc"] > 0.8, rec["dsc"]
+    assert rec["final_dsc"] >= rec["box_dsc"] - 0.05
+    assert not rec["errors"]
+
+
+def test_baselines_use_background_clicks():
+    # two touching spheres of the same brightness: a background click on the wrong one must shrink the mask
+    image, gt = _bright_sphere(centre=(12, 17, 14), r=7)
+    _, other = _bright_sphere(centre=(25, 17, 14), r=7)
+    image = image + (other * 200).astype(np.int16)
+    box = [np.array([4, 33, 9, 25, 6, 22])]
+    for m in (RegionGrowing(), GraphCut()):
+        p0 = m.predict(image, AFF, box, np.array([[12, 17, 14]]), np.array([1]), None)
+        p1 = m.predict(image, AFF, box, np.array([[12, 17, 14], [25, 17, 14]]), np.array([1, 0]), p0)
+        assert p1[25, 17, 14] == 0 and p1[12, 17, 14] == 1, m.name
+        assert dice(p1, gt) >= dice(p0, gt), m.name
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_writes_three_files(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from lib.evaluation.__main__ import main
+
+    data = tmp_path / "data"
+    (data / "imagesTs").mkdir(parents=True)
+    (data / "labelsTs").mkdir(parents=True)
+    entries = []
+    for n, (shape, sp) in enumerate([((28, 26, 20), (1.0, 1.0, 2.0)), ((24, 24, 24), (0.8, 0.8, 0.8))]):
+        image, gt = _bright_sphere(shape, tuple(s // 2 for s in shape), 6, seed=n)
+        lab = gt.copy()
+        lab[2:6, 2:6, 2:6] = 2  # a second, small structure
+        aff = np.diag(list(sp) + [1.0])
+        nib.save(nib.Nifti1Image(image, aff), str(data / "imagesTs" / f"c{n}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), str(data / "labelsTs" / f"c{n}.nii.gz"))
+        entries.append({"image": f"imagesTs/c{n}.nii.gz", "label": f"labelsTs/c{n}.nii.gz", "modality": "CT",
+                        "labels": {"1": "sphere", "2": "corner"}})
+    (data / "dataset.json").write_text(json.dumps({"testing": entries}))
+    out = tmp_path / "out"
+    rc = main(["--data", str(data), "--out", str(out), "--methods", "box_fill,region_growing",
+               "--no-progress", "--max-structures", "2"])
+    assert rc == 0
+    for f in ("results.json", "results.md", "dsc_vs_step.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"box_fill", "region_growing"}
+    assert res["methods"]["box_fill"]["overall"]["n_structures"] == 4
+    md = (out / "results.md").read_text()
+    assert "| box_fill |" in md and "DSC_AUC" in md and "sphere" in md
