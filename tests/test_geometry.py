@@ -90,3 +90,26 @@ def test_bad_prompts_are_clear_errors():
     with pytest.raises(PromptError, match="no prompt"):
         choose_roi((20, 20, 20), (1, 1, 1))
     assert normalize_boxes([[-5, 25, 1, 2, 3, 4]], (20, 20, 20)).tolist() == [[0, 19, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("size,model", [((50, 37, 21), (16, 24, 32)), ((9, 40, 64), (32, 32, 32))])
+def test_resampling_matches_monai_resize(size, model):
+    """Our read-only-what-is-needed resampling equals MONAI's Resize (trilinear, no anti-aliasing) when the ROI
+    is the whole image (inside a larger image it reads real neighbours instead of replicating the crop's edge),
+    and upsampling logits back equals F.interpolate."""
+    from monai.transforms import Resize
+    import torch.nn.functional as F
+    from lib.geometry import _resample, _to_model_taps
+
+    rng = np.random.default_rng(0)
+    crop = rng.normal(size=size).astype(np.float32)
+    ref = Resize(model, mode="trilinear", anti_aliasing=False)(torch.from_numpy(crop)[None])[0]
+    ours = _resample(crop, _to_model_taps(Roi((0, 0, 0), size, model), size))
+    assert torch.allclose(torch.as_tensor(ref), ours, atol=1e-5)
+    img = rng.normal(size=(70, 60, 80)).astype(np.float32)
+    roi = Roi((5, 3, 2), size, model)
+    logits = torch.randn(*model)
+    up = F.interpolate(logits[None, None], size=size, mode="trilinear", align_corners=False)[0, 0] > 0
+    back = logits_to_original(logits, roi, img.shape)
+    assert np.array_equal(back[5:5 + size[0], 3:3 + size[1], 2:2 + size[2]], up.numpy().astype(np.uint8))
+    assert back.sum() == up.sum()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
+from .geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_bbox,
+                       mask_to_model,
                        normalize_boxes, normalize_intensity, spacing_from_affine, validate_points)
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
 
@@ -192,9 +193,9 @@ class EnsamEngine:
         for b in boxes:
             lo_hi += [b[0::2], b[1::2]]
         lo_hi += list(fg)
-        if prev_mask is not None and prev_mask.any():
-            nz = np.nonzero(prev_mask)
-            lo_hi += [np.array([n.min() for n in nz]), np.array([n.max() for n in nz])]
+        bb = mask_bbox(prev_mask) if prev_mask is not None else None
+        if bb is not None:
+            lo_hi += list(bb)
         lo, hi = np.min(lo_hi, axis=0), np.max(lo_hi, axis=0)
         for cached in self.cache.rois_for(key, self._version):
             if cached.model_shape != roi.model_shape or not cached.contains(lo, hi):
@@ -287,8 +288,7 @@ class EnsamEngine:
             zooms += 1
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms}
-        mask = logits_to_original(logits, roi, shape, threshold=self.config.threshold)
-        out |= mask
+        logits_to_original(logits, roi, shape, out=out, threshold=self.config.threshold, combine="or")
         return roi
 
     # ------------------------------------------------------------------ prompt-free

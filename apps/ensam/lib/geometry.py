@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.transforms import Resize, ScaleIntensity, ScaleIntensityRange
+from monai.transforms import ScaleIntensity, ScaleIntensityRange
 
-__all__ = ["PromptError", "Roi", "RoiPolicy", "spacing_from_affine", "normalize_boxes", "validate_points",
+__all__ = ["PromptError", "Roi", "mask_bbox", "RoiPolicy", "spacing_from_affine", "normalize_boxes", "validate_points",
            "choose_roi", "crop_to_model", "mask_to_model", "logits_to_original", "normalize_intensity"]
 
 
@@ -166,10 +165,10 @@ def choose_roi(shape, spacing, boxes=None, fg_points=None, mask=None, policy: Ro
     for p in fg:
         los.append(p)
         his.append(p)
-    if mask is not None and np.any(mask):
-        nz = np.nonzero(mask)
-        los.append(np.array([n.min() for n in nz]))
-        his.append(np.array([n.max() for n in nz]))
+    bb = mask_bbox(mask) if mask is not None else None
+    if bb is not None:
+        los.append(bb[0])
+        his.append(bb[1])
         has_box = True
     if not los:
         raise PromptError("no prompt: give a box (roi), at least one foreground click, or a previous mask")
@@ -186,17 +185,58 @@ def choose_roi(shape, spacing, boxes=None, fg_points=None, mask=None, policy: Ro
     return Roi(tuple(int(x) for x in start), tuple(int(x) for x in size), tuple(policy.model_shape))
 
 
-def _crop(volume: np.ndarray, roi: Roi, fill: float) -> np.ndarray:
-    """Integer crop of ``volume`` to the ROI, padding the outside with ``fill``."""
-    st, sz = np.asarray(roi.start), np.asarray(roi.size)
-    shp = np.asarray(volume.shape[:3])
-    a, b = np.maximum(st, 0), np.minimum(st + sz, shp)
-    out = np.full(tuple(sz), fill, dtype=np.float32)
-    if np.all(b > a):
-        src = volume[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
-        o = a - st
-        out[o[0]:o[0] + src.shape[0], o[1]:o[1] + src.shape[1], o[2]:o[2] + src.shape[2]] = src
-    return out
+def _taps(n_out: int, n_src: int, start: float, step: float):
+    """Two-tap linear interpolation along one axis, align_corners=False: output voxel ``o`` samples the source
+    coordinate ``c = start + (o + 0.5) * step - 0.5`` (clamped to the source, like ``F.interpolate``).
+    Returns (i0, i1, w1, inside): taps, weight of i1, and whether ``c`` lies within the source's extent."""
+    c = start + (np.arange(n_out) + 0.5) * step - 0.5
+    inside = (c >= -0.5) & (c <= n_src - 0.5)
+    cc = np.clip(c, 0, n_src - 1)
+    i0 = np.floor(cc).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    return i0, i1, (cc - i0).astype(np.float32), inside
+
+
+def _resample(src, taps) -> torch.Tensor:
+    """Separable linear resampling of a 3D array with per-axis ``_taps``; only the voxels the taps touch are
+    read from ``src`` (which may be a large NumPy volume). Returns a float32 tensor."""
+    idx = [np.unique(np.concatenate((t[0], t[1]))) for t in taps]
+    x = torch.from_numpy(np.ascontiguousarray(src[np.ix_(*idx)], dtype=np.float32))
+    for ax, ((i0, i1, w, _), u) in enumerate(zip(taps, idx)):
+        j0 = torch.from_numpy(np.searchsorted(u, i0))
+        j1 = torch.from_numpy(np.searchsorted(u, i1))
+        shape = [1, 1, 1]
+        shape[ax] = -1
+        wt = torch.from_numpy(w).reshape(shape)
+        x = x.index_select(ax, j0) * (1 - wt) + x.index_select(ax, j1) * wt
+    return x
+
+
+def _tap_matrix(taps, n_src: int) -> np.ndarray:
+    """The (n_out, n_src) interpolation matrix of ``_taps``."""
+    i0, i1, w, _ = taps
+    mat = np.zeros((len(i0), n_src), np.float32)
+    rows = np.arange(len(i0))
+    np.add.at(mat, (rows, i0), 1 - w)
+    np.add.at(mat, (rows, i1), w)
+    return mat
+
+
+def mask_bbox(mask: np.ndarray):
+    """Inclusive bounding box (lo, hi) of a 3D mask's non-zero voxels, or None if empty (axis projections:
+    much faster than ``np.nonzero`` on large masks)."""
+    lo, hi = [], []
+    for ax in range(3):
+        nz = np.flatnonzero(np.any(mask, axis=tuple(j for j in range(3) if j != ax)))
+        if not len(nz):
+            return None
+        lo.append(nz[0])
+        hi.append(nz[-1])
+    return np.array(lo), np.array(hi)
+
+
+def _to_model_taps(roi: Roi, shape):
+    return [_taps(m, n, st, sz / m) for m, n, st, sz in zip(roi.model_shape, shape, roi.start, roi.size)]
 
 
 def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
@@ -204,34 +244,42 @@ def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
     min..max -> 0..1 when those percentiles coincide (mostly constant images); zeros for a constant image."""
     lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)].float(), torch.tensor([0.005, 0.995]))
     if hi - lo > 1e-6 * max(1.0, float(abs(hi))):
-        return ScaleIntensityRange(a_min=float(lo), a_max=float(hi), b_min=0.0, b_max=1.0, clip=True)(x)
-    if float(x.max() - x.min()) > 0:
-        return ScaleIntensity(minv=0.0, maxv=1.0)(x)
-    return torch.zeros_like(x)
+        y = ScaleIntensityRange(a_min=float(lo), a_max=float(hi), b_min=0.0, b_max=1.0, clip=True)(x)
+    elif float(x.max() - x.min()) > 0:
+        y = ScaleIntensity(minv=0.0, maxv=1.0)(x)
+    else:
+        y = torch.zeros_like(x)
+    return torch.as_tensor(y, dtype=torch.float32).as_subclass(torch.Tensor)  # a plain tensor, not a MetaTensor
 
 
 def crop_to_model(image: np.ndarray, roi: Roi) -> torch.Tensor:
-    """Image ROI -> normalised model-grid tensor (1, *model_shape), float32 (padding = image minimum in ROI)."""
-    st, sz = np.asarray(roi.start), np.asarray(roi.size)
-    shp = np.asarray(image.shape[:3])
-    a, b = np.maximum(st, 0), np.minimum(st + sz, shp)
-    inside = image[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
-    fill = float(inside.min()) if inside.size else 0.0
-    crop = torch.from_numpy(_crop(image, roi, fill))[None]
-    resized = Resize(roi.model_shape, mode="trilinear", anti_aliasing=False)(crop)
-    return normalize_intensity(torch.as_tensor(resized, dtype=torch.float32))
+    """Image ROI -> normalised model-grid tensor (1, *model_shape), float32. Trilinear resampling
+    (align_corners=False, as MONAI's ``Resize`` without anti-aliasing) that reads only the voxels it needs; the
+    part of the ROI outside the image is filled with the smallest sampled value."""
+    taps = _to_model_taps(roi, image.shape[:3])
+    x = _resample(image, taps)
+    outside = ~(taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :])
+    if outside.any():
+        x[torch.from_numpy(outside)] = x[torch.from_numpy(~outside)].min() if (~outside).any() else 0.0
+    return normalize_intensity(x[None])
 
 
 def mask_to_model(mask: np.ndarray, roi: Roi) -> torch.Tensor:
-    """Binary original-grid mask -> model-grid soft mask (1, *model_shape) in [0, 1] (trilinear)."""
-    crop = torch.from_numpy(_crop(mask.astype(np.float32), roi, 0.0))[None]
-    return torch.as_tensor(Resize(roi.model_shape, mode="trilinear", anti_aliasing=False)(crop), dtype=torch.float32)
+    """Binary original-grid mask -> model-grid soft mask (1, *model_shape) in [0, 1] (trilinear; 0 outside the
+    image)."""
+    taps = _to_model_taps(roi, mask.shape[:3])
+    x = _resample(mask, taps)
+    outside = ~(taps[0][3][:, None, None] & taps[1][3][None, :, None] & taps[2][3][None, None, :])
+    x[torch.from_numpy(outside)] = 0.0
+    return x[None]
 
 
 def logits_to_original(logits: torch.Tensor, roi: Roi, image_shape, out: np.ndarray | None = None,
-                       threshold: float = 0.0) -> np.ndarray:
+                       threshold: float = 0.0, combine: str = "replace") -> np.ndarray:
     """Model-grid logits (*model_shape) -> binary mask pasted into ``out`` (original grid, uint8; a new zero
-    array if None). Only the ROI's part inside the image is written (it replaces what was there)."""
+    array if None). Only the ROI's part inside the image is written: ``combine='replace'`` overwrites it,
+    ``'or'`` adds the new foreground to what was there. Trilinear (align_corners=False), evaluated only around
+    the predicted object."""
     if out is None:
         out = np.zeros(tuple(image_shape), dtype=np.uint8)
     st, sz = np.asarray(roi.start), np.asarray(roi.size)
@@ -239,10 +287,32 @@ def logits_to_original(logits: torch.Tensor, roi: Roi, image_shape, out: np.ndar
     a, b = np.maximum(st, 0), np.minimum(st + sz, shp)
     if not np.all(b > a):
         return out
-    # resize only the part of the ROI that lies inside the image: sample it with the exact ROI mapping
-    x = logits.float().reshape(1, 1, *roi.model_shape)
-    full = F.interpolate(x, size=tuple(int(s) for s in sz), mode="trilinear", align_corners=False)[0, 0]
-    o0, o1 = a - st, b - st
-    part = full[o0[0]:o1[0], o0[1]:o1[1], o0[2]:o1[2]]
-    out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = (part > threshold).cpu().numpy().astype(np.uint8)
+    m = np.asarray(roi.model_shape)
+    lg = logits.float().reshape(*roi.model_shape)
+    # only the bounding box of the positive model voxels (grown by one) can be positive after interpolation
+    pos = (lg > threshold).cpu().numpy()
+    if combine == "replace":
+        out[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = 0
+    if not pos.any():
+        return out
+    nz = [np.flatnonzero(pos.any(axis=tuple(j for j in range(3) if j != ax))) for ax in range(3)]
+    mlo = np.array([n[0] for n in nz]) - 1
+    mhi = np.array([n[-1] for n in nz]) + 1
+    # model voxel m covers original coordinates (m + 0.5) * size / M - 0.5 + start; keep what can touch [mlo, mhi]
+    lo = np.floor((mlo + 0.5) * sz / m - 0.5 + st).astype(int)
+    hi = np.ceil((mhi + 0.5) * sz / m - 0.5 + st).astype(int) + 1
+    a2, b2 = np.maximum(a, lo), np.minimum(b, hi)
+    if not np.all(b2 > a2):
+        return out
+    step = m / sz  # model voxels per original voxel
+    taps = [_taps(int(e - s_), int(mm), (s_ - st_) * stp, stp)
+            for s_, e, mm, st_, stp in zip(a2, b2, m, st, step)]
+    w0, w1, w2 = (torch.from_numpy(_tap_matrix(t, int(mm))) for t, mm in zip(taps, m))
+    x = torch.einsum("abc,kc->abk", lg.cpu(), w2)
+    x = torch.einsum("abk,jb->ajk", x, w1).reshape(int(m[0]), -1)  # (M0, n1 * n2)
+    n1, n2 = w1.shape[0], w2.shape[0]
+    for c0 in range(0, w0.shape[0], 16):  # the last axis in chunks, thresholded at once (dense BLAS is fastest)
+        chunk = (w0[c0:c0 + 16] @ x).reshape(-1, n1, n2)
+        dst = out[a2[0] + c0:a2[0] + c0 + chunk.shape[0], a2[1]:b2[1], a2[2]:b2[2]]
+        dst |= (chunk > threshold).numpy()
     return out
