@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Dict
 
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -90,3 +91,13 @@ class EnsamApp(MONAILabelApp):
 
     def init_batch_infer(self):
         return EnsamBatchInfer()
+
+    def datastore(self):
+        """The datastore, re-read first if another process (batch inference, scoring, training run as
+        subprocesses) rewrote a local datastore's file: cheap (one stat) and keeps this process from writing
+        back a stale copy when datastore auto-reload is off."""
+        ds = self._datastore
+        reload = getattr(ds, "_init_from_datastore_file", None)
+        if isinstance(ds, LocalDatastore) and callable(reload):
+            reload()
+        return ds

@@ -37,6 +37,21 @@ def call_supported(fn, *args, **kwargs):
     return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars/arrays -> plain Python, for the result JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float):
+        return round(obj, 4)
+    return obj
+
+
 def _first(v: Any) -> Any:
     return v[0] if isinstance(v, (list, tuple)) and v else v
 
@@ -155,12 +170,14 @@ class EnsamInteractive(_EnsamTask):
                 image_key=vol.key,
             )
             t_done = time.time()
+            engine_info = _jsonable(getattr(engine, "last_info", None) or {})
         mask = (np.asarray(mask) > 0).astype(np.uint8)
         if mask.shape != vol.shape:
             raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
         depth = self.sessions.push(skey, mask) if keep_session else 0
         out = self._write(mask, vol, request)
-        extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset}
+        extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset,
+                 "engine": engine_info}
         return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra)
 
     def _result(self, label, mask, t0, t_load, t_infer, t_done, depth, extra) -> Dict:
@@ -235,7 +252,8 @@ class EnsamSegmentation(_EnsamTask):
         with self.provider.device_lock(device):
             t_infer = time.time()
             for name in names:
-                m = np.asarray(call_supported(engine.segment_label, vol.array, vol.affine, vocab[name], image_key=vol.key)) > 0
+                m = call_supported(engine.segment_label, vol.array, vol.affine, vocab[name], image_key=vol.key)
+                m = np.asarray(m) > 0
                 out[m] = ids[name]
                 counts[name] = int(m.sum())
             t_done = time.time()

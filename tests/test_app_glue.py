@@ -1,0 +1,210 @@
+"""Unit tests of the MONAI Label glue (no server, no trained weights): request parsing, the session store, the
+infer tasks' geometry and file output with a stub engine, and the HTTP error mapping of the infer route."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import SHAPE, synthetic_volume
+from lib.infers.engine_provider import EngineProvider
+from lib.infers.ensam_infer import EnsamInteractive, EnsamSegmentation
+from lib.infers.imageio import VolumeCache, load_volume, write_mask
+from lib.infers.request_parsing import RequestError, parse_prompts, validate_prompts
+from lib.infers.session_store import SessionStore
+
+
+class StubEngine:
+    """Marks a ball of radius 2 around each foreground click, fills boxes, keeps the previous mask, clears
+    background clicks: the output depends only on geometry, never on training."""
+
+    def __init__(self):
+        self.calls = []
+        self.last_info = {"cache_hits": 0}
+
+    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+        self.calls.append(dict(points=points, point_labels=point_labels, boxes=boxes, prev=prev_mask is not None))
+        out = np.zeros(image.shape, np.uint8) if prev_mask is None else prev_mask.astype(np.uint8).copy()
+        ii, jj, kk = np.meshgrid(*[np.arange(s) for s in image.shape], indexing="ij")
+        for p, lab in zip(points if points is not None else [], point_labels if point_labels is not None else []):
+            ball = (ii - p[0]) ** 2 + (jj - p[1]) ** 2 + (kk - p[2]) ** 2 <= 4
+            out[ball] = 1 if lab == 1 else 0
+        for b in boxes or []:
+            out[b[0]:b[1] + 1, b[2]:b[3] + 1, b[4]:b[5] + 1] = 1
+        return out
+
+    def segment_label(self, image, affine, label_id):
+        if label_id == 0:
+            return (image > 600.0).astype(np.uint8)
+        return ((image > 250.0) & (image < 650.0)).astype(np.uint8)
+
+
+class StubProvider(EngineProvider):
+    def __init__(self, tmp):
+        super().__init__([os.path.join(tmp, "pretrained_ensam.pt"), os.path.join(tmp, "ensam.pt")])
+        self.engine = StubEngine()
+
+    def get(self, device=None):
+        return self.engine
+
+
+@pytest.fixture()
+def study(tmp_path):
+    img, lab, aff = synthetic_volume(7)
+    path = str(tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(img, aff), path)
+    return path, img, lab, aff
+
+
+def test_parse_prompts_slicer_ohif_boxes():
+    pts, labs, boxes = parse_prompts({
+        "foreground": [[1, 2, 3]], "background": [[4, 5, 6]], "points": [[7, 8, 9], [1, 1, 1]],
+        "point_labels": [0, 1], "roi": [10, 2, 5, 9, 3, 1], "boxes": [[0, 1, 0, 1, 0, 1]],
+    })
+    assert pts == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]] and labs == [1, 0, 0, 1]
+    p = validate_prompts(pts, labs, boxes, SHAPE)
+    assert p.boxes[0] == [2, 10, 5, 9, 1, 3]  # pairs sorted
+    assert p.summary() == {"foreground": 2, "background": 2, "boxes": 2}
+    # Slicer sends empty lists and an empty roi when nothing is placed
+    assert parse_prompts({"foreground": [], "background": [], "roi": []}) == ([], [], [])
+
+
+@pytest.mark.parametrize("bad, status, words", [
+    ({"roi": [1, 2, 3]}, 400, "roi"),
+    ({"roi": "nonsense"}, 400, "roi"),
+    ({"foreground": [[1, 2]]}, 400, "foreground"),
+    ({"foreground": [[1, "a", 2]]}, 400, "number"),
+    ({"points": [[1, 2, 3]], "point_labels": [1, 0]}, 400, "point_labels"),
+    ({"points": [[1, 2, 3]], "point_labels": [2]}, 400, "point_labels"),
+])
+def test_malformed_prompts(bad, status, words):
+    with pytest.raises(RequestError) as e:
+        parse_prompts(bad)
+    assert e.value.status_code == status and words in str(e.value)
+
+
+def test_out_of_image_prompts():
+    with pytest.raises(RequestError) as e:
+        validate_prompts([[48, 0, 0]], [1], [], SHAPE)
+    assert e.value.status_code == 422 and "outside the image" in str(e.value) and "0..47" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        validate_prompts([], [], [[60, 70, 0, 5, 0, 5]], SHAPE)
+    assert e.value.status_code == 422
+    # a box partly outside is clipped, not refused
+    assert validate_prompts([], [], [[-5, 10, 0, 100, 2, 3]], SHAPE).boxes == [[0, 10, 0, 39, 2, 3]]
+
+
+def test_session_store_bounds_and_undo():
+    s = SessionStore(max_sessions=2, max_history=3, max_bytes=10**6)
+    k = s.key("c", "img", "liver")
+    masks = [np.full((4, 4, 4), i % 2, np.uint8) for i in range(5)]
+    for m in masks:
+        s.push(k, m)
+    assert s.depth(k) == 3 and np.array_equal(s.last(k), masks[-1])
+    prev, depth = s.undo(k)
+    assert depth == 2 and np.array_equal(prev, masks[-2])
+    s.push(s.key("c", "img2", ""), masks[0])
+    s.push(s.key("c", "img3", ""), masks[0])
+    assert len(s) == 2 and s.depth(k) == 0  # least recently used session evicted
+    with pytest.raises(KeyError):
+        s.undo(k)
+
+
+def test_interactive_click_lands_on_the_clicked_voxel(study, tmp_path):
+    path, img, _, aff = study
+    provider = StubProvider(str(tmp_path))
+    task = EnsamInteractive(provider, VolumeCache(), SessionStore())
+    v = [30, 9, 17]  # far from symmetric: any axis swap or flip misses it
+    out, res = task({"image": path, "foreground": [v], "label": "x", "client_id": "a"})
+    result = nib.load(out)
+    m = np.asarray(result.dataobj)
+    assert m.shape == img.shape and np.allclose(result.affine, aff) and m.dtype == np.uint8
+    assert m[tuple(v)] == 1 and m.sum() == 33  # the 33-voxel ball, nothing else
+    assert provider.engine.calls[-1]["points"].tolist() == [v]
+    assert res["label_names"] == {"x": 1} and res["session"]["step"] == 1
+
+    # previous mask is passed on; background click removes; undo restores; reset starts over
+    out2, res2 = task({"image": path, "foreground": [v], "background": [[10, 30, 5]], "label": "x",
+                       "client_id": "a"})
+    assert provider.engine.calls[-1]["prev"] is True and res2["previous_mask"] is True
+    out3, res3 = task({"image": path, "undo": True, "label": "x", "client_id": "a"})
+    assert np.array_equal(np.asarray(nib.load(out3).dataobj), m) and res3["session"]["step"] == 1
+    task({"image": path, "boxes": [[1, 3, 1, 3, 1, 3]], "label": "x", "client_id": "a", "reset_state": True})
+    assert provider.engine.calls[-1]["prev"] is False
+    # another client does not see this session
+    task({"image": path, "foreground": [v], "label": "x", "client_id": "b"})
+    assert provider.engine.calls[-1]["prev"] is False
+    for f in (out, out2, out3):
+        os.remove(f)
+
+
+def test_interactive_nrrd_for_ohif_keeps_geometry(study, tmp_path):
+    path, img, _, aff = study
+    task = EnsamInteractive(StubProvider(str(tmp_path)), VolumeCache(), SessionStore())
+    v = [5, 33, 20]
+    out, _ = task({"image": path, "foreground": [v], "result_extension": ".nrrd", "result_dtype": "uint8",
+                   "restore_label_idx": False})
+    assert out.endswith(".nrrd")
+    seg = sitk.ReadImage(out)
+    ref = sitk.ReadImage(path)
+    assert seg.GetSize() == ref.GetSize() and seg.GetPixelID() == sitk.sitkUInt8
+    assert np.allclose(seg.GetSpacing(), ref.GetSpacing()) and np.allclose(seg.GetOrigin(), ref.GetOrigin())
+    assert np.allclose(seg.GetDirection(), ref.GetDirection())
+    assert sitk.GetArrayFromImage(seg)[v[2], v[1], v[0]] == 1  # sitk arrays are [k, j, i]
+    vol = load_volume(out)
+    assert np.allclose(vol.affine, aff) and vol.array[tuple(v)] == 1
+    os.remove(out)
+
+
+def test_interactive_rejects_bad_requests_without_changing_the_session(study, tmp_path):
+    path, *_ = study
+    provider = StubProvider(str(tmp_path))
+    task = EnsamInteractive(provider, VolumeCache(), SessionStore())
+    task({"image": path, "foreground": [[3, 3, 3]], "client_id": "a"})
+    for req, status in [({"foreground": [[3, 3, 99]]}, 422), ({"roi": [1, 2]}, 400), ({}, 400),
+                        ({"foreground": [[3, 3, 3]], "result_extension": ".exe"}, 400)]:
+        with pytest.raises(RequestError) as e:
+            task({"image": path, "client_id": "a", **req})
+        assert e.value.status_code == status
+    assert task.sessions.depth(task.sessions.key("a", os.path.realpath(path), "")) == 1
+    assert len(provider.engine.calls) == 1
+    with pytest.raises(RequestError) as e:
+        task({"image": path + ".missing", "foreground": [[1, 1, 1]]})
+    assert e.value.status_code == 404
+
+
+def test_segmentation_task_label_values(study, tmp_path):
+    path, img, lab, aff = study
+    task = EnsamSegmentation(StubProvider(str(tmp_path)), VolumeCache(), {"blob_a": 0, "blob_b": 1})
+    assert task.info()["labels"] == {"blob_a": 1, "blob_b": 2} and task.info()["type"] == "segmentation"
+    out, res = task({"image": path})
+    m = np.asarray(nib.load(out).dataobj)
+    assert res["label_names"] == {"blob_a": 1, "blob_b": 2}
+    assert set(np.unique(m)) == {0, 1, 2}
+    with pytest.raises(RequestError):
+        task({"image": path, "labels": ["nope"]})
+    os.remove(out)
+
+
+def test_write_mask_checks_shape(study):
+    path, *_ = study
+    with pytest.raises(ValueError):
+        write_mask(np.zeros((2, 2, 2)), load_volume(path))
+
+
+def test_http_error_mapping():
+    from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+    from lib.geometry import PromptError
+    from lib.server import http_error_for
+
+    assert http_error_for(RequestError("x", 422)).status_code == 422
+    assert http_error_for(PromptError("outside")).status_code == 422
+    assert http_error_for(ValueError("bad json")).status_code == 400
+    assert http_error_for(MONAILabelException(MONAILabelError.INVALID_INPUT, "There is no model 'q'")).status_code \
+        == 404
+    assert http_error_for(RuntimeError("bug")) is None

@@ -1,0 +1,339 @@
+"""The ensam MONAI Label app over HTTP: a real server process (see ``ensam_server`` in conftest.py), real NIfTI
+files, requests as 3D Slicer and OHIF send them, and monailabel's own client for some calls.
+
+Order matters only at the end: training, then active learning (it needs a labelled image)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from conftest import BLOBS
+
+TIMEOUT = 120
+
+
+def _infer(server, model, image, params, output="all", **kw):
+    return requests.post(
+        f"{server.url}/infer/{model}", params={"image": image, "output": output},
+        data={"params": json.dumps(params)}, timeout=kw.get("timeout", TIMEOUT),
+    )
+
+
+def _mask_from_multipart(resp):
+    """(mask array, affine, params) from an ``output=all`` multipart answer."""
+    from requests_toolbelt.multipart import decoder
+
+    parts = decoder.MultipartDecoder.from_response(resp)
+    params, data = None, None
+    for p in parts.parts:
+        disp = p.headers.get(b"Content-Disposition", b"").decode()
+        if 'name="params"' in disp:
+            params = json.loads(p.content)
+        elif 'name="image"' in disp:
+            data = p.content
+    assert data is not None, "no image part in the answer"
+    suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nrrd"
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        f.write(data)
+    try:
+        from lib.infers.imageio import load_volume
+
+        vol = load_volume(f.name)
+        return np.asarray(vol.array), vol.affine, params
+    finally:
+        os.remove(f.name)
+
+
+def _trained(server) -> bool:
+    return any(f.startswith("pretrained_ensam.pt") or f == "ensam.pt"
+               for f in os.listdir(os.path.join(server.app_dir, "model")))
+
+
+def _datastore_file(server) -> dict:
+    with open(os.path.join(server.studies, "datastore_v2.json")) as f:
+        return json.load(f)
+
+
+def _wait_task(server, path, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = requests.get(f"{server.url}{path}", timeout=30)
+        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+            return r.json()
+        time.sleep(1.0)
+    raise AssertionError(f"{path} did not finish in {timeout}s:\n{server.log_tail()}")
+
+
+# ---------------------------------------------------------------------------------------------------- info
+def test_info_lists_the_tasks(ensam_server):
+    info = MONAILabelClient(ensam_server.url).info()
+    models = info["models"]
+    assert models["ensam"]["type"] == "deepgrow" and models["ensam"]["dimension"] == 3
+    assert models["ensam_seg"]["type"] == "segmentation"
+    assert set(BLOBS) <= set(models["ensam_seg"]["labels"]) or _trained(ensam_server)
+    assert "ensam" in info["trainers"]
+    assert {"first", "random", "novelty", "uncertainty"} <= set(info["strategies"])
+    assert {"novelty", "uncertainty"} <= set(info["scoring"])
+    # no MLflow option offered: a Slicer "Train" click sends the first value of every list
+    assert "tracking" not in info["trainers"]["ensam"]["config"]
+
+
+# ---------------------------------------------------------------------------------------------------- infer
+def test_click_result_on_original_grid(ensam_server, tmp_path):
+    img, _, aff = ensam_server.images["vol0"]
+    client = MONAILabelClient(ensam_server.url, tmpdir=str(tmp_path), client_id="slicer-1")
+    v = [14, 12, 8]  # centre of blob_a
+    out, params = client.infer("ensam", "vol0", {"foreground": [v], "background": [], "label": "blob_a",
+                                                  "reset_state": True})
+    res = nib.load(out)
+    mask = np.asarray(res.dataobj)
+    assert mask.shape == img.shape and np.allclose(res.affine, aff)
+    assert set(np.unique(mask)) <= {0, 1}
+    assert params["label_names"] == {"blob_a": 1} and params["prompts"]["foreground"] == 1
+    if _trained(ensam_server):
+        assert mask[tuple(v)] == 1, "the clicked voxel is not in the mask"
+    # whatever the weights: nothing outside the region the engine looked at
+    roi = params.get("engine", {})
+    if "roi_start" in roi:
+        lo = np.maximum(roi["roi_start"], 0)
+        hi = np.asarray(roi["roi_start"]) + np.asarray(roi["roi_size"])
+        assert all(lo[a] <= v[a] < hi[a] for a in range(3)), "the click is outside the engine's region"
+        outside = mask.copy()
+        outside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 0
+        assert outside.sum() == 0
+
+
+def test_roi_reversed_pairs_and_clicks_together(ensam_server):
+    img, *_ = ensam_server.images["vol0"]
+    roi = [40, 27, 20, 34, 19, 11]  # Slicer may send a pair reversed
+    r = _infer(ensam_server, "ensam", "vol0", {"roi": roi, "label": "blob_b", "client_id": "t-roi",
+                                                "reset_state": True})
+    assert r.status_code == 200, r.text
+    mask, _, params = _mask_from_multipart(r)
+    assert mask.shape == img.shape and params["prompts"] == {"foreground": 0, "background": 0, "boxes": 1}
+    r = _infer(ensam_server, "ensam", "vol0", {"roi": roi, "foreground": [[34, 27, 15]], "background": [[28, 21, 12]],
+                                                "label": "blob_b", "client_id": "t-roi"})
+    assert r.status_code == 200, r.text
+    mask2, _, params2 = _mask_from_multipart(r)
+    assert params2["prompts"] == {"foreground": 1, "background": 1, "boxes": 1} and params2["previous_mask"]
+    if _trained(ensam_server):
+        assert mask2[34, 27, 15] == 1 and mask2[28, 21, 12] == 0
+
+
+def test_several_boxes_in_one_call(ensam_server):
+    img, *_ = ensam_server.images["vol1"]
+    boxes = [[9, 25, 4, 16, 5, 14], [33, 45, 18, 30, 12, 20]]
+    r = _infer(ensam_server, "ensam", "vol1", {"boxes": boxes, "label": "both", "reset_state": True})
+    assert r.status_code == 200, r.text
+    mask, _, params = _mask_from_multipart(r)
+    assert mask.shape == img.shape and params["prompts"]["boxes"] == 2
+
+
+def test_ohif_points_nrrd_uint8(ensam_server):
+    """What OHIF v3 sends: points + point_labels (vista style) or foreground/background, always .nrrd/uint8."""
+    import SimpleITK as sitk
+
+    img, *_ = ensam_server.images["vol2"]
+    r = _infer(ensam_server, "ensam", "vol2", {
+        "points": [[12, 15, 10], [30, 30, 5]], "point_labels": [1, 0], "result_extension": ".nrrd",
+        "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False,
+    }, output="image")
+    assert r.status_code == 200, r.text
+    with tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False) as f:
+        f.write(r.content)
+    try:
+        seg = sitk.ReadImage(f.name)
+        ref = sitk.ReadImage(os.path.join(ensam_server.studies, "vol2.nii.gz"))
+        assert seg.GetPixelID() == sitk.sitkUInt8 and seg.GetSize() == ref.GetSize()
+        assert np.allclose(seg.GetOrigin(), ref.GetOrigin()) and np.allclose(seg.GetDirection(), ref.GetDirection())
+        assert np.allclose(seg.GetSpacing(), ref.GetSpacing())
+    finally:
+        os.remove(f.name)
+
+
+@pytest.mark.parametrize("params, status, words", [
+    ({"foreground": [[48, 10, 10]]}, 422, "outside the image"),
+    ({"foreground": [[-3, 10, 10]]}, 422, "outside the image"),
+    ({"roi": [1, 2, 3, 4]}, 400, "roi"),
+    ({"roi": [1, 2, "x", 4, 5, 6]}, 400, "roi"),
+    ({"foreground": [], "background": [], "roi": []}, 400, "no prompt"),
+])
+def test_bad_prompts_are_4xx_with_a_clear_message(ensam_server, params, status, words):
+    r = _infer(ensam_server, "ensam", "vol0", dict(params, client_id="bad", label="blob_a"))
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_bad_requests_change_nothing_and_undo(ensam_server):
+    base = {"client_id": "undo-test", "label": "blob_a"}
+    r1 = _infer(ensam_server, "ensam", "vol3", dict(base, foreground=[[15, 13, 7]], reset_state=True))
+    m1, _, p1 = _mask_from_multipart(r1)
+    assert p1["session"]["step"] == 1 and not p1["previous_mask"]
+    assert _infer(ensam_server, "ensam", "vol3", dict(base, foreground=[[15, 13, 99]])).status_code == 422
+    r2 = _infer(ensam_server, "ensam", "vol3", dict(base, foreground=[[15, 13, 7]], background=[[20, 20, 10]]))
+    _, _, p2 = _mask_from_multipart(r2)
+    assert p2["session"]["step"] == 2 and p2["previous_mask"]  # the bad request did not add a step
+    r3 = _infer(ensam_server, "ensam", "vol3", dict(base, undo=True))
+    m3, _, p3 = _mask_from_multipart(r3)
+    assert p3["session"]["step"] == 1 and np.array_equal(m3, m1)
+    r4 = _infer(ensam_server, "ensam", "vol3", dict(base, undo=True))
+    m4, _, _ = _mask_from_multipart(r4)
+    assert m4.sum() == 0
+    r5 = _infer(ensam_server, "ensam", "vol3", dict(base, undo=True))
+    assert r5.status_code == 409 and "nothing to undo" in r5.json()["detail"]
+    assert _infer(ensam_server, "nope", "vol3", {"foreground": [[1, 1, 1]]}).status_code == 404
+    assert _infer(ensam_server, "ensam", "missing", {"foreground": [[1, 1, 1]]}).status_code == 404
+
+
+def test_repeated_clicks_reuse_the_encoding(ensam_server):
+    """vol4 is used by no other infer test: the first click encodes it, the repeats find the encoding cached."""
+    p = {"foreground": [[34, 29, 16]], "label": "blob_b", "client_id": "cache", "reset_state": True}
+    times, hits = [], []
+    for n in range(4):
+        q = dict(p, background=[[27, 22, 12]]) if n == 3 else p  # a refinement click inside the same region
+        t = time.perf_counter()
+        r = _infer(ensam_server, "ensam", "vol4", q, output="json")
+        times.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+        hits.append(r.json().get("engine", {}).get("cache_hits", 0))
+    print(f"\nclick latencies (s): cold {times[0]:.3f}, repeats {times[1]:.3f} {times[2]:.3f}, "
+          f"refinement {times[3]:.3f}; cache hits {hits}; speed-up {times[0] / np.median(times[1:3]):.1f}x")
+    assert hits[0] == 0 and hits[1] >= 1 and hits[2] >= 1
+
+
+def test_info_answers_while_an_inference_runs(ensam_server):
+    """The infer route runs in a thread pool: /info must not wait for a long inference."""
+    boxes = [[i, i + 20, j, j + 18, 2, 20] for i in (0, 27) for j in (0, 20)]  # 4 objects, 4 encodings
+    done = {}
+
+    def slow():
+        t = time.perf_counter()
+        done["r"] = _infer(ensam_server, "ensam", "vol1", {"boxes": boxes, "label": "many", "client_id": "slow"},
+                           output="json", timeout=300)
+        done["t"] = time.perf_counter() - t
+
+    th = threading.Thread(target=slow)
+    th.start()
+    time.sleep(0.5)
+    lat = []
+    while th.is_alive() and len(lat) < 5:
+        t = time.perf_counter()
+        assert requests.get(f"{ensam_server.url}/info/", timeout=30).status_code == 200
+        lat.append(time.perf_counter() - t)
+        time.sleep(0.2)
+    th.join()
+    assert done["r"].status_code == 200, done["r"].text
+    print(f"\n/info latencies during a {done['t']:.2f}s inference: {[round(x, 3) for x in lat]}")
+    assert lat, f"the inference finished too fast ({done['t']:.2f}s) to test"
+    assert max(lat) < min(1.0, done["t"])
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+def test_batch_infer_prompt_free_with_progress(ensam_server):
+    r = requests.post(f"{ensam_server.url}/batch/infer/ensam_seg", params={"images": "all"},
+                      json={"max_workers": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    task = _wait_task(ensam_server, "/batch/infer/")
+    assert task["status"] == "DONE", task
+    lines = "\n".join(task["details"])
+    n = len(ensam_server.images)
+    assert f"ensam batch: {n}/{n}" in lines and f"finished {n} ok, 0 failed" in lines, lines
+    # written by the batch process; the server re-reads the datastore file
+    ds = requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()
+    assert all("original" in ds["objects"][i]["labels"] for i in ensam_server.images)
+    for i in ensam_server.images:
+        assert os.path.exists(os.path.join(ensam_server.studies, "labels", "original", f"{i}.nii.gz"))
+
+
+def test_batch_infer_with_a_prompt_manifest(ensam_server):
+    manifest = {"vol0": [{"label": "blob_a", "boxes": [[7, 21, 6, 18, 4, 12]]},
+                         {"label": "blob_b", "foreground": [[34, 27, 15]]}],
+                "vol2": {"label": "blob_a", "points": [[12, 15, 10]], "point_labels": [1]}}
+    r = requests.post(f"{ensam_server.url}/batch/infer/ensam", params={"images": "all"},
+                      json={"manifest": manifest, "label_tag": "ensam_batch"}, timeout=60)
+    assert r.status_code == 200, r.text
+    task = _wait_task(ensam_server, "/batch/infer/")
+    lines = "\n".join(task["details"])
+    assert task["status"] == "DONE" and "finished 2 ok, 0 failed of 2" in lines, lines
+    info = _datastore_file(ensam_server)["objects"]["vol0"]["labels"]["ensam_batch"]["info"]
+    assert info["params"]["label_names"] == {"blob_a": 1, "blob_b": 2}
+    img = nib.load(os.path.join(ensam_server.studies, "labels", "ensam_batch", "vol0.nii.gz"))
+    assert img.shape == ensam_server.images["vol0"][0].shape
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _finetune_available() -> bool:
+    try:
+        from lib.training import finetune  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _save_final_label(server, image_id):
+    _, lab, aff = server.images[image_id]
+    with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
+        path = f.name
+    nib.save(nib.Nifti1Image(lab, aff), path)
+    try:
+        client = MONAILabelClient(server.url, client_id="slicer-1")
+        info = [{"name": n, "idx": i + 1} for i, n in enumerate(BLOBS)]  # what Slicer saves
+        res = client.save_label(image_id, path, tag="final", params={"label_info": info, "model": "ensam"})
+    finally:
+        os.remove(path)
+    assert res["image"] == image_id
+
+
+def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
+    if not _finetune_available():
+        pytest.skip("lib.training.finetune is not available yet")
+    _save_final_label(ensam_server, "vol0")
+    _save_final_label(ensam_server, "vol1")
+    r = requests.post(f"{ensam_server.url}/train/ensam", json={
+        "device": "cpu", "max_epochs": 1, "time_budget_s": 45, "steps_per_epoch": 4, "val_split": 0.5,
+    }, timeout=60)
+    assert r.status_code == 200, r.text
+    task = _wait_task(ensam_server, "/train/", timeout=400)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    assert os.path.exists(os.path.join(ensam_server.app_dir, "model", "ensam.pt"))
+    stats = requests.get(f"{ensam_server.url}/info/", timeout=30).json()["train_stats"]["ensam"]
+    assert stats["status"] == "DONE" and stats["train_images"] and stats["val_images"]
+    r = _infer(ensam_server, "ensam", "vol2", {"foreground": [[14, 12, 8]], "reset_state": True}, output="json")
+    assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
+
+
+# ---------------------------------------------------------------------------------------------------- active learning
+def test_scoring_then_next_sample_for_each_strategy(ensam_server):
+    if not requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()[
+            "objects"]["vol0"]["labels"].get("final"):
+        _save_final_label(ensam_server, "vol0")
+    for method in ("novelty", "uncertainty"):
+        r = requests.post(f"{ensam_server.url}/scoring/{method}", json={"labels": "blob_a"}, timeout=60)
+        assert r.status_code == 200, r.text
+        task = _wait_task(ensam_server, "/scoring/", timeout=300)
+        assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    ds = requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    for image_id, obj in ds.items():
+        info = obj["image"]["info"]
+        assert 0.0 <= info["novelty"] <= 2.0 and 0.0 <= info["uncertainty"] <= 1.0, (image_id, info)
+    unlabelled = {i for i, o in ds.items() if "final" not in o["labels"]}
+    client = MONAILabelClient(ensam_server.url, client_id="al")
+    for strategy in ("first", "random", "novelty", "uncertainty"):
+        res = client.next_sample(strategy, {})
+        assert res["id"] in unlabelled, (strategy, res)
+    # two annotators asking novelty in a row get different images (the first is pending)
+    a = client.next_sample("novelty", {})["id"]
+    b = client.next_sample("novelty", {})["id"]
+    assert a != b or len(unlabelled) == 1
