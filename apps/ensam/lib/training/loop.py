@@ -1,0 +1,224 @@
+"""The interaction-unrolled training step and the validation measure, shared by ``pretrain`` and ``finetune``.
+
+One prompted sample (same geometry as :class:`lib.engine.EnsamEngine`):
+
+1. a jittered box from :func:`lib.prompts.simulation.box_from_mask` (with probability ``p_no_box`` a single
+   foreground click inside the object instead);
+2. the ROI from :func:`lib.geometry.choose_roi` (sometimes enlarged / shifted, as AutoZoom and reused cached ROIs
+   do), the image through :func:`lib.geometry.crop_to_model`, the target through ``mask_to_model(...) > 0.5``;
+3. ``net.encode`` ONCE (with gradient), then ``net.decode`` for step 0 and K more steps (K uniform in
+   0..``max_clicks``); each step adds the click of :func:`lib.prompts.simulation.next_click` computed on the model
+   grid from the previous (binary, detached) prediction, which is also passed as the dense ``prev_mask``;
+4. loss = mean over steps of (soft Dice + BCE).
+
+A concept sample (probability ``p_concept``) has no prompts: a fixed-spacing window and the structure's label id
+(the prompt-free ``segment_label`` mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Roi, RoiPolicy, choose_roi, crop_to_model, mask_to_model, normalize_intensity
+from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
+from ..prompts.simulation import box_from_mask, next_click
+
+__all__ = ["LoopConfig", "Case", "prompted_case", "concept_case", "unrolled_loss", "train_step", "evaluate", "dice_np"]
+
+
+@dataclass
+class LoopConfig:
+    max_clicks: int = 4            # K ~ U{0..max_clicks} corrective clicks after the first prompt
+    p_no_box: float = 0.2          # first prompt = one foreground click instead of a box
+    p_concept: float = 0.15        # prompt-free label-token samples
+    box_jitter: int = 5            # box sides move outward by U{0..jitter'} voxels, jitter' ~ U{0..box_jitter}
+    p_roi_jitter: float = 0.3      # ROI enlarged x U(1, 1.5) and shifted (AutoZoom, reused ROIs)
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    roi_size: tuple = (64, 64, 64)
+
+    def policy(self) -> RoiPolicy:
+        return RoiPolicy(model_shape=tuple(self.roi_size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Case:
+    """One model-grid training / validation case."""
+
+    image: torch.Tensor                 # (1, 1, D, H, W) normalised
+    gt: np.ndarray                      # (D, H, W) bool
+    points: np.ndarray                  # (N, 3) model-grid float
+    types: np.ndarray                   # (N,) int (FG/BG/BOX_MIN/BOX_MAX)
+    label_id: Optional[int] = None      # concept token (prompt-free cases)
+    kind: str = ""
+    name: str = ""
+    seed: int = 0                       # for deterministic click tie-breaking in validation
+
+
+def dice_np(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+
+
+def _fg_click(mask: np.ndarray, rng) -> np.ndarray:
+    """A user's first click inside the object: the deepest point (half the time) or a random interior voxel."""
+    if rng.random() < 0.5:
+        res = next_click(None, mask, rng)
+        if res is not None:
+            return res[0]
+    idx = np.flatnonzero(mask)
+    return np.asarray(np.unravel_index(idx[rng.integers(idx.size)], mask.shape))
+
+
+def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopConfig = LoopConfig(),
+                  use_box: Optional[bool] = None, roi_jitter: Optional[bool] = None, kind: str = "",
+                  name: str = "") -> Optional[Case]:
+    """Original-grid (image, mask, spacing) -> model-grid :class:`Case` with the first prompt (box or click).
+    None if the object does not survive the crop."""
+    if use_box is None:
+        use_box = rng.random() >= cfg.p_no_box
+    shape = image.shape
+    policy = cfg.policy()
+    if use_box:
+        box = box_from_mask(mask, jitter=int(rng.integers(0, cfg.box_jitter + 1)), rng=rng)
+        roi = choose_roi(shape, spacing, boxes=box[None], policy=policy)
+    else:
+        click = _fg_click(mask, rng)
+        roi = choose_roi(shape, spacing, fg_points=click[None].astype(float), policy=policy)
+    if roi_jitter is None:
+        roi_jitter = rng.random() < cfg.p_roi_jitter
+    if roi_jitter:
+        big = roi.enlarged(float(rng.uniform(1.0, 1.5)))
+        slack = (np.asarray(big.size) - np.asarray(roi.size)) // 2
+        shift = np.round(rng.uniform(-1, 1, 3) * slack).astype(int)
+        roi = Roi(tuple(int(s) for s in np.asarray(big.start) + shift), big.size, big.model_shape)
+    x = crop_to_model(image, roi)[None]                       # (1, 1, D, H, W)
+    gt = (mask_to_model(mask, roi)[0] > 0.5).numpy()
+    if gt.sum() < 4:
+        return None
+    if use_box:
+        mb = roi.boxes_to_model(box[None])[0]
+        pts = np.stack([mb[0::2], mb[1::2]])
+        types = np.array([BOX_MIN, BOX_MAX])
+    else:
+        pts = roi.to_model(click[None])
+        types = np.array([FG])
+        if not gt[tuple(np.clip(np.round(pts[0]).astype(int), 0, np.asarray(gt.shape) - 1))]:
+            # the click fell just off the object after resizing: use the model-grid deepest point instead
+            res = next_click(None, gt, rng)
+            pts = res[0][None].astype(float)
+    return Case(x.float(), gt, pts.astype(np.float32), types.astype(np.int64), None, kind, name)
+
+
+def concept_case(window: np.ndarray, mask: np.ndarray, label_id: int, kind: str = "concept",
+                 name: str = "") -> Case:
+    """A prompt-free case: a model-size window (already at the working spacing), normalised like the engine's
+    sliding window (``normalize_intensity`` per window)."""
+    x = normalize_intensity(torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))[None])
+    return Case(torch.as_tensor(x, dtype=torch.float32)[None], mask.astype(bool), np.zeros((0, 3), np.float32),
+                np.zeros(0, np.int64), int(label_id), kind, name)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    dice = 1 - (2 * inter + 1.0) / (p.sum() + target.sum() + 1.0)
+    return cfg.bce_weight * bce + cfg.dice_weight * dice
+
+
+def _decode(net, feats, pts, types, prev, label_id, device):
+    p = torch.as_tensor(pts, dtype=torch.float32, device=device)[None]
+    t = torch.as_tensor(types, dtype=torch.long, device=device)[None]
+    shape = tuple(feats[0].shape[2:])
+    dense = dense_prompt_maps(p, t, shape, prev)
+    lab = None if label_id is None else torch.tensor([label_id], device=device)
+    return net.decode(feats, p, t, dense, lab)
+
+
+def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopConfig(), device="cpu",
+                  amp: bool = False):
+    """Encode once, decode 1 + ``n_clicks`` times (each click from the previous detached prediction).
+    Returns (mean loss tensor, per-step DSC list)."""
+    x = case.image.to(device)
+    target = torch.as_tensor(case.gt, dtype=torch.float32, device=device)[None, None]
+    pts, types = case.points.copy(), case.types.copy()
+    prev = None
+    losses, dices = [], []
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
+        feats = net.encode(x)
+        for step in range(n_clicks + 1):
+            logits = _decode(net, feats, pts, types, prev, case.label_id, device)
+            losses.append(_loss(logits, target, cfg))
+            pred = (logits.detach()[0, 0] > 0).cpu().numpy()
+            dices.append(dice_np(pred, case.gt))
+            if step == n_clicks or case.label_id is not None:
+                break
+            click = next_click(pred, case.gt, rng)
+            if click is None:
+                break
+            pt, is_fg = click
+            pts = np.concatenate([pts, pt[None].astype(np.float32)])
+            types = np.concatenate([types, [FG if is_fg else BG]])
+            prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
+    return torch.stack(losses).mean(), dices
+
+
+@torch.no_grad()
+def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu") -> Dict[str, float]:
+    """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases
+    (model grid; click ties broken with each case's seed). Prompt-free cases count in ``concept_dsc``."""
+    was = net.training
+    net.eval()
+    first, last, concept = [], [], []
+    for c in cases:
+        feats = net.encode(c.image.to(device))
+        if c.label_id is not None:
+            logits = _decode(net, feats, c.points, c.types, None, c.label_id, device)
+            concept.append(dice_np((logits[0, 0] > 0).cpu().numpy(), c.gt))
+            continue
+        rng = np.random.default_rng(c.seed)
+        pts, types, prev = c.points.copy(), c.types.copy(), None
+        for step in range(n_clicks + 1):
+            logits = _decode(net, feats, pts, types, prev, None, device)
+            pred = (logits[0, 0] > 0).cpu().numpy()
+            if step == 0:
+                first.append(dice_np(pred, c.gt))
+            click = next_click(pred, c.gt, rng) if step < n_clicks else None
+            if click is None:
+                break
+            pts = np.concatenate([pts, click[0][None].astype(np.float32)])
+            types = np.concatenate([types, [FG if click[1] else BG]])
+            prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
+        last.append(dice_np(pred, c.gt))
+    net.train(was)
+    out = {"val_box_dsc": float(np.mean(first)) if first else float("nan"),
+           f"val_click{n_clicks}_dsc": float(np.mean(last)) if last else float("nan")}
+    if concept:
+        out["val_concept_dsc"] = float(np.mean(concept))
+    return out
+
+
+def train_step(net, opt, case: Case, rng, cfg: LoopConfig = LoopConfig(), device="cpu", amp: bool = False,
+               grad_clip: float = 1.0):
+    """One optimiser step on one case (K ~ U{0..max_clicks} clicks for prompted cases, none for concept cases).
+    Returns (loss, per-step DSC list)."""
+    k = 0 if case.label_id is not None else int(rng.integers(0, cfg.max_clicks + 1))
+    net.train()
+    opt.zero_grad()
+    loss, dices = unrolled_loss(net, case, k, rng, cfg, device, amp)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach()), dices

@@ -1,0 +1,440 @@
+"""Pre-train ENSAM from scratch on the training volumes (real labels, pseudo-labels, synthetic objects).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=apps/ensam python -m lib.training.pretrain --out runs/pretrain --minutes 100 [--resume]
+        [--config file.json|yaml] [--network '{"variant": "samu"}'] [--optimizer adamw] [--threads 1]
+        [--export runs/pretrain/best.pt] [--device auto]
+
+``--minutes`` is the TOTAL training-time budget of the run (kept across ``--resume``). Writes into ``--out``:
+``config.json`` (everything needed to reproduce), ``log.txt``, ``last.pt`` (model + optimiser + step + RNG
+states, every ``--ckpt-minutes``), ``curves.png`` (loss and validation DSC), ``history.json``, and the best
+weights (by validation) as a plain fp32 state_dict at ``--export`` (default ``<out>/best.pt``), with the label
+vocabulary next to it (``best_labels.json``) and ``best.json`` (step, validation scores, network config).
+
+Validation: structures held out of training (``--holdout``, default kidney_left, vertebrae_L1, rib_left_9,
+iliopsoas_left of the training CT) plus held-out random pseudo-label / synthetic samples drawn with a separate
+seed; measured as box-only DSC and DSC after 2 corrective clicks (model grid), plus prompt-free DSC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..labels import vocabulary
+from ..network import NetworkConfig, build_network
+from . import data as D
+from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
+from .optim import build_optimizer, lr_factor
+
+__all__ = ["PretrainConfig", "run", "main", "build_validation", "draw_case", "save_checkpoint",
+           "load_checkpoint", "export_weights"]
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    minutes: float = 100.0
+    max_steps: int = 0                     # 0 = no step limit (time budget only)
+    network: dict = field(default_factory=dict)
+    optimizer: str = "muon"
+    lr: float = 2e-3
+    muon_lr_scale: float = 5.0             # Muon lr = lr * this (adjust_lr_fn='match_rms_adamw')
+    weight_decay: float = 0.01
+    warmup_steps: int = 40
+    final_lr_fraction: float = 0.05
+    grad_clip: float = 1.0
+    threads: int = 1
+    device: str = "auto"
+    seed: int = 0
+    data: str = D.TRAIN_ROOT
+    cache: str = D.CACHE_DIR
+    holdout: List[str] = field(default_factory=lambda: list(D.DEFAULT_HOLDOUT))
+    source_weights: Dict[str, float] = field(default_factory=lambda: dict(D.SOURCE_WEIGHTS))
+    loop: dict = field(default_factory=dict)
+    val_minutes: float = 10.0
+    ckpt_minutes: float = 4.0
+    val_seed: int = 12345
+    val_per_structure: int = 2
+    val_synthetic: int = 8
+    val_concept: int = 2
+    export: str = ""
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(**{**self.loop, "roi_size": tuple(self.network_config().roi_size)})
+
+    def network_config(self) -> NetworkConfig:
+        return NetworkConfig.from_dict(self.network)
+
+
+def _log(out: Path, msg: str) -> None:
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(out / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # pragma: no cover
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------------------------
+
+def draw_case(sampler: D.ObjectSampler, rng, cfg: LoopConfig, tries: int = 10, concept: Optional[bool] = None):
+    """One training case from the sampler: prompt-free with probability ``cfg.p_concept``, else prompted."""
+    for _ in range(tries):
+        use_concept = (rng.random() < cfg.p_concept) if concept is None else concept
+        if use_concept and any(s[3] >= 0 for s in sampler.structures):
+            s, vid = sampler.concept_window(rng)
+            return concept_case(s.image, s.mask, vid, name=s.name)
+        s = sampler.sample(rng)
+        case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind=s.kind, name=s.name)
+        if case is not None:
+            return case
+    raise RuntimeError("could not draw a training case")
+
+
+def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
+    """The fixed validation cases (deterministic for a given data set and ``cfg.val_seed``)."""
+    rng = np.random.default_rng(cfg.val_seed)
+    cases = []
+    held = D.ObjectSampler(volumes, holdout=cfg.holdout, only_holdout=True)
+    for vi, lab, name, vid in held.structures:
+        for _ in range(cfg.val_per_structure):
+            for _ in range(10):
+                v = volumes[vi]
+                sl = v.bboxes[lab]
+                region = D._region(v.image.shape, [s.start for s in sl], [s.stop - 1 for s in sl], v.spacing, rng)
+                m = v.labels[region] == lab
+                s = D.augment(D.Sample(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing.copy()), rng)
+                if s is None:
+                    continue
+                c = prompted_case(s.image, s.mask, s.spacing, rng, lcfg, use_box=True, roi_jitter=False,
+                                  kind="heldout", name=name)
+                if c is not None:
+                    c.seed = int(rng.integers(2 ** 31))
+                    cases.append(c)
+                    break
+    train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
+    synth = [s for s in train_sampler.sources if s != "real"]
+    for i in range(cfg.val_synthetic):
+        src = synth[i % len(synth)]
+        for _ in range(10):
+            s = train_sampler.sample(rng, source=src)
+            c = prompted_case(s.image, s.mask, s.spacing, rng, lcfg, use_box=True, roi_jitter=False, kind=src,
+                              name=src)
+            if c is not None:
+                c.seed = int(rng.integers(2 ** 31))
+                cases.append(c)
+                break
+    for _ in range(cfg.val_concept):
+        s, vid = train_sampler.concept_window(rng, aug=False, p_centred=1.0)
+        cases.append(concept_case(s.image, s.mask, vid, name=s.name))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: np.random.Generator, st: dict) -> None:
+    rng.bit_generator.state = st["numpy"]
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(path, net, opt, state: dict, rng) -> None:
+    """Atomic: model + optimiser + training state + RNG states."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state, "rng": _rng_state(rng),
+                "network": net.config.to_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, net, opt, rng) -> dict:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    _set_rng_state(rng, ck["rng"])
+    return ck["state"]
+
+
+def export_weights(net, path, meta: Optional[dict] = None) -> None:
+    """Plain fp32 state_dict (loadable with ``torch.load(..., weights_only=True)``), the label vocabulary
+    ``<base>_labels.json`` and ``<base>.json`` metadata next to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+          for k, v in net.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+    base = str(path.with_suffix(""))
+    with open(base + "_labels.json", "w") as f:
+        json.dump(vocabulary(), f, indent=1)
+    if meta is not None:
+        with open(base + ".json", "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+
+
+def plot_curves(out: Path, history: list, val_history: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    if history:
+        st = [h["step"] for h in history]
+        ax[0].plot(st, [h["loss"] for h in history], lw=0.5, alpha=0.4, label="loss")
+        ax[0].plot(st, [h["loss_ema"] for h in history], lw=1.5, label="loss (EMA)")
+        ax[0].set_xlabel("step")
+        ax[0].set_ylabel("Dice + BCE")
+        ax[0].legend()
+    if val_history:
+        st = [v["step"] for v in val_history]
+        for k in [k for k in val_history[-1] if k.startswith("val_")]:
+            ax[1].plot(st, [v.get(k, np.nan) for v in val_history], marker="o", label=k)
+        ax[1].set_xlabel("step")
+        ax[1].set_ylabel("DSC")
+        ax[1].set_ylim(0, 1)
+        ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------------
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    device = _device(cfg.device)
+    amp = device.startswith("cuda")
+    export = Path(cfg.export or out / "best.pt")
+    ncfg = cfg.network_config()
+    lcfg = cfg.loop_config()
+    ckpt = out / "last.pt"
+    if resume and (out / "config.json").exists():
+        old = json.loads((out / "config.json").read_text())["pretrain"]
+        if old.get("network") != cfg.network or old.get("optimizer") != cfg.optimizer:
+            raise SystemExit(f"--resume: network/optimizer differ from {out / 'config.json'}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    net = build_network(ncfg).to(device)
+    opt = build_optimizer(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          muon_lr_scale=cfg.muon_lr_scale)
+    n_params = sum(p.numel() for p in net.parameters())
+
+    t0 = time.time()
+    volumes = D.load_volumes(cfg.data, seed=cfg.seed)
+    D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
+    sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
+    val_cases = build_validation(volumes, cfg, lcfg)
+    _log(out, f"data ready in {time.time() - t0:.1f} s: {[v.name for v in volumes]}, {len(sampler.structures)} "
+              f"training structures, sources {sampler.sources}, {len(val_cases)} validation cases")
+
+    state = {"step": 0, "elapsed": 0.0, "history": [], "val_history": [], "best": -1.0, "best_step": -1,
+             "loss_ema": None, "samples": 0}
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, net, opt, rng)
+        _log(out, f"resumed from {ckpt}: step {state['step']}, {state['elapsed'] / 60:.1f} min trained")
+    elif resume:
+        _log(out, f"--resume: no {ckpt}, starting fresh")
+
+    config_record = {
+        "pretrain": asdict(cfg), "network_config": ncfg.to_dict(), "loop_config": lcfg.to_dict(),
+        "parameters": n_params, "device": device, "amp": amp, "torch": torch.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(), "argv": sys.argv, "volumes": [
+            {"name": v.name, "shape": list(v.image.shape), "spacing": v.spacing.tolist(), "modality": v.modality}
+            for v in volumes],
+        "validation_cases": [{"kind": c.kind, "name": c.name} for c in val_cases],
+        "started": state.get("started") or time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    state.setdefault("started", config_record["started"])
+    (out / "config.json").write_text(json.dumps(config_record, indent=1, default=str))
+    _log(out, f"network {ncfg.to_dict()} ({n_params / 1e6:.2f} M parameters), optimizer {cfg.optimizer}, "
+              f"device {device}, threads {torch.get_num_threads()}, budget {cfg.minutes} min")
+
+    budget = cfg.minutes * 60.0
+    stop = {"flag": False}
+
+    def _stop(signum, frame):  # save and exit cleanly on SIGTERM / SIGINT
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def validate():
+        tv = time.time()
+        scores = evaluate(net, val_cases, n_clicks=2, device=device)
+        score = 0.5 * (scores["val_box_dsc"] + scores["val_click2_dsc"])
+        rec = {"step": state["step"], "elapsed": state["elapsed"], "score": score, **scores}
+        state["val_history"].append(rec)
+        msg = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+        if score > state["best"]:
+            state["best"], state["best_step"] = score, state["step"]
+            export_weights(net, export, {"step": state["step"], "minutes_trained": state["elapsed"] / 60,
+                                         "device": device, "network": ncfg.to_dict(), **scores,
+                                         "run": str(out), "optimizer": cfg.optimizer})
+            msg += f"  -> new best, exported {export}"
+        _log(out, f"[val] step {state['step']} ({time.time() - tv:.0f} s) {msg}")
+        plot_curves(out, state["history"], state["val_history"])
+        (out / "history.json").write_text(json.dumps({"train": state["history"], "val": state["val_history"]}))
+
+    if not state["val_history"]:
+        validate()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=int(budget), initial=int(min(state["elapsed"], budget)), unit="s", desc="pretrain",
+                   mininterval=5, dynamic_ncols=True, file=sys.stdout)
+    last_ckpt = last_val = time.time()
+    window_t, window_n = time.time(), 0
+    try:
+        while state["elapsed"] < budget and not stop["flag"]:
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+            ts = time.time()
+            opt.set_lr_factor(lr_factor(state["step"], state["elapsed"] / budget, cfg.warmup_steps,
+                                        cfg.final_lr_fraction))
+            case = draw_case(sampler, rng, lcfg)
+            loss, dices = train_step(net, opt, case, rng, lcfg, device, amp, cfg.grad_clip)
+            dt = time.time() - ts
+            state["elapsed"] += dt
+            state["step"] += 1
+            state["samples"] += 1
+            window_n += 1
+            ema = loss if state["loss_ema"] is None else 0.98 * state["loss_ema"] + 0.02 * loss
+            state["loss_ema"] = ema
+            state["history"].append({"step": state["step"], "elapsed": round(state["elapsed"], 1),
+                                     "loss": round(loss, 4), "loss_ema": round(ema, 4), "kind": case.kind,
+                                     "dsc0": round(dices[0], 3), "dsc_last": round(dices[-1], 3),
+                                     "clicks": len(dices) - 1})
+            if bar is not None:
+                bar.update(int(state["elapsed"]) - bar.n)
+                bar.set_postfix(step=state["step"], loss=f"{ema:.3f}", refresh=False)
+            if state["step"] % 25 == 0:
+                sps = window_n / max(time.time() - window_t, 1e-6)
+                window_t, window_n = time.time(), 0
+                _log(out, f"step {state['step']} loss_ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                          f"{sps:.3f} samples/s, {state['elapsed'] / 60:.1f}/{cfg.minutes} min")
+            if time.time() - last_val >= cfg.val_minutes * 60:
+                validate()
+                last_val = time.time()
+            if time.time() - last_ckpt >= cfg.ckpt_minutes * 60:
+                save_checkpoint(ckpt, net, opt, state, rng)
+                last_ckpt = time.time()
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    finished = state["elapsed"] >= budget or bool(cfg.max_steps and state["step"] >= cfg.max_steps)
+    if finished and (not state["val_history"] or state["val_history"][-1]["step"] != state["step"]):
+        validate()
+    save_checkpoint(ckpt, net, opt, state, rng)
+    _log(out, f"{'finished' if finished else 'stopped (resumable with --resume)'} at step {state['step']}, "
+              f"{state['elapsed'] / 60:.1f} min trained; best score {state['best']:.3f} at step {state['best_step']}"
+              f" -> {export}")
+    return state
+
+
+def _load_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lib.training.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="run folder (default runs/pretrain)")
+    p.add_argument("--minutes", type=float, help="total training-time budget in minutes")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--config", help="JSON or YAML file with PretrainConfig fields (CLI flags win)")
+    p.add_argument("--network", help="JSON object of NetworkConfig fields, e.g. '{\"variant\": \"samu\"}'")
+    p.add_argument("--optimizer", choices=["muon", "adamw"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--export", help="where the best weights go (default <out>/best.pt)")
+    p.add_argument("--device", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--val-minutes", type=float, dest="val_minutes")
+    p.add_argument("--ckpt-minutes", type=float, dest="ckpt_minutes")
+    p.add_argument("--data", help="training data root (dataset.json); never the evaluation set")
+    p.add_argument("--loop", help="JSON object of LoopConfig fields, e.g. '{\"max_clicks\": 3}'")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_from_args(a) -> PretrainConfig:
+    d = {}
+    saved = Path(a.out or PretrainConfig.out) / "config.json"
+    if a.resume and saved.exists():  # resume: the saved configuration, then the file / flags given now
+        d.update(json.loads(saved.read_text())["pretrain"])
+    if a.config:
+        d.update(_load_config_file(a.config))
+    for k in ("out", "minutes", "optimizer", "threads", "export", "device", "lr", "seed", "max_steps",
+              "val_minutes", "ckpt_minutes", "data"):
+        v = getattr(a, k)
+        if v is not None:
+            d[k] = v
+    if a.network:
+        d["network"] = {**d.get("network", {}), **json.loads(a.network)}
+    if a.loop:
+        d["loop"] = {**d.get("loop", {}), **json.loads(a.loop)}
+    names = set(PretrainConfig.__dataclass_fields__)
+    unknown = set(d) - names
+    if unknown:
+        raise SystemExit(f"unknown config keys: {sorted(unknown)}")
+    return PretrainConfig(**d)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    cfg = config_from_args(a)
+    run(cfg, resume=a.resume, progress=not a.no_progress)
+
+
+if __name__ == "__main__":
+    main()
