@@ -25,9 +25,11 @@ sample-datasets/.fetched: $(VENV)/.installed scripts/fetch_sample_data.py
 
 data: sample-datasets/.fetched
 
+# `python -m monailabel.main`, not the `monailabel` wrapper script (it runs whatever `python` is first on PATH).
+# lib.server:app (the non-blocking infer route) is importable because PYTHONPATH holds apps/ensam (see above).
 serve: venv data
-	$(VENV)/bin/monailabel start_server --app apps/ensam --studies $(STUDIES) --conf models ensam \
-		--host $(HOST) --port $(PORT) --uvicorn_app lib.server:app
+	$(VPY) -m monailabel.main start_server --app apps/ensam --studies $(STUDIES) --conf models ensam \
+		--host $(HOST) --port $(PORT) --uvicorn_app lib.server:app $(SERVE_ARGS)
 
 test: venv data
 	$(VPY) -m pytest -q -rs tests

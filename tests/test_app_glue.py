@@ -37,10 +37,14 @@ class StubEngine:
             out[b[0]:b[1] + 1, b[2]:b[3] + 1, b[4]:b[5] + 1] = 1
         return out
 
+    blob_a_token = blob_b_token = None
+
     def segment_label(self, image, affine, label_id):
-        if label_id == 0:
+        if label_id == self.blob_a_token:
             return (image > 600.0).astype(np.uint8)
-        return ((image > 250.0) & (image < 650.0)).astype(np.uint8)
+        if label_id == self.blob_b_token:
+            return ((image > 250.0) & (image < 650.0)).astype(np.uint8)
+        return np.zeros(image.shape, np.uint8)
 
 
 class StubProvider(EngineProvider):
@@ -179,15 +183,27 @@ def test_interactive_rejects_bad_requests_without_changing_the_session(study, tm
 
 def test_segmentation_task_label_values(study, tmp_path):
     path, img, lab, aff = study
-    task = EnsamSegmentation(StubProvider(str(tmp_path)), VolumeCache(), {"blob_a": 0, "blob_b": 1})
-    assert task.info()["labels"] == {"blob_a": 1, "blob_b": 2} and task.info()["type"] == "segmentation"
+    provider = StubProvider(str(tmp_path))
+    task = EnsamSegmentation(provider, VolumeCache(), ["blob_a", "Blob B"])
+    vocab = task.vocab()
+    a, b = vocab["blob_a"] + 1, vocab["Blob B"] + 1
+    provider.engine.blob_a_token, provider.engine.blob_b_token = vocab["blob_a"], vocab["Blob B"]
+    info = task.info()
+    assert info["type"] == "segmentation" and info["labels"]["blob_a"] == a and info["labels"]["liver"] == 5
+    assert max(info["labels"].values()) < 256  # OHIF reads uint8 NRRD
+    assert task.config()["labels"] == "blob_a,Blob B"  # auto segmentation default = the app's own names
     out, res = task({"image": path})
     m = np.asarray(nib.load(out).dataobj)
-    assert res["label_names"] == {"blob_a": 1, "blob_b": 2}
-    assert set(np.unique(m)) == {0, 1, 2}
-    with pytest.raises(RequestError):
+    assert res["label_names"] == {"blob_a": a, "Blob B": b}
+    assert set(np.unique(m)) == {0, a, b}
+    # a name that is segmented but absent is not listed (Slicer maps the values present, in order)
+    out2, res2 = task({"image": path, "labels": "Liver, blob_a"})  # spelling/case tolerated
+    assert res2["requested"] == ["liver", "blob_a"] and res2["label_names"] == {"blob_a": a}
+    with pytest.raises(RequestError) as e:
         task({"image": path, "labels": ["nope"]})
+    assert e.value.status_code == 422
     os.remove(out)
+    os.remove(out2)
 
 
 def test_write_mask_checks_shape(study):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from monailabel.datastore.local import LocalDatastore
@@ -144,21 +144,26 @@ def novelty_scores(embeddings: Dict[str, np.ndarray], labelled: set,
 class UncertaintyScoring(_EnsamScoring):
     key = "uncertainty"
 
-    def __init__(self, provider: EngineProvider, volumes: VolumeCache, default_vocab: Optional[dict] = None):
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache, extra_names: Sequence[str] = (),
+                 default_labels: Sequence[str] = (), num_labels: int = 128):
         super().__init__(provider, volumes, "Disagreement of prompt-free predictions under test-time flips")
-        self.default_vocab = dict(default_vocab or {})
+        self.extra_names = list(extra_names)
+        self.default_labels = list(default_labels)
+        self.num_labels = int(num_labels)
 
     def __call__(self, request, datastore: Datastore):
         start = time.time()
         refresh(datastore)
         force = parse_bool(request.get("force"), "force")
-        vocab = load_vocab(self.provider.paths, self.default_vocab)
-        wanted_labels = request.get("labels") or list(vocab)
+        vocab = load_vocab(self.provider.paths, self.extra_names, self.num_labels)
+        wanted_labels = request.get("labels") or self.default_labels
         if isinstance(wanted_labels, str):
             wanted_labels = [s.strip() for s in wanted_labels.split(",") if s.strip()]
         labels = {n: vocab[n] for n in wanted_labels if n in vocab}
-        if not labels:
-            raise ValueError(f"uncertainty needs known label names; ensam knows {sorted(vocab)}")
+        if not labels:  # nothing to disagree about yet (e.g. at start-up before any label name is known)
+            why = f"no known label name among {wanted_labels}" if wanted_labels else "ensam knows no label name yet"
+            logger.info(f"uncertainty: skipped ({why})")
+            return {"method": self.key, "scores": {}, "computed": 0, "skipped": why}
         engine = lock = None
         scores: Dict[str, float] = {}
         computed = 0

@@ -4,7 +4,8 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 
 =====================  ==============================================================================
 ``network``            JSON file with a NetworkConfig (default: ``<weights>.json`` beside the weights)
-``labels``             comma-separated label names when no vocabulary file ships with the weights
+``labels``             comma-separated label names to add to the vocabulary (new learned label tokens)
+``seg_labels``         names that auto segmentation / uncertainty use by default (comma-separated)
 ``infer_concurrency``  inferences that may run on one device at the same time (default 1)
 ``session_history``    undo steps kept per (client, image, label) (default 10)
 ``session_mb``         memory for kept results, MiB (default 256)
@@ -32,6 +33,10 @@ from lib.trainers import EnsamTrain
 logger = logging.getLogger(__name__)
 
 
+def _csv(v: Any) -> list:
+    return [s.strip() for s in str(v or "").split(",") if s.strip()]
+
+
 def _flag(v: Any, default: bool = False) -> bool:
     if v is None:
         return default
@@ -46,8 +51,8 @@ class EnsamConfig(TaskConfig):
         self.path = [os.path.join(model_dir, f"pretrained_{name}.pt"), os.path.join(model_dir, f"{name}.pt")]
         self.network_config = self._network_config(conf.get("network"))  # None: from <weights>.json
         self.num_labels = int((self.network_config or {}).get("num_labels", 128))
-        names = [s.strip() for s in str(conf.get("labels", "")).split(",") if s.strip()]
-        self.default_vocab = {n: i for i, n in enumerate(names)}
+        self.extra_names = _csv(conf.get("labels"))  # names added to the vocabulary (free token ids)
+        self.seg_labels = _csv(conf.get("seg_labels"))  # what auto segmentation segments by default
 
         self.provider = EngineProvider(
             self.path, network_config=self.network_config, concurrency=int(conf.get("infer_concurrency", 1))
@@ -57,6 +62,9 @@ class EnsamConfig(TaskConfig):
             max_sessions=int(conf.get("sessions", 64)),
             max_history=int(conf.get("session_history", 10)),
             max_bytes=int(float(conf.get("session_mb", 256)) * 2**20),
+        )
+        self.seg_task = EnsamSegmentation(
+            self.provider, self.volumes, self.extra_names, self.seg_labels, num_labels=self.num_labels
         )
         if _flag(conf.get("preload")):
             self.provider.get(None)
@@ -73,7 +81,7 @@ class EnsamConfig(TaskConfig):
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
         return {
             self.name: EnsamInteractive(self.provider, self.volumes, self.sessions),
-            f"{self.name}_seg": EnsamSegmentation(self.provider, self.volumes, self.default_vocab),
+            f"{self.name}_seg": self.seg_task,
         }
 
     def trainer(self) -> Optional[TrainTask]:
@@ -81,7 +89,7 @@ class EnsamConfig(TaskConfig):
             self.model_dir,
             self.path,
             network_config=self.network_config,
-            default_vocab=self.default_vocab,
+            extra_names=self.extra_names,
             num_labels=self.num_labels,
         )
 
@@ -91,5 +99,7 @@ class EnsamConfig(TaskConfig):
     def scoring_method(self) -> Union[None, ScoringMethod, Dict[str, ScoringMethod]]:
         return {
             "novelty": NoveltyScoring(self.provider, self.volumes),
-            "uncertainty": UncertaintyScoring(self.provider, self.volumes, self.default_vocab),
+            "uncertainty": UncertaintyScoring(
+                self.provider, self.volumes, self.extra_names, self.seg_task.default_labels, self.num_labels
+            ),
         }

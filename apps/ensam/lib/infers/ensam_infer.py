@@ -19,7 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .engine_provider import EngineProvider, resolve_device
 from .imageio import VolumeCache, write_mask
-from .label_vocab import load_vocab, output_ids
+from .label_vocab import canonical, load_vocab, output_ids
 from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
 from .session_store import SessionStore
 
@@ -199,47 +199,65 @@ class EnsamInteractive(_EnsamTask):
         return res
 
 
+# What "auto segmentation" segments when neither the request nor ``--conf seg_labels`` says: large, common
+# structures (only those the vocabulary knows are used).
+DEFAULT_AUTO_LABELS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta",
+                       "urinary_bladder", "brain")
+
+
+def _names(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [w.strip() for w in value.split(",") if w.strip()]
+    if isinstance(value, dict):
+        return [str(k) for k in value]
+    if isinstance(value, (list, tuple)):
+        return [str(w).strip() for w in value if str(w).strip()]
+    raise RequestError(f"'labels' must be a comma-separated string or a list of names, got {value!r}")
+
+
 class EnsamSegmentation(_EnsamTask):
-    """Prompt-free segmentation of the label names ensam knows (their learned label tokens)."""
+    """Prompt-free segmentation of label names ensam knows (their learned label tokens)."""
 
     def __init__(
         self,
         provider: EngineProvider,
         volumes: VolumeCache,
-        default_vocab: Optional[Dict[str, int]] = None,
-        description: str = "ENSAM prompt-free segmentation of the known label names",
+        extra_names: Sequence[str] = (),
+        default_labels: Sequence[str] = (),
+        num_labels: int = 128,
+        description: str = "ENSAM prompt-free segmentation of known label names (concept prompts)",
         config: Optional[dict] = None,
     ):
-        self.default_vocab = dict(default_vocab or {})
-        labels = output_ids(load_vocab(provider.paths, self.default_vocab))
-        super().__init__(provider, volumes, InferType.SEGMENTATION, labels, description, dict(config or {}))
+        self.extra_names = list(extra_names)
+        self.num_labels = int(num_labels)
+        vocab = load_vocab(provider.paths, self.extra_names, self.num_labels)
+        defaults = [n for n in (default_labels or self.extra_names or DEFAULT_AUTO_LABELS) if n in vocab]
+        self.default_labels = defaults or sorted(vocab, key=vocab.get)[:8]
+        cfg = {"labels": ",".join(self.default_labels)}
+        cfg.update(config or {})
+        super().__init__(provider, volumes, InferType.SEGMENTATION, output_ids(vocab), description, cfg)
 
     def vocab(self) -> Dict[str, int]:
-        return load_vocab(self.provider.paths, self.default_vocab)
+        return load_vocab(self.provider.paths, self.extra_names, self.num_labels)
 
     def info(self) -> Dict[str, Any]:
         self.labels = output_ids(self.vocab())
         return super().info()
 
-    def is_valid(self) -> bool:
-        return super().is_valid() and bool(self.vocab())
-
     def __call__(self, request) -> Tuple[Optional[str], Dict]:
         t0 = time.time()
         vocab = self.vocab()
         ids = output_ids(vocab)
-        wanted = request.get("labels") or request.get("label_names")
-        if isinstance(wanted, str):
-            wanted = [w.strip() for w in wanted.split(",") if w.strip()]
-        if isinstance(wanted, dict):
-            wanted = list(wanted.keys())
-        if wanted:
-            unknown = [w for w in wanted if w not in vocab]
-            if unknown:
-                raise RequestError(
-                    f"unknown label name(s) {unknown}; ensam knows {sorted(vocab)}", status_code=422
-                )
-        names = [n for n in ids if not wanted or n in wanted]
+        wanted = _names(request.get("labels") or request.get("label_names")) or list(self.default_labels)
+        wanted = [canonical(w, vocab) for w in wanted]
+        unknown = [w for w in wanted if w not in vocab]
+        if unknown:
+            raise RequestError(
+                f"unknown label name(s) {unknown}; ensam knows {len(vocab)} names, e.g. {sorted(vocab)[:12]} "
+                f"(full list: GET /info/ -> models.ensam_seg.labels)", status_code=422)
+        names = list(dict.fromkeys(wanted))
         _result_format(request)
         image_path = _image_path(request)
         vol = self.volumes.get(image_path)
@@ -247,20 +265,23 @@ class EnsamSegmentation(_EnsamTask):
 
         device = self._device(request)
         engine = self.provider.get(device)
-        out = np.zeros(vol.shape, dtype=np.uint8 if len(ids) < 256 else np.uint16)
+        out = np.zeros(vol.shape, dtype=np.uint8 if max(ids.values(), default=0) < 256 else np.uint16)
         counts = {}
         with self.provider.device_lock(device):
             t_infer = time.time()
-            for name in names:
-                m = call_supported(engine.segment_label, vol.array, vol.affine, vocab[name], image_key=vol.key)
-                m = np.asarray(m) > 0
-                out[m] = ids[name]
-                counts[name] = int(m.sum())
+            masks = self._segment(engine, vol, [vocab[n] for n in names])
             t_done = time.time()
+        for name, m in zip(names, masks):  # later names win where structures overlap
+            m = np.asarray(m) > 0
+            out[m] = ids[name]
+        for name in names:
+            counts[name] = int(np.count_nonzero(out == ids[name]))
         path = self._write(out, vol, request)
         t_end = time.time()
         res = {
-            "label_names": {n: ids[n] for n in names},
+            # only names present in the file: 3D Slicer maps the values it finds, in ascending order, to this list
+            "label_names": {n: ids[n] for n in sorted(names, key=ids.get) if counts[n]},
+            "requested": names,
             "voxels": counts,
             "latencies": {
                 "pre": round(t_load - t0, 4),
@@ -272,3 +293,11 @@ class EnsamSegmentation(_EnsamTask):
         }
         res.update(self.provider.weights_info())
         return path, res
+
+    @staticmethod
+    def _segment(engine, vol, token_ids):
+        many = getattr(engine, "segment_labels", None)
+        if callable(many):  # one encoding per window for all names, when the engine offers it
+            res = call_supported(many, vol.array, vol.affine, token_ids, image_key=vol.key)
+            return [res[t] for t in token_ids] if isinstance(res, dict) else list(res)
+        return [call_supported(engine.segment_label, vol.array, vol.affine, t, image_key=vol.key) for t in token_ids]

@@ -1,10 +1,13 @@
 """The label names ensam knows (concept prompts) and their learned token ids.
 
-The vocabulary lives in the JSON file beside the weights, ``<weights>.json`` = ``{"network": {...}, "labels":
-{name: token id}}`` (the engine reads ``network`` from the same file): ``model/ensam.json`` (written by
-fine-tuning, which may add new names) wins over ``model/pretrained_ensam.json`` (shipped with the pre-trained
-weights). Token ids index ``NetworkConfig.num_labels`` learned label embeddings. The segmentation task shows
-the names to clients as consecutive output values 1..N (what 3D Slicer's label import expects), in token order.
+Files beside the weights (written by ``lib.training.pretrain.export_weights`` and by the ``ensam`` train task):
+``<weights>_labels.json`` = ``{name: token id}`` and ``<weights>.json`` = metadata with the ``network`` config (the
+engine reads it). ``model/ensam_labels.json`` (fine-tuning may add names) wins over
+``model/pretrained_ensam_labels.json``; without either, the built-in vocabulary of ``lib.labels`` is used.
+Token ids index ``NetworkConfig.num_labels`` learned label embeddings and never change.
+
+Clients see token id + 1 as the voxel value of a name (1..N, stable across requests, < 256 so that OHIF's
+uint8 NRRD holds it): ``/info`` lists ``{name: value}`` and a result's ``label_names`` lists the names it holds.
 """
 
 from __future__ import annotations
@@ -15,61 +18,82 @@ import tempfile
 from typing import Dict, Optional, Sequence
 
 
-def sidecar_path(weights_path: str) -> str:
+def vocab_path_for(weights_path: str) -> str:
+    return os.path.splitext(weights_path)[0] + "_labels.json"
+
+
+def meta_path_for(weights_path: str) -> str:
     return os.path.splitext(weights_path)[0] + ".json"
 
 
-def read_sidecar(weights_path: str) -> dict:
-    p = sidecar_path(weights_path)
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_meta(weights_path: str) -> dict:
+    p = meta_path_for(weights_path)
     if not os.path.exists(p):
         return {}
-    with open(p) as f:
-        data = json.load(f)
+    data = _read_json(p)
     return data if isinstance(data, dict) else {}
 
 
 def read_vocab(weights_path: str) -> Optional[Dict[str, int]]:
-    """The ``labels`` of ``<weights>.json`` (None when absent)."""
-    data = read_sidecar(weights_path).get("labels")
+    """``<weights>_labels.json`` (or a ``labels`` object in ``<weights>.json``); None when there is none."""
+    p = vocab_path_for(weights_path)
+    data = _read_json(p) if os.path.exists(p) else read_meta(weights_path).get("labels")
     if data is None:
         return None
     if isinstance(data, list):
         data = {str(n): i for i, n in enumerate(data)}
     if not isinstance(data, dict):
-        raise ValueError(f"{sidecar_path(weights_path)}: 'labels' must map name -> token id")
+        raise ValueError(f"{p}: expected a JSON object name -> token id")
     return {str(k): int(v) for k, v in data.items()}
 
 
-def write_sidecar(weights_path: str, network: Optional[dict], vocab: Dict[str, int], **extra) -> None:
-    """Atomic write (temporary file + rename) of ``<weights>.json``: a reader never sees half a file."""
-    path = sidecar_path(weights_path)
+def _atomic_json(path: str, obj) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    data = dict(extra)
-    if network:
-        data["network"] = network
-    data["labels"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    fd, tmp = tempfile.mkstemp(prefix=".sidecar_", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".json_", suffix=".tmp", dir=d)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(obj, f, indent=1, default=str)
     os.replace(tmp, path)
 
 
-def load_vocab(weight_paths: Sequence[str], default: Optional[Dict[str, int]] = None) -> Dict[str, int]:
-    """Vocabulary of the newest weights that have one (last path first), else ``default``."""
+def write_vocab_and_meta(weights_path: str, vocab: Dict[str, int], meta: Optional[dict] = None) -> None:
+    """Atomic writes (temporary file + rename): a reader never sees half a file."""
+    _atomic_json(vocab_path_for(weights_path), dict(sorted(vocab.items(), key=lambda kv: kv[1])))
+    if meta is not None:
+        _atomic_json(meta_path_for(weights_path), meta)
+
+
+def builtin_vocab() -> Dict[str, int]:
+    try:
+        from lib.labels import vocabulary
+    except ImportError:  # pragma: no cover - the vocabulary module ships with the app
+        return {}
+    return dict(vocabulary())
+
+
+def load_vocab(weight_paths: Sequence[str], extra_names: Sequence[str] = (), num_labels: int = 128) -> Dict[str, int]:
+    """Vocabulary of the newest weights that have one (last path first), else the built-in one; ``extra_names``
+    (e.g. ``--conf labels``) are added with free token ids when missing."""
+    vocab = None
     for w in reversed(list(weight_paths)):
         if not os.path.exists(w):
             continue
         try:
-            v = read_vocab(w)
+            vocab = read_vocab(w)
         except (OSError, ValueError):
-            continue
-        if v:
-            return v
-    return dict(default or {})
+            vocab = None
+        if vocab:
+            break
+    vocab = vocab or builtin_vocab()
+    return extend_vocab(vocab, [n for n in extra_names if n], num_labels) if extra_names else vocab
 
 
-def extend_vocab(vocab: Dict[str, int], names: Sequence[str], num_labels: int) -> Dict[str, int]:
+def extend_vocab(vocab: Dict[str, int], names: Sequence[str], num_labels: int = 128) -> Dict[str, int]:
     """Add unknown names with the next free token ids; raises ValueError when the token table is full."""
     out = dict(vocab)
     used = set(out.values())
@@ -87,5 +111,25 @@ def extend_vocab(vocab: Dict[str, int], names: Sequence[str], num_labels: int) -
 
 
 def output_ids(vocab: Dict[str, int]) -> Dict[str, int]:
-    """name -> output value 1..N, ordered by token id."""
-    return {n: i + 1 for i, (n, _) in enumerate(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])))}
+    """name -> voxel value shown to clients (token id + 1), ordered by value."""
+    return {n: v + 1 for n, v in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))}
+
+
+def canonical(name: str, vocab: Dict[str, int]) -> str:
+    """The vocabulary's spelling of ``name`` (case, spaces, dashes and known aliases tolerated); ``name``
+    itself (stripped) when the vocabulary does not know it."""
+    name = str(name).strip()
+    if name in vocab:
+        return name
+    key = name.lower().replace(" ", "_").replace("-", "_")
+    if key in vocab:
+        return key
+    try:
+        from lib.labels import label_id, label_name
+
+        idx = label_id(name)
+        if idx is not None and label_name(idx) in vocab:
+            return label_name(idx)
+    except ImportError:  # pragma: no cover
+        pass
+    return name

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.infers.label_vocab import extend_vocab, load_vocab, read_sidecar, write_sidecar
+from lib.infers.label_vocab import canonical, extend_vocab, load_vocab, output_ids, read_meta, write_vocab_and_meta
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class EnsamTrain(TrainTask):
         model_dir: str,
         weight_paths: Sequence[str],
         network_config: Optional[dict] = None,
-        default_vocab: Optional[Dict[str, int]] = None,
+        extra_names: Sequence[str] = (),
         num_labels: int = 128,
         description: str = "Fine-tune ENSAM on the datastore's final labels (simulated boxes and clicks)",
         config: Optional[dict] = None,
@@ -122,7 +122,7 @@ class EnsamTrain(TrainTask):
         self.weight_paths = list(weight_paths)
         self.publish_path = publish_path or self.weight_paths[-1]
         self.network_config = dict(network_config or {})
-        self.default_vocab = dict(default_vocab or {})
+        self.extra_names = list(extra_names)
         self.num_labels = int(num_labels)
         self.stats_path = os.path.join(model_dir, "train_stats.json")
         self._config = {
@@ -180,7 +180,7 @@ class EnsamTrain(TrainTask):
         return out
 
     def datalist(self, datastore: Datastore, wanted: Sequence[str]) -> List[dict]:
-        fallback = {v: k for k, v in _output_ids(load_vocab(self.weight_paths, self.default_vocab)).items()}
+        fallback = {v: k for k, v in output_ids(self._vocab()).items()}
         items = []
         for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
             label_uri = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
@@ -188,7 +188,8 @@ class EnsamTrain(TrainTask):
             if not label_uri or not image_uri:
                 continue
             info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
-            names = label_names_of(info, fallback)
+            vocab = self._vocab()
+            names = {canonical(k, vocab): v for k, v in label_names_of(info, fallback).items()}
             if wanted:
                 names = {k: v for k, v in names.items() if k in wanted}
             if not names:
@@ -200,6 +201,8 @@ class EnsamTrain(TrainTask):
     def __call__(self, request, datastore: Datastore):
         start = time.time()
         req = self.parse_request(request)
+        vocab0 = self._vocab()
+        req["labels"] = [canonical(n, vocab0) for n in req["labels"]]
         items = self.datalist(datastore, req["labels"])
         if not items:
             msg = "no labelled images to train on: save labels (tag 'final') in the datastore first"
@@ -208,9 +211,9 @@ class EnsamTrain(TrainTask):
             raise ValueError(msg)
         train_items, val_items = split_items(items, req["val_split"], req["seed"])
         names = sorted({n for it in items for n in it["labels"]})
-        vocab = extend_vocab(load_vocab(self.weight_paths, self.default_vocab), names, self.num_labels)
+        vocab = extend_vocab(self._vocab(), names, self.num_labels)
         init = self._init_weights() if req["pretrained"] else None
-        network_config = self.network_config or (read_sidecar(init).get("network") if init else None) or {}
+        network_config = self.network_config or (read_meta(init).get("network") if init else None) or {}
         logger.info(
             f"ensam train: {len(train_items)} train / {len(val_items)} val images; labels {names}; "
             f"init {init}; device {req['device']}"
@@ -234,6 +237,7 @@ class EnsamTrain(TrainTask):
             "vocab": vocab,
             "init_weights": init,
             "network_config": network_config,
+            "label_names": names,
             "request": req,
             "base_stats": base_stats,
             "start": start,
@@ -272,8 +276,9 @@ class EnsamTrain(TrainTask):
             if rank != 0:
                 return
             best["metric"], best["epoch"] = float(metric), int(epoch)
-            write_sidecar(publish_path, plan["network_config"], plan["vocab"],
-                          trained_from=os.path.basename(plan["init_weights"] or "") or None)
+            meta = {"network": plan["network_config"], "trained_from": os.path.basename(plan["init_weights"] or ""),
+                    "epoch": int(epoch), "val_metric": float(metric), "labels_trained": plan["label_names"]}
+            write_vocab_and_meta(publish_path, plan["vocab"], {k: v for k, v in meta.items() if v or v == 0})
             atomic_save_state_dict(state_dict, publish_path)
             logger.info(f"ensam train: published {publish_path} (epoch {epoch}, val metric {metric:.4f})")
 
@@ -320,6 +325,9 @@ class EnsamTrain(TrainTask):
         atomic_write_json(stats, self.stats_path)
         return stats
 
+    def _vocab(self) -> Dict[str, int]:
+        return load_vocab(self.weight_paths, self.extra_names, self.num_labels)
+
     def _init_weights(self) -> Optional[str]:
         existing = [p for p in self.weight_paths if os.path.exists(p)]
         return existing[-1] if existing else None
@@ -355,12 +363,6 @@ def _call_finetune(fn: Callable, **kwargs):
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return fn(**kwargs)
     return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def _output_ids(vocab: Dict[str, int]) -> Dict[str, int]:
-    from lib.infers.label_vocab import output_ids
-
-    return output_ids(vocab)
 
 
 def _cuda_available() -> bool:
