@@ -337,3 +337,20 @@ def test_scoring_then_next_sample_for_each_strategy(ensam_server):
     a = client.next_sample("novelty", {})["id"]
     b = client.next_sample("novelty", {})["id"]
     assert a != b or len(unlabelled) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- OHIF files
+def test_bundled_ohif_files_are_served(ensam_server):
+    from lib.server import OHIF_DIR
+
+    if not os.path.isdir(OHIF_DIR):
+        pytest.skip("this monailabel has no bundled OHIF")
+    index = requests.get(f"{ensam_server.url}/ohif/", timeout=30)
+    assert index.status_code == 200 and b"<html" in index.content.lower()
+    nested = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(OHIF_DIR, "assets")) for f in fs)
+    rel = os.path.relpath(nested, OHIF_DIR)
+    r = requests.get(f"{ensam_server.url}/ohif/{rel}", timeout=30)
+    with open(nested, "rb") as f:
+        assert r.status_code == 200 and r.content == f.read()  # not index.html (monailabel 0.8.5 bug)
+    r = requests.get(f"{ensam_server.url}/ohif/%2e%2e/%2e%2e/config.py", timeout=30)
+    assert r.content == index.content  # no way out of the OHIF folder

@@ -18,9 +18,13 @@ class identity (the classes are re-created by the loader).
 from __future__ import annotations
 
 import logging
+import mimetypes
+import os
 from typing import Optional
 
+import monailabel.endpoints
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from monailabel.app import app
 from monailabel.config import RBAC_USER, settings
@@ -30,7 +34,10 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "http_error_for"]
+__all__ = ["app", "http_error_for", "ohif_file"]
+
+OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
+mimetypes.add_type("application/wasm", ".wasm")
 
 
 def http_error_for(exc: BaseException) -> Optional[HTTPException]:
@@ -83,12 +90,30 @@ def infer_threaded(
         raise err from None
 
 
-_route = APIRoute(
-    f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
-    infer_threaded,
-    methods=["POST"],
-    summary=f"{RBAC_USER}Run Inference for supported model (ensam: thread pool, non-blocking)",
-    tags=["Infer"],
-)
-if not any(getattr(r, "endpoint", None) is infer_threaded for r in app.router.routes):
-    app.router.routes.insert(0, _route)
+def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """The bundled OHIF viewer's files. monailabel 0.8.5 joins nested paths with ``os.pathsep`` (':'), so every
+    ``/ohif/assets/...`` file came back as index.html; this serves them (index.html for the app's own routes)."""
+    base = os.path.realpath(OHIF_DIR)
+    file = os.path.realpath(os.path.join(base, path)) if path else ""
+    if not file.startswith(base + os.sep) or not os.path.isfile(file):
+        file = os.path.join(base, "index.html")
+    if not os.path.isfile(file):
+        raise HTTPException(status_code=404, detail="OHIF is not bundled with this monailabel installation")
+    media_type = mimetypes.guess_type(file, strict=False)[0] or "application/octet-stream"
+    return FileResponse(file, media_type=media_type)
+
+
+_routes = [
+    APIRoute(
+        f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
+        infer_threaded,
+        methods=["POST"],
+        summary=f"{RBAC_USER}Run Inference for supported model (ensam: thread pool, non-blocking)",
+        tags=["Infer"],
+    ),
+    APIRoute(f"{settings.MONAI_LABEL_API_STR}/ohif/{{path:path}}", ohif_file, methods=["GET"],
+             include_in_schema=False),
+]
+for _r in reversed(_routes):  # first in the router: they shadow monailabel's routes for the same paths
+    if not any(getattr(r, "endpoint", None) is _r.endpoint for r in app.router.routes):
+        app.router.routes.insert(0, _r)
