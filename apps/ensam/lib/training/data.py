@@ -129,24 +129,46 @@ def load_volumes(root: str | os.PathLike = TRAIN_ROOT, with_body: bool = True, s
         if entry.get("label"):
             labels = np.asarray(nib.load(str(root / entry["label"])).dataobj).astype(np.int16)
         names = {int(k): str(v) for k, v in (entry.get("labels") or {}).items()}
-        vol = Volume(Path(entry["image"]).name.split(".")[0], image, np.asarray(img.affine, float), labels, names,
-                     entry.get("modality", ""))
-        if with_body:
-            vol.body = _body_mask(image, vol.modality)
-            idx = np.flatnonzero(vol.body)
-            pick = rng.choice(idx, size=min(20000, idx.size), replace=False)
-            vol.seeds = np.stack(np.unravel_index(pick, image.shape), axis=1)
-            vals = image[vol.body]
-            vol.lo, vol.hi = (float(v) for v in np.percentile(vals, [0.5, 99.5]))
-        if labels is not None:
-            for lab, sl in enumerate(ndimage.find_objects(labels), start=0):
-                if sl is not None:
-                    vol.bboxes[lab + 1] = sl
-            if vol.modality.upper() == "MR" and set(names.values()) >= {"white_matter", "grey_matter"}:
-                vol.names = {**names, 1000: "brain"}  # 1000 = union of all brain labels
-                vol.bboxes[1000] = ndimage.find_objects((labels > 0).astype(np.int8))[0]
+        vol = make_volume(Path(entry["image"]).name.split(".")[0], image, np.asarray(img.affine, float), labels,
+                          names, entry.get("modality", ""), with_body=with_body, rng=rng)
         out.append(vol)
     return out
+
+
+def make_volume(name: str, image: np.ndarray, affine, labels: Optional[np.ndarray] = None,
+                names: Optional[Dict[int, str]] = None, modality: str = "", with_body: bool = True,
+                rng=None) -> Volume:
+    """A :class:`Volume` with its body mask, seed voxels, intensity range and label bounding boxes. ``modality``
+    '' = guessed ('CT' when the image has air below -500, else 'MR')."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    image = np.asarray(image, dtype=np.float32)
+    if not modality:
+        modality = "CT" if float(image.min()) < -500 else "MR"
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != image.shape:
+            raise ValueError(f"{name}: label shape {labels.shape} != image shape {image.shape}")
+        labels = labels.astype(np.int16 if labels.max() < 32767 else np.int32)
+    names = dict(names or {})
+    vol = Volume(name, image, np.asarray(affine, float), labels, names, modality)
+    if with_body:
+        vol.body = _body_mask(image, modality)
+        if not vol.body.any():
+            vol.body = np.ones(image.shape, bool)
+        idx = np.flatnonzero(vol.body)
+        pick = rng.choice(idx, size=min(20000, idx.size), replace=False)
+        vol.seeds = np.stack(np.unravel_index(pick, image.shape), axis=1)
+        vol.lo, vol.hi = (float(v) for v in np.percentile(image[vol.body], [0.5, 99.5]))
+    else:
+        vol.lo, vol.hi = (float(v) for v in np.percentile(image, [0.5, 99.5]))
+    if labels is not None:
+        for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is not None:
+                vol.bboxes[lab] = sl
+        if modality.upper() == "MR" and set(names.values()) >= {"white_matter", "grey_matter"}:
+            vol.names = {**names, 1000: "brain"}  # 1000 = union of all brain labels
+            vol.bboxes[1000] = ndimage.find_objects((labels > 0).astype(np.int8))[0]
+    return vol
 
 
 def _norm01(image: np.ndarray, lo: float, hi: float) -> np.ndarray:

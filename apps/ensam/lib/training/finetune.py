@@ -1,0 +1,181 @@
+"""Fine-tune a (pre-trained) ENSAM network on a user's labelled volumes with the pre-training loop.
+
+Used by the MONAI Label train task; plain Python, no server dependency::
+
+    from lib.training.finetune import finetune
+    stats = finetune(net, cases, max_seconds=600, val_cases=val, device="cpu", label_ids={1: 5, 2: 0})
+
+Each ``case`` is a dict ``{"image": (X, Y, Z) array, "label": (X, Y, Z) int array (0 = background, each other
+value one structure), "affine": 4x4}`` (or a tuple ``(image, label, affine)``). Every step draws one structure
+of one case, augments its region (spacing, flips, permutations, intensity), simulates a box (or a click) and
+0..4 corrective clicks exactly as pre-training does, and takes one optimiser step (Muon + AdamW). With
+``label_ids`` ({label value: vocabulary token id}) a fraction of the steps trains the prompt-free mode of those
+labels. The network is updated in place; with ``val_cases`` it is validated periodically (box-only DSC and DSC
+after 2 clicks) and, with ``keep_best``, the best weights (including the starting ones) are restored at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data as D
+from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
+from .optim import build_optimizer, lr_factor
+
+__all__ = ["finetune", "as_volumes", "validation_cases"]
+
+
+def _unpack(case, i: int):
+    if isinstance(case, Mapping):
+        return case["image"], case["label"], case.get("affine", np.eye(4)), case.get("name", f"case{i}")
+    image, label, affine = case[:3]
+    return image, label, affine, f"case{i}"
+
+
+def as_volumes(cases, label_ids: Optional[Mapping[int, int]] = None, seed: int = 0):
+    """User cases -> training volumes (body mask, seeds, label boxes)."""
+    rng = np.random.default_rng(seed)
+    vols = []
+    for i, c in enumerate(cases):
+        image, label, affine, name = _unpack(c, i)
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        label = np.asarray(label)
+        if label.ndim == 4 and label.shape[0] == 1:
+            label = label[0]
+        names = {int(v): f"label_{int(v)}" for v in np.unique(label) if v > 0}
+        vols.append(D.make_volume(name, image, affine, label, names, rng=rng))
+    return vols
+
+
+def _sampler(vols, label_ids: Optional[Mapping[int, int]]):
+    s = D.ObjectSampler(vols, holdout=(), weights={"real": 1.0})
+    ids = {int(k): int(v) for k, v in (label_ids or {}).items()}
+    s.structures = [(vi, lab, name, ids.get(lab, -1)) for vi, lab, name, _ in s.structures]
+    return s
+
+
+def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
+    """Deterministic model-grid validation cases: one box-prompted case per structure of each case (no
+    augmentation)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in as_volumes(cases):
+        for lab, sl in v.bboxes.items():
+            lo = [s.start for s in sl]
+            hi = [s.stop - 1 for s in sl]
+            region = D._region(v.image.shape, lo, hi, v.spacing, rng)
+            m = v.labels[region] == lab
+            c = prompted_case(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing, rng, cfg, use_box=True,
+                              roi_jitter=False, kind="val", name=f"{v.name}:{lab}")
+            if c is not None:
+                c.seed = int(rng.integers(2 ** 31))
+                out.append(c)
+    return out
+
+
+def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[Sequence] = None,
+             device: str = "cpu", label_ids: Optional[Mapping[int, int]] = None, lr: float = 5e-4,
+             optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
+             seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict:
+    """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
+
+    Args:
+        network: an :class:`lib.network.EnsamNet` (its ``config.roi_size`` is the training grid).
+        cases: labelled volumes, see the module docstring. val_cases: the same format (or None).
+        device: 'cpu' / 'cuda' (bf16 autocast on CUDA). label_ids: {label value: token id} to also train the
+            prompt-free mode for those labels (None = prompted training only).
+        lr: AdamW learning rate (Muon: 5x with RMS matching). optimizer: 'muon' or 'adamw'.
+        keep_best: with ``val_cases``, restore the weights with the best validation score at the end.
+        val_every: validate every this many steps (0 = about 5 times in the budget).
+        progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
+
+    Returns:
+        dict with steps, seconds, samples_per_s, loss_first / loss_last (EMA), val_before / val_after / val_best
+        (dicts of val_box_dsc, val_click2_dsc, score), restored_best (bool).
+    """
+    rng = np.random.default_rng(seed)
+    cfg = loop or LoopConfig(roi_size=tuple(network.config.roi_size))
+    if not label_ids:
+        cfg = LoopConfig(**{**cfg.to_dict(), "p_concept": 0.0})
+    vols = as_volumes(cases, label_ids, seed)
+    sampler = _sampler(vols, label_ids)
+    if not sampler.structures:
+        raise ValueError("finetune: no labelled structure in the cases")
+    vcases = validation_cases(val_cases, cfg) if val_cases else []
+    network.to(device)
+    opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=5.0)
+    amp = str(device).startswith("cuda")
+
+    def score_now():
+        s = evaluate(network, vcases, n_clicks=2, device=device)
+        s["score"] = 0.5 * (s["val_box_dsc"] + s["val_click2_dsc"])
+        return s
+
+    stats = {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None, "restored_best": False}
+    best_sd, best = None, None
+    if vcases:
+        best = score_now()
+        stats["val_before"] = dict(best)
+        best_sd = copy.deepcopy(network.state_dict()) if keep_best else None
+    t0 = time.time()
+    ema = None
+    est_steps = max_steps or None
+    last_val_t = t0
+    while True:
+        elapsed = time.time() - t0
+        if elapsed >= max_seconds or (max_steps and stats["steps"] >= max_steps):
+            break
+        if should_stop is not None and should_stop():
+            break
+        progress_frac = max(elapsed / max(max_seconds, 1e-6), stats["steps"] / est_steps if est_steps else 0.0)
+        opt.set_lr_factor(lr_factor(stats["steps"], progress_frac, warmup_steps=10, final=0.1))
+        case = None
+        use_concept = bool(label_ids) and rng.random() < cfg.p_concept
+        if use_concept and any(s[3] >= 0 for s in sampler.structures):
+            s, vid = sampler.concept_window(rng)
+            case = concept_case(s.image, s.mask, vid)
+        else:
+            for _ in range(10):
+                s = sampler.sample(rng)
+                case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="finetune")
+                if case is not None:
+                    break
+        if case is None:
+            continue
+        loss, _ = train_step(network, opt, case, rng, cfg, device, amp)
+        stats["steps"] += 1
+        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        if stats["loss_first"] is None:
+            stats["loss_first"] = loss
+        stats["loss_last"] = ema
+        if progress is not None:
+            progress({"step": stats["steps"], "seconds": time.time() - t0, "loss": ema})
+        due = (val_every and stats["steps"] % val_every == 0) or \
+              (not val_every and time.time() - last_val_t >= max_seconds / 5)
+        if vcases and due:
+            last_val_t = time.time()
+            s = score_now()
+            if s["score"] > best["score"]:
+                best = s
+                best_sd = copy.deepcopy(network.state_dict()) if keep_best else None
+    stats["seconds"] = time.time() - t0
+    stats["samples_per_s"] = stats["steps"] / max(stats["seconds"], 1e-6)
+    if vcases:
+        final = score_now()
+        stats["val_after"] = dict(final)
+        if final["score"] >= best["score"]:
+            best = final
+        elif keep_best and best_sd is not None:
+            network.load_state_dict(best_sd)
+            stats["restored_best"] = True
+        stats["val_best"] = dict(best)
+    network.eval()
+    return stats

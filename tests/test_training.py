@@ -1,0 +1,215 @@
+"""Fast tests of the training pipeline (lib/training): optimiser split, learning, checkpoints, export, data."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lib.labels import LABEL_IDS, LABEL_NAMES, label_id
+from lib.network import NetworkConfig, build_network
+from lib.training import data as D
+from lib.training.finetune import finetune
+from lib.training.loop import Case, LoopConfig, concept_case, prompted_case, train_step
+from lib.training.optim import build_optimizer, lr_factor, split_parameters
+from lib.training.pretrain import export_weights, load_checkpoint, save_checkpoint
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "sample-datasets" / "train"
+TINY = dict(filters=8, blocks=(1, 1, 1), depth=1, heads=2, num_labels=8, roi_size=(32, 32, 32))
+
+
+def tiny_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_network(NetworkConfig(**{**TINY, **kw}))
+
+
+def fixed_case(with_label=False, n=16):
+    """A bright box in noise on an n^3 grid, with its box prompt (the network is fully convolutional)."""
+    g = np.zeros((n, n, n), bool)
+    a, b = n // 4, n // 4 + n // 2
+    g[a:b, a + 1:b, a:b - 1] = True
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, n, n, n, generator=gen) * 0.1 + torch.as_tensor(g, dtype=torch.float32)[None, None] * 0.5
+    box = np.array([[a - 1, a, a - 1], [b, b, b - 1]], np.float32)
+    return Case(x, g, box, np.array([2, 3]), 3 if with_label else None)
+
+
+def test_muon_gets_only_2d_views_and_updates_conv_weights():
+    net = tiny_net()
+    opt = build_optimizer(net, "muon", lr=1e-2)
+    muon_params = [p for g in opt.muon.param_groups for p in g["params"]]
+    assert muon_params and all(p.ndim == 2 for p in muon_params)
+    adamw_ids = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    real_by_ptr = {}
+    for real, view in opt.pairs:
+        assert view.data_ptr() == real.data_ptr() and view.numel() == real.numel()
+        assert id(real) not in adamw_ids
+        real_by_ptr[view.data_ptr()] = real
+    # stem (input) and output head go to AdamW, norms/biases/embeddings too
+    names_muon = set(opt.muon_names)
+    assert "encoder.stem.weight" not in names_muon and "decoder.bias.weight" not in names_muon
+    assert not any("norm" in n or n.endswith(".bias") or "embed" in n for n in names_muon)
+    conv = [(n, m.weight) for n, m in net.named_modules() if isinstance(m, nn.Conv3d) and f"{n}.weight" in names_muon]
+    assert conv and all(w.ndim == 5 for _, w in conv)
+    before = {n: w.detach().clone() for n, w in conv}
+    loss, _ = train_step(net, opt, fixed_case(), np.random.default_rng(0), LoopConfig(roi_size=(32, 32, 32)))
+    changed = [n for n, w in conv if not torch.equal(before[n], w.detach())]
+    assert len(changed) == len(conv), "every Muon-managed conv weight must change after a step"
+    # all parameters are covered exactly once
+    muon, adamw = split_parameters(net)
+    assert len(muon) + len(adamw) == len(list(net.parameters()))
+
+
+def test_adamw_option_has_no_muon():
+    opt = build_optimizer(tiny_net(), "adamw")
+    assert opt.muon is None and not opt.pairs
+    with pytest.raises(ValueError):
+        build_optimizer(tiny_net(), "sgd")
+
+
+def test_lr_schedule_warmup_and_decay():
+    assert lr_factor(0, 0.0, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(100, 0.0) == pytest.approx(1.0)
+    assert lr_factor(100, 1.0, final=0.05) == pytest.approx(0.05)
+    assert lr_factor(100, 0.3) > lr_factor(100, 0.6)
+
+
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+def test_few_steps_reduce_loss_on_fixed_sample(kind):
+    net = tiny_net()
+    opt = build_optimizer(net, kind, lr=2e-3, muon_lr_scale=5.0)
+    cfg = LoopConfig(roi_size=(16, 16, 16), max_clicks=1)
+    rng = np.random.default_rng(0)
+    case = fixed_case()
+    losses = []
+    for i in range(20):
+        opt.set_lr_factor(lr_factor(i, i / 20, warmup_steps=3))
+        losses.append(train_step(net, opt, case, rng, cfg)[0])
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
+
+
+def test_concept_case_trains_label_token():
+    net = tiny_net()
+    opt = build_optimizer(net, "muon")
+    case = fixed_case(with_label=True)
+    case.points, case.types = np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
+    emb = net.prompt_encoder.label_embed.weight[3].detach().clone()
+    train_step(net, opt, case, np.random.default_rng(0), LoopConfig(roi_size=(32, 32, 32)))
+    assert not torch.equal(emb, net.prompt_encoder.label_embed.weight[3].detach())
+
+
+def _weights(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_checkpoint_resume_restores_step_weights_and_continues_identically(tmp_path):
+    cfg = LoopConfig(roi_size=(16, 16, 16), max_clicks=1)
+    case = fixed_case()
+    net = tiny_net()
+    opt = build_optimizer(net, "muon")
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        train_step(net, opt, case, rng, cfg)
+    save_checkpoint(tmp_path / "last.pt", net, opt, {"step": 2, "elapsed": 1.5}, rng)
+    saved = _weights(net)
+    for _ in range(2):
+        train_step(net, opt, case, rng, cfg)
+    cont = _weights(net)
+
+    net2 = tiny_net(seed=99)
+    opt2 = build_optimizer(net2, "muon")
+    rng2 = np.random.default_rng(0)
+    state = load_checkpoint(tmp_path / "last.pt", net2, opt2, rng2)
+    assert state["step"] == 2 and state["elapsed"] == 1.5
+    for k, v in _weights(net2).items():
+        assert torch.equal(v, saved[k]), k
+    for _ in range(2):
+        train_step(net2, opt2, case, rng2, cfg)
+    for k, v in _weights(net2).items():
+        assert torch.allclose(v, cont[k], atol=1e-6), k
+
+
+def test_export_loads_with_weights_only_and_fits_25mb(tmp_path):
+    net = build_network(NetworkConfig())  # the shipped size
+    path = tmp_path / "best.pt"
+    export_weights(net, path, {"step": 0})
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    sd = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    fresh = build_network(NetworkConfig())
+    fresh.load_state_dict(sd)
+    assert (tmp_path / "best_labels.json").exists()
+
+
+def test_label_vocabulary_is_stable():
+    assert len(LABEL_NAMES) <= NetworkConfig().num_labels
+    assert LABEL_IDS["spleen"] == 0 and LABEL_IDS["liver"] == 4 and LABEL_IDS["brain"] == 89
+    assert LABEL_IDS["costal_cartilages"] == 116 and LABEL_IDS["white_matter"] == 117
+    assert label_id("Gray Matter") == LABEL_IDS["grey_matter"] and label_id("nonsense") is None
+
+
+def _toy_volume():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 20, (48, 44, 40)).astype(np.float32) - 1000
+    img[6:42, 6:38, 4:36] += 1040  # a "body"
+    lab = np.zeros(img.shape, np.int16)
+    lab[12:24, 12:22, 10:20] = 1
+    img[lab == 1] += 80
+    lab[28:36, 20:30, 18:30] = 5
+    img[lab == 5] -= 60
+    aff = np.diag([1.5, 1.5, 2.5, 1.0])
+    return D.make_volume("toy", img, aff, lab, {1: "spleen", 5: "liver"}, "CT")
+
+
+def _check_sample(s):
+    assert s.image.shape == s.mask.shape and s.image.ndim == 3
+    assert s.mask.dtype == bool and s.mask.any() and np.isfinite(s.image).all()
+    assert len(s.spacing) == 3 and np.all(np.asarray(s.spacing) > 0)
+
+
+def test_toy_sources_yield_aligned_nonempty_masks(tmp_path):
+    vol = _toy_volume()
+    D.precompute([vol], tmp_path, log=lambda m: None)
+    sampler = D.ObjectSampler([vol], holdout=())
+    assert set(sampler.sources) >= {"real", "slic", "watershed", "blob", "tube", "shell", "lesion"}
+    rng = np.random.default_rng(1)
+    for src in sampler.sources:
+        if src == "window":
+            continue  # needs real anatomy; exercised on the training volumes below
+        s = sampler.sample(rng, source=src)
+        _check_sample(s)
+        case = prompted_case(s.image, s.mask, s.spacing, rng, LoopConfig())
+        if case is not None:
+            assert case.image.shape == (1, 1, 64, 64, 64) and case.gt.any()
+            assert np.all(case.points >= -1) and np.all(case.points <= 64)
+    w, vid = sampler.concept_window(rng)
+    assert w.image.shape == (64, 64, 64) and w.mask.shape == (64, 64, 64) and vid in (0, 4)
+    c = concept_case(w.image, w.mask, vid)
+    assert c.image.shape == (1, 1, 64, 64, 64) and len(c.points) == 0
+
+
+@pytest.mark.skipif(not (TRAIN / "dataset.json").exists(), reason="sample-datasets/train not fetched (make data)")
+def test_training_volume_sources():
+    vols = D.load_volumes(TRAIN)
+    assert vols and all(v.labels is None or v.labels.shape == v.image.shape for v in vols)
+    sampler = D.ObjectSampler(vols)  # no precompute: supervoxel sources are skipped
+    names = {s[2] for s in sampler.structures}
+    assert not names & set(D.DEFAULT_HOLDOUT)
+    rng = np.random.default_rng(2)
+    for src in ("real", "window", "blob", "tube", "lesion"):
+        _check_sample(sampler.sample(rng, source=src))
+    with pytest.raises(ValueError):
+        D.load_volumes(ROOT / "sample-datasets" / "eval")
+
+
+def test_finetune_runs_and_reports():
+    vol = _toy_volume()
+    net = tiny_net(num_labels=8)
+    cases = [{"image": vol.image, "label": vol.labels, "affine": vol.affine}]
+    stats = finetune(net, cases, max_seconds=60, max_steps=3, label_ids={1: 0, 5: 4},
+                     loop=LoopConfig(roi_size=(16, 16, 16), max_clicks=1))
+    assert stats["steps"] == 3 and stats["samples_per_s"] > 0 and np.isfinite(stats["loss_last"])
