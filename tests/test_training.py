@@ -213,3 +213,24 @@ def test_finetune_runs_and_reports():
     stats = finetune(net, cases, max_seconds=60, max_steps=3, label_ids={1: 0, 5: 4},
                      loop=LoopConfig(roi_size=(16, 16, 16), max_clicks=1))
     assert stats["steps"] == 3 and stats["samples_per_s"] > 0 and np.isfinite(stats["loss_last"])
+
+
+@pytest.mark.skipif(not (TRAIN / "dataset.json").exists(), reason="sample-datasets/train not fetched (make data)")
+def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
+    from lib.training.pretrain import main
+
+    out = tmp_path / "run"
+    net = '{"filters": 8, "blocks": [1, 1, 1], "depth": 1, "heads": 2, "roi_size": [32, 32, 32]}'
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"source_weights": {"real": 1, "blob": 1, "lesion": 1}, "val_per_structure": 1, '
+                   '"val_synthetic": 1, "val_concept": 1, "loop": {"max_clicks": 1}}')
+    main(["--out", str(out), "--minutes", "5", "--max-steps", "2", "--network", net, "--config", str(cfg),
+          "--no-progress", "--val-minutes", "100"])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["state"]["step"] == 2
+    main(["--out", str(out), "--resume", "--max-steps", "3", "--no-progress"])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["state"]["step"] == 3 and len(ck["state"]["history"]) == 3
+    assert (out / "curves.png").exists() and (out / "config.json").exists()
+    sd = torch.load(out / "best.pt", weights_only=True)
+    assert "decoder.bias.weight" in sd

@@ -265,7 +265,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     t0 = time.time()
     volumes = D.load_volumes(cfg.data, seed=cfg.seed)
-    D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
+    if any(cfg.source_weights.get(k, 0) > 0 for k in ("slic", "watershed")):
+        D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
     sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
     val_cases = build_validation(volumes, cfg, lcfg)
     _log(out, f"data ready in {time.time() - t0:.1f} s: {[v.name for v in volumes]}, {len(sampler.structures)} "
