@@ -100,7 +100,9 @@ def ensam_server(tmp_path_factory):
     studies = os.path.join(work, "studies")
     os.makedirs(studies)
     images = {}
-    for n, (seed, shift) in enumerate([(1, (0, 0, 0)), (2, (3, -2, 1)), (3, (-2, 3, 2)), (4, (1, 1, -1)), (5, (0, 2, 1))]):
+    shifts = [(0, 0, 0), (3, -2, 1), (-2, 3, 2), (1, 1, -1), (0, 2, 1)]
+    for n, shift in enumerate(shifts):
+        seed = n + 1
         img, lab, aff = synthetic_volume(seed, shift)
         image_id = f"vol{n}"
         nib.save(nib.Nifti1Image(img, aff), os.path.join(studies, f"{image_id}.nii.gz"))

@@ -242,7 +242,7 @@ def test_info_answers_while_an_inference_runs(ensam_server):
 # ---------------------------------------------------------------------------------------------------- batch
 def test_batch_infer_prompt_free_with_progress(ensam_server):
     r = requests.post(f"{ensam_server.url}/batch/infer/ensam_seg", params={"images": "all"},
-                      json={"max_workers": 1}, timeout=60)
+                      json={"max_workers": 1, "labels": "blob_a"}, timeout=60)
     assert r.status_code == 200, r.text
     task = _wait_task(ensam_server, "/batch/infer/")
     assert task["status"] == "DONE", task
@@ -302,14 +302,19 @@ def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
     _save_final_label(ensam_server, "vol0")
     _save_final_label(ensam_server, "vol1")
     r = requests.post(f"{ensam_server.url}/train/ensam", json={
-        "device": "cpu", "max_epochs": 1, "time_budget_s": 45, "steps_per_epoch": 4, "val_split": 0.5,
+        "device": "cpu", "max_seconds": 90, "max_steps": 2, "val_every": 2, "val_split": 0.5, "labels": "blob_a",
     }, timeout=60)
     assert r.status_code == 200, r.text
     task = _wait_task(ensam_server, "/train/", timeout=400)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    print("\n".join(line[-160:] for line in task["details"][-6:]))
     assert os.path.exists(os.path.join(ensam_server.app_dir, "model", "ensam.pt"))
     stats = requests.get(f"{ensam_server.url}/info/", timeout=30).json()["train_stats"]["ensam"]
-    assert stats["status"] == "DONE" and stats["train_images"] and stats["val_images"]
+    assert stats["status"] == "DONE" and stats["train_images"] and stats["val_images"], stats
+    assert set(stats["label_names"]) == {"blob_a"} and 0 < stats["steps"] <= 2
+    assert "val_box_dsc" in stats["val_best"] and stats["best_metric"] is not None
+    with open(os.path.join(ensam_server.app_dir, "model", "ensam_labels.json")) as f:
+        assert set(BLOBS) <= set(json.load(f))
     r = _infer(ensam_server, "ensam", "vol2", {"foreground": [[14, 12, 8]], "reset_state": True}, output="json")
     assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
 
@@ -319,16 +324,19 @@ def test_scoring_then_next_sample_for_each_strategy(ensam_server):
     if not requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()[
             "objects"]["vol0"]["labels"].get("final"):
         _save_final_label(ensam_server, "vol0")
+    unlabelled = sorted(i for i, o in _datastore_file(ensam_server)["objects"].items() if "final" not in o["labels"])
     for method in ("novelty", "uncertainty"):
-        r = requests.post(f"{ensam_server.url}/scoring/{method}", json={"labels": "blob_a"}, timeout=60)
+        # run_sync: in the server process, whose engine is already loaded (the background-process path is the
+        # same one batch inference and training take above)
+        r = requests.post(f"{ensam_server.url}/scoring/{method}", params={"run_sync": "true"},
+                          json={"labels": "blob_a", "images": ",".join(unlabelled)}, timeout=300)
         assert r.status_code == 200, r.text
-        task = _wait_task(ensam_server, "/scoring/", timeout=300)
-        assert task["status"] == "DONE", "\n".join(task.get("details", []))
+        assert set(r.json()["scores"]) >= set(unlabelled), r.json()
     ds = requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
-    for image_id, obj in ds.items():
-        info = obj["image"]["info"]
+    for image_id in unlabelled:  # scores are stored in the datastore's image info
+        info = ds[image_id]["image"]["info"]
         assert 0.0 <= info["novelty"] <= 2.0 and 0.0 <= info["uncertainty"] <= 1.0, (image_id, info)
-    unlabelled = {i for i, o in ds.items() if "final" not in o["labels"]}
+        assert set(info["uncertainty_labels"]) == {"blob_a"} and len(info["ensam_embedding"]["vector"]) > 8
     client = MONAILabelClient(ensam_server.url, client_id="al")
     for strategy in ("first", "random", "novelty", "uncertainty"):
         res = client.next_sample(strategy, {})

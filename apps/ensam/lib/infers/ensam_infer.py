@@ -111,9 +111,8 @@ class EnsamInteractive(_EnsamTask):
         description: str = "ENSAM interactive 3D segmentation: clicks, boxes (ROI) and the previous result",
         config: Optional[dict] = None,
     ):
-        cfg = {"reset_state": False, "undo": False}
-        cfg.update(config or {})
-        super().__init__(provider, volumes, InferType.DEEPGROW, list(label_names), description, cfg)
+        # reset_state / undo are request keys, not options: 3D Slicer sends every option with every click
+        super().__init__(provider, volumes, InferType.DEEPGROW, list(label_names), description, dict(config or {}))
         self.sessions = sessions
 
     def __call__(self, request) -> Tuple[Optional[str], Dict]:

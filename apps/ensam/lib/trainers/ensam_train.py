@@ -7,12 +7,18 @@ does, interaction-unrolled). This module owns what is MONAI Label specific:
 * the datalist: every image with a ``final`` label, its label names read from the label info that Slicer/OHIF
   save (``label_info: [{"name": .., "idx": ..}]``) or from the app's known names;
 * a deterministic validation split (``val_split``);
-* the label vocabulary: new names get new label tokens (``model/ensam_labels.json``);
-* publication: the best weights go to ``model/ensam.pt`` by atomic rename, so the infer tasks (which watch the
-  file's mtime) pick them up without a restart and never read half a file;
-* statistics for ``/info`` (``train_stats``), updated while training runs;
-* CPU or GPU; several GPUs through ``torch.distributed`` (one process per GPU) when ``multi_gpu`` is set and
-  more than one GPU is visible.
+* the label vocabulary: new names get new label tokens (``model/ensam_labels.json``); with ``concept`` on, the
+  prompt-free mode of the trained names is trained too;
+* publication: the best validated weights (``finetune`` keeps them) go to ``model/ensam.pt`` by atomic rename, so
+  the infer tasks (which watch the file's mtime) pick them up without a restart and never read half a file;
+* statistics for ``/info`` (``train_stats``), updated every few seconds while training runs;
+* CPU or GPU; several GPUs (one process per GPU, ``torch.distributed``) when ``multi_gpu`` is set, more than
+  one GPU is visible and the training library offers a distributed mode (``finetune(..., world_size=)``).
+
+Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
+``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
+``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
+``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import random
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
@@ -127,14 +135,15 @@ class EnsamTrain(TrainTask):
         self.stats_path = os.path.join(model_dir, "train_stats.json")
         self._config = {
             "device": ["cuda", "cpu"] if _cuda_available() else ["cpu"],
-            "max_epochs": 20,
-            "time_budget_s": 600,
-            "steps_per_epoch": 0,
+            "max_seconds": 600,
+            "max_steps": 0,
+            "val_every": 0,
             "val_split": 0.2,
-            "learning_rate": 1e-4,
+            "learning_rate": 5e-4,
+            "optimizer": ["muon", "adamw"],
             "labels": "",
+            "concept": True,
             "pretrained": True,
-            "early_stop_patience": 0,
             "seed": 0,
             "multi_gpu": False,
             "gpus": "all",
@@ -159,17 +168,22 @@ class EnsamTrain(TrainTask):
         req.update(copy.deepcopy(request or {}))
         out = dict(req)
         out["device"] = str(_first(req.get("device")) or "cpu")
-        for k, cast in (("max_epochs", int), ("time_budget_s", float), ("steps_per_epoch", int),
-                        ("val_split", float), ("learning_rate", float), ("seed", int),
-                        ("early_stop_patience", int)):
+        for k, cast in (("max_seconds", float), ("max_steps", int), ("val_every", int), ("val_split", float),
+                        ("learning_rate", float), ("seed", int)):
             try:
                 out[k] = cast(_first(req.get(k)))
             except (TypeError, ValueError):
                 raise ValueError(f"train parameter {k!r} must be a number, got {req.get(k)!r}") from None
         if not 0.0 <= out["val_split"] < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {out['val_split']}")
-        if out["max_epochs"] < 1:
-            raise ValueError("max_epochs must be >= 1")
+        if out["max_seconds"] <= 0 and out["max_steps"] <= 0:
+            raise ValueError("give a positive max_seconds (time budget) or max_steps")
+        if out["max_seconds"] <= 0:
+            out["max_seconds"] = float("inf")
+        out["optimizer"] = str(_first(req.get("optimizer")) or "muon").lower()
+        if out["optimizer"] not in ("muon", "adamw"):
+            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
+        out["concept"] = _as_bool(req.get("concept", True))
         labels = req.get("labels") or ""
         if isinstance(labels, str):
             labels = [s.strip() for s in labels.split(",") if s.strip()]
@@ -221,16 +235,17 @@ class EnsamTrain(TrainTask):
         base_stats = {
             "name": "ensam",
             "start_ts": int(start),
-            "total_epochs": req["max_epochs"],
-            "epoch": 0,
+            "epoch": 0,  # = optimiser steps (3D Slicer shows "epoch/total_epochs")
+            "total_epochs": req["max_steps"] or None,
+            "max_seconds": req["max_seconds"] if req["max_seconds"] != float("inf") else None,
             "train_images": [it["id"] for it in train_items],
             "val_images": [it["id"] for it in val_items],
             "label_names": {n: vocab[n] for n in names},
+            "device": req["device"],
             "status": "RUNNING",
         }
         atomic_write_json(base_stats, self.stats_path)
 
-        world_size = self._world_size(req)
         plan = {
             "train_items": train_items,
             "val_items": val_items,
@@ -242,6 +257,7 @@ class EnsamTrain(TrainTask):
             "base_stats": base_stats,
             "start": start,
         }
+        world_size = self._world_size(req)
         if world_size > 1:
             import torch.multiprocessing as mp
 
@@ -249,79 +265,104 @@ class EnsamTrain(TrainTask):
             os.environ.setdefault("MASTER_PORT", str(random.randint(20000, 29999)))
             logger.info(f"ensam train: torch.distributed over {world_size} GPUs")
             mp.spawn(_distributed_worker, nprocs=world_size, args=(world_size, self, plan), join=True)
-            stats = self.stats()
-        else:
-            stats = self.run(plan, rank=0, world_size=1)
-        return stats
+            return self.stats()
+        try:
+            return self.run(plan)
+        except Exception as e:
+            failed = dict(base_stats, status="ERROR", error=f"{type(e).__name__}: {e}",
+                          total_time=_hms(time.time() - start))
+            atomic_write_json(failed, self.stats_path)
+            raise
+
+    def load_cases(self, items: List[dict], vocab: Dict[str, int]) -> List[dict]:
+        """Datastore items -> finetune cases. Each name gets the voxel value token id + 1 in every case, so the
+        same structure has the same value whatever order the client saved its segments in."""
+        from lib.infers.imageio import load_volume
+
+        cases = []
+        for it in items:
+            img = load_volume(it["image"])
+            lab = load_volume(it["label"])
+            if lab.shape != img.shape:
+                raise ValueError(f"{it['id']}: label shape {lab.shape} differs from image shape {img.shape}")
+            src = np.asarray(lab.array)
+            out = np.zeros(src.shape, dtype=np.int16)
+            for name, value in it["labels"].items():
+                out[src == value] = vocab[name] + 1
+            if not out.any():
+                logger.warning(f"ensam train: {it['id']}: none of {sorted(it['labels'])} is present; skipped")
+                continue
+            cases.append({"image": np.asarray(img.array, dtype=np.float32), "label": out, "affine": img.affine,
+                          "name": it["id"]})
+        return cases
 
     def run(self, plan: dict, rank: int = 0, world_size: int = 1) -> dict:
+        import torch
+
+        from lib.engine import load_network
+        from lib.training.finetune import finetune
+
         req = plan["request"]
         base_stats = plan["base_stats"]
         start = plan["start"]
-        best = {"metric": None, "epoch": 0}
         publish_path = self.publish_path
+        vocab = plan["vocab"]
+        device = f"cuda:{rank}" if world_size > 1 else _device(req["device"])
+        torch.manual_seed(req["seed"] + rank)
 
-        def on_epoch(epoch: int, metrics: dict):
-            """Progress for /info (rank 0 only)."""
-            if rank != 0:
+        cases = self.load_cases(plan["train_items"], vocab)
+        if not cases:
+            raise ValueError("none of the labelled images holds the requested structures")
+        val_cases = self.load_cases(plan["val_items"], vocab) if plan["val_items"] else []
+        val_on_train = not val_cases
+        if val_on_train:  # a single labelled image: validate on it (best-weights selection still guards)
+            val_cases = cases
+        net = load_network(plan["init_weights"], plan["network_config"] or None, device)
+        label_ids = {vocab[n] + 1: vocab[n] for n in plan["label_names"]} if req["concept"] else None
+        last_write = [0.0]
+
+        def progress(p: dict):
+            if rank != 0 or time.time() - last_write[0] < 2.0:
                 return
-            s = dict(base_stats)
-            s.update({"epoch": int(epoch), "current_time": _hms(time.time() - start), "metrics": metrics})
-            if best["metric"] is not None:
-                s.update({"best_metric": best["metric"], "best_metric_epoch": best["epoch"]})
+            last_write[0] = time.time()
+            s = dict(base_stats, epoch=int(p.get("step", 0)), current_time=_hms(time.time() - start),
+                     loss=round(float(p.get("loss") or 0.0), 5))
             atomic_write_json(s, self.stats_path)
 
-        def publish(state_dict: dict, metric: float, epoch: int):
-            """Best weights so far -> model/ensam.pt (atomic) with the vocabulary next to it."""
-            if rank != 0:
-                return
-            best["metric"], best["epoch"] = float(metric), int(epoch)
-            meta = {"network": plan["network_config"], "trained_from": os.path.basename(plan["init_weights"] or ""),
-                    "epoch": int(epoch), "val_metric": float(metric), "labels_trained": plan["label_names"]}
-            write_vocab_and_meta(publish_path, plan["vocab"], {k: v for k, v in meta.items() if v or v == 0})
-            atomic_save_state_dict(state_dict, publish_path)
-            logger.info(f"ensam train: published {publish_path} (epoch {epoch}, val metric {metric:.4f})")
-
-        from lib.training import finetune  # the training library (plain PyTorch)
-
-        device = req["device"]
+        kwargs = dict(val_cases=val_cases, device=device, label_ids=label_ids, lr=req["learning_rate"],
+                      optimizer=req["optimizer"], max_steps=req["max_steps"], val_every=req["val_every"],
+                      keep_best=True, seed=req["seed"] + rank,
+                      progress=progress)
         if world_size > 1:
-            device = f"cuda:{rank}"
-        result = _call_finetune(
-            finetune,
-            train_items=plan["train_items"],
-            val_items=plan["val_items"],
-            vocab=plan["vocab"],
-            init_weights=plan["init_weights"],
-            network_config=plan["network_config"],
-            device=device,
-            max_epochs=req["max_epochs"],
-            time_budget_s=req["time_budget_s"],
-            steps_per_epoch=req["steps_per_epoch"] or None,
-            learning_rate=req["learning_rate"],
-            early_stop_patience=req["early_stop_patience"],
-            seed=req["seed"],
-            rank=rank,
-            world_size=world_size,
-            on_epoch=on_epoch,
-            publish=publish,
-        )
+            kwargs.update(rank=rank, world_size=world_size)
+        result = _call_finetune(finetune, network=net, cases=cases, max_seconds=req["max_seconds"], **kwargs)
         result = result if isinstance(result, dict) else {}
         if rank != 0:
             return result
+
+        best = (result.get("val_best") or {}).get("score")
+        before = (result.get("val_before") or {}).get("score")
+        meta = {"network": plan["network_config"] or net.config.to_dict(),
+                "trained_from": os.path.basename(plan["init_weights"] or "") or None,
+                "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
+                "val_best": result.get("val_best"), "steps": result.get("steps")}
+        write_vocab_and_meta(publish_path, vocab, meta)  # first: the engine reads it when the weights change
+        atomic_save_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()}, publish_path)
+        logger.info(f"ensam train: published {publish_path} (validation score {before} -> {best})")
+
         stats = dict(base_stats)
         stats.update({k: v for k, v in result.items() if _jsonable(v)})
-        stats.update(
-            {
-                "status": "DONE",
-                "epoch": int(result.get("epoch", result.get("epochs", base_stats["total_epochs"]))),
-                "total_time": _hms(time.time() - start),
-                "total_seconds": round(time.time() - start, 1),
-                "weights": os.path.basename(publish_path) if os.path.exists(publish_path) else None,
-            }
-        )
-        if best["metric"] is not None:
-            stats.update({"best_metric": best["metric"], "best_metric_epoch": best["epoch"]})
+        stats.update({
+            "status": "DONE",
+            "epoch": int(result.get("steps", 0)),
+            "total_epochs": int(result.get("steps", 0)),
+            "total_time": _hms(time.time() - start),
+            "total_seconds": round(time.time() - start, 1),
+            "best_metric": best,
+            "best_metric_before": before,
+            "validated_on_training_images": val_on_train,
+            "weights": os.path.basename(publish_path),
+        })
         atomic_write_json(stats, self.stats_path)
         return stats
 
@@ -336,11 +377,26 @@ class EnsamTrain(TrainTask):
     def _world_size(req: dict) -> int:
         if not req["multi_gpu"] or not _cuda_available():
             return 1
+        import inspect
+
         import torch
+
+        from lib.training.finetune import finetune
+
+        if "world_size" not in inspect.signature(finetune).parameters:
+            logger.warning("ensam train: lib.training.finetune has no distributed mode; using one GPU")
+            return 1
 
         gpus = req["gpus"]
         n = torch.cuda.device_count() if gpus in ("", "all") else len([g for g in gpus.split(",") if g.strip()])
         return n if n > 1 else 1
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not _cuda_available():
+        logger.warning("ensam train: CUDA requested but not available; training on CPU")
+        return "cpu"
+    return name
 
 
 def _distributed_worker(rank: int, world_size: int, task: EnsamTrain, plan: dict):

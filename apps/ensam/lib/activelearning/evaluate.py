@@ -1,0 +1,95 @@
+"""Does the ``uncertainty`` score predict the real error? Spearman correlation on labelled data.
+
+For every (image, structure) of a dataset (``dataset.json`` with ``testing``/``training`` entries holding
+``image``, ``label`` and ``labels`` {value: name}) whose name ensam knows, it computes exactly what the
+``uncertainty`` scoring method computes (disagreement of the prompt-free predictions under test-time flips) and
+the real error ``1 - DSC`` of the prompt-free prediction (the unflipped one) against the reference, then the
+Spearman rank correlation between the two, over (image, structure) pairs and over images (scores averaged per
+image, as the scoring method stores them).
+
+    python -m lib.activelearning.evaluate --data sample-datasets/eval --out eval-results/uncertainty.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from lib.infers.label_vocab import canonical, load_vocab
+
+from .features import dice, disagreement, flip_predictions
+
+
+def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int = 0,
+             min_voxels: int = 50, log=print) -> Dict:
+    from scipy.stats import spearmanr
+
+    from lib.engine import EnsamEngine
+    from lib.infers.imageio import load_volume
+
+    with open(os.path.join(data, "dataset.json")) as f:
+        ds = json.load(f)
+    entries = ds.get("testing") or ds.get("training") or []
+    existing = [w for w in weights if os.path.exists(w)]
+    engine = EnsamEngine(weights=existing[-1] if existing else None, device=device)
+    vocab = load_vocab(weights)
+    rows = []
+    for e in entries:
+        img = load_volume(os.path.join(data, e["image"]))
+        ref = np.asarray(load_volume(os.path.join(data, e["label"])).array)
+        names = [(int(v), canonical(n, vocab)) for v, n in (e.get("labels") or {}).items()]
+        names = [(v, n) for v, n in names if n in vocab and int((ref == v).sum()) >= min_voxels]
+        if max_labels:
+            names = sorted(names, key=lambda vn: -int((ref == vn[0]).sum()))[:max_labels]
+        for value, name in names:
+            t = time.time()
+            masks = flip_predictions(engine, img.array, img.affine, vocab[name], image_key=img.key)
+            u = disagreement(masks)
+            d = dice(masks[0], ref == value)
+            rows.append({"image": os.path.basename(e["image"]).split(".")[0], "label": name,
+                         "uncertainty": round(u, 5), "dsc": round(d, 5), "error": round(1 - d, 5),
+                         "seconds": round(time.time() - t, 2)})
+            log(f"{rows[-1]['image']:>10} {name:>24}: uncertainty {u:.3f}  DSC {d:.3f}  ({rows[-1]['seconds']}s)")
+    out: Dict = {"pairs": rows, "weights": os.path.basename(existing[-1]) if existing else None}
+    if len(rows) >= 3:
+        rho, p = spearmanr([r["uncertainty"] for r in rows], [r["error"] for r in rows])
+        out["spearman_pairs"] = {"rho": float(rho), "p": float(p), "n": len(rows)}
+    per_image: Dict[str, List[dict]] = {}
+    for r in rows:
+        per_image.setdefault(r["image"], []).append(r)
+    img_rows = [{"image": k, "uncertainty": float(np.mean([r["uncertainty"] for r in v])),
+                 "error": float(np.mean([r["error"] for r in v]))} for k, v in per_image.items()]
+    out["images"] = img_rows
+    if len(img_rows) >= 3:
+        rho, p = spearmanr([r["uncertainty"] for r in img_rows], [r["error"] for r in img_rows])
+        out["spearman_images"] = {"rho": float(rho), "p": float(p), "n": len(img_rows)}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder with dataset.json")
+    p.add_argument("--weights", nargs="*", default=[os.path.join(here, "model", "pretrained_ensam.pt"),
+                                                    os.path.join(here, "model", "ensam.pt")])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-labels", type=int, default=0, help="largest N structures per image (0 = all)")
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    res = evaluate(a.data, a.weights, a.device, a.max_labels)
+    for k in ("spearman_pairs", "spearman_images"):
+        if k in res:
+            print(f"{k}: rho = {res[k]['rho']:.3f} (p = {res[k]['p']:.3g}, n = {res[k]['n']})")
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
