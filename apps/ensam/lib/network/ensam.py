@@ -24,7 +24,8 @@ __all__ = ["NetworkConfig", "EnsamNet", "build_network"]
 @dataclass
 class NetworkConfig:
     """Every size of the network. ``variant``: 'ensam' (prompt attention at the latent level only) or 'samu'
-    (also at every decoder scale). ``positional``: 'rotary' (relative) or 'absolute' (Fourier features)."""
+    (also at every decoder scale). ``positional``: 'rotary' (relative) or 'absolute' (Fourier features).
+    ``prompt_prior``: initial scale of the prompt-prior residual added to the logits (0 = none; see EnsamNet)."""
 
     in_channels: int = 1
     filters: int = 16
@@ -38,6 +39,7 @@ class NetworkConfig:
     variant: str = "ensam"
     positional: str = "rotary"
     roi_size: tuple[int, int, int] = (64, 64, 64)
+    prompt_prior: float = 2.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -71,6 +73,10 @@ class EnsamNet(nn.Module):
         self.transformer = TwoWayTransformer(dim, cfg.heads, cfg.depth, cfg.mlp_ratio, rotary=rotary)
         levels = tuple(range(len(ch) - 1)) if cfg.variant == "samu" else ()
         self.decoder = UNetDecoder(ch, dim, norm=cfg.norm, attention_levels=levels, rotary=rotary)
+        # logits = decoder + s * (2 * prior - 1), prior = max(prev mask, box, fg clicks) - bg clicks: the network
+        # starts from "fill the box / keep the previous mask" and learns the correction (no collapse to empty
+        # masks early in training, when objects fill a few % of the ROI). ``s`` is learned.
+        self.prior_scale = nn.Parameter(torch.tensor(float(cfg.prompt_prior))) if cfg.prompt_prior else None
 
     @property
     def stride(self) -> int:
@@ -110,6 +116,9 @@ class EnsamNet(nn.Module):
         tokens, img = self.transformer(tokens, img, t_pos, i_pos, t_mask)
         latent = img.transpose(1, 2).reshape(b, c, *lshape)
         logits = self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
+        if self.prior_scale is not None:
+            prior = (dense[:, 0:3].amax(dim=1, keepdim=True) - dense[:, 3:4]).clamp(0, 1)
+            logits = logits + self.prior_scale * (2 * prior - 1)
         return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]]
 
     def forward(self, image, points, point_types, dense, label_ids=None):
