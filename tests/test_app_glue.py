@@ -224,3 +224,77 @@ def test_http_error_mapping():
     assert http_error_for(MONAILabelException(MONAILabelError.INVALID_INPUT, "There is no model 'q'")).status_code \
         == 404
     assert http_error_for(RuntimeError("bug")) is None
+
+
+# ---------------------------------------------------------------------------------------------------- train glue
+def test_train_request_and_label_names():
+    from lib.trainers.ensam_train import EnsamTrain, label_names_of, split_items
+
+    slicer_info = {"label_info": [{"name": "liver", "idx": 1}, {"name": "background", "idx": 0},
+                                  {"name": "Spleen", "idx": 3}], "model": "ensam"}
+    assert label_names_of(slicer_info, {}) == {"liver": 1, "Spleen": 3}
+    assert label_names_of({}, {5: "liver"}) == {"liver": 5}  # no info: values are token id + 1
+    items = [{"id": f"i{n}"} for n in range(10)]
+    tr, va = split_items(items, 0.2, seed=0)
+    assert len(va) == 2 and not {d["id"] for d in tr} & {d["id"] for d in va}
+    assert (tr, va) == split_items(list(reversed(items)), 0.2, seed=0)  # deterministic
+    assert split_items(items[:1], 0.5) == (items[:1], [])
+    task = EnsamTrain("/tmp/none", ["/tmp/none/pretrained_ensam.pt", "/tmp/none/ensam.pt"])
+    req = task.parse_request({"max_seconds": "30", "labels": "liver, spleen", "optimizer": ["adamw"],
+                              "device": ["cpu"]})
+    assert req["max_seconds"] == 30.0 and req["labels"] == ["liver", "spleen"] and req["optimizer"] == "adamw"
+    for bad in ({"val_split": 1.5}, {"max_seconds": "x"}, {"optimizer": "sgd"}, {"max_seconds": 0}):
+        with pytest.raises(ValueError):
+            task.parse_request(bad)
+    assert "tracking" not in task.config()
+
+
+def test_train_cases_use_one_value_per_name(tmp_path):
+    from lib.trainers.ensam_train import EnsamTrain
+
+    img, lab, aff = synthetic_volume(3)
+    nib.save(nib.Nifti1Image(img, aff), str(tmp_path / "i.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(tmp_path / "l.nii.gz"))
+    task = EnsamTrain(str(tmp_path), [str(tmp_path / "ensam.pt")])
+    vocab = {"blob_a": 120, "blob_b": 121}
+    item = {"id": "i", "image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz"),
+            "labels": {"blob_b": 1, "blob_a": 2}}  # saved in the other order by some client
+    (case,) = task.load_cases([item], vocab)
+    assert set(np.unique(case["label"])) == {0, 121, 122}
+    assert np.array_equal(case["label"] == 122, lab == 1) and np.allclose(case["affine"], aff)
+
+
+# ---------------------------------------------------------------------------------------------------- batch, AL
+def test_manifest_forms():
+    from lib.infers.batch import load_manifest
+
+    m = load_manifest({"a": {"roi": [1, 2, 3, 4, 5, 6]}, "b": [{"label": "x", "foreground": [[1, 2, 3]]}, {}]})
+    assert list(m) == ["a", "b"] and len(m["b"]) == 2
+    assert load_manifest('[{"image": "a", "boxes": [[1, 2, 3, 4, 5, 6]]}]') == {"a": [{"boxes": [[1, 2, 3, 4, 5, 6]]}]}
+    with pytest.raises(RequestError):
+        load_manifest({"a": {"rio": [1, 2, 3, 4, 5, 6]}})  # a typo is refused, not ignored
+    assert load_manifest(None) is None
+
+
+def test_novelty_is_distance_to_nearest_labelled_or_pending():
+    from lib.activelearning.scoring import novelty_scores
+
+    e = {"lab": np.array([1.0, 0.0]), "near": np.array([0.9, 0.1]), "far": np.array([0.0, 1.0]),
+         "far2": np.array([0.1, 0.9])}
+    s = novelty_scores(e, {"lab"})
+    assert s["far"] > s["far2"] > s["near"]
+    s2 = novelty_scores(e, {"lab"}, pending={"far"})  # "far" is being labelled: "far2" is no longer novel
+    assert s2["far2"] < s["far2"]
+    assert set(novelty_scores(e, set())) == set(e)  # nothing labelled: distance to the mean
+
+
+def test_flip_disagreement():
+    from lib.activelearning.features import disagreement, flip_predictions
+
+    img, _, aff = synthetic_volume(1)
+    eng = StubEngine()
+    eng.blob_a_token = 0
+    masks = flip_predictions(eng, img, aff, 0)
+    assert len(masks) == 4 and all(m.shape == img.shape for m in masks)
+    assert disagreement(masks) == 0.0  # a flip-equivariant predictor agrees with itself
+    assert disagreement([masks[0], ~masks[0]]) == 1.0

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
 from .imageio import VolumeCache, write_mask
@@ -80,7 +81,9 @@ def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
 
 class _EnsamTask(InferTask):
     def __init__(self, provider: EngineProvider, volumes: VolumeCache, type, labels, description, config=None):
-        super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
+        cfg = {"device": device_list()}  # clients send the first entry; no GPU -> CPU
+        cfg.update(config or {})
+        super().__init__(type=type, labels=labels, dimension=3, description=description, config=cfg)
         self.provider = provider
         self.volumes = volumes
 

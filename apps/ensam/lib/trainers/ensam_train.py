@@ -235,8 +235,11 @@ class EnsamTrain(TrainTask):
         base_stats = {
             "name": "ensam",
             "start_ts": int(start),
-            "epoch": 0,  # = optimiser steps (3D Slicer shows "epoch/total_epochs")
-            "total_epochs": req["max_steps"] or None,
+            # 3D Slicer draws a progress bar from epoch/total_epochs and an accuracy bar from best_metric: here
+            # epoch = optimiser steps, total_epochs = max_steps or the steps the time budget should allow
+            "epoch": 0,
+            "total_epochs": req["max_steps"] or 1,
+            "best_metric": 0.0,
             "max_seconds": req["max_seconds"] if req["max_seconds"] != float("inf") else None,
             "train_images": [it["id"] for it in train_items],
             "val_images": [it["id"] for it in val_items],
@@ -325,7 +328,12 @@ class EnsamTrain(TrainTask):
             if rank != 0 or time.time() - last_write[0] < 2.0:
                 return
             last_write[0] = time.time()
-            s = dict(base_stats, epoch=int(p.get("step", 0)), current_time=_hms(time.time() - start),
+            step, secs = int(p.get("step", 0)), float(p.get("seconds", 0.0))
+            total = req["max_steps"] or 0
+            if req["max_seconds"] != float("inf") and secs > 0:
+                by_time = int(round(step * req["max_seconds"] / secs))
+                total = min(total, by_time) if total else by_time
+            s = dict(base_stats, epoch=step, total_epochs=max(total, step, 1), current_time=_hms(time.time() - start),
                      loss=round(float(p.get("loss") or 0.0), 5))
             atomic_write_json(s, self.stats_path)
 
@@ -358,7 +366,7 @@ class EnsamTrain(TrainTask):
             "total_epochs": int(result.get("steps", 0)),
             "total_time": _hms(time.time() - start),
             "total_seconds": round(time.time() - start, 1),
-            "best_metric": best,
+            "best_metric": best if best is not None else 0.0,
             "best_metric_before": before,
             "validated_on_training_images": val_on_train,
             "weights": os.path.basename(publish_path),
