@@ -3,7 +3,8 @@
 For every (image, structure) of a dataset (``dataset.json`` with ``testing``/``training`` entries holding
 ``image``, ``label`` and ``labels`` {value: name}) whose name ensam knows, it computes exactly what the
 ``uncertainty`` scoring method computes (disagreement of the prompt-free predictions under test-time flips) and
-the real error ``1 - DSC`` of the prompt-free prediction (the unflipped one) against the reference, then the
+the real error ``1 - DSC`` of the prompt-free prediction ``ensam_seg`` gives (3 mm working spacing) against the
+reference, then the
 Spearman rank correlation between the two, over (image, structure) pairs and over images (scores averaged per
 image, as the scoring method stores them).
 
@@ -26,17 +27,20 @@ from .features import dice, disagreement, flip_predictions
 
 
 def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int = 0,
-             min_voxels: int = 50, log=print) -> Dict:
+             min_voxels: int = 50, spacing_mm: float = 5.0, error_spacing_mm: float = 3.0, log=print) -> Dict:
     from scipy.stats import spearmanr
 
-    from lib.engine import EnsamEngine
+    from lib.engine import EngineConfig, EnsamEngine
     from lib.infers.imageio import load_volume
 
     with open(os.path.join(data, "dataset.json")) as f:
         ds = json.load(f)
     entries = ds.get("testing") or ds.get("training") or []
     existing = [w for w in weights if os.path.exists(w)]
-    engine = EnsamEngine(weights=existing[-1] if existing else None, device=device)
+    w = existing[-1] if existing else None
+    engine = EnsamEngine(weights=w, device=device, config=EngineConfig(label_spacing_mm=spacing_mm))
+    seg_engine = engine if error_spacing_mm == spacing_mm else EnsamEngine(
+        weights=w, device=device, config=EngineConfig(label_spacing_mm=error_spacing_mm))
     vocab = load_vocab(weights)
     rows = []
     for e in entries:
@@ -50,12 +54,14 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
             t = time.time()
             masks = flip_predictions(engine, img.array, img.affine, vocab[name], image_key=img.key)
             u = disagreement(masks)
-            d = dice(masks[0], ref == value)
+            pred = masks[0] if seg_engine is engine else seg_engine.segment_label(img.array, img.affine, vocab[name])
+            d = dice(np.asarray(pred) > 0, ref == value)
             rows.append({"image": os.path.basename(e["image"]).split(".")[0], "label": name,
                          "uncertainty": round(u, 5), "dsc": round(d, 5), "error": round(1 - d, 5),
                          "seconds": round(time.time() - t, 2)})
             log(f"{rows[-1]['image']:>10} {name:>24}: uncertainty {u:.3f}  DSC {d:.3f}  ({rows[-1]['seconds']}s)")
-    out: Dict = {"pairs": rows, "weights": os.path.basename(existing[-1]) if existing else None}
+    out: Dict = {"pairs": rows, "weights": os.path.basename(existing[-1]) if existing else None,
+                 "spacing_mm": spacing_mm}
     if len(rows) >= 3:
         rho, p = spearmanr([r["uncertainty"] for r in rows], [r["error"] for r in rows])
         out["spearman_pairs"] = {"rho": float(rho), "p": float(p), "n": len(rows)}
@@ -79,9 +85,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                     os.path.join(here, "model", "ensam.pt")])
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-labels", type=int, default=0, help="largest N structures per image (0 = all)")
+    p.add_argument("--spacing-mm", type=float, default=5.0, help="as the uncertainty scoring method (default 5)")
+    p.add_argument("--error-spacing-mm", type=float, default=3.0, help="as ensam_seg (default 3)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
-    res = evaluate(a.data, a.weights, a.device, a.max_labels)
+    res = evaluate(a.data, a.weights, a.device, a.max_labels, spacing_mm=a.spacing_mm,
+                   error_spacing_mm=a.error_spacing_mm)
     for k in ("spearman_pairs", "spearman_images"):
         if k in res:
             print(f"{k}: rho = {res[k]['rho']:.3f} (p = {res[k]['p']:.3g}, n = {res[k]['n']})")

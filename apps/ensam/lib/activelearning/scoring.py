@@ -4,8 +4,9 @@
   info as ``ensam_embedding``; its score is the cosine distance to the NEAREST labelled image (tag ``final``), i.e.
   how far it lies from what the model has already been taught. With nothing labelled yet, the distance to the mean
   embedding of all images is used (outliers first).
-* ``uncertainty``: for every known label name, the prompt-free prediction on the image as stored and mirrored along
-  each axis (4 passes); the score is the mean over label names of 1 - mean pairwise Dice between the 4 masks.
+* ``uncertainty``: for each of a few known label names (the auto-segmentation ones), the prompt-free prediction on
+  the image as stored and mirrored along each axis (4 passes, at a coarse working spacing); the score is the mean
+  over the names of 1 - mean pairwise Dice between the 4 masks.
 
 Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
 recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
@@ -25,7 +26,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.infers.engine_provider import EngineProvider
 from lib.infers.imageio import VolumeCache, file_key
-from lib.infers.label_vocab import load_vocab
+from lib.infers.label_vocab import canonical, load_vocab
 from lib.infers.request_parsing import parse_bool
 
 from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding
@@ -142,7 +143,14 @@ def novelty_scores(embeddings: Dict[str, np.ndarray], labelled: set,
 
 
 class UncertaintyScoring(_EnsamScoring):
+    """Request keys (all optional): ``labels`` (names; default: the first ``max_labels`` auto-segmentation
+    names), ``max_labels`` (4), ``spacing_mm`` (working spacing of the prompt-free passes, 5.0: coarser than
+    ``ensam_seg``'s 3 mm, a score only has to rank images; on CPU a 512x512x20 CT then takes ~8 s per pass),
+    ``images`` (ids, default all), ``force``."""
+
     key = "uncertainty"
+    SPACING_MM = 5.0
+    MAX_LABELS = 4
 
     def __init__(self, provider: EngineProvider, volumes: VolumeCache, extra_names: Sequence[str] = (),
                  default_labels: Sequence[str] = (), num_labels: int = 128):
@@ -150,16 +158,35 @@ class UncertaintyScoring(_EnsamScoring):
         self.extra_names = list(extra_names)
         self.default_labels = list(default_labels)
         self.num_labels = int(num_labels)
+        self._providers: Dict[float, EngineProvider] = {}
+
+    def _engine_at(self, request, spacing_mm: float):
+        """An engine like the app's (same weights, reloaded when they change) working at ``spacing_mm``."""
+        from lib.engine import EngineConfig
+        from lib.infers.engine_provider import resolve_device
+
+        p = self._providers.get(spacing_mm)
+        if p is None:
+            p = self._providers[spacing_mm] = EngineProvider(
+                self.provider.paths, network_config=self.provider.network_config,
+                engine_kwargs={"config": EngineConfig(label_spacing_mm=spacing_mm)})
+        dev = request.get("device")
+        device = resolve_device(dev[0] if isinstance(dev, list) and dev else dev)
+        return p.get(device), self.provider.device_lock(device)
 
     def __call__(self, request, datastore: Datastore):
         start = time.time()
         refresh(datastore)
         force = parse_bool(request.get("force"), "force")
         vocab = load_vocab(self.provider.paths, self.extra_names, self.num_labels)
-        wanted_labels = request.get("labels") or self.default_labels
+        wanted_labels = request.get("labels")
         if isinstance(wanted_labels, str):
             wanted_labels = [s.strip() for s in wanted_labels.split(",") if s.strip()]
+        if not wanted_labels:
+            wanted_labels = self.default_labels[: int(request.get("max_labels", self.MAX_LABELS))]
+        wanted_labels = [canonical(n, vocab) for n in wanted_labels]
         labels = {n: vocab[n] for n in wanted_labels if n in vocab}
+        spacing_mm = float(request.get("spacing_mm", self.SPACING_MM))
         if not labels:  # nothing to disagree about yet (e.g. at start-up before any label name is known)
             why = f"no known label name among {wanted_labels}" if wanted_labels else "ensam knows no label name yet"
             logger.info(f"uncertainty: skipped ({why})")
@@ -170,13 +197,13 @@ class UncertaintyScoring(_EnsamScoring):
         for image_id in _images(request, datastore):
             uri = datastore.get_image_uri(image_id)
             info = datastore.get_image_info(image_id)
-            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels))
+            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm)
             meta = info.get(f"{self.key}_meta")
             if not force and meta == stamp and self.key in info:
                 scores[image_id] = float(info[self.key])
                 continue
             if engine is None:
-                engine, lock = self._engine(request)
+                engine, lock = self._engine_at(request, spacing_mm)
             vol = self.volumes.get(uri)
             per_label = {}
             with lock:
