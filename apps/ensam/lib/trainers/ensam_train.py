@@ -194,6 +194,9 @@ class EnsamTrain(TrainTask):
         return out
 
     def datalist(self, datastore: Datastore, wanted: Sequence[str]) -> List[dict]:
+        """Images with a ``final`` label and the names (present in the label file) -> voxel value."""
+        from lib.infers.imageio import load_volume
+
         fallback = {v: k for k, v in output_ids(self._vocab()).items()}
         items = []
         for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
@@ -204,6 +207,8 @@ class EnsamTrain(TrainTask):
             info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
             vocab = self._vocab()
             names = {canonical(k, vocab): v for k, v in label_names_of(info, fallback).items()}
+            present = set(np.unique(np.asarray(load_volume(label_uri).array)).tolist())
+            names = {k: v for k, v in names.items() if v in present}
             if wanted:
                 names = {k: v for k, v in names.items() if k in wanted}
             if not names:
