@@ -94,7 +94,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
             prompt-free mode for those labels (None = prompted training only).
         lr: AdamW learning rate (Muon: 5x with RMS matching). optimizer: 'muon' or 'adamw'.
         keep_best: with ``val_cases``, restore the weights with the best validation score at the end.
-        val_every: validate every this many steps (0 = about 5 times in the budget).
+        val_every: validate every this many steps (0 = about 5 times in the budget: ``max_steps`` if given,
+            else ``max_seconds``; every 50 steps when both are unbounded).
         progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
 
     Returns:
@@ -158,8 +159,14 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         stats["loss_last"] = ema
         if progress is not None:
             progress({"step": stats["steps"], "seconds": time.time() - t0, "loss": ema})
-        due = (val_every and stats["steps"] % val_every == 0) or \
-              (not val_every and time.time() - last_val_t >= max_seconds / 5)
+        if val_every:
+            due = stats["steps"] % val_every == 0
+        elif max_steps:
+            due = stats["steps"] % max(10, max_steps // 5) == 0
+        elif np.isfinite(max_seconds):
+            due = time.time() - last_val_t >= max_seconds / 5
+        else:
+            due = stats["steps"] % 50 == 0
         if vcases and due:
             last_val_t = time.time()
             s = score_now()
