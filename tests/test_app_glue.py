@@ -146,6 +146,18 @@ def test_interactive_click_lands_on_the_clicked_voxel(study, tmp_path):
         os.remove(f)
 
 
+def test_requests_without_label_or_client_stand_alone(study, tmp_path):
+    """OHIF sends neither a label nor a client id: no previous mask may leak from one label to another."""
+    path, *_ = study
+    provider = StubProvider(str(tmp_path))
+    task = EnsamInteractive(provider, VolumeCache(), SessionStore())
+    for _ in range(2):
+        out, res = task({"image": path, "foreground": [[5, 5, 5]]})
+        os.remove(out)
+        assert provider.engine.calls[-1]["prev"] is False and res["session"]["step"] == 0
+    assert len(task.sessions) == 0
+
+
 def test_interactive_nrrd_for_ohif_keeps_geometry(study, tmp_path):
     path, img, _, aff = study
     task = EnsamInteractive(StubProvider(str(tmp_path)), VolumeCache(), SessionStore())

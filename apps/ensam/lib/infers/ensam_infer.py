@@ -126,7 +126,10 @@ class EnsamInteractive(_EnsamTask):
         client_id = _first(request.get("client_id")) or ""
         undo = parse_bool(request.get("undo"), "undo")
         reset = parse_bool(request.get("reset_state"), "reset_state")
-        keep_session = parse_bool(request.get("session_memory", True), "session_memory", default=True)
+        # the previous result is only meaningful when the request says whose and which object it is: 3D Slicer
+        # sends the segment name (label) and its client id; OHIF sends neither (and re-sends every click of the
+        # current label each time), so its requests stand alone instead of mixing labels
+        keep_session = parse_bool(request.get("session_memory"), "session_memory", default=bool(label or client_id))
         points, plabels, boxes = parse_prompts(request)  # malformed input fails before the image is read
         _result_format(request)
 
