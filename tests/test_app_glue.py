@@ -310,3 +310,4 @@ def test_flip_disagreement():
     assert len(masks) == 4 and all(m.shape == img.shape for m in masks)
     assert disagreement(masks) == 0.0  # a flip-equivariant predictor agrees with itself
     assert disagreement([masks[0], ~masks[0]]) == 1.0
+    assert disagreement([np.zeros((2, 2, 2), bool)] * 4) == 1.0  # found nothing: not "confident"

@@ -4,7 +4,7 @@
   L2-normalised, concatenated). It needs no prompt.
 * :func:`flip_predictions`: prompt-free predictions of one label name for the image as stored and mirrored along
   each axis (the mirrored prediction is flipped back), all on the original grid.
-* :func:`disagreement`: 1 - mean pairwise Dice of such predictions (0 = all agree).
+* :func:`disagreement`: 1 - mean pairwise Dice of such predictions (0 = all agree; nothing found anywhere = 1).
 """
 
 from __future__ import annotations
@@ -66,7 +66,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(a, b).sum()) / (sa + sb)
 
 
-def disagreement(masks: Sequence[np.ndarray]) -> float:
+def disagreement(masks: Sequence[np.ndarray], empty: float = 1.0) -> float:
+    """1 - mean pairwise Dice. When every mask is empty the model found nothing at all for a structure it was
+    asked about: that counts as ``empty`` (default 1.0, full uncertainty), not as perfect agreement."""
+    if all(not np.any(m) for m in masks):
+        return float(empty)
     if len(masks) < 2:
         return 0.0
     d = [dice(masks[i], masks[j]) for i in range(len(masks)) for j in range(i + 1, len(masks))]

@@ -6,7 +6,7 @@
   embedding of all images is used (outliers first).
 * ``uncertainty``: for each of a few known label names (the auto-segmentation ones), the prompt-free prediction on
   the image as stored and mirrored along each axis (4 passes, at a coarse working spacing); the score is the mean
-  over the names of 1 - mean pairwise Dice between the 4 masks.
+  over the names of 1 - mean pairwise Dice between the 4 masks (a name found nowhere counts 1).
 
 Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
 recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
