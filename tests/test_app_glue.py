@@ -288,6 +288,15 @@ def test_manifest_forms():
     assert load_manifest(None) is None
 
 
+def test_batch_with_the_interactive_model_needs_a_manifest(tmp_path):
+    from lib.infers.batch import EnsamBatchInfer
+
+    task = EnsamInteractive(StubProvider(str(tmp_path)), VolumeCache(), SessionStore())
+    with pytest.raises(RequestError) as e:
+        EnsamBatchInfer({"ensam": task})({"model": "ensam"}, datastore=None, infer=None)
+    assert "manifest" in str(e.value)
+
+
 def test_novelty_is_distance_to_nearest_labelled_or_pending():
     from lib.activelearning.scoring import novelty_scores
 

@@ -90,7 +90,7 @@ class EnsamApp(MONAILabelApp):
         return methods
 
     def init_batch_infer(self):
-        return EnsamBatchInfer()
+        return EnsamBatchInfer(self._infers)
 
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as

@@ -71,6 +71,10 @@ def load_manifest(value: Any) -> Optional[Dict[str, List[dict]]]:
 
 
 class EnsamBatchInfer(BatchInferTask):
+    def __init__(self, infers: Optional[dict] = None):
+        super().__init__()
+        self.infers = infers or {}
+
     def get_images(self, request, datastore: Datastore):
         manifest = request.get("_manifest")
         images = request.get("images", BatchInferImageType.IMAGES_ALL)
@@ -84,6 +88,10 @@ class EnsamBatchInfer(BatchInferTask):
         manifest = load_manifest(request.pop("manifest", None))
         request["_manifest"] = manifest
         model = request.get("model")
+        task = self.infers.get(model)
+        if task is not None and getattr(task, "type", None) == "deepgrow" and manifest is None:
+            raise RequestError(f"batch inference with the interactive model {model!r} needs a prompt 'manifest' "
+                               f"(per-image boxes/points); use '{model}_seg' for prompt-free segmentation")
         image_ids = sorted(self.get_images(request, datastore))
         request.pop("_manifest", None)
         known = set(datastore.list_images())
