@@ -19,7 +19,7 @@ from pathlib import Path
 DEFAULT_METHODS = "ensam,graphcut,random_walker,region_growing,box_fill"
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(n: int, torch_needed: bool) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, str(n))
     try:
@@ -28,7 +28,7 @@ def _set_threads(n: int) -> None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
     except Exception:
         pass
-    if "torch" in sys.modules or n:
+    if "torch" in sys.modules or torch_needed:  # importing torch costs seconds: only when a method needs it
         try:
             import torch
 
@@ -78,9 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="grid-search the baselines on --data (a training set!)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _set_threads(args.threads)
-
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _set_threads(args.threads, torch_needed="ensam" in names and not args.tune)
     cases = [c.strip() for c in args.cases.split(",")] if args.cases else None
     if args.tune:
         from .baselines import tune

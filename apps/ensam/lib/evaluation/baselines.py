@@ -307,8 +307,8 @@ class RandomWalker:
 
     Tuned on ct_small (train, 41 structures, full protocol, seed 0) by :func:`tune` over :data:`TUNING_GRIDS`
     ["random_walker"] (beta x centre_frac, 8 settings): best beta=30000, centre_frac=0.35 with DSC_AUC 2.50 (box
-    DSC 0.43, final DSC 0.71); range over the grid 1.73..2.50 (beta=1e5 was worse in an earlier round). (skimage divides beta by 10 x the data's std, hence
-    the large value.) margin, click_mm, max_voxels, tol: fixed.
+    DSC 0.43, final DSC 0.71); range over the grid 1.73..2.50 (beta=1e5 was worse in an earlier round). skimage
+    divides beta by 10 x the data's std, hence the large value. margin, click_mm, max_voxels, tol: fixed.
     """
 
     name = "random_walker"

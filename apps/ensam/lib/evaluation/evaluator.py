@@ -34,7 +34,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -404,10 +404,11 @@ def _f(v, nd=3):
 
 def results_markdown(results: dict) -> str:
     methods = results["methods"]
+    pr = results["protocol"]
     lines = ["# Interactive evaluation", "",
-             f"Data: `{results['data']}`; seed {results['protocol']['seed']}; box (jitter 0..{results['protocol']['jitter_voxels']} "
-             f"voxels) then {results['protocol']['clicks']} clicks; NSD at {results['protocol']['nsd_tolerance_mm']} mm "
-             f"(0 when DSC <= {results['protocol']['nsd_min_dsc']}); AUC = trapezoid over the click steps (max "
+             f"Data: `{results['data']}`; seed {pr['seed']}; box (jitter 0..{pr['jitter_voxels']} voxels) then "
+             f"{pr['clicks']} clicks; NSD at {pr['nsd_tolerance_mm']} mm "
+             f"(0 when DSC <= {pr['nsd_min_dsc']}); AUC = trapezoid over the click steps (max "
              f"{results['protocol']['clicks'] - 1}). Mean over structures.", "",
              "| method | structures | box DSC | DSC_AUC | NSD_AUC | final DSC | final NSD | s/step | peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -442,7 +443,8 @@ def results_markdown(results: dict) -> str:
             rows.setdefault((s["case"], s["label"], s["name"], s["voxels"]), {})[name] = s
     for title, key in (("box DSC", "box_dsc"), ("DSC_AUC", "dsc_auc"), ("final DSC", "final_dsc"),
                        ("final NSD", "final_nsd")):
-        lines += ["", f"## Per structure: {title}", "", "| image | id | structure | voxels | " + " | ".join(names) + " |",
+        lines += ["", f"## Per structure: {title}", "",
+                  "| image | id | structure | voxels | " + " | ".join(names) + " |",
                   "|---|---|---|---|" + "---|" * len(names)]
         for (c, lid, sname, vox), per in rows.items():
             lines.append(f"| {c} | {lid} | {sname} | {vox} | " +
