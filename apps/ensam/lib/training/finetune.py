@@ -92,7 +92,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         cases: labelled volumes, see the module docstring. val_cases: the same format (or None).
         device: 'cpu' / 'cuda' (bf16 autocast on CUDA). label_ids: {label value: token id} to also train the
             prompt-free mode for those labels (None = prompted training only).
-        lr: AdamW learning rate (Muon: 5x with RMS matching). optimizer: 'muon' or 'adamw'.
+        lr: AdamW learning rate (Muon: the same, with RMS matching). optimizer: 'muon' or 'adamw'.
         keep_best: with ``val_cases``, restore the weights with the best validation score at the end.
         val_every: validate every this many steps (0 = about 5 times in the budget: ``max_steps`` if given,
             else ``max_seconds``; every 50 steps when both are unbounded).
@@ -112,7 +112,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         raise ValueError("finetune: no labelled structure in the cases")
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
-    opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=5.0)
+    opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
     amp = str(device).startswith("cuda")
 
     def score_now():

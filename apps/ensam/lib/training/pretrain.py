@@ -53,7 +53,7 @@ class PretrainConfig:
     network: dict = field(default_factory=dict)
     optimizer: str = "muon"
     lr: float = 2e-3
-    muon_lr_scale: float = 5.0             # Muon lr = lr * this (adjust_lr_fn='match_rms_adamw')
+    muon_lr_scale: float = 1.0             # Muon lr = lr * this (adjust_lr_fn="match_rms_adamw"); recipe v2
     weight_decay: float = 0.01
     warmup_steps: int = 40
     final_lr_fraction: float = 0.05
