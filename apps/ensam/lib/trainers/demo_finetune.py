@@ -69,6 +69,7 @@ def run(structure: str, train_image: str, train_label: str, train_value: int, ev
     from lib.infers.imageio import load_volume
     from lib.trainers.ensam_train import EnsamTrain
 
+    weights = os.path.abspath(weights)
     cases = _eval_cases(eval_folder, structure)
     if not cases:
         raise SystemExit(f"no evaluation volume holds {structure!r}")
