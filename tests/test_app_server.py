@@ -195,7 +195,8 @@ def test_bad_requests_change_nothing_and_undo(ensam_server):
     r5 = _infer(ensam_server, "ensam", "vol3", dict(base, undo=True))
     assert r5.status_code == 409 and "nothing to undo" in r5.json()["detail"]
     assert _infer(ensam_server, "nope", "vol3", {"foreground": [[1, 1, 1]]}).status_code == 404
-    assert _infer(ensam_server, "ensam", "missing", {"foreground": [[1, 1, 1]]}).status_code == 404
+    r = _infer(ensam_server, "ensam", "missing", {"foreground": [[1, 1, 1]]})
+    assert r.status_code == 404 and "'missing' is not in the datastore" in r.json()["detail"]
 
 
 def test_repeated_clicks_reuse_the_encoding(ensam_server):

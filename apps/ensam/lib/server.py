@@ -31,6 +31,7 @@ from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger("ensam.server")
 
@@ -78,6 +79,10 @@ def infer_threaded(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     try:
+        if image and not file and not session_id and not os.path.exists(image):
+            uri = app_instance().datastore().get_image_uri(image)
+            if not uri or not os.path.exists(uri):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
     except HTTPException:
         raise
