@@ -92,6 +92,15 @@ class EnsamApp(MONAILabelApp):
     def init_batch_infer(self):
         return EnsamBatchInfer(self._infers)
 
+    def _download_dcmqi_tools(self):
+        """monailabel fetches dcmqi (DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
+        fails to start without internet access. Without it only ``output=dicom_seg`` is unavailable."""
+        try:
+            super()._download_dcmqi_tools()
+        except Exception as e:  # noqa: BLE001 - offline, proxy, ...
+            logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); DICOM SEG output "
+                           f"(output=dicom_seg) is disabled, everything else works")
+
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as
         subprocesses) rewrote a local datastore's file: cheap (one stat) and keeps this process from writing
