@@ -323,6 +323,31 @@ def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
     assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
 
 
+def test_data_parallel_training_over_two_processes(ensam_server):
+    """The multi-GPU path (torch.distributed, one process per device) run on CPU over gloo: ``cpu_processes``."""
+    if not _finetune_available():
+        pytest.skip("lib.training.finetune is not available yet")
+    for image_id in ("vol0", "vol1"):
+        if not requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()[
+                "objects"][image_id]["labels"].get("final"):
+            _save_final_label(ensam_server, image_id)
+    weights = os.path.join(ensam_server.app_dir, "model", "ensam.pt")
+    before = os.stat(weights).st_mtime_ns if os.path.exists(weights) else None
+    r = requests.post(f"{ensam_server.url}/train/ensam", json={
+        "device": "cpu", "cpu_processes": 2, "max_seconds": 120, "max_steps": 2, "val_every": 2,
+        "val_split": 0.5, "labels": "blob_a",
+    }, timeout=60)
+    assert r.status_code == 200, r.text
+    task = _wait_task(ensam_server, "/train/", timeout=400)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    stats = requests.get(f"{ensam_server.url}/info/", timeout=30).json()["train_stats"]["ensam"]
+    assert stats["status"] == "DONE" and stats["world_size"] == 2 and stats["devices"] == ["cpu", "cpu"], stats
+    assert stats["steps"] == 2 and "val_box_dsc" in stats["val_best"]
+    assert os.stat(weights).st_mtime_ns != before  # rank 0 published
+    r = _infer(ensam_server, "ensam", "vol2", {"foreground": [[14, 12, 8]], "reset_state": True}, output="json")
+    assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
+
+
 # ---------------------------------------------------------------------------------------------------- active learning
 def test_scoring_then_next_sample_for_each_strategy(ensam_server):
     if not requests.get(f"{ensam_server.url}/datastore/", params={"output": "all"}, timeout=30).json()[

@@ -12,13 +12,15 @@ does, interaction-unrolled). This module owns what is MONAI Label specific:
 * publication: the best validated weights (``finetune`` keeps them) go to ``model/ensam.pt`` by atomic rename, so
   the infer tasks (which watch the file's mtime) pick them up without a restart and never read half a file;
 * statistics for ``/info`` (``train_stats``), updated every few seconds while training runs;
-* CPU or GPU; several GPUs (one process per GPU, ``torch.distributed``) when ``multi_gpu`` is set, more than
-  one GPU is visible and the training library offers a distributed mode (``finetune(..., world_size=)``).
+* CPU or GPU; several GPUs (one process per GPU, ``torch.distributed`` with NCCL) when ``multi_gpu`` is set and
+  more than one GPU is visible (``gpus``: "all" or a comma list of indices); on CPU, ``cpu_processes`` > 1 runs
+  the same data-parallel training over gloo (several processes sharing the cores; this is how the distributed
+  path is tested on machines without GPUs). See :mod:`lib.training.distributed`.
 
 Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
 ``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
-``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``.
+``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import random
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -147,6 +149,7 @@ class EnsamTrain(TrainTask):
             "seed": 0,
             "multi_gpu": False,
             "gpus": "all",
+            "cpu_processes": 1,
         }
         self._config.update(config or {})
 
@@ -191,6 +194,13 @@ class EnsamTrain(TrainTask):
         out["pretrained"] = _as_bool(req.get("pretrained", True))
         out["multi_gpu"] = _as_bool(req.get("multi_gpu", False))
         out["gpus"] = str(_first(req.get("gpus")) or "all")
+        try:
+            out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)) or 1)
+        except (TypeError, ValueError):
+            raise ValueError(f"cpu_processes must be an integer, got {req.get('cpu_processes')!r}") from None
+        if not 1 <= out["cpu_processes"] <= max(1, os.cpu_count() or 1):
+            raise ValueError(f"cpu_processes must be between 1 and the number of CPU cores ({os.cpu_count()}), "
+                             f"got {out['cpu_processes']}")
         return out
 
     def datalist(self, datastore: Datastore, wanted: Sequence[str]) -> List[dict]:
@@ -265,22 +275,34 @@ class EnsamTrain(TrainTask):
             "base_stats": base_stats,
             "start": start,
         }
-        world_size = self._world_size(req)
-        if world_size > 1:
-            import torch.multiprocessing as mp
-
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(random.randint(20000, 29999)))
-            logger.info(f"ensam train: torch.distributed over {world_size} GPUs")
-            mp.spawn(_distributed_worker, nprocs=world_size, args=(world_size, self, plan), join=True)
-            return self.stats()
+        devices = self._devices(req)
         try:
+            if len(devices) > 1:
+                return self._run_distributed(plan, devices)
             return self.run(plan)
         except Exception as e:
             failed = dict(base_stats, status="ERROR", error=f"{type(e).__name__}: {e}",
                           total_time=_hms(time.time() - start))
             atomic_write_json(failed, self.stats_path)
             raise
+
+    def _run_distributed(self, plan: dict, devices: List[str]) -> dict:
+        """One process per device (``torch.multiprocessing.spawn``); rank 0 publishes and writes the stats."""
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:  # a free rendezvous port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        plan = dict(plan, base_stats=dict(plan["base_stats"], world_size=len(devices),
+                                          devices=devices))
+        logger.info(f"ensam train: torch.distributed data-parallel over {len(devices)} processes: {devices}")
+        mp.spawn(_distributed_worker, nprocs=len(devices), args=(devices, port, self, plan), join=True)
+        stats = self.stats()
+        if stats.get("status") != "DONE":
+            raise RuntimeError(f"distributed training did not finish: {stats.get('error') or stats.get('status')}")
+        return stats
 
     def load_cases(self, items: List[dict], vocab: Dict[str, int]) -> List[dict]:
         """Datastore items -> finetune cases. Each name gets the voxel value token id + 1 in every case, so the
@@ -304,7 +326,7 @@ class EnsamTrain(TrainTask):
                           "name": it["id"]})
         return cases
 
-    def run(self, plan: dict, rank: int = 0, world_size: int = 1) -> dict:
+    def run(self, plan: dict, rank: int = 0, world_size: int = 1, device: Optional[str] = None) -> dict:
         import torch
 
         from lib.engine import load_network
@@ -315,7 +337,7 @@ class EnsamTrain(TrainTask):
         start = plan["start"]
         publish_path = self.publish_path
         vocab = plan["vocab"]
-        device = f"cuda:{rank}" if world_size > 1 else _device(req["device"])
+        device = device or _device(req["device"])
         torch.manual_seed(req["seed"] + rank)
 
         cases = self.load_cases(plan["train_items"], vocab)
@@ -342,14 +364,10 @@ class EnsamTrain(TrainTask):
                      loss=round(float(p.get("loss") or 0.0), 5))
             atomic_write_json(s, self.stats_path)
 
-        kwargs = dict(val_cases=val_cases, device=device, label_ids=label_ids, lr=req["learning_rate"],
-                      optimizer=req["optimizer"], max_steps=req["max_steps"], val_every=req["val_every"],
-                      keep_best=True, seed=req["seed"] + rank,
-                      progress=progress)
-        if world_size > 1:
-            kwargs.update(rank=rank, world_size=world_size)
-        result = _call_finetune(finetune, network=net, cases=cases, max_seconds=req["max_seconds"], **kwargs)
-        result = result if isinstance(result, dict) else {}
+        result = finetune(net, cases, max_seconds=req["max_seconds"], val_cases=val_cases, device=device,
+                          label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
+                          max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
+                          seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size)
         if rank != 0:
             return result
 
@@ -387,22 +405,28 @@ class EnsamTrain(TrainTask):
         return existing[-1] if existing else None
 
     @staticmethod
-    def _world_size(req: dict) -> int:
-        if not req["multi_gpu"] or not _cuda_available():
-            return 1
-        import inspect
+    def _devices(req: dict) -> List[str]:
+        """The data-parallel devices, one process each: several GPUs with ``multi_gpu``, several CPU processes
+        with ``cpu_processes`` > 1 on CPU, else the single training device."""
+        device = _device(req["device"])
+        if device.startswith("cuda"):
+            if not req["multi_gpu"]:
+                return [device]
+            import torch
 
-        import torch
-
-        from lib.training.finetune import finetune
-
-        if "world_size" not in inspect.signature(finetune).parameters:
-            logger.warning("ensam train: lib.training.finetune has no distributed mode; using one GPU")
-            return 1
-
-        gpus = req["gpus"]
-        n = torch.cuda.device_count() if gpus in ("", "all") else len([g for g in gpus.split(",") if g.strip()])
-        return n if n > 1 else 1
+            n = torch.cuda.device_count()
+            if req["gpus"] in ("", "all"):
+                ids = list(range(n))
+            else:
+                try:
+                    ids = [int(g) for g in req["gpus"].split(",") if g.strip()]
+                except ValueError:
+                    raise ValueError(f"gpus must be 'all' or a comma list of GPU indices, got {req['gpus']!r}") from None
+                bad = [g for g in ids if not 0 <= g < n]
+                if bad:
+                    raise ValueError(f"gpus {bad} do not exist ({n} visible)")
+            return [f"cuda:{g}" for g in ids] or [device]
+        return ["cpu"] * req["cpu_processes"]
 
 
 def _device(name: str) -> str:
@@ -412,26 +436,28 @@ def _device(name: str) -> str:
     return name
 
 
-def _distributed_worker(rank: int, world_size: int, task: EnsamTrain, plan: dict):
+def _distributed_worker(rank: int, devices: List[str], port: int, task: EnsamTrain, plan: dict):
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="env://", world_size=world_size, rank=rank)
+    from lib.training.distributed import init_process_group
+
+    world_size = len(devices)
+    device = devices[rank]
+    if device == "cpu":  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    init_process_group(rank, world_size, device)
     try:
-        task.run(plan, rank=rank, world_size=world_size)
+        task.run(plan, rank=rank, world_size=world_size, device=device)
+    except Exception as e:
+        if rank == 0:
+            atomic_write_json(dict(plan["base_stats"], status="ERROR", error=f"{type(e).__name__}: {e}",
+                                   total_time=_hms(time.time() - plan["start"])), task.stats_path)
+        raise
     finally:
         dist.destroy_process_group()
-
-
-def _call_finetune(fn: Callable, **kwargs):
-    """Pass only the arguments the training library's ``finetune`` accepts."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
 def _cuda_available() -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .distributed import Sync, average_gradients, broadcast_parameters
 from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 
@@ -80,11 +81,24 @@ def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     return out
 
 
+def _draw_case(sampler, rng, cfg: LoopConfig, concept: bool, tries: int = 100):
+    """One training case (never None: a data-parallel step must not be skipped on one rank only)."""
+    for _ in range(tries):
+        if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in sampler.structures):
+            s, vid = sampler.concept_window(rng)
+            return concept_case(s.image, s.mask, vid)
+        s = sampler.sample(rng)
+        case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="finetune")
+        if case is not None:
+            return case
+    raise ValueError(f"finetune: no usable training sample in {tries} draws (structures too small?)")
+
+
 def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[Sequence] = None,
              device: str = "cpu", label_ids: Optional[Mapping[int, int]] = None, lr: float = 5e-4,
              optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
              seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> Dict:
+             should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -97,6 +111,10 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         val_every: validate every this many steps (0 = about 5 times in the budget: ``max_steps`` if given,
             else ``max_seconds``; every 50 steps when both are unbounded).
         progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
+        rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
+            initialised, see :mod:`lib.training.distributed`): every rank draws its own samples (give each its own
+            ``seed``), gradients are averaged, all ranks stop at the same step; rank 0 alone validates and keeps
+            the best weights (the other ranks' replicas are identical until that final restore).
 
     Returns:
         dict with steps, seconds, samples_per_s, loss_first / loss_last (EMA), val_before / val_after / val_best
@@ -114,6 +132,13 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
     amp = str(device).startswith("cuda")
+    sync = Sync(world_size)
+    grad_hook = None
+    if sync.active:
+        broadcast_parameters(network)
+        grad_hook = lambda net: average_gradients(net.parameters(), world_size)  # noqa: E731
+        if rank != 0:
+            vcases = []  # rank 0 validates for everyone
 
     def score_now():
         s = evaluate(network, vcases, n_clicks=2, device=device)
@@ -132,26 +157,15 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     last_val_t = t0
     while True:
         elapsed = time.time() - t0
-        if elapsed >= max_seconds or (max_steps and stats["steps"] >= max_steps):
-            break
-        if should_stop is not None and should_stop():
-            break
+        stop = elapsed >= max_seconds or bool(max_steps and stats["steps"] >= max_steps)
+        stop = stop or (should_stop is not None and should_stop())
         progress_frac = max(elapsed / max(max_seconds, 1e-6), stats["steps"] / est_steps if est_steps else 0.0)
-        opt.set_lr_factor(lr_factor(stats["steps"], progress_frac, warmup_steps=10, final=0.1))
-        case = None
-        use_concept = bool(label_ids) and rng.random() < cfg.p_concept
-        if use_concept and any(s[3] >= 0 for s in sampler.structures):
-            s, vid = sampler.concept_window(rng)
-            case = concept_case(s.image, s.mask, vid)
-        else:
-            for _ in range(10):
-                s = sampler.sample(rng)
-                case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="finetune")
-                if case is not None:
-                    break
-        if case is None:
-            continue
-        loss, _ = train_step(network, opt, case, rng, cfg, device, amp)
+        stop, progress_frac = sync.agree(stop, progress_frac)  # same stop step and lr on every rank
+        if stop:
+            break
+        opt.set_lr_factor(lr_factor(stats["steps"], min(progress_frac, 1.0), warmup_steps=10, final=0.1))
+        case = _draw_case(sampler, rng, cfg, bool(label_ids))
+        loss, _ = train_step(network, opt, case, rng, cfg, device, amp, grad_hook=grad_hook)
         stats["steps"] += 1
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         if stats["loss_first"] is None:

@@ -210,14 +210,17 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu") -> Dic
 
 
 def train_step(net, opt, case: Case, rng, cfg: LoopConfig = LoopConfig(), device="cpu", amp: bool = False,
-               grad_clip: float = 1.0):
+               grad_clip: float = 1.0, grad_hook=None):
     """One optimiser step on one case (K ~ U{0..max_clicks} clicks for prompted cases, none for concept cases).
+    ``grad_hook(net)`` runs after ``backward`` and before clipping (data-parallel gradient averaging).
     Returns (loss, per-step DSC list)."""
     k = 0 if case.label_id is not None else int(rng.integers(0, cfg.max_clicks + 1))
     net.train()
     opt.zero_grad()
     loss, dices = unrolled_loss(net, case, k, rng, cfg, device, amp)
     loss.backward()
+    if grad_hook is not None:
+        grad_hook(net)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     opt.step()
