@@ -46,6 +46,9 @@ class StubEngine:
             return ((image > 250.0) & (image < 650.0)).astype(np.uint8)
         return np.zeros(image.shape, np.uint8)
 
+    def segment_labels(self, image, affine, label_ids):
+        return {int(i): self.segment_label(image, affine, i) for i in label_ids}
+
 
 class StubProvider(EngineProvider):
     def __init__(self, tmp):
@@ -315,8 +318,10 @@ def test_flip_disagreement():
     img, _, aff = synthetic_volume(1)
     eng = StubEngine()
     eng.blob_a_token = 0
-    masks = flip_predictions(eng, img, aff, 0)
-    assert len(masks) == 4 and all(m.shape == img.shape for m in masks)
+    masks = flip_predictions(eng, img, aff, [0, 5])
+    assert set(masks) == {0, 5} and not any(m.any() for m in masks[5])
+    masks = masks[0]
+    assert len(masks) == 4 and masks[0].any() and all(m.shape == img.shape for m in masks)
     assert disagreement(masks) == 0.0  # a flip-equivariant predictor agrees with itself
     assert disagreement([masks[0], ~masks[0]]) == 1.0
     assert disagreement([np.zeros((2, 2, 2), bool)] * 4) == 1.0  # found nothing: not "confident"

@@ -151,3 +151,21 @@ def test_prompt_free_label_segmentation_shape(volume):
     assert m.shape == img.shape and m.dtype == np.uint8
     with pytest.raises(PromptError, match="out of range"):
         eng.segment_label(img, aff, 99)
+
+
+def test_several_labels_in_one_pass_equal_one_at_a_time(volume):
+    """segment_labels encodes each window once and decodes the label tokens batched (in groups): the masks are
+    those of one segment_label call per name."""
+    img, aff = volume
+    # an untrained network's logits are mostly below -2: this threshold gives masks of a few % that differ
+    # between the label tokens, so a mix-up of tokens, windows or batch entries shows
+    eng = _engine(config=EngineConfig(max_zoom=0, threshold=-1.7))
+    many = eng.segment_labels(img, aff, [3, 5, 7, 3], labels_per_pass=2)
+    assert sorted(many) == [3, 5, 7]
+    assert all(0.01 < many[i].mean() < 0.5 for i in many) and (many[3] != many[7]).sum() > 1000
+    for i in (3, 5, 7):
+        one = eng.segment_label(img, aff, i)
+        assert many[i].shape == img.shape and np.mean(many[i] == one) > 0.999, i
+    assert eng.segment_labels(img, aff, []) == {}
+    with pytest.raises(PromptError, match="out of range"):
+        eng.segment_labels(img, aff, [3, 128])

@@ -294,39 +294,57 @@ class EnsamEngine:
     # ------------------------------------------------------------------ prompt-free
     def segment_label(self, image: np.ndarray, affine, label_id: int, batch_size: int = 1) -> np.ndarray:
         """Prompt-free segmentation of the structure named by ``label_id`` (a learned label token) over the whole
-        volume: resample to ``label_spacing_mm`` isotropic, sliding windows of the model size, back to the
-        original grid. Returns uint8 (X, Y, Z)."""
+        volume; see :meth:`segment_labels`. Returns uint8 (X, Y, Z)."""
+        return self.segment_labels(image, affine, [label_id], batch_size)[int(label_id)]
+
+    def segment_labels(self, image: np.ndarray, affine, label_ids, batch_size: int = 1,
+                       labels_per_pass: int = 8) -> dict:
+        """Prompt-free segmentation of several structures at once: resample to ``label_spacing_mm`` isotropic,
+        sliding windows of the model size, each window ENCODED ONCE and decoded for every label token (in groups
+        of ``labels_per_pass``, batched), then back to the original grid. Returns {label id: uint8 (X, Y, Z)}."""
         from monai.inferers import sliding_window_inference
 
         image = np.asarray(image)
         if image.ndim == 4 and image.shape[0] == 1:
             image = image[0]
-        if not 0 <= int(label_id) < self.network.config.num_labels:
-            raise PromptError(f"label id {label_id} is out of range 0..{self.network.config.num_labels - 1}")
+        ids = [int(i) for i in label_ids]
+        bad = [i for i in ids if not 0 <= i < self.network.config.num_labels]
+        if bad:
+            raise PromptError(f"label id {bad[0]} is out of range 0..{self.network.config.num_labels - 1}")
+        if not ids:
+            return {}
         shape = np.asarray(image.shape)
         spacing = spacing_from_affine(affine)
         work = np.maximum(np.round(shape * spacing / self.config.label_spacing_mm), 1).astype(int)
         roi = Roi((0, 0, 0), tuple(int(s) for s in shape), tuple(int(s) for s in work))
         win = tuple(self.network.config.roi_size)
+        uniq = list(dict.fromkeys(ids))
         with self._lock, torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
             x = F.interpolate(x, size=tuple(int(s) for s in work), mode="trilinear", align_corners=False)
-            lab = torch.tensor([int(label_id)], device=self.device)
+            labs = torch.tensor(uniq, device=self.device)
 
-            def predictor(batch: torch.Tensor) -> torch.Tensor:
+            def predictor(batch: torch.Tensor) -> torch.Tensor:  # (B, 1, *win) -> (B, L, *win)
                 outs = []
                 for w in batch:
                     xw = normalize_intensity(w)[None]
                     feats = self.network.encode(xw)
-                    p = torch.zeros(1, 0, 3, device=self.device)
-                    t = torch.zeros(1, 0, dtype=torch.long, device=self.device)
-                    dense = torch.zeros(1, 4, *xw.shape[2:], device=self.device)
-                    outs.append(self.network.decode(feats, p, t, dense, lab))
+                    chans = []
+                    for g in range(0, len(uniq), labels_per_pass):
+                        lab = labs[g:g + labels_per_pass]
+                        n = len(lab)
+                        p = torch.zeros(n, 0, 3, device=self.device)
+                        t = torch.zeros(n, 0, dtype=torch.long, device=self.device)
+                        dense = torch.zeros(n, 4, *xw.shape[2:], device=self.device)
+                        fb = [f.expand(n, *f.shape[1:]) for f in feats]
+                        chans.append(self.network.decode(fb, p, t, dense, lab)[:, 0])
+                    outs.append(torch.cat(chans)[None])
                 return torch.cat(outs)
 
             logits = sliding_window_inference(x, win, batch_size, predictor, overlap=self.config.label_overlap,
                                               mode="gaussian", padding_mode="replicate")
-        return logits_to_original(logits[0, 0], roi, tuple(shape), threshold=self.config.threshold)
+        return {i: logits_to_original(logits[0, c], roi, tuple(shape), threshold=self.config.threshold)
+                for c, i in enumerate(uniq)}
 
     def encode_features(self, image: np.ndarray) -> np.ndarray:
         """A global descriptor of an image (latent features of the whole volume resized to the model grid,

@@ -52,7 +52,7 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
             names = sorted(names, key=lambda vn: -int((ref == vn[0]).sum()))[:max_labels]
         for value, name in names:
             t = time.time()
-            masks = flip_predictions(engine, img.array, img.affine, vocab[name], image_key=img.key)
+            masks = flip_predictions(engine, img.array, img.affine, [vocab[name]])[vocab[name]]
             u = disagreement(masks)
             pred = masks[0] if seg_engine is engine else seg_engine.segment_label(img.array, img.affine, vocab[name])
             d = dice(np.asarray(pred) > 0, ref == value)

@@ -1,61 +1,37 @@
 """What the active-learning scores are computed from: an image embedding and test-time-flip predictions.
 
-* :func:`image_embedding`: the image's encoder features, globally average-pooled (one vector per scale,
-  L2-normalised, concatenated). It needs no prompt.
-* :func:`flip_predictions`: prompt-free predictions of one label name for the image as stored and mirrored along
+* :func:`image_embedding`: the image's latent encoder features, globally average-pooled. It needs no prompt.
+* :func:`flip_predictions`: prompt-free predictions of label names for the image as stored and mirrored along
   each axis (the mirrored prediction is flipped back), all on the original grid.
 * :func:`disagreement`: 1 - mean pairwise Dice of such predictions (0 = all agree; nothing found anywhere = 1).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 
-def _call(fn, *args, **kwargs):
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
-
-
-def image_embedding(engine, image: np.ndarray, affine: np.ndarray, image_key: str = "") -> np.ndarray:
-    """Pooled encoder features of the whole image (float32 vector)."""
-    feats = _call(engine.encode_features, image, affine=affine, image_key=image_key)
-    if isinstance(feats, np.ndarray):
-        return np.asarray(feats, dtype=np.float32).ravel()
-    import torch
-
-    if isinstance(feats, torch.Tensor):
-        feats = [feats]
-    parts: List[np.ndarray] = []
-    for f in feats:
-        f = f.detach().float()
-        v = f.mean(dim=tuple(range(2, f.ndim))).reshape(-1) if f.ndim > 2 else f.reshape(-1)
-        v = v.cpu().numpy()
-        n = np.linalg.norm(v)
-        parts.append(v / n if n > 0 else v)
-    return np.concatenate(parts).astype(np.float32)
+def image_embedding(engine, image: np.ndarray) -> np.ndarray:
+    """Pooled encoder features of the whole image (float32 vector, :meth:`EnsamEngine.encode_features`)."""
+    return np.asarray(engine.encode_features(image), dtype=np.float32).ravel()
 
 
 FLIPS: Sequence[tuple] = ((), (0,), (1,), (2,))
 
 
-def flip_predictions(engine, image: np.ndarray, affine: np.ndarray, label_id: int, image_key: str = "",
-                     flips: Sequence[tuple] = FLIPS) -> List[np.ndarray]:
-    out = []
+def flip_predictions(engine, image: np.ndarray, affine: np.ndarray, label_ids: Sequence[int],
+                     flips: Sequence[tuple] = FLIPS) -> Dict[int, List[np.ndarray]]:
+    """{label id: [bool mask on the original grid for each flip]}: every flipped copy is segmented once for all
+    the labels (:meth:`EnsamEngine.segment_labels` encodes each window once) and the result flipped back."""
+    out: Dict[int, List[np.ndarray]] = {int(i): [] for i in label_ids}
     for axes in flips:
-        img = np.flip(image, axis=axes) if axes else image
-        key = f"{image_key}|flip{''.join(map(str, axes))}" if image_key else ""
-        m = _call(engine.segment_label, np.ascontiguousarray(img), affine, label_id, image_key=key)
-        m = np.asarray(m) > 0
-        out.append(np.flip(m, axis=axes) if axes else m)
+        img = np.ascontiguousarray(np.flip(image, axis=axes)) if axes else image
+        masks = engine.segment_labels(img, affine, list(out))
+        for i in out:
+            m = np.asarray(masks[i]) > 0
+            out[i].append(np.flip(m, axis=axes) if axes else m)
     return out
 
 

@@ -101,7 +101,7 @@ class NoveltyScoring(_EnsamScoring):
                 engine, lock = self._engine(request)
             vol = self.volumes.get(uri)
             with lock:
-                vec = image_embedding(engine, vol.array, vol.affine, image_key=vol.key)
+                vec = image_embedding(engine, vol.array)
             embeddings[image_id] = vec
             datastore.update_image_info(
                 image_id, {EMBED_KEY: {"vector": [round(float(x), 5) for x in vec], "stamp": stamp}}
@@ -205,11 +205,9 @@ class UncertaintyScoring(_EnsamScoring):
             if engine is None:
                 engine, lock = self._engine_at(request, spacing_mm)
             vol = self.volumes.get(uri)
-            per_label = {}
             with lock:
-                for name, token in labels.items():
-                    masks = flip_predictions(engine, vol.array, vol.affine, token, image_key=vol.key)
-                    per_label[name] = round(disagreement(masks), 6)
+                masks = flip_predictions(engine, vol.array, vol.affine, list(labels.values()))
+            per_label = {name: round(disagreement(masks[token]), 6) for name, token in labels.items()}
             score = float(np.mean(list(per_label.values())))
             scores[image_id] = score
             datastore.update_image_info(image_id, {

@@ -8,7 +8,6 @@ Bad input raises :class:`RequestError` (a ValueError carrying an HTTP status) be
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -25,17 +24,6 @@ from .request_parsing import RequestError, parse_bool, parse_prompts, validate_p
 from .session_store import SessionStore
 
 logger = logging.getLogger(__name__)
-
-
-def call_supported(fn, *args, **kwargs):
-    """Call ``fn`` with only the keyword arguments it accepts (optional engine features such as ``image_key``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -301,8 +289,5 @@ class EnsamSegmentation(_EnsamTask):
 
     @staticmethod
     def _segment(engine, vol, token_ids):
-        many = getattr(engine, "segment_labels", None)
-        if callable(many):  # one encoding per window for all names, when the engine offers it
-            res = call_supported(many, vol.array, vol.affine, token_ids, image_key=vol.key)
-            return [res[t] for t in token_ids] if isinstance(res, dict) else list(res)
-        return [call_supported(engine.segment_label, vol.array, vol.affine, t, image_key=vol.key) for t in token_ids]
+        res = engine.segment_labels(vol.array, vol.affine, token_ids)  # one encoding per window for all names
+        return [res[int(t)] for t in token_ids]
