@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 export MONAI_LABEL_TRACKING_ENABLED ?= false
 export PYTHONPATH := $(CURDIR)/apps/ensam:$(PYTHONPATH)
 
-.PHONY: venv data serve test eval bench pretrain clean
+.PHONY: venv data services serve test eval bench pretrain clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -25,13 +25,28 @@ sample-datasets/.fetched: $(VENV)/.installed scripts/fetch_sample_data.py
 
 data: sample-datasets/.fetched
 
+# System packages for tests/test_orthanc_ohif.py (a real Orthanc + a real headless browser on OHIF). Installed with
+# apt-get when missing and we are root; otherwise a warning, and those tests skip naming what is missing.
+SERVICES_DEB := orthanc orthanc-dicomweb orthanc-gdcm chromium chromium-driver
+services:
+	@missing=""; for p in $(SERVICES_DEB); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "WARNING: make services: not installed:$$missing (needs root and apt-get); the Orthanc/OHIF tests will skip"; \
+		exit 0; fi; \
+	echo "make services: apt-get install$$missing"; export DEBIAN_FRONTEND=noninteractive; \
+	{ apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; } \
+	|| echo "WARNING: make services: apt-get failed for$$missing; the Orthanc/OHIF tests will skip"
+
 # `python -m monailabel.main`, not the `monailabel` wrapper script (it runs whatever `python` is first on PATH).
 # lib.server:app (the non-blocking infer route) is importable because PYTHONPATH holds apps/ensam (see above).
 serve: venv data
 	$(VPY) -m monailabel.main start_server --app apps/ensam --studies $(STUDIES) --conf models ensam \
 		--host $(HOST) --port $(PORT) --uvicorn_app lib.server:app $(SERVE_ARGS)
 
-test: venv data
+test: venv data services
 	$(VPY) -m pytest -q -rs tests
 
 eval: venv data

@@ -10,10 +10,17 @@ strategies ``first``, ``random``, ``novelty``, ``uncertainty``; batch inference 
 
 import logging
 import os
+import pathlib
+import shutil
 import sys
-from typing import Dict
+from typing import Any, Dict
 
+from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
+from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -33,6 +40,58 @@ from lib.infers.batch import EnsamBatchInfer  # noqa: E402
 logger = logging.getLogger(__name__)
 
 CONFIGS = {"ensam": EnsamConfig}
+DCMQI_TOOL = "itkimage2segimage"  # monailabel looks for it on PATH, which includes <app>/bin
+
+
+class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
+    """monailabel's DICOMweb datastore whose final labels become DICOM SEG without dcmqi when it is missing.
+
+    monailabel 0.8.5 converts a saved ``final`` label to DICOM SEG with dcmqi's ``itkimage2segimage`` only (it has
+    no setting to choose its pydicom-seg writer); offline, dcmqi cannot be downloaded and every ``PUT
+    /datastore/label`` failed with a bare 500 and nothing saved. Here, when the tool is not on PATH, the same steps
+    run with ``nifti_to_dicom_seg(..., use_itk=False)`` (pydicom-seg): SEG -> STOW to the DICOMweb server -> the
+    label kept in the local cache with the SEG's SeriesInstanceUID; the cached list of labelled series is
+    dropped so that ``/datastore`` counts the new label at once. An empty label or a failed conversion/upload
+    answers a 4xx/502 JSON error instead of a 500. With dcmqi present, monailabel's own code runs unchanged."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
+                   label_id: str = "") -> str:
+        if label_tag != DefaultLabelTag.FINAL or shutil.which(DCMQI_TOOL):
+            return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+        image_uri = self.get_image_uri(image_id)  # fetches the series into the cache if needed
+        converted = ""
+        if "".join(pathlib.Path(label_filename).suffixes) == ".bin":  # raw voxels, as OHIF's client sends them
+            converted = label_filename = binary_to_image(image_uri, label_filename)
+        try:
+            series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+            try:
+                seg_file = nifti_to_dicom_seg(series_dir, label_filename, label_info.get("label_info"),
+                                              use_itk=False)
+            except Exception as e:  # noqa: BLE001 - e.g. a label not on the series' grid
+                raise HTTPException(status_code=400, detail=f"the label cannot be written as DICOM SEG for "
+                                                            f"{image_id}: {type(e).__name__}: {e}") from e
+            if not seg_file:
+                raise HTTPException(status_code=400, detail="the label is empty: nothing to store as DICOM SEG")
+            try:
+                seg_series = dicom_web_upload_dcm(seg_file, self._client)
+            except Exception as e:  # noqa: BLE001 - the PACS refused it or is unreachable
+                raise HTTPException(status_code=502, detail=f"the DICOMweb server did not store the DICOM SEG: "
+                                                            f"{type(e).__name__}: {e}") from e
+            finally:
+                os.unlink(seg_file)
+            image_info = self.get_image_info(image_id)
+            label_info.update({"SeriesInstanceUID": seg_series, "Modality": image_info.get("Modality"),
+                               "PatientID": image_info.get("PatientID"),
+                               "StudyInstanceUID": image_info.get("StudyInstanceUID")})
+            logger.info(f"label of {image_id} stored as DICOM SEG series {seg_series} (pydicom-seg)")
+            # monailabel caches the list of labelled series for 2 h (MONAI_LABEL_DICOMWEB_CACHE_EXPIRY): without
+            # this, /datastore and the next-sample strategies would not see the new label
+            getattr(DICOMWebDatastore.get_labeled_images, "cache_clear", lambda: None)()
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        finally:
+            if converted:
+                os.unlink(converted)
 
 
 class EnsamApp(MONAILabelApp):
@@ -92,6 +151,14 @@ class EnsamApp(MONAILabelApp):
     def init_batch_infer(self):
         return EnsamBatchInfer(self._infers)
 
+    def _init_dicomweb_datastore(self):
+        ds = super()._init_dicomweb_datastore()
+        if type(ds) is DICOMWebDatastore:
+            # same object and state, one overridden method (see the class); re-creating the datastore instead
+            # would start a second file watcher on its cache folder
+            ds.__class__ = DICOMwebDatastoreWithPydicomSeg
+        return ds
+
     def _download_dcmqi_tools(self):
         """monailabel fetches dcmqi (DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
         fails to start without internet access. Without it only ``output=dicom_seg`` is unavailable."""
@@ -99,7 +166,7 @@ class EnsamApp(MONAILabelApp):
             super()._download_dcmqi_tools()
         except Exception as e:  # noqa: BLE001 - offline, proxy, ...
             logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); DICOM SEG output "
-                           f"(output=dicom_seg) is disabled, everything else works")
+                           f"(output=dicom_seg) is disabled; saved labels are written as DICOM SEG with pydicom-seg")
 
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as

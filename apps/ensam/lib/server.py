@@ -6,6 +6,12 @@ first in the router: FastAPI runs it in its thread pool, the event loop stays fr
 per-device semaphore keeps concurrent inferences safe. The route also turns bad requests into 4xx answers with a
 clear message (monailabel itself answers 500 to any exception).
 
+It also replaces the GET side of monailabel's DICOMweb proxy (``/proxy/dicom/{wado,qido}/...``, what OHIF reads
+through): monailabel's proxy drops the client's ``Accept`` header and query string and blocks the event loop.
+OHIF asks for frames with ``transfer-syntax=*`` (it decodes JPEG 2000 etc. itself); without that header Orthanc
+decodes each frame with its GDCM plugin, and Orthanc 1.10.1 + orthanc-gdcm 1.5 (Debian 12) crashes (segfault in
+libgdcmMSFF) after a few JPEG 2000 frames: the viewer then loses the rest of the series and Orthanc is gone.
+
 Start it with ``monailabel start_server ... --uvicorn_app lib.server:app`` and ``<repo>/apps/ensam`` on
 PYTHONPATH (the Makefile's ``serve`` target does both).
 
@@ -23,19 +29,22 @@ import os
 from typing import Optional
 
 import monailabel.endpoints
-from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
-from fastapi.responses import FileResponse
+import requests
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, Response
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from monailabel.app import app
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
+from monailabel.endpoints.proxy import proxy_dicom
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "http_error_for", "ohif_file"]
+__all__ = ["app", "dicomweb_qido", "dicomweb_wado", "http_error_for", "ohif_file"]
 
 OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
 mimetypes.add_type("application/wasm", ".wasm")
@@ -108,6 +117,50 @@ def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUT
     return FileResponse(file, media_type=media_type)
 
 
+_FORWARDED_REQUEST_HEADERS = ("accept",)
+_RETURNED_HEADERS = ("content-type", "content-location", "warning")
+
+
+def _dicomweb_get(op: str, path: str, request: Request) -> Response:
+    studies = (settings.MONAI_LABEL_STUDIES or "").rstrip("/")
+    if not studies.startswith(("http://", "https://")):
+        raise HTTPException(status_code=404, detail="the datastore is not a DICOMweb server: nothing to proxy")
+    prefix = settings.MONAI_LABEL_QIDO_PREFIX if op == "qido" else settings.MONAI_LABEL_WADO_PREFIX
+    if op == "qido" and path.endswith("metadata"):  # as monailabel's proxy: some OHIF versions ask QIDO for it
+        prefix = settings.MONAI_LABEL_WADO_PREFIX
+    url = "/".join(x.strip("/") for x in (studies, prefix or "", path) if x and x.strip("/"))
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST_HEADERS}
+    user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    try:
+        r = requests.get(url, params=list(request.query_params.multi_items()), headers=headers,
+                         auth=(user, password) if user and password else None,
+                         timeout=settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT)
+    except requests.RequestException as e:
+        logger.warning(f"DICOMweb proxy: {url}: {type(e).__name__}: {e}")
+        raise HTTPException(status_code=502, detail=f"the DICOMweb server did not answer: {type(e).__name__}") from e
+    out = {k: v for k, v in r.headers.items() if k.lower() in _RETURNED_HEADERS}
+    return Response(content=r.content, status_code=r.status_code, headers=out)
+
+
+async def _proxy(op: str, path: str, request: Request) -> Response:
+    if "googleapis.com" in (settings.MONAI_LABEL_STUDIES or ""):  # token auth: monailabel's own proxy
+        return await proxy_dicom(request, op, path)
+    return await run_in_threadpool(_dicomweb_get, op, path, request)
+
+
+async def dicomweb_wado(request: Request, path: str,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """GET ``/proxy/dicom/wado/<path>`` -> ``<studies>/<wado prefix>/<path>?<query>`` with the client's ``Accept``
+    header, off the event loop. POST (STOW) stays with monailabel's proxy."""
+    return await _proxy("wado", path, request)
+
+
+async def dicomweb_qido(request: Request, path: str,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """GET ``/proxy/dicom/qido/<path>``: as ``dicomweb_wado``."""
+    return await _proxy("qido", path, request)
+
+
 _routes = [
     APIRoute(
         f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
@@ -119,6 +172,8 @@ _routes = [
     APIRoute(f"{settings.MONAI_LABEL_API_STR}/ohif/{{path:path}}", ohif_file, methods=["GET"],
              include_in_schema=False),
 ]
+_routes += [APIRoute(f"{settings.MONAI_LABEL_API_STR}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],
+                     include_in_schema=False) for op, endpoint in (("wado", dicomweb_wado), ("qido", dicomweb_qido))]
 for _r in reversed(_routes):  # first in the router: they shadow monailabel's routes for the same paths
     if not any(getattr(r, "endpoint", None) is _r.endpoint for r in app.router.routes):
         app.router.routes.insert(0, _r)
