@@ -5,7 +5,6 @@ import os
 import socket
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,10 +77,10 @@ def _finetune_worker(rank, port, out, stop_rank_after):
 
         init = {k: v.clone() for k, v in net.state_dict().items()}  # rank 0's are the ones broadcast
         stats = finetune(net, [_toy_case(rank)], max_seconds=300, max_steps=4, seed=rank, rank=rank,
-                         world_size=WORLD, val_cases=[_toy_case(5)], keep_best=False, progress=progress, should_stop=should_stop,
+                         world_size=WORLD, val_cases=[_toy_case(5)], keep_best=False, progress=progress,
+                         should_stop=should_stop,
                          loop=LoopConfig(roi_size=(16, 16, 16), max_clicks=1))
-        torch.save({"stats": stats, "state": net.state_dict(), "init0": init},
-                   os.path.join(out, f"{rank}.pt"))
+        torch.save({"stats": stats, "state": net.state_dict(), "init0": init}, os.path.join(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -98,7 +97,8 @@ def test_gradients_are_averaged_and_untouched_parameters_stay_none(tmp_path):
         assert torch.equal(r[0]["init"][k], r[1]["init"][k]), k
     for res in r:
         g = res["grads"]
-        assert torch.allclose(g["a.weight"], torch.full((2, 3), 1.5)) and torch.allclose(g["a.bias"], torch.full((2,), 1.5))
+        assert torch.allclose(g["a.weight"], torch.full((2, 3), 1.5))
+        assert torch.allclose(g["a.bias"], torch.full((2,), 1.5))
         assert torch.allclose(g["b.weight"], torch.full((1, 2), 2.0))  # zeros from rank 0, 4 from rank 1
         assert g["unused.weight"] is None and g["unused.bias"] is None
 

@@ -52,7 +52,8 @@ def read_vocab(weights_path: str) -> Optional[Dict[str, int]]:
     return {str(k): int(v) for k, v in data.items()}
 
 
-def _atomic_json(path: str, obj) -> None:
+def atomic_write_json(obj, path: str) -> None:
+    """Write JSON by temporary file + rename: a reader never sees half a file."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".json_", suffix=".tmp", dir=d)
@@ -63,9 +64,9 @@ def _atomic_json(path: str, obj) -> None:
 
 def write_vocab_and_meta(weights_path: str, vocab: Dict[str, int], meta: Optional[dict] = None) -> None:
     """Atomic writes (temporary file + rename): a reader never sees half a file."""
-    _atomic_json(vocab_path_for(weights_path), dict(sorted(vocab.items(), key=lambda kv: kv[1])))
+    atomic_write_json(dict(sorted(vocab.items(), key=lambda kv: kv[1])), vocab_path_for(weights_path))
     if meta is not None:
-        _atomic_json(meta_path_for(weights_path), meta)
+        atomic_write_json(meta, meta_path_for(weights_path))
 
 
 def builtin_vocab() -> Dict[str, int]:

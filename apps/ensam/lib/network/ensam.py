@@ -7,7 +7,7 @@ prompt cross-attention at every decoder scale) -> one logit map.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F

@@ -40,7 +40,8 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.infers.label_vocab import canonical, extend_vocab, load_vocab, output_ids, read_meta, write_vocab_and_meta
+from lib.infers.label_vocab import (atomic_write_json, canonical, extend_vocab, load_vocab, output_ids, read_meta,
+                                    write_vocab_and_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,6 @@ def atomic_save_state_dict(state_dict: dict, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats_", suffix=".tmp", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def label_names_of(label_info: dict, fallback: Dict[int, str]) -> Dict[str, int]:
@@ -421,7 +413,8 @@ class EnsamTrain(TrainTask):
                 try:
                     ids = [int(g) for g in req["gpus"].split(",") if g.strip()]
                 except ValueError:
-                    raise ValueError(f"gpus must be 'all' or a comma list of GPU indices, got {req['gpus']!r}") from None
+                    raise ValueError(
+                        f"gpus must be 'all' or a comma list of GPU indices, got {req['gpus']!r}") from None
                 bad = [g for g in ids if not 0 <= g < n]
                 if bad:
                     raise ValueError(f"gpus {bad} do not exist ({n} visible)")

@@ -21,7 +21,6 @@ import time
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
 from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters

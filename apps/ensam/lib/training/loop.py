@@ -17,8 +17,8 @@ A concept sample (probability ``p_concept``) has no prompts: a fixed-spacing win
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
