@@ -62,7 +62,8 @@ def _eval_cases(folder: str, structure: str) -> List[dict]:
 
 
 def run(structure: str, train_image: str, train_label: str, train_value: int, eval_folder: str, minutes: float,
-        weights: str, jitter: int = 3, seed: int = 0, device: str = "cpu", log=print) -> Dict:
+        weights: str, jitter: int = 3, seed: int = 0, device: str = "cpu", rehearsal: float = 0.3,
+        log=print) -> Dict:
     import nibabel as nib
     from monailabel.datastore.local import LocalDatastore
 
@@ -95,11 +96,13 @@ def run(structure: str, train_image: str, train_label: str, train_value: int, ev
         log(f"before: {before}")
         task = EnsamTrain(model_dir, [pre, os.path.join(model_dir, "ensam.pt")])
         t = time.time()
-        stats = task({"max_seconds": minutes * 60, "labels": structure, "device": device, "seed": seed}, ds)
+        stats = task({"max_seconds": minutes * 60, "labels": structure, "device": device, "seed": seed,
+                      "rehearsal": rehearsal}, ds)
         train_s = time.time() - t
         after = box_dsc(os.path.join(model_dir, "ensam.pt"), cases, jitter, seed, device)
         log(f"after:  {after}  (training {train_s:.0f}s, {stats.get('steps')} steps)")
-        return {"structure": structure, "train_image": name, "minutes": minutes, "train_seconds": round(train_s, 1),
+        return {"structure": structure, "train_image": name, "minutes": minutes, "rehearsal": rehearsal,
+                "train_seconds": round(train_s, 1),
                 "steps": stats.get("steps"), "val_before": stats.get("val_before"), "val_best": stats.get("val_best"),
                 "box_dsc_before": before, "box_dsc_after": after,
                 "gain": {k: round(after[k]["dsc"] - before[k]["dsc"], 4) for k in before}}
@@ -120,12 +123,19 @@ def main(argv=None):
     p.add_argument("--jitter", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rehearsal", type=float, default=0.3, help="see lib.training.finetune (0 = none)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     from lib.infers.label_vocab import builtin_vocab
 
     value = a.train_value or builtin_vocab()[a.structure] + 1
-    res = run(a.structure, a.train[0], a.train[1], value, a.eval, a.minutes, a.weights, a.jitter, a.seed, a.device)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    res = run(a.structure, a.train[0], a.train[1], value, a.eval, a.minutes, a.weights, a.jitter, a.seed, a.device,
+              a.rehearsal)
     print(json.dumps(res, indent=1))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -20,7 +20,8 @@ does, interaction-unrolled). This module owns what is MONAI Label specific:
 Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
 ``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
-``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``.
+``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
+``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class EnsamTrain(TrainTask):
             "multi_gpu": False,
             "gpus": "all",
             "cpu_processes": 1,
+            "rehearsal": 0.3,
         }
         self._config.update(config or {})
 
@@ -164,11 +166,13 @@ class EnsamTrain(TrainTask):
         out = dict(req)
         out["device"] = str(_first(req.get("device")) or "cpu")
         for k, cast in (("max_seconds", float), ("max_steps", int), ("val_every", int), ("val_split", float),
-                        ("learning_rate", float), ("seed", int)):
+                        ("learning_rate", float), ("seed", int), ("rehearsal", float)):
             try:
                 out[k] = cast(_first(req.get(k)))
             except (TypeError, ValueError):
                 raise ValueError(f"train parameter {k!r} must be a number, got {req.get(k)!r}") from None
+        if not 0.0 <= out["rehearsal"] < 1.0:
+            raise ValueError(f"rehearsal must be in [0, 1), got {out['rehearsal']}")
         if not 0.0 <= out["val_split"] < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {out['val_split']}")
         if out["max_seconds"] <= 0 and out["max_steps"] <= 0:
@@ -359,7 +363,8 @@ class EnsamTrain(TrainTask):
         result = finetune(net, cases, max_seconds=req["max_seconds"], val_cases=val_cases, device=device,
                           label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
                           max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
-                          seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size)
+                          seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
+                          rehearsal=req["rehearsal"])
         if rank != 0:
             return result
 

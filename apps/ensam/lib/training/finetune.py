@@ -54,8 +54,15 @@ def as_volumes(cases, label_ids: Optional[Mapping[int, int]] = None, seed: int =
     return vols
 
 
-def _sampler(vols, label_ids: Optional[Mapping[int, int]]):
-    s = D.ObjectSampler(vols, holdout=(), weights={"real": 1.0})
+# Rehearsal: the "segment anything" objects of pre-training (intensity-window components, synthetic blobs, tubes,
+# shells, lesions) drawn on the user's own volumes, so that fine-tuning on a few named structures does not unlearn
+# following any box or click (see the model card: without it, CT-only fine-tuning hurt the MR).
+REHEARSAL_SOURCES = {"window": 0.4, "blob": 0.25, "tube": 0.1, "shell": 0.1, "lesion": 0.15}
+
+
+def _sampler(vols, label_ids: Optional[Mapping[int, int]], rehearsal: float = 0.0):
+    weights = {"real": 1.0 - rehearsal, **{k: rehearsal * w for k, w in REHEARSAL_SOURCES.items()}}
+    s = D.ObjectSampler(vols, holdout=(), weights=weights)
     ids = {int(k): int(v) for k, v in (label_ids or {}).items()}
     s.structures = [(vi, lab, name, ids.get(lab, -1)) for vi, lab, name, _ in s.structures]
     return s
@@ -97,7 +104,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              device: str = "cpu", label_ids: Optional[Mapping[int, int]] = None, lr: float = 5e-4,
              optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
              seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1) -> Dict:
+             should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
+             rehearsal: float = 0.3) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -110,6 +118,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         val_every: validate every this many steps (0 = about 5 times in the budget: ``max_steps`` if given,
             else ``max_seconds``; every 50 steps when both are unbounded).
         progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
+        rehearsal: fraction of the prompted steps spent on pre-training-style unnamed objects drawn on the same
+            volumes (``REHEARSAL_SOURCES``), against forgetting; 0 = the labelled structures only.
         rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
             initialised, see :mod:`lib.training.distributed`): every rank draws its own samples (give each its own
             ``seed``), gradients are averaged, all ranks stop at the same step; rank 0 alone validates and keeps
@@ -124,7 +134,9 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     if not label_ids:
         cfg = LoopConfig(**{**cfg.to_dict(), "p_concept": 0.0})
     vols = as_volumes(cases, label_ids, seed)
-    sampler = _sampler(vols, label_ids)
+    if not 0.0 <= rehearsal < 1.0:
+        raise ValueError(f"rehearsal must be in [0, 1), got {rehearsal}")
+    sampler = _sampler(vols, label_ids, rehearsal)
     if not sampler.structures:
         raise ValueError("finetune: no labelled structure in the cases")
     vcases = validation_cases(val_cases, cfg) if val_cases else []
