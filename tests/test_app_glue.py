@@ -258,10 +258,17 @@ def test_train_request_and_label_names():
     req = task.parse_request({"max_seconds": "30", "labels": "liver, spleen", "optimizer": ["adamw"],
                               "device": ["cpu"]})
     assert req["max_seconds"] == 30.0 and req["labels"] == ["liver", "spleen"] and req["optimizer"] == "adamw"
-    for bad in ({"val_split": 1.5}, {"max_seconds": "x"}, {"optimizer": "sgd"}, {"max_seconds": 0}):
+    for bad in ({"val_split": 1.5}, {"max_seconds": "x"}, {"optimizer": "sgd"}, {"max_seconds": 0},
+                {"rehearsal": 1.0}, {"rehearsal": -0.1}, {"cpu_processes": 0}, {"cpu_processes": "two"},
+                {"cpu_processes": (os.cpu_count() or 1) + 1}):
         with pytest.raises(ValueError):
             task.parse_request(bad)
     assert "tracking" not in task.config()
+    # one process on the chosen device unless several are asked for
+    assert task._devices(task.parse_request({"device": "cpu"})) == ["cpu"]
+    assert task._devices(task.parse_request({"device": "cpu", "cpu_processes": 1, "multi_gpu": True})) == ["cpu"]
+    if (os.cpu_count() or 1) >= 2:
+        assert task._devices(task.parse_request({"device": "cpu", "cpu_processes": 2})) == ["cpu", "cpu"]
 
 
 def test_train_cases_use_one_value_per_name(tmp_path):
