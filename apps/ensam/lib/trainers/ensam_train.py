@@ -191,7 +191,7 @@ class EnsamTrain(TrainTask):
         out["multi_gpu"] = _as_bool(req.get("multi_gpu", False))
         out["gpus"] = str(_first(req.get("gpus")) or "all")
         try:
-            out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)) or 1)
+            out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)))
         except (TypeError, ValueError):
             raise ValueError(f"cpu_processes must be an integer, got {req.get('cpu_processes')!r}") from None
         if not 1 <= out["cpu_processes"] <= max(1, os.cpu_count() or 1):
