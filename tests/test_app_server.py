@@ -300,6 +300,24 @@ def _save_final_label(server, image_id):
     assert res["image"] == image_id
 
 
+@pytest.mark.parametrize("body, words", [
+    ({"max_seconds": "ten"}, "max_seconds"),
+    ({"val_split": 1.5}, "val_split"),
+    ({"optimizer": "sgd"}, "optimizer"),
+    ({"rehearsal": 2}, "rehearsal"),
+    ({"cpu_processes": 64}, "cpu_processes"),
+])
+def test_bad_train_requests_are_refused_before_anything_starts(ensam_server, body, words):
+    before = requests.get(f"{ensam_server.url}/train/", params={"all": True}, timeout=30)
+    n_before = len(before.json()) if before.status_code == 200 else 0
+    r = requests.post(f"{ensam_server.url}/train/ensam", json=body, timeout=60)
+    assert r.status_code == 400 and words in r.json()["detail"], r.text
+    after = requests.get(f"{ensam_server.url}/train/", params={"all": True}, timeout=30)
+    assert (len(after.json()) if after.status_code == 200 else 0) == n_before  # no training task was started
+    r = requests.post(f"{ensam_server.url}/train/nope", json={}, timeout=60)
+    assert r.status_code == 404 and "ensam" in r.json()["detail"]
+
+
 def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
     if not _finetune_available():
         pytest.skip("lib.training.finetune is not available yet")

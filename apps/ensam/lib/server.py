@@ -6,6 +6,9 @@ first in the router: FastAPI runs it in its thread pool, the event loop stays fr
 per-device semaphore keeps concurrent inferences safe. The route also turns bad requests into 4xx answers with a
 clear message (monailabel itself answers 500 to any exception).
 
+``POST /train/{model}`` is checked by the train task before monailabel starts the training process (monailabel
+accepts anything and the error only shows in the training log): a bad parameter is 400 with the reason.
+
 It also replaces the GET side of monailabel's DICOMweb proxy (``/proxy/dicom/{wado,qido}/...``, what OHIF reads
 through): monailabel's proxy drops the client's ``Accept`` header and query string and blocks the event loop.
 OHIF asks for frames with ``transfer-syntax=*`` (it decodes JPEG 2000 etc. itself); without that header Orthanc
@@ -44,7 +47,7 @@ from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "dicomweb_qido", "dicomweb_wado", "http_error_for", "ohif_file"]
+__all__ = ["app", "dicomweb_qido", "dicomweb_wado", "http_error_for", "ohif_file", "train_checked"]
 
 OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
 mimetypes.add_type("application/wasm", ".wasm")
@@ -161,7 +164,37 @@ async def dicomweb_qido(request: Request, path: str,
     return await _proxy("qido", path, request)
 
 
+def train_checked(
+    model: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    enqueue: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    """POST ``/train/{model}``: monailabel starts the training process first and only its log shows a bad request.
+    Here the request is checked by the train task itself (``parse_request``) before anything starts: an unknown
+    model is 404, a bad parameter 400 with the reason; then monailabel's own handler runs it."""
+    from monailabel.endpoints.train import run_model
+
+    trainers = getattr(app_instance(), "_trainers", None) or {}
+    if model not in trainers:
+        raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {sorted(trainers)}")
+    check = getattr(trainers[model], "parse_request", None)
+    if callable(check):
+        try:
+            check(params or {})
+        except Exception as e:
+            err = http_error_for(e)
+            if err is None:
+                raise
+            raise err from None
+    return run_model(model, params, run_sync, enqueue)
+
+
 _routes = [
+    APIRoute(f"{settings.MONAI_LABEL_API_STR}/train/{{model}}", train_checked, methods=["POST"],
+             summary=f"{RBAC_USER}Run Training Task for specific model (ensam: request checked first)",
+             tags=["Train"]),
     APIRoute(
         f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
         infer_threaded,
