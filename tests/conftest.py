@@ -60,14 +60,15 @@ def free_port() -> int:
 
 
 @dataclass
-class EnsamServer:
+class Service:
+    """A process a fixture started (server, PACS): where it answers, its log, how to stop it."""
+
     url: str
-    app_dir: str
-    studies: str
-    work: str
-    log_path: str
     proc: subprocess.Popen = field(repr=False)
-    images: dict = field(default_factory=dict)  # image id -> (image, label, affine) arrays
+    log_path: str = ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -75,6 +76,70 @@ class EnsamServer:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def launch(cmd: list, log_path: str, cwd: str, env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, stdout + stderr into ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(svc: Service, path: str, timeout: float, what: str, every: float = 0.5) -> None:
+    """Poll ``GET svc.url + path`` until 200; on exit or timeout stop the process and raise with its log tail."""
+    import requests
+
+    deadline = time.time() + timeout
+    while True:
+        if not svc.alive():
+            raise RuntimeError(f"{what} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
+        try:
+            if requests.get(f"{svc.url}{path}", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            svc.stop()
+            raise RuntimeError(f"{what} did not answer within {timeout:.0f} s:\n{svc.log_tail()}")
+        time.sleep(every)
+
+
+def server_env(app_dir: str, **extra: str) -> dict:
+    """Environment of a test server: the app copy first on PYTHONPATH, tracking / sessions / auto-scoring off."""
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "MONAI_LABEL_TRACKING_ENABLED": "false",
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+        "MONAI_LABEL_SESSIONS": "false",
+        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+    })
+    env.update(extra)
+    return env
+
+
+def server_cmd(app_dir: str, studies: str, port: int, *conf: str) -> list:
+    """``monailabel start_server`` for the app copy, through ensam's uvicorn app (not the `monailabel` wrapper
+    script: it runs whatever `python` is first on PATH)."""
+    return [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
+            "--conf", "models", "ensam", *conf, "--host", "127.0.0.1", "--port", str(port),
+            "--uvicorn_app", "lib.server:app"]
+
+
+@dataclass
+class EnsamServer(Service):
+    app_dir: str = ""
+    studies: str = ""
+    work: str = ""
+    images: dict = field(default_factory=dict)  # image id -> (image, label, affine) arrays
 
 
 def _copy_app(dst: str) -> str:
@@ -93,7 +158,6 @@ def _copy_app(dst: str) -> str:
 @pytest.fixture(scope="session")
 def ensam_server(tmp_path_factory):
     import nibabel as nib
-    import requests
 
     work = str(tmp_path_factory.mktemp("ensam_server"))
     app_dir = _copy_app(os.path.join(work, "app"))
@@ -109,49 +173,16 @@ def ensam_server(tmp_path_factory):
         images[image_id] = (img, lab, aff)
 
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "MONAI_LABEL_TRACKING_ENABLED": "false",
-            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-            "MONAI_LABEL_SESSIONS": "false",
-            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
-        }
-    )
-    cmd = [  # not the `monailabel` wrapper script: it runs whatever `python` is first on PATH
-        sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
-        "--conf", "models", "ensam", "--conf", "labels", ",".join(BLOBS),
-        "--host", "127.0.0.1", "--port", str(port), "--uvicorn_app", "lib.server:app",
-    ]
+    env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", ",".join(BLOBS))
     log_path = os.path.join(work, "server.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = EnsamServer(f"http://127.0.0.1:{port}", app_dir, studies, work, log_path, proc, images)
+    server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
+                         work, images)
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not answer within 180 s:\n{server.log_tail()}")
-            time.sleep(0.5)
+        wait_ready(server, "/info/", 180, "server")
         yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        server.stop()
 
 
 def pytest_report_header(config):

@@ -13,18 +13,15 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, _copy_app, free_port
+from conftest import ROOT, Service, _copy_app, free_port, launch, server_cmd, server_env, wait_ready
 
 DICOM_DIR = os.path.join(ROOT, "sample-datasets", "dicom", "ct")
 PLUGINS = {
@@ -104,39 +101,15 @@ def series() -> Series:
 
 # ---------------------------------------------------------------------------------------------------- Orthanc
 @dataclass
-class Orthanc:
-    url: str
-    proc: subprocess.Popen = field(repr=False)
-    log_path: str = ""
-
+class Orthanc(Service):
     @property
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
 
     def seg_series(self, study_uid: str) -> list:
         r = requests.get(f"{self.dicomweb}/studies/{study_uid}/series", params={"Modality": "SEG"}, timeout=30)
         assert r.status_code in (200, 204), r.text
         return [s["0020000E"]["Value"][0] for s in (r.json() if r.status_code == 200 and r.content else [])]
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -157,83 +130,34 @@ def orthanc(tmp_path_factory, series):
     }
     (work / "config.json").write_text(json.dumps(config, indent=1))
     log_path = str(work / "orthanc.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([ORTHANC, str(work / "config.json")], cwd=str(work), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    o = Orthanc(f"http://127.0.0.1:{port}", proc, log_path)
+    o = Orthanc(f"http://127.0.0.1:{port}", launch([ORTHANC, str(work / "config.json")], log_path, str(work)),
+                log_path)
     try:
-        deadline = time.time() + 60
-        while True:
-            if not o.alive():
-                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{o.log_tail()}")
-            try:
-                if requests.get(f"{o.url}/system", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"Orthanc did not answer within 60 s:\n{o.log_tail()}")
-            time.sleep(0.2)
+        wait_ready(o, "/system", 60, "Orthanc", every=0.2)
         for f in series.files:
             with open(f, "rb") as fh:
                 r = requests.post(f"{o.url}/instances", data=fh.read(), timeout=60)
             assert r.status_code == 200, f"Orthanc refused {f}: {r.status_code} {r.text}"
         yield o
     finally:
-        _stop(proc)
+        o.stop()
 
 
 # ---------------------------------------------------------------------------------------------------- server
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen = field(repr=False)
-    log_path: str = ""
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, orthanc):
     work = str(tmp_path_factory.mktemp("ensam_dicomweb"))
     app_dir = _copy_app(os.path.join(work, "app"))
-    port = free_port()
-    env = dict(os.environ)
-    env.update({
-        "PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "MONAI_LABEL_TRACKING_ENABLED": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-        "MONAI_LABEL_SESSIONS": "false",
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": os.path.join(work, "dicomweb-cache"),  # not ~/.cache/monailabel
-        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
-    })
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", orthanc.dicomweb,
-           "--conf", "models", "ensam", "--host", "127.0.0.1", "--port", str(port), "--uvicorn_app", "lib.server:app"]
+    env = server_env(app_dir, MONAI_LABEL_DICOMWEB_CACHE_PATH=os.path.join(work, "dicomweb-cache"))  # not ~/.cache
     log_path = os.path.join(work, "server.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    s = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    port = free_port()
+    s = Service(f"http://127.0.0.1:{port}", launch(server_cmd(app_dir, orthanc.dicomweb, port), log_path, work, env),
+                log_path)
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{s.log_tail()}")
-            try:
-                if requests.get(f"{s.url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not answer within 180 s:\n{s.log_tail()}")
-            time.sleep(0.5)
+        wait_ready(s, "/info/", 180, "server")
         yield s
     finally:
-        _stop(proc)
+        s.stop()
 
 
 def _ohif_infer(server, image_id, foreground, background=()):
@@ -420,8 +344,8 @@ def test_ohif_viewer_renders_the_series(server, orthanc, series, browser):
 
     def frames_loaded():
         _network(browser, seen)
-        ok = {sop for sop in series.sop_uids if any(f"/instances/{sop}/frames/" in u and s == 200
-                                                     for u, s in seen.items())}
+        ok = {sop for sop in series.sop_uids
+              if any(f"/instances/{sop}/frames/" in u and s == 200 for u, s in seen.items())}
         return len(ok) == len(series.sop_uids)
 
     _wait(f"the {len(series.sop_uids)} frames of the series through /proxy/dicom", frames_loaded, 120)
