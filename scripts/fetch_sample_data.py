@@ -239,18 +239,7 @@ def build_eval(ref: Path, out: Path, maps: dict, force: bool) -> None:
         log(f"have {img_ct} and {lab_ct} (skip)")
 
     img_mr, lab_mr = ev / "imagesTs" / "mr.nii.gz", ev / "labelsTs" / "mr.nii.gz"
-    if force or not (img_mr.is_file() and lab_mr.is_file()):
-        import nibabel as nib
-
-        im = nib.load(str(ref / "example_mr_sm.nii.gz"))
-        lb = nib.load(str(ref / "example_seg_mr.nii.gz"))
-        if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
-            raise FetchError("example_mr_sm and example_seg_mr are not on the same grid")
-        write_nib(np.asarray(im.dataobj), im.affine, img_mr, np.int16)
-        write_nib(np.asarray(lb.dataobj), im.affine, lab_mr, np.uint8)
-        log(f"wrote {img_mr} {im.shape} and {lab_mr}")
-    else:
-        log(f"have {img_mr} and {lab_mr} (skip)")
+    copy_pair(ref, "example_mr_sm", "example_seg_mr", img_mr, lab_mr, force)
 
     testing = [
         {"image": "imagesTs/ct_dicom.nii.gz", "label": "labelsTs/ct_dicom.nii.gz", "modality": "CT",
@@ -267,6 +256,23 @@ def build_eval(ref: Path, out: Path, maps: dict, force: bool) -> None:
         "numTest": len(testing),
         "testing": testing,
     }, force)
+
+
+def copy_pair(ref: Path, image_name: str, label_name: str, img_out: Path, lab_out: Path, force: bool) -> None:
+    """``<ref>/<image_name>.nii.gz`` + its label (same grid, checked) -> int16 image and uint8 label files."""
+    import nibabel as nib
+    import numpy as np
+
+    if not force and img_out.is_file() and lab_out.is_file():
+        log(f"have {img_out} and {lab_out} (skip)")
+        return
+    im = nib.load(str(ref / f"{image_name}.nii.gz"))
+    lb = nib.load(str(ref / f"{label_name}.nii.gz"))
+    if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
+        raise FetchError(f"{image_name} and {label_name} are not on the same grid")
+    write_nib(np.asarray(im.dataobj), im.affine, img_out, np.int16)
+    write_nib(np.asarray(lb.dataobj), im.affine, lab_out, np.uint8)
+    log(f"wrote {img_out} {im.shape} and {lab_out}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,21 +300,11 @@ def mni_brain_labels():
 
 
 def build_train(ref: Path, out: Path, maps: dict, force: bool) -> None:
-    import nibabel as nib
     import numpy as np
 
     tr = out / "train"
     img, lab = tr / "imagesTr" / "ct_small.nii.gz", tr / "labelsTr" / "ct_small.nii.gz"
-    if force or not (img.is_file() and lab.is_file()):
-        im = nib.load(str(ref / "example_ct_sm.nii.gz"))
-        lb = nib.load(str(ref / "example_seg.nii.gz"))
-        if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
-            raise FetchError("example_ct_sm and example_seg are not on the same grid")
-        write_nib(np.asarray(im.dataobj), im.affine, img, np.int16)
-        write_nib(np.asarray(lb.dataobj), im.affine, lab, np.uint8)
-        log(f"wrote {img} {im.shape} and {lab}")
-    else:
-        log(f"have {img} and {lab} (skip)")
+    copy_pair(ref, "example_ct_sm", "example_seg", img, lab, force)
 
     img_m, lab_m = tr / "imagesTr" / "mni152_t1.nii.gz", tr / "labelsTr" / "mni152_t1.nii.gz"
     if force or not (img_m.is_file() and lab_m.is_file()):
