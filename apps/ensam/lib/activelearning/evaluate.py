@@ -95,9 +95,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if k in res:
             print(f"{k}: rho = {res[k]['rho']:.3f} (p = {res[k]['p']:.3g}, n = {res[k]['n']})")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        from lib.infers.label_vocab import atomic_write_json
+
+        atomic_write_json(res, a.out)
 
 
 if __name__ == "__main__":

@@ -138,9 +138,9 @@ def main(argv=None):
               a.rehearsal)
     print(json.dumps(res, indent=1))
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        from lib.infers.label_vocab import atomic_write_json
+
+        atomic_write_json(res, a.out)
 
 
 if __name__ == "__main__":
