@@ -187,3 +187,15 @@ def ensam_server(tmp_path_factory):
 
 def pytest_report_header(config):
     return f"ensam app: {_APP}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a server / Orthanc fixture shows the tail of that process's log in its report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for name in item.fixturenames:
+            svc = item.funcargs.get(name)
+            if isinstance(svc, Service):
+                rep.sections.append((f"{name} log ({svc.log_path}, last 80 lines)", svc.log_tail(80)))
