@@ -18,7 +18,9 @@ WEIGHTS = os.path.join(ROOT, "apps", "ensam", "model", "pretrained_ensam.pt")
 EVAL = os.path.join(ROOT, "sample-datasets", "eval")
 # A floor between what an untrained network of this architecture reaches from the same box (which, through the
 # prompt prior, is about "fill the box") and what the shipped weights reach; measured values in the model card.
-STRUCTURE, FLOOR = "pancreas", 0.38
+# (A vertebra: a box around it holds bone, disc and muscle, so filling the box is far from the answer. On large
+# organs that fill their box, e.g. liver and spleen, box filling is hard to beat from a tight box.)
+STRUCTURE, FLOOR = "vertebrae_T12", 0.50
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(EVAL, "dataset.json")),
                                 reason="sample data not fetched (make data)")
