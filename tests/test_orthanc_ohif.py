@@ -215,6 +215,18 @@ def test_ohif_click_gives_nrrd_on_the_series_grid(server, series):
     assert mask[k, j, i] == 1, f"the clicked voxel {CLICK} is not in the mask ({int(mask.sum())} voxels)"
 
 
+def test_the_series_is_fetched_in_its_stored_transfer_syntax(server, series):
+    """The server asks Orthanc for the series as stored (JPEG 2000 here): Orthanc 1.10 + GDCM crashes when it has to
+    transcode such frames (see apps/ensam/main.py, retrieve_series_as_stored). Runs after the click test."""
+    import pydicom
+
+    cached = glob.glob(os.path.join(os.path.dirname(server.log_path), "dicomweb-cache", "**", "*.dcm"), recursive=True)
+    assert len(cached) >= len(series.files), cached
+    stored = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in series.files}
+    fetched = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in cached}
+    assert fetched == stored, (fetched, stored)
+
+
 def test_saving_a_label_stores_a_dicom_seg_in_orthanc(server, orthanc, series):
     """PUT /datastore/label as Slicer sends it (a NIfTI + label_info) and as OHIF's client sends it (raw voxels,
     ``label.bin``): each becomes a DICOM SEG in Orthanc that decodes back to the same voxels."""

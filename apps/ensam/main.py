@@ -16,6 +16,7 @@ import sys
 from typing import Any, Dict
 
 from fastapi import HTTPException
+from dicomweb_client.api import DICOMwebClient
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
@@ -94,6 +95,24 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
                 os.unlink(converted)
 
 
+AS_STORED = (("application/dicom", "*"),)
+
+
+def retrieve_series_as_stored(client) -> None:
+    """Make ``client.retrieve_series`` ask for the series in its stored transfer syntax.
+
+    dicomweb-client asks for uncompressed DICOM by default, so the PACS has to transcode. Orthanc 1.10.1 with
+    orthanc-gdcm 1.5 (Debian 12) crashes while transcoding JPEG 2000 frames (a segfault in GDCM, intermittent,
+    seen in test runs). monailabel reads the downloaded series with SimpleITK, whose GDCM decodes every common
+    compression, so the server never needs to transcode."""
+    original = client.retrieve_series
+
+    def retrieve_series(study_instance_uid, series_instance_uid, media_types=None, **kwargs):
+        return original(study_instance_uid, series_instance_uid, media_types=media_types or AS_STORED, **kwargs)
+
+    client.retrieve_series = retrieve_series
+
+
 class EnsamApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         conf = dict(conf or {})
@@ -157,6 +176,8 @@ class EnsamApp(MONAILabelApp):
             # same object and state, one overridden method (see the class); re-creating the datastore instead
             # would start a second file watcher on its cache folder
             ds.__class__ = DICOMwebDatastoreWithPydicomSeg
+        if isinstance(getattr(ds, "_client", None), DICOMwebClient):
+            retrieve_series_as_stored(ds._client)
         return ds
 
     def _download_dcmqi_tools(self):
