@@ -5,7 +5,6 @@ Order matters only at the end: training, then active learning (it needs a labell
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile

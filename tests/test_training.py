@@ -1,6 +1,5 @@
 """Fast tests of the training pipeline (lib/training): optimiser split, learning, checkpoints, export, data."""
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -444,9 +444,8 @@ def _distributed_worker(rank: int, devices: List[str], port: int, task: EnsamTra
     device = devices[rank]
     if device == "cpu":  # the processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    init_process_group(rank, world_size, device)
+    init_process_group(rank, world_size, device)  # MASTER_ADDR: loopback unless set
     try:
         task.run(plan, rank=rank, world_size=world_size, device=device)
     except Exception as e:

@@ -34,16 +34,16 @@ def init_process_group(rank: int, world_size: int, device: str) -> None:
     dist.init_process_group(backend_for(device), init_method="env://", world_size=world_size, rank=rank)
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
-    # NCCL needs CUDA tensors; gloo takes CPU tensors
-    return t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+def _comm_device() -> torch.device:
+    """Where collective buffers live: NCCL needs this rank's CUDA device, gloo takes CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @torch.no_grad()
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank."""
     for t in list(module.parameters()) + list(module.buffers()):
-        buf = t.data.to(_comm_device(t))
+        buf = t.data.to(_comm_device())
         dist.broadcast(buf, src)
         if buf.data_ptr() != t.data.data_ptr():
             t.data.copy_(buf)
@@ -59,8 +59,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> 
     params = [p for p in params if p.requires_grad]
     if not params:
         return
-    ref = next((p.grad for p in params if p.grad is not None), params[0].data)
-    dev = _comm_device(ref)
+    dev = _comm_device()
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().to(dev)
                       for p in params])
@@ -93,8 +92,6 @@ class Sync:
     def agree(self, stop: bool, progress: float) -> Tuple[bool, float]:
         if not self.active:
             return stop, progress
-        t = torch.tensor([1.0 if stop else 0.0, float(progress)], dtype=torch.float64)
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = t.to(dev)
+        t = torch.tensor([1.0 if stop else 0.0, float(progress)], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t[0].item() > 0), float(t[1].item())

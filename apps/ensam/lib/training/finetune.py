@@ -129,13 +129,13 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         dict with steps, seconds, samples_per_s, loss_first / loss_last (EMA), val_before / val_after / val_best
         (dicts of val_box_dsc, val_click2_dsc, score), restored_best (bool).
     """
+    if not 0.0 <= rehearsal < 1.0:
+        raise ValueError(f"rehearsal must be in [0, 1), got {rehearsal}")
     rng = np.random.default_rng(seed)
     cfg = loop or LoopConfig(roi_size=tuple(network.config.roi_size))
     if not label_ids:
         cfg = LoopConfig(**{**cfg.to_dict(), "p_concept": 0.0})
     vols = as_volumes(cases, label_ids, seed)
-    if not 0.0 <= rehearsal < 1.0:
-        raise ValueError(f"rehearsal must be in [0, 1), got {rehearsal}")
     sampler = _sampler(vols, label_ids, rehearsal)
     if not sampler.structures:
         raise ValueError("finetune: no labelled structure in the cases")
