@@ -246,7 +246,7 @@ def precompute(volumes: Sequence[Volume], cache_dir: str | os.PathLike = CACHE_D
 
 def _region(shape, lo, hi, spacing, rng, extra_mm: float = 28.0):
     """Slices around the voxel box [lo, hi] with enough margin for geometry.choose_roi (ROI = extent x 1.5, at
-    least 32 mm, aspect <= 2; 64 mm around clicks), randomly a little more."""
+    least 32 mm, aspect <= LoopConfig.roi_max_aspect = 2; 64 mm around clicks), randomly a little more."""
     lo, hi = np.asarray(lo), np.asarray(hi)
     ext_mm = (hi - lo + 1) * spacing
     margin_mm = 0.5 * ext_mm.max() + extra_mm + rng.uniform(0, 12)

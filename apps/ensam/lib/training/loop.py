@@ -41,9 +41,10 @@ class LoopConfig:
     bce_weight: float = 0.3        # recipe v2: with 1.0, in-box probabilities stayed < 0.5 (DSC 0) early on
     dice_weight: float = 1.0
     roi_size: tuple = (64, 64, 64)
+    roi_max_aspect: float = 2.0    # the shipped weights trained with 2; the engine infers with 4 (see the model card)
 
     def policy(self) -> RoiPolicy:
-        return RoiPolicy(model_shape=tuple(self.roi_size))
+        return RoiPolicy(model_shape=tuple(self.roi_size), max_aspect=self.roi_max_aspect)
 
     def to_dict(self) -> dict:
         return asdict(self)
