@@ -50,7 +50,7 @@ test: venv data services
 	$(VPY) -m pytest -q -rs tests
 
 eval: venv data
-	$(VPY) -m lib.evaluation --data sample-datasets/eval --out eval-results
+	$(VPY) -m lib.evaluation --data sample-datasets/eval --out eval-results --start box,click
 
 bench: venv
 	$(VPY) -m lib.benchmark

@@ -79,7 +79,7 @@ def _finetune_worker(rank, port, out, stop_rank_after):
         stats = finetune(net, [_toy_case(rank)], max_seconds=300, max_steps=4, seed=rank, rank=rank,
                          world_size=WORLD, val_cases=[_toy_case(5)], keep_best=False, progress=progress,
                          should_stop=should_stop,
-                         loop=LoopConfig(roi_size=(16, 16, 16), max_clicks=1))
+                         loop=LoopConfig.on_grid((16, 16, 16), max_clicks=1))
         torch.save({"stats": stats, "state": net.state_dict(), "init0": init}, os.path.join(out, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()

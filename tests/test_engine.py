@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.contract import Contract
 from lib.engine import EngineConfig, EnsamEngine, PromptError
 from lib.geometry import RoiPolicy
 from lib.network import NetworkConfig, build_network
@@ -87,7 +88,8 @@ def test_several_boxes_are_several_objects(volume):
 
 def test_autozoom_grows_roi_when_mask_touches_border(volume):
     img, aff = volume
-    eng = _engine(config=EngineConfig(max_zoom=2, roi=RoiPolicy(click_extent_mm=10.0, min_extent_mm=5.0)))
+    eng = _engine(config=EngineConfig(max_zoom=2),
+                  contract=Contract(roi=RoiPolicy(model_shape=CFG.roi_size, click_extent_mm=10.0, min_extent_mm=5.0)))
     # force "all foreground" so the mask always touches the ROI border
     torch.nn.init.constant_(eng.network.decoder.bias.bias, 100.0)
     torch.nn.init.zeros_(eng.network.decoder.bias.weight)

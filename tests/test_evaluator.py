@@ -175,6 +175,38 @@ def test_prompts_accumulate_and_prev_mask_is_passed():
     assert rec["dsc"][-1] > rec["dsc"][0]
 
 
+def test_click_start_gives_one_deep_foreground_click_and_never_a_box():
+    gt = _cube((24, 24, 24), (4, 6, 8), (17, 19, 21))  # centre (10.5, 12.5, 14.5): deepest voxels around it
+    spy = Spy(gt)
+    rec = evaluate_structure(spy, gt, AFF, gt, np.random.default_rng(0), start="click")
+    boxes0, pts0, lab0, prev0 = spy.calls[0]
+    assert boxes0 == [] and prev0 is None and lab0.tolist() == [1]
+    assert gt[tuple(pts0[0])] and np.all(np.abs(pts0[0] - [10.5, 12.5, 14.5]) <= 1)
+    assert rec["start"] == "click" and rec["box"] is None and rec["first_click"] == pts0[0].tolist()
+    for n, (boxes, pts, labs, prev) in enumerate(spy.calls[1:], start=2):
+        assert boxes == [] and pts.shape == (n, 3) and prev is not None  # the first click stays in the prompt
+    with pytest.raises(ValueError, match="start"):
+        evaluate_structure(spy, gt, AFF, gt, np.random.default_rng(0), start="lasso")
+
+
+def test_both_starts_are_reported_side_by_side(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from lib.evaluation.evaluator import evaluate, results_markdown
+
+    (tmp_path / "im").mkdir()
+    image, gt = _bright_sphere((28, 26, 20), (14, 13, 10), 6)
+    nib.save(nib.Nifti1Image(image, AFF), str(tmp_path / "im" / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(gt.astype(np.uint8), AFF), str(tmp_path / "im" / "a_lab.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"testing": [
+        {"image": "im/a.nii.gz", "label": "im/a_lab.nii.gz", "labels": {"1": "sphere"}}]}))
+    res = evaluate([RegionGrowing()], tmp_path, progress=False, log=lambda m: None, starts=("box", "click"))
+    assert set(res["methods"]) == {"region_growing", "region_growing (click start)"}
+    assert res["protocol"]["starts"] == ["box", "click"]
+    click = res["methods"]["region_growing (click start)"]["structures"][0]
+    assert click["start"] == "click" and click["box"] is None
+    assert "| region_growing (click start) |" in results_markdown(res)
+
+
 def test_failing_method_scores_zero_and_records_error():
     class Boom:
         name = "boom"

@@ -55,7 +55,7 @@ def test_muon_gets_only_2d_views_and_updates_conv_weights():
     conv = [(n, m.weight) for n, m in net.named_modules() if isinstance(m, nn.Conv3d) and f"{n}.weight" in names_muon]
     assert conv and all(w.ndim == 5 for _, w in conv)
     before = {n: w.detach().clone() for n, w in conv}
-    loss, _ = train_step(net, opt, fixed_case(), np.random.default_rng(0), LoopConfig(roi_size=(32, 32, 32)))
+    loss, _ = train_step(net, opt, fixed_case(), np.random.default_rng(0), LoopConfig.on_grid((32, 32, 32)))
     changed = [n for n, w in conv if not torch.equal(before[n], w.detach())]
     assert len(changed) == len(conv), "every Muon-managed conv weight must change after a step"
     # all parameters are covered exactly once
@@ -81,7 +81,7 @@ def test_lr_schedule_warmup_and_decay():
 def test_few_steps_reduce_loss_on_fixed_sample(kind):
     net = tiny_net()
     opt = build_optimizer(net, kind, lr=2e-3, muon_lr_scale=5.0)
-    cfg = LoopConfig(roi_size=(16, 16, 16), max_clicks=1)
+    cfg = LoopConfig.on_grid((16, 16, 16), max_clicks=1)
     rng = np.random.default_rng(0)
     case = fixed_case()
     losses = []
@@ -97,7 +97,7 @@ def test_concept_case_trains_label_token():
     case = fixed_case(with_label=True)
     case.points, case.types = np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
     emb = net.prompt_encoder.label_embed.weight[3].detach().clone()
-    train_step(net, opt, case, np.random.default_rng(0), LoopConfig(roi_size=(32, 32, 32)))
+    train_step(net, opt, case, np.random.default_rng(0), LoopConfig.on_grid((32, 32, 32)))
     assert not torch.equal(emb, net.prompt_encoder.label_embed.weight[3].detach())
 
 
@@ -106,7 +106,7 @@ def _weights(net):
 
 
 def test_checkpoint_resume_restores_step_weights_and_continues_identically(tmp_path):
-    cfg = LoopConfig(roi_size=(16, 16, 16), max_clicks=1)
+    cfg = LoopConfig.on_grid((16, 16, 16), max_clicks=1)
     case = fixed_case()
     net = tiny_net()
     opt = build_optimizer(net, "muon")
@@ -210,7 +210,7 @@ def test_finetune_runs_and_reports():
     net = tiny_net(num_labels=8)
     cases = [{"image": vol.image, "label": vol.labels, "affine": vol.affine}]
     stats = finetune(net, cases, max_seconds=60, max_steps=3, label_ids={1: 0, 5: 4},
-                     loop=LoopConfig(roi_size=(16, 16, 16), max_clicks=1))
+                     loop=LoopConfig.on_grid((16, 16, 16), max_clicks=1))
     assert stats["steps"] == 3 and stats["samples_per_s"] > 0 and np.isfinite(stats["loss_last"])
 
 

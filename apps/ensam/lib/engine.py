@@ -16,13 +16,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_bbox,
+from .contract import Contract, check_same, contract_for_network, read_contract
+from .geometry import (PromptError, Roi, choose_roi, crop_to_model, logits_to_original, mask_bbox,
                        mask_to_model,
                        normalize_boxes, normalize_intensity, spacing_from_affine, validate_points)
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
@@ -34,16 +35,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    """Inference settings. ``roi``: how the region of interest is chosen; ``max_zoom``: how many times the ROI may
-    grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the encoding
-    cache; ``label_spacing_mm``: working spacing of prompt-free label segmentation (sliding window)."""
+    """Inference-only settings (what the network learned under, ROI policy, click maps, intensities, label
+    spacing, is the weights' :class:`lib.contract.Contract`, not a setting). ``max_zoom``: how many times the ROI
+    may grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the
+    encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation."""
 
-    roi: RoiPolicy = field(default_factory=RoiPolicy)
     max_zoom: int = 2
     zoom_factor: float = 1.5
     reuse_roi_growth: float = 1.6
     cache_bytes: int = 512 * 2 ** 20
-    label_spacing_mm: float = 3.0
     label_overlap: float = 0.25
     threshold: float = 0.0
 
@@ -135,7 +135,8 @@ class EnsamEngine:
     """
 
     def __init__(self, network: EnsamNet | None = None, weights: str | None = None, device: str = "cpu",
-                 config: EngineConfig | None = None, network_config: NetworkConfig | dict | None = None) -> None:
+                 config: EngineConfig | None = None, network_config: NetworkConfig | dict | None = None,
+                 contract: Contract | None = None) -> None:
         self.device = torch.device(device)
         self.config = config or EngineConfig()
         self.weights = weights
@@ -145,12 +146,14 @@ class EnsamEngine:
         self._lock = threading.RLock()
         if network is not None:
             self.network = network.to(self.device).eval()
+            self.contract = contract_for_network(self.network.config, contract)
         else:
             self.network = load_network(weights, network_config, self.device)
             self._mtime = os.path.getmtime(weights) if weights else None
+            self.contract = read_contract(weights, self.network.config)  # what these weights were trained under
+            if contract is not None:
+                check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
         self.cache = _EncodingCache(self.config.cache_bytes)
-        self.config.roi = RoiPolicy(**{**self.config.roi.__dict__,
-                                       "model_shape": tuple(self.network.config.roi_size)})
         self.last_info: dict = {}
 
     # ------------------------------------------------------------------ weights
@@ -163,6 +166,7 @@ class EnsamEngine:
             return False
         with self._lock:
             self.network = load_network(self.weights, self._network_config, self.device)
+            self.contract = read_contract(self.weights, self.network.config)
             self._mtime = mtime
             self.set_network(self.network)
         return True
@@ -188,7 +192,7 @@ class EnsamEngine:
     def _pick_roi(self, shape, spacing, boxes, fg, prev_mask, key) -> Roi:
         """The ROI for these prompts; an already-encoded ROI of the same image is reused when it contains the
         prompts and is not much larger than the fresh choice (so refinement clicks hit the cache)."""
-        roi = choose_roi(shape, spacing, boxes, fg, prev_mask, self.config.roi)
+        roi = choose_roi(shape, spacing, boxes, fg, prev_mask, self.contract.roi)
         lo_hi = []
         for b in boxes:
             lo_hi += [b[0::2], b[1::2]]
@@ -279,7 +283,7 @@ class EnsamEngine:
             pm = None
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
-            dense = dense_prompt_maps(p, t, roi.model_shape, pm)
+            dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
             logits = self.network.decode(feats, p, t, dense)[0, 0]
             model_mask = (logits > self.config.threshold).cpu().numpy()
             if zoom == self.config.max_zoom or not roi.touches_border(model_mask, shape):
@@ -298,10 +302,12 @@ class EnsamEngine:
         return self.segment_labels(image, affine, [label_id], batch_size)[int(label_id)]
 
     def segment_labels(self, image: np.ndarray, affine, label_ids, batch_size: int = 1,
-                       labels_per_pass: int = 8) -> dict:
-        """Prompt-free segmentation of several structures at once: resample to ``label_spacing_mm`` isotropic,
-        sliding windows of the model size, each window ENCODED ONCE and decoded for every label token (in groups
-        of ``labels_per_pass``, batched), then back to the original grid. Returns {label id: uint8 (X, Y, Z)}."""
+                       labels_per_pass: int = 8, spacing_mm: float | None = None) -> dict:
+        """Prompt-free segmentation of several structures at once: resample to the contract's
+        ``label_spacing_mm`` isotropic, sliding windows of the model size, each window ENCODED ONCE and decoded for
+        every label token (in groups of ``labels_per_pass``, batched), then back to the original grid.
+        ``spacing_mm``: a coarser working spacing for a cheap approximation (uncertainty scoring); None = the
+        contract's. Returns {label id: uint8 (X, Y, Z)}."""
         from monai.inferers import sliding_window_inference
 
         image = np.asarray(image)
@@ -315,7 +321,8 @@ class EnsamEngine:
             return {}
         shape = np.asarray(image.shape)
         spacing = spacing_from_affine(affine)
-        work = np.maximum(np.round(shape * spacing / self.config.label_spacing_mm), 1).astype(int)
+        work_mm = self.contract.label_spacing_mm if spacing_mm is None else float(spacing_mm)
+        work = np.maximum(np.round(shape * spacing / work_mm), 1).astype(int)
         roi = Roi((0, 0, 0), tuple(int(s) for s in shape), tuple(int(s) for s in work))
         win = tuple(self.network.config.roi_size)
         uniq = list(dict.fromkeys(ids))

@@ -30,7 +30,7 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
              min_voxels: int = 50, spacing_mm: float = 5.0, error_spacing_mm: float = 3.0, log=print) -> Dict:
     from scipy.stats import spearmanr
 
-    from lib.engine import EngineConfig, EnsamEngine
+    from lib.engine import EnsamEngine
     from lib.infers.imageio import load_volume
 
     with open(os.path.join(data, "dataset.json")) as f:
@@ -38,9 +38,7 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
     entries = ds.get("testing") or ds.get("training") or []
     existing = [w for w in weights if os.path.exists(w)]
     w = existing[-1] if existing else None
-    engine = EnsamEngine(weights=w, device=device, config=EngineConfig(label_spacing_mm=spacing_mm))
-    seg_engine = engine if error_spacing_mm == spacing_mm else EnsamEngine(
-        weights=w, device=device, config=EngineConfig(label_spacing_mm=error_spacing_mm))
+    engine = EnsamEngine(weights=w, device=device)
     vocab = load_vocab(weights)
     rows = []
     for e in entries:
@@ -55,9 +53,9 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
         image_name = os.path.basename(e["image"]).split(".")[0]
         ids = [vocab[n] for _, n in names]
         t = time.time()  # every flipped copy (and the error prediction) is segmented once for all the names
-        flips = flip_predictions(engine, img.array, img.affine, ids)
-        preds = {i: m[0] for i, m in flips.items()} if seg_engine is engine else \
-            seg_engine.segment_labels(img.array, img.affine, ids)
+        flips = flip_predictions(engine, img.array, img.affine, ids, spacing_mm=spacing_mm)
+        preds = {i: m[0] for i, m in flips.items()} if error_spacing_mm == spacing_mm else \
+            engine.segment_labels(img.array, img.affine, ids, spacing_mm=error_spacing_mm)
         log(f"{image_name:>10}: {len(ids)} names in {time.time() - t:.1f}s")
         for value, name in names:
             u = disagreement(flips[vocab[name]])

@@ -22,13 +22,14 @@ FLIPS: Sequence[tuple] = ((), (0,), (1,), (2,))
 
 
 def flip_predictions(engine, image: np.ndarray, affine: np.ndarray, label_ids: Sequence[int],
-                     flips: Sequence[tuple] = FLIPS) -> Dict[int, List[np.ndarray]]:
+                     flips: Sequence[tuple] = FLIPS, spacing_mm=None) -> Dict[int, List[np.ndarray]]:
     """{label id: [bool mask on the original grid for each flip]}: every flipped copy is segmented once for all
-    the labels (:meth:`EnsamEngine.segment_labels` encodes each window once) and the result flipped back."""
+    the labels (:meth:`EnsamEngine.segment_labels` encodes each window once, at ``spacing_mm``: None = the
+    weights' contract) and the result flipped back."""
     out: Dict[int, List[np.ndarray]] = {int(i): [] for i in label_ids}
     for axes in flips:
         img = np.ascontiguousarray(np.flip(image, axis=axes)) if axes else image
-        masks = engine.segment_labels(img, affine, list(out))
+        masks = engine.segment_labels(img, affine, list(out), spacing_mm=spacing_mm)
         for i in out:
             m = np.asarray(masks[i]) > 0
             out[i].append(np.flip(m, axis=axes) if axes else m)

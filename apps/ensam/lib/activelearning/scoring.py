@@ -158,21 +158,14 @@ class UncertaintyScoring(_EnsamScoring):
         self.extra_names = list(extra_names)
         self.default_labels = list(default_labels)
         self.num_labels = int(num_labels)
-        self._providers: Dict[float, EngineProvider] = {}
 
-    def _engine_at(self, request, spacing_mm: float):
-        """An engine like the app's (same weights, reloaded when they change) working at ``spacing_mm``."""
-        from lib.engine import EngineConfig
+    def _engine_at(self, request):
+        """The app's engine (same weights, reloaded when they change) and its device lock."""
         from lib.infers.engine_provider import resolve_device
 
-        p = self._providers.get(spacing_mm)
-        if p is None:
-            p = self._providers[spacing_mm] = EngineProvider(
-                self.provider.paths, network_config=self.provider.network_config,
-                engine_kwargs={"config": EngineConfig(label_spacing_mm=spacing_mm)})
         dev = request.get("device")
         device = resolve_device(dev[0] if isinstance(dev, list) and dev else dev)
-        return p.get(device), self.provider.device_lock(device)
+        return self.provider.get(device), self.provider.device_lock(device)
 
     def __call__(self, request, datastore: Datastore):
         start = time.time()
@@ -203,10 +196,11 @@ class UncertaintyScoring(_EnsamScoring):
                 scores[image_id] = float(info[self.key])
                 continue
             if engine is None:
-                engine, lock = self._engine_at(request, spacing_mm)
+                engine, lock = self._engine_at(request)
             vol = self.volumes.get(uri)
             with lock:
-                masks = flip_predictions(engine, vol.array, vol.affine, list(labels.values()))
+                masks = flip_predictions(engine, vol.array, vol.affine, list(labels.values()),
+                                         spacing_mm=spacing_mm)
             per_label = {name: round(disagreement(masks[token]), 6) for name, token in labels.items()}
             score = float(np.mean(list(per_label.values())))
             scores[image_id] = score

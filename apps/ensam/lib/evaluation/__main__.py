@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=None, help="comma-separated substrings of image names to keep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--start", default="box",
+                    help="start protocols, comma-separated: box (step 0 = box) and/or click (step 0 = one foreground "
+                         "click at the label's deepest voxel, no box) (default: %(default)s)")
     ap.add_argument("--jitter", type=int, default=3, help="box jitter in voxels (outward, 0..N)")
     ap.add_argument("--ensam-weights", default=None, help="weights for the ensam method (default: model folder)")
     ap.add_argument("--device", default="cpu")
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
         print("no method to evaluate", file=sys.stderr)
         return 2
     results = evaluate(methods, args.data, seed=args.seed, n_clicks=args.clicks, jitter=args.jitter,
-                       max_structures=args.max_structures, cases=cases, progress=not args.no_progress)
+                       max_structures=args.max_structures, cases=cases, progress=not args.no_progress,
+                       starts=[x.strip() for x in args.start.split(",") if x.strip()])
     results["command"] = " ".join([os.path.basename(sys.executable), "-m", "lib.evaluation"] +
                                   list(argv if argv is not None else sys.argv[1:]))
     paths = write_results(results, args.out)

@@ -42,7 +42,7 @@ from ..prompts.simulation import box_from_mask, next_click
 from .metrics import auc, dice, protocol_nsd, spacing_from_affine
 
 __all__ = ["Method", "EnsamMethod", "Case", "load_dataset", "evaluate_structure", "evaluate", "summarize",
-           "write_results", "PROTOCOL"]
+           "write_results", "PROTOCOL", "STARTS", "run_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,15 @@ PROTOCOL = {
     "auc": "trapezoid over the 5 click steps, unit spacing (0..4)",
     "memory": "peak RSS above the pre-call RSS during predict, sampled every 2 ms (psutil)",
     "time_budget_s": 90.0,
+    "click_start": "step 0 = one foreground click at the deepest voxel of the label (largest component), no box "
+                   "at any step; then the same corrective clicks (method rows named '<method> (click start)')",
 }
+STARTS = ("box", "click")
+
+
+def run_name(method_name: str, start: str) -> str:
+    """The results key of a method under a start protocol: the plain name for the box start."""
+    return method_name if start == "box" else f"{method_name} (click start)"
 
 
 @runtime_checkable
@@ -237,19 +245,32 @@ def _structure_seed(seed: int, case_name: str, label_id: int) -> np.random.Gener
 
 def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                        n_clicks: int = 5, jitter: int = 3, tolerance_mm: float = 2.0,
-                       measure_memory: bool = True) -> dict:
-    """Run the protocol for one structure. ``gt``: ``(X, Y, Z)`` binary. Returns per-step lists (index 0 = box,
-    1..n_clicks = clicks) ``dsc``, ``nsd``, ``seconds``, ``peak_mb`` and the summary numbers."""
+                       measure_memory: bool = True, start: str = "box") -> dict:
+    """Run the protocol for one structure. ``gt``: ``(X, Y, Z)`` binary. ``start``: ``"box"`` (step 0 = the
+    jittered box, kept at every step) or ``"click"`` (step 0 = one foreground click at the label's deepest voxel,
+    no box at any step). Returns per-step lists (index 0 = the start prompt, 1..n_clicks = clicks) ``dsc``,
+    ``nsd``, ``seconds``, ``peak_mb`` and the summary numbers."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, not {start!r}")
     gt = np.asarray(gt) != 0
     spacing = spacing_from_affine(affine)
-    box = box_from_mask(gt, jitter=jitter, rng=rng)
     if hasattr(method, "reset"):
         method.reset()
-    points = np.zeros((0, 3), dtype=np.int64)
-    plabels = np.zeros((0,), dtype=np.int64)
+    if start == "box":
+        box = box_from_mask(gt, jitter=jitter, rng=rng)
+        boxes = [box]
+        points = np.zeros((0, 3), dtype=np.int64)
+        plabels = np.zeros((0,), dtype=np.int64)
+    else:
+        box = None
+        boxes = []
+        first, _ = next_click(None, gt, rng)  # the deepest voxel of the label (largest component)
+        points = first[None].astype(np.int64)
+        plabels = np.ones(1, dtype=np.int64)
     pred = None
-    rec = {"box": box.tolist(), "voxels": int(gt.sum()), "dsc": [], "nsd": [], "seconds": [], "peak_mb": [],
-           "cuda_peak_mb": [], "clicks": [], "no_click": [], "errors": []}
+    rec = {"start": start, "box": None if box is None else box.tolist(), "voxels": int(gt.sum()), "dsc": [],
+           "nsd": [], "seconds": [], "peak_mb": [], "cuda_peak_mb": [], "clicks": [], "no_click": [], "errors": [],
+           "first_click": None if box is not None else [int(v) for v in points[0]]}
     for step in range(n_clicks + 1):
         if step > 0:
             click = next_click(pred, gt, rng)
@@ -272,10 +293,10 @@ def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.nda
         try:
             if meter is not None:
                 with meter:
-                    out = method.predict(image, affine, [box.copy()], points.copy(), plabels.copy(),
+                    out = method.predict(image, affine, [b.copy() for b in boxes], points.copy(), plabels.copy(),
                                          None if pred is None else pred.copy())
             else:
-                out = method.predict(image, affine, [box.copy()], points.copy(), plabels.copy(),
+                out = method.predict(image, affine, [b.copy() for b in boxes], points.copy(), plabels.copy(),
                                      None if pred is None else pred.copy())
             out = np.asarray(out)
             if out.shape != gt.shape:
@@ -339,11 +360,16 @@ def _structure_ids(case: Case, labels: np.ndarray, max_structures: Optional[int]
 def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitter: int = 3,
              max_structures: Optional[int] = None, cases: Optional[Sequence[str]] = None,
              progress: bool = True, measure_memory: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, starts: Sequence[str] = ("box",)) -> dict:
     """Evaluate ``methods`` on every labelled structure of the dataset (``max_structures``: at most that many per
-    image, the lowest label ids). Returns the results dictionary written by :func:`write_results`."""
+    image, the lowest label ids) under each start protocol of ``starts`` ("box", "click"; results of a click start
+    are keyed ``run_name(method, "click")``). Returns the results dictionary written by :func:`write_results`."""
     cases_ = load_dataset(data_dir, cases)
-    per_method: Dict[str, List[dict]] = {m.name: [] for m in methods}
+    bad = [s for s in starts if s not in STARTS]
+    if bad or not starts:
+        raise ValueError(f"starts must be among {STARTS}, got {list(starts)}")
+    runs = [(m, st) for st in starts for m in methods]
+    per_method: Dict[str, List[dict]] = {run_name(m.name, st): [] for m, st in runs}
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -353,22 +379,23 @@ def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitt
         ids = _structure_ids(case, labels, max_structures)
         log(f"{case.name}: {image.shape} spacing {np.round(spacing_from_affine(affine), 3).tolist()}, "
             f"{len(ids)} structures")
-        for m in methods:
+        for m, st in runs:
+            key = run_name(m.name, st)
             it = ids
             if progress and tqdm is not None:
-                it = tqdm(ids, desc=f"{m.name} / {case.name}", leave=False)
+                it = tqdm(ids, desc=f"{key} / {case.name}", leave=False)
             for lid in it:
                 gt = labels == lid
                 rec = evaluate_structure(m, image, affine, gt, _structure_seed(seed, case.name, lid),
-                                         n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory)
+                                         n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory, start=st)
                 rec.update({"case": case.name, "modality": case.modality, "label": int(lid),
                             "name": case.labels.get(lid, f"label_{lid}")})
-                per_method[m.name].append(rec)
-            s = summarize([r for r in per_method[m.name] if r["case"] == case.name])
-            log(f"  {m.name:15s} box DSC {s['box_dsc']:.3f}  DSC_AUC {s['dsc_auc']:.3f}  NSD_AUC {s['nsd_auc']:.3f}  "
+                per_method[key].append(rec)
+            s = summarize([r for r in per_method[key] if r["case"] == case.name])
+            log(f"  {key:15s} first DSC {s['box_dsc']:.3f}  DSC_AUC {s['dsc_auc']:.3f}  NSD_AUC {s['nsd_auc']:.3f}  "
                 f"final DSC {s['final_dsc']:.3f}  final NSD {s['final_nsd']:.3f}  {s['seconds_per_step']:.2f} s/step")
     results = {
-        "protocol": {**PROTOCOL, "clicks": n_clicks, "jitter_voxels": jitter, "seed": seed},
+        "protocol": {**PROTOCOL, "clicks": n_clicks, "jitter_voxels": jitter, "seed": seed, "starts": list(starts)},
         "data": str(data_dir),
         "machine": machine_info(),
         "methods": {},
@@ -409,8 +436,9 @@ def results_markdown(results: dict) -> str:
              f"Data: `{results['data']}`; seed {pr['seed']}; box (jitter 0..{pr['jitter_voxels']} voxels) then "
              f"{pr['clicks']} clicks; NSD at {pr['nsd_tolerance_mm']} mm "
              f"(0 when DSC <= {pr['nsd_min_dsc']}); AUC = trapezoid over the click steps (max "
-             f"{results['protocol']['clicks'] - 1}). Mean over structures.", "",
-             "| method | structures | box DSC | DSC_AUC | NSD_AUC | final DSC | final NSD | s/step | peak MB |",
+             f"{results['protocol']['clicks'] - 1}). Mean over structures. Step 0 = the box; in the '(click "
+             f"start)' rows it is one foreground click at the label's deepest voxel and no box is ever given.", "",
+             "| method | structures | step-0 DSC | DSC_AUC | NSD_AUC | final DSC | final NSD | s/step | peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         o = m["overall"]
@@ -425,7 +453,7 @@ def results_markdown(results: dict) -> str:
         for c in m["by_case"]:
             if c not in case_names:
                 case_names.append(c)
-    lines += ["", "## Per image", "", "| image | method | structures | box DSC | DSC_AUC | NSD_AUC | final DSC | "
+    lines += ["", "## Per image", "", "| image | method | structures | step-0 DSC | DSC_AUC | NSD_AUC | final DSC | "
               "final NSD | s/step |", "|---|---|---|---|---|---|---|---|---|"]
     for c in case_names:
         for name, m in methods.items():
@@ -441,7 +469,7 @@ def results_markdown(results: dict) -> str:
     for name, m in methods.items():
         for s in m["structures"]:
             rows.setdefault((s["case"], s["label"], s["name"], s["voxels"]), {})[name] = s
-    for title, key in (("box DSC", "box_dsc"), ("DSC_AUC", "dsc_auc"), ("final DSC", "final_dsc"),
+    for title, key in (("step-0 DSC (box, or the first click)", "box_dsc"), ("DSC_AUC", "dsc_auc"), ("final DSC", "final_dsc"),
                        ("final NSD", "final_nsd")):
         lines += ["", f"## Per structure: {title}", "",
                   "| image | id | structure | voxels | " + " | ".join(names) + " |",
@@ -472,7 +500,7 @@ def plot_curves(results: dict, path) -> None:
         if o:
             ax.plot(range(n + 1), o["dsc_curve"], marker="o", label=name)
     ax.set_xticks(range(n + 1))
-    ax.set_xticklabels(["box"] + [f"click {i}" for i in range(1, n + 1)], rotation=30)
+    ax.set_xticklabels(["box / 1st click"] + [f"click {i}" for i in range(1, n + 1)], rotation=30)
     ax.set_ylabel("mean DSC over structures")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

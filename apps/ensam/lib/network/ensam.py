@@ -25,7 +25,10 @@ __all__ = ["NetworkConfig", "EnsamNet", "build_network"]
 class NetworkConfig:
     """Every size of the network. ``variant``: 'ensam' (prompt attention at the latent level only) or 'samu'
     (also at every decoder scale). ``positional``: 'rotary' (relative) or 'absolute' (Fourier features).
-    ``prompt_prior``: initial scale of the prompt-prior residual added to the logits (0 = none; see EnsamNet)."""
+    ``prompt_prior``: initial scale of the prompt-prior residual added to the logits (0 = none; see EnsamNet).
+    ``lone_click_prior``: the prior of a prompt with no region (no box, no previous mask: clicks only):
+    'negative' (release 1-3: -s everywhere but the click blobs, which held a lone click on the liver to a blob of
+    ~1000 voxels) or 'neutral' (only +s on the foreground blobs and -s on the background blobs)."""
 
     in_channels: int = 1
     filters: int = 16
@@ -40,6 +43,7 @@ class NetworkConfig:
     positional: str = "rotary"
     roi_size: tuple[int, int, int] = (64, 64, 64)
     prompt_prior: float = 2.0
+    lone_click_prior: str = "negative"
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -60,6 +64,8 @@ class EnsamNet(nn.Module):
         cfg = config or NetworkConfig()
         if cfg.variant not in ("ensam", "samu"):
             raise ValueError(f"variant must be 'ensam' or 'samu', not {cfg.variant!r}")
+        if cfg.lone_click_prior not in ("negative", "neutral"):
+            raise ValueError(f"lone_click_prior must be 'negative' or 'neutral', not {cfg.lone_click_prior!r}")
         if cfg.positional not in ("rotary", "absolute"):
             raise ValueError(f"positional must be 'rotary' or 'absolute', not {cfg.positional!r}")
         self.config = cfg
@@ -118,7 +124,13 @@ class EnsamNet(nn.Module):
         logits = self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
         if self.prior_scale is not None:
             prior = (dense[:, 0:3].amax(dim=1, keepdim=True) - dense[:, 3:4]).clamp(0, 1)
-            logits = logits + self.prior_scale * (2 * prior - 1)
+            offset = 2 * prior - 1
+            if self.config.lone_click_prior == "neutral":
+                # no region (box / previous mask) in a sample: the clicks alone, no "-s everywhere else"
+                region = dense[:, 0:2].flatten(1).amax(dim=1) > 0  # (B,)
+                clicks = dense[:, 2:3] - dense[:, 3:4]
+                offset = torch.where(region[:, None, None, None, None], offset, clicks)
+            logits = logits + self.prior_scale * offset
         return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]]
 
     def forward(self, image, points, point_types, dense, label_ids=None):

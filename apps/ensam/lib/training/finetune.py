@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..contract import Contract, check_same, contract_for_network
 from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters
 from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
@@ -91,7 +93,8 @@ def _draw_case(sampler, rng, cfg: LoopConfig, concept: bool, tries: int = 100):
     """One training case (never None: a data-parallel step must not be skipped on one rank only)."""
     for _ in range(tries):
         if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in sampler.structures):
-            s, vid = sampler.concept_window(rng)
+            s, vid = sampler.concept_window(rng, window=cfg.contract.model_shape[0],
+                                            spacing_mm=cfg.contract.label_spacing_mm)
             return concept_case(s.image, s.mask, vid)
         s = sampler.sample(rng)
         case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="finetune")
@@ -105,7 +108,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
              seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
-             rehearsal: float = 0.3) -> Dict:
+             rehearsal: float = 0.3, contract: Optional[Contract] = None) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -120,6 +123,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
         rehearsal: fraction of the prompted steps spent on pre-training-style unnamed objects drawn on the same
             volumes (``REHEARSAL_SOURCES``), against forgetting; 0 = the labelled structures only.
+        contract: the training/inference contract of the weights being tuned (:func:`lib.contract.read_contract`;
+            None = the defaults on the network's grid); the tuned weights keep it.
         rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
             initialised, see :mod:`lib.training.distributed`): every rank draws its own samples (give each its own
             ``seed``), gradients are averaged, all ranks stop at the same step; rank 0 alone validates and keeps
@@ -132,9 +137,11 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     if not 0.0 <= rehearsal < 1.0:
         raise ValueError(f"rehearsal must be in [0, 1), got {rehearsal}")
     rng = np.random.default_rng(seed)
-    cfg = loop or LoopConfig(roi_size=tuple(network.config.roi_size))
+    cfg = loop or LoopConfig(contract=contract_for_network(network.config, contract))
+    if contract is not None:
+        check_same(cfg.contract, contract, "the training loop", "the weights being tuned")
     if not label_ids:
-        cfg = LoopConfig(**{**cfg.to_dict(), "p_concept": 0.0})
+        cfg = replace(cfg, p_concept=0.0)
     vols = as_volumes(cases, label_ids, seed)
     sampler = _sampler(vols, label_ids, rehearsal)
     if not sampler.structures:
@@ -152,7 +159,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
             vcases = []  # rank 0 validates for everyone
 
     def score_now():
-        s = evaluate(network, vcases, n_clicks=2, device=device)
+        s = evaluate(network, vcases, n_clicks=2, device=device, cfg=cfg)
         s["score"] = 0.5 * (s["val_box_dsc"] + s["val_click2_dsc"])
         return s
 

@@ -17,13 +17,14 @@ A concept sample (probability ``p_concept``) has no prompts: a fixed-spacing win
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..contract import Contract
 from ..geometry import Roi, RoiPolicy, choose_roi, crop_to_model, mask_to_model, normalize_intensity
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click
@@ -40,11 +41,23 @@ class LoopConfig:
     p_roi_jitter: float = 0.3      # ROI enlarged x U(1, 1.5) and shifted (AutoZoom, reused ROIs)
     bce_weight: float = 0.3        # recipe v2: with 1.0, in-box probabilities stayed < 0.5 (DSC 0) early on
     dice_weight: float = 1.0
-    roi_size: tuple = (64, 64, 64)
-    roi_max_aspect: float = 2.0    # the shipped weights trained with 2; the engine infers with 4 (see the model card)
+    click_extent_scale: tuple = (1.0, 1.0)  # the view around a lone first click = the contract's click_extent_mm
+                                            # x U(lo, hi) (recipe v3: several scales, so a click on a large organ
+                                            # fills the view and AutoZoom grows it)
+    error_weight: float = 0.0      # extra BCE on the voxels the previous step got wrong (corrective steps only):
+                                   # the click must flip them (recipe v3)
+    contract: Contract = field(default_factory=Contract)  # shared with the engine (lib.contract): ROI policy,
+                                                          # model grid, click maps, intensities
 
-    def policy(self) -> RoiPolicy:
-        return RoiPolicy(model_shape=tuple(self.roi_size), max_aspect=self.roi_max_aspect)
+    def policy(self, click_extent_scale: float = 1.0) -> RoiPolicy:
+        """The contract's ROI policy, with the view around a lone click scaled (training augmentation)."""
+        roi = self.contract.roi
+        return replace(roi, click_extent_mm=roi.click_extent_mm * float(click_extent_scale))
+
+    @classmethod
+    def on_grid(cls, model_shape, **kw) -> "LoopConfig":
+        """A loop with the default contract on another model grid (small test networks)."""
+        return cls(contract=Contract(roi=RoiPolicy(model_shape=tuple(int(s) for s in model_shape))), **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +101,8 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
     if use_box is None:
         use_box = rng.random() >= cfg.p_no_box
     shape = image.shape
-    policy = cfg.policy()
+    lo_s, hi_s = (float(v) for v in cfg.click_extent_scale)
+    policy = cfg.policy(lo_s if hi_s <= lo_s else float(rng.uniform(lo_s, hi_s)))
     if use_box:
         box = box_from_mask(mask, jitter=int(rng.integers(0, cfg.box_jitter + 1)), rng=rng)
         roi = choose_roi(shape, spacing, boxes=box[None], policy=policy)
@@ -129,20 +143,27 @@ def concept_case(window: np.ndarray, mask: np.ndarray, label_id: int, kind: str 
                 np.zeros(0, np.int64), int(label_id), kind, name)
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
+def _loss(logits: torch.Tensor, target: torch.Tensor, cfg: LoopConfig,
+          prev_error: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft Dice + BCE; with ``prev_error`` (voxels the previous step got wrong) and ``cfg.error_weight``, plus
+    the mean BCE over those voxels (a corrective click that leaves them wrong costs more)."""
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = bce_map.mean()
     p = torch.sigmoid(logits)
     inter = (p * target).sum()
     dice = 1 - (2 * inter + 1.0) / (p.sum() + target.sum() + 1.0)
-    return cfg.bce_weight * bce + cfg.dice_weight * dice
+    loss = cfg.bce_weight * bce + cfg.dice_weight * dice
+    if prev_error is not None and cfg.error_weight > 0 and prev_error.any():
+        loss = loss + cfg.error_weight * bce_map[prev_error].mean()
+    return loss
 
 
-def _decode(net, feats, pts, types, prev, label_id, device):
+def _decode(net, feats, pts, types, prev, label_id, device, sigma: float):
     p = torch.as_tensor(pts, dtype=torch.float32, device=device)[None]
     t = torch.as_tensor(types, dtype=torch.long, device=device)[None]
     shape = tuple(feats[0].shape[2:])
-    dense = dense_prompt_maps(p, t, shape, prev)
+    dense = dense_prompt_maps(p, t, shape, prev, sigma=sigma)
     lab = None if label_id is None else torch.tensor([label_id], device=device)
     return net.decode(feats, p, t, dense, lab)
 
@@ -155,13 +176,15 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     target = torch.as_tensor(case.gt, dtype=torch.float32, device=device)[None, None]
     pts, types = case.points.copy(), case.types.copy()
     prev = None
+    prev_error = None
     losses, dices = [], []
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
         feats = net.encode(x)
         for step in range(n_clicks + 1):
-            logits = _decode(net, feats, pts, types, prev, case.label_id, device)
-            losses.append(_loss(logits, target, cfg))
+            logits = _decode(net, feats, pts, types, prev, case.label_id, device, cfg.contract.click_sigma)
+            losses.append(_loss(logits, target, cfg, prev_error))
             pred = (logits.detach()[0, 0] > 0).cpu().numpy()
+            prev_error = torch.as_tensor(pred != case.gt, device=device)[None, None]
             dices.append(dice_np(pred, case.gt))
             if step == n_clicks or case.label_id is not None:
                 break
@@ -176,25 +199,28 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
 
 
 @torch.no_grad()
-def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu") -> Dict[str, float]:
+def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
+             cfg: LoopConfig = LoopConfig()) -> Dict[str, float]:
     """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases
-    (model grid; click ties broken with each case's seed). Prompt-free cases count in ``concept_dsc``."""
+    (model grid; click ties broken with each case's seed). Cases that start from one foreground click count their
+    step 0 in ``val_oneclick_dsc`` (and their last step in the click average); prompt-free cases in
+    ``val_concept_dsc``."""
     was = net.training
     net.eval()
-    first, last, concept = [], [], []
+    first, last, concept, oneclick = [], [], [], []
     for c in cases:
         feats = net.encode(c.image.to(device))
         if c.label_id is not None:
-            logits = _decode(net, feats, c.points, c.types, None, c.label_id, device)
+            logits = _decode(net, feats, c.points, c.types, None, c.label_id, device, cfg.contract.click_sigma)
             concept.append(dice_np((logits[0, 0] > 0).cpu().numpy(), c.gt))
             continue
         rng = np.random.default_rng(c.seed)
         pts, types, prev = c.points.copy(), c.types.copy(), None
         for step in range(n_clicks + 1):
-            logits = _decode(net, feats, pts, types, prev, None, device)
+            logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
             pred = (logits[0, 0] > 0).cpu().numpy()
             if step == 0:
-                first.append(dice_np(pred, c.gt))
+                (oneclick if c.types.tolist() == [FG] else first).append(dice_np(pred, c.gt))
             click = next_click(pred, c.gt, rng) if step < n_clicks else None
             if click is None:
                 break
@@ -207,6 +233,8 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu") -> Dic
            f"val_click{n_clicks}_dsc": float(np.mean(last)) if last else float("nan")}
     if concept:
         out["val_concept_dsc"] = float(np.mean(concept))
+    if oneclick:
+        out["val_oneclick_dsc"] = float(np.mean(oneclick))
     return out
 
 

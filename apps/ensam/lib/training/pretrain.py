@@ -28,13 +28,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..contract import Contract, check_same, contract_for_network, legacy_contract, read_contract
 from ..labels import vocabulary
 from ..network import NetworkConfig, build_network
 from . import data as D
@@ -42,7 +43,7 @@ from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 
 __all__ = ["PretrainConfig", "run", "main", "build_validation", "draw_case", "save_checkpoint",
-           "load_checkpoint", "export_weights"]
+           "load_checkpoint", "export_weights", "init_weights"]
 
 
 @dataclass
@@ -66,16 +67,38 @@ class PretrainConfig:
     holdout: List[str] = field(default_factory=lambda: list(D.DEFAULT_HOLDOUT))
     source_weights: Dict[str, float] = field(default_factory=lambda: dict(D.SOURCE_WEIGHTS))
     loop: dict = field(default_factory=dict)
+    contract: dict = field(default_factory=dict)  # overrides of the training/inference contract (lib.contract)
     val_minutes: float = 10.0
     ckpt_minutes: float = 4.0
     val_seed: int = 12345
     val_per_structure: int = 2
     val_synthetic: int = 8
     val_concept: int = 2
+    val_click_start: int = 0               # per held-out structure: cases that start from one click (recipe v3: 1)
     export: str = ""
+    init: str = ""                         # weights to start from when the run has no last.pt (e.g. the shipped
+                                           # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
+
+    def contract_obj(self) -> Contract:
+        """The training/inference contract of this run: the defaults on the network's grid, with ``contract``'s
+        overrides; it is written into the exported weights' JSON."""
+        return contract_for_network(self.network_config(), legacy_contract(self.network_config()).with_overrides(
+            self.contract))
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(**{**self.loop, "roi_size": tuple(self.network_config().roi_size)})
+        loop = dict(self.loop)
+        # run folders from before lib.contract: the ROI fields now live in the contract
+        loop.pop("roi_size", None)
+        if "click_extent_mm" in loop:
+            lo, hi = loop.pop("click_extent_mm")
+            base = self.contract_obj().roi.click_extent_mm
+            loop["click_extent_scale"] = (lo / base, hi / base)
+        aspect = loop.pop("roi_max_aspect", None)
+        contract = self.contract_obj()
+        if aspect is not None and aspect != contract.roi.max_aspect:
+            raise SystemExit(f"loop.roi_max_aspect {aspect} differs from the contract's {contract.roi.max_aspect}: "
+                             f"set it in 'contract: {{roi: {{max_aspect: ...}}}}' instead")
+        return LoopConfig(**loop, contract=contract)
 
     def network_config(self) -> NetworkConfig:
         return NetworkConfig.from_dict(self.network)
@@ -104,7 +127,8 @@ def draw_case(sampler: D.ObjectSampler, rng, cfg: LoopConfig, tries: int = 10, c
     for _ in range(tries):
         use_concept = (rng.random() < cfg.p_concept) if concept is None else concept
         if use_concept and any(s[3] >= 0 for s in sampler.structures):
-            s, vid = sampler.concept_window(rng)
+            s, vid = sampler.concept_window(rng, window=cfg.contract.model_shape[0],
+                                            spacing_mm=cfg.contract.label_spacing_mm)
             return concept_case(s.image, s.mask, vid, name=s.name)
         s = sampler.sample(rng)
         case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind=s.kind, name=s.name)
@@ -113,27 +137,36 @@ def draw_case(sampler: D.ObjectSampler, rng, cfg: LoopConfig, tries: int = 10, c
     raise RuntimeError("could not draw a training case")
 
 
+def _heldout_case(v: D.Volume, lab: int, name: str, rng, lcfg: LoopConfig, use_box: bool):
+    """A validation case of one held-out structure (box start or one-click start), or None after 10 tries."""
+    for _ in range(10):
+        sl = v.bboxes[lab]
+        region = D._region(v.image.shape, [s.start for s in sl], [s.stop - 1 for s in sl], v.spacing, rng)
+        m = v.labels[region] == lab
+        s = D.augment(D.Sample(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing.copy()), rng)
+        if s is None:
+            continue
+        c = prompted_case(s.image, s.mask, s.spacing, rng, lcfg, use_box=use_box, roi_jitter=False,
+                          kind="heldout" if use_box else "heldout_click", name=name)
+        if c is not None:
+            c.seed = int(rng.integers(2 ** 31))
+            return c
+    return None
+
+
 def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
-    """The fixed validation cases (deterministic for a given data set and ``cfg.val_seed``)."""
+    """The fixed validation cases (deterministic for a given data set and ``cfg.val_seed``); one-click starts use
+    the engine's field of view around a lone click (not the training range)."""
     rng = np.random.default_rng(cfg.val_seed)
+    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0))
     cases = []
     held = D.ObjectSampler(volumes, holdout=cfg.holdout, only_holdout=True)
     for vi, lab, name, vid in held.structures:
-        for _ in range(cfg.val_per_structure):
-            for _ in range(10):
-                v = volumes[vi]
-                sl = v.bboxes[lab]
-                region = D._region(v.image.shape, [s.start for s in sl], [s.stop - 1 for s in sl], v.spacing, rng)
-                m = v.labels[region] == lab
-                s = D.augment(D.Sample(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing.copy()), rng)
-                if s is None:
-                    continue
-                c = prompted_case(s.image, s.mask, s.spacing, rng, lcfg, use_box=True, roi_jitter=False,
-                                  kind="heldout", name=name)
+        for use_box, n in ((True, cfg.val_per_structure), (False, cfg.val_click_start)):
+            for _ in range(n):
+                c = _heldout_case(volumes[vi], lab, name, rng, lcfg, use_box)
                 if c is not None:
-                    c.seed = int(rng.integers(2 ** 31))
                     cases.append(c)
-                    break
     train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
     synth = [s for s in train_sampler.sources if s != "real"]
     for i in range(cfg.val_synthetic):
@@ -147,7 +180,8 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
                 cases.append(c)
                 break
     for _ in range(cfg.val_concept):
-        s, vid = train_sampler.concept_window(rng, aug=False, p_centred=1.0)
+        s, vid = train_sampler.concept_window(rng, aug=False, p_centred=1.0, window=lcfg.contract.model_shape[0],
+                                              spacing_mm=lcfg.contract.label_spacing_mm)
         cases.append(concept_case(s.image, s.mask, vid, name=s.name))
     return cases
 
@@ -184,6 +218,21 @@ def load_checkpoint(path, net, opt, rng) -> dict:
     opt.load_state_dict(ck["optimizer"])
     _set_rng_state(rng, ck["rng"])
     return ck["state"]
+
+
+def init_weights(net, path) -> None:
+    """Load a plain state_dict (``weights_only=True``) into ``net``; parameters the file lacks (a head added
+    since) keep their fresh initialisation, and a parameter whose shape differs is an error."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise SystemExit(f"--init {path}: shapes differ for {bad[:5]}")
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise SystemExit(f"--init {path}: unknown parameters {unexpected[:5]}")
+    if missing:
+        print(f"--init {path}: new parameters keep their initialisation: {missing}", flush=True)
 
 
 def export_weights(net, path, meta: Optional[dict] = None) -> None:
@@ -254,6 +303,9 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         old = json.loads((out / "config.json").read_text())["pretrain"]
         if old.get("network") != cfg.network or old.get("optimizer") != cfg.optimizer:
             raise SystemExit(f"--resume: network/optimizer differ from {out / 'config.json'}")
+        saved = json.loads((out / "config.json").read_text()).get("contract")
+        if saved is not None:  # a run never changes its contract half-way
+            check_same(Contract.from_dict(saved), lcfg.contract, f"the run {out}", "this configuration")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -274,14 +326,27 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     state = {"step": 0, "elapsed": 0.0, "history": [], "val_history": [], "best": -1.0, "best_step": -1,
              "loss_ema": None, "samples": 0}
+    val_names = [f"{c.kind}:{c.name}" for c in val_cases]
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, net, opt, rng)
         _log(out, f"resumed from {ckpt}: step {state['step']}, {state['elapsed'] / 60:.1f} min trained")
+        if state.get("val_names", val_names) != val_names:  # new data: scores before and after don't compare
+            _log(out, "the validation cases changed (training data changed): the best score restarts")
+            state["best"], state["best_step"] = -1.0, -1
+            state["val_history"].append({"step": state["step"], "elapsed": state["elapsed"], "note": "new data"})
+    elif cfg.init:
+        init_weights(net, cfg.init)
+        _log(out, f"no {ckpt}: starting from the weights {cfg.init} (fresh optimiser, step 0)")
+        try:
+            check_same(read_contract(cfg.init, ncfg), lcfg.contract, f"--init {cfg.init}", "this run")
+        except ValueError as e:  # allowed (the new weights carry the new contract), but say so
+            _log(out, f"note: {e}")
     elif resume:
         _log(out, f"--resume: no {ckpt}, starting fresh")
 
     config_record = {
         "pretrain": asdict(cfg), "network_config": ncfg.to_dict(), "loop_config": lcfg.to_dict(),
+        "contract": lcfg.contract.to_dict(),
         "parameters": n_params, "device": device, "amp": amp, "torch": torch.__version__,
         "python": sys.version.split()[0], "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
         "git_commit": _git_commit(), "argv": sys.argv, "volumes": [
@@ -291,6 +356,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         "started": state.get("started") or time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     state.setdefault("started", config_record["started"])
+    state["val_names"] = val_names
     (out / "config.json").write_text(json.dumps(config_record, indent=1, default=str))
     _log(out, f"network {ncfg.to_dict()} ({n_params / 1e6:.2f} M parameters), optimizer {cfg.optimizer}, "
               f"device {device}, threads {torch.get_num_threads()}, budget {cfg.minutes} min")
@@ -305,22 +371,26 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     def validate():
         tv = time.time()
-        scores = evaluate(net, val_cases, n_clicks=2, device=device)
-        score = 0.5 * (scores["val_box_dsc"] + scores["val_click2_dsc"])
+        scores = evaluate(net, val_cases, n_clicks=2, device=device, cfg=lcfg)
+        parts = [scores["val_box_dsc"], scores["val_click2_dsc"]]
+        if "val_oneclick_dsc" in scores:  # recipe v3: the one-click start counts as much as the box start
+            parts.append(scores["val_oneclick_dsc"])
+        score = float(np.mean(parts))
         rec = {"step": state["step"], "elapsed": state["elapsed"], "score": score, **scores}
         state["val_history"].append(rec)
         msg = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
         if score > state["best"]:
             state["best"], state["best_step"] = score, state["step"]
             export_weights(net, export, {"step": state["step"], "minutes_trained": state["elapsed"] / 60,
-                                         "device": device, "network": ncfg.to_dict(), **scores,
+                                         "device": device, "network": ncfg.to_dict(),
+                                         "contract": lcfg.contract.to_dict(), **scores,
                                          "run": str(out), "optimizer": cfg.optimizer})
             msg += f"  -> new best, exported {export}"
         _log(out, f"[val] step {state['step']} ({time.time() - tv:.0f} s) {msg}")
         plot_curves(out, state["history"], state["val_history"])
         (out / "history.json").write_text(json.dumps({"train": state["history"], "val": state["val_history"]}))
 
-    if not state["val_history"]:
+    if not state["val_history"] or state["best"] < 0:
         validate()
     bar = None
     if progress:
@@ -396,6 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["muon", "adamw"])
     p.add_argument("--threads", type=int)
     p.add_argument("--export", help="where the best weights go (default <out>/best.pt)")
+    p.add_argument("--init", help="weights to start from when <out> has no last.pt (fresh optimiser)")
     p.add_argument("--device", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -415,7 +486,7 @@ def config_from_args(a) -> PretrainConfig:
         d.update(json.loads(saved.read_text())["pretrain"])
     if a.config:
         d.update(_load_config_file(a.config))
-    for k in ("out", "minutes", "optimizer", "threads", "export", "device", "lr", "seed", "max_steps",
+    for k in ("out", "minutes", "optimizer", "threads", "export", "device", "lr", "seed", "max_steps", "init",
               "val_minutes", "ckpt_minutes", "data"):
         v = getattr(a, k)
         if v is not None:
