@@ -41,6 +41,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.contract import read_contract
 from lib.infers.label_vocab import (atomic_write_json, canonical, extend_vocab, load_vocab, output_ids, read_meta,
                                     write_vocab_and_meta)
 
@@ -344,6 +345,7 @@ class EnsamTrain(TrainTask):
         if val_on_train:  # a single labelled image: validate on it (best-weights selection still guards)
             val_cases = cases
         net = load_network(plan["init_weights"], plan["network_config"] or None, device)
+        contract = read_contract(plan["init_weights"], net.config)  # the tuned weights keep their contract
         label_ids = {vocab[n] + 1: vocab[n] for n in plan["label_names"]} if req["concept"] else None
         last_write = [0.0]
 
@@ -364,13 +366,13 @@ class EnsamTrain(TrainTask):
                           label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
                           max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
                           seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
-                          rehearsal=req["rehearsal"])
+                          rehearsal=req["rehearsal"], contract=contract)
         if rank != 0:
             return result
 
         best = (result.get("val_best") or {}).get("score")
         before = (result.get("val_before") or {}).get("score")
-        meta = {"network": plan["network_config"] or net.config.to_dict(),
+        meta = {"network": plan["network_config"] or net.config.to_dict(), "contract": contract.to_dict(),
                 "trained_from": os.path.basename(plan["init_weights"] or "") or None,
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
                 "val_best": result.get("val_best"), "steps": result.get("steps")}
