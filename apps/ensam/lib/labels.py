@@ -49,6 +49,9 @@ LABEL_IDS: Dict[str, int] = {n: i for i, n in enumerate(LABEL_NAMES)}
 ALIASES = {"gray_matter": "grey_matter", "gm": "grey_matter", "wm": "white_matter", "csf": "brain_other",
            "left_kidney": "kidney_left", "right_kidney": "kidney_right", "ivc": "inferior_vena_cava",
            "portal_vein": "portal_vein_and_splenic_vein"}
+# Case is tolerated: _key lower-cases, so the names with capitals (vertebrae_L1, vertebrae_C7, vertebrae_S1, ...)
+# need their lower-case spelling as an alias, else label_id("vertebrae_L1") is None.
+ALIASES.update({n.lower(): n for n in LABEL_NAMES if n != n.lower()})
 
 assert len(TOTAL_NAMES) == 117 and len(set(LABEL_NAMES)) == len(LABEL_NAMES)
 
