@@ -46,7 +46,7 @@ class StubEngine:
             return ((image > 250.0) & (image < 650.0)).astype(np.uint8)
         return np.zeros(image.shape, np.uint8)
 
-    def segment_labels(self, image, affine, label_ids):
+    def segment_labels(self, image, affine, label_ids, spacing_mm=None):
         return {int(i): self.segment_label(image, affine, i) for i in label_ids}
 
 
@@ -119,6 +119,64 @@ def test_session_store_bounds_and_undo():
     assert len(s) == 2 and s.depth(k) == 0  # least recently used session evicted
     with pytest.raises(KeyError):
         s.undo(k)
+
+
+def test_prompt_count_limits():
+    from lib.infers.request_parsing import MAX_BOXES, MAX_POINTS
+
+    pts = [[1, 1, 1]] * MAX_POINTS
+    assert len(parse_prompts({"foreground": pts})[0]) == MAX_POINTS
+    for bad, words in [({"foreground": pts + [[1, 1, 1]]}, f"{MAX_POINTS} points"),
+                       ({"background": pts[:1], "points": pts, "point_labels": [1] * MAX_POINTS}, "points"),
+                       ({"boxes": [[0, 1, 0, 1, 0, 1]] * (MAX_BOXES + 1)}, f"{MAX_BOXES} boxes"),
+                       ({"roi": [0, 1, 0, 1, 0, 1], "boxes": [[0, 1, 0, 1, 0, 1]] * MAX_BOXES}, "boxes")]:
+        with pytest.raises(RequestError) as e:
+            parse_prompts(bad)
+        assert e.value.status_code == 413 and words in str(e.value)
+
+
+def test_session_store_one_step_at_a_time():
+    import threading
+    import time
+
+    s = SessionStore()
+    k = s.key("c", "img", "x")
+    log = []
+
+    def step(n):
+        with s.locked(k):
+            prev = s.last(k)
+            time.sleep(0.02)  # the model runs
+            s.push(k, np.full((2, 2, 2), n % 2, np.uint8))
+            log.append((n, prev is not None))
+
+    threads = [threading.Thread(target=step, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert s.depth(k) == 4 and sorted(seen for _, seen in log) == [False, True, True, True]
+    assert not s._key_locks  # nothing left behind
+    mask, depth = s.peek_undo(k)
+    assert depth == 3 and s.depth(k) == 4  # peek changes nothing
+    assert s.push(k, np.zeros((2, 2, 2), np.uint8), reset=True) == 1
+
+
+def test_a_failing_inference_leaves_the_session_alone(study, tmp_path):
+    path, *_ = study
+    provider = StubProvider(str(tmp_path))
+    task = EnsamInteractive(provider, VolumeCache(), SessionStore())
+    out, _ = task({"image": path, "foreground": [[3, 3, 3]], "client_id": "a"})
+    os.remove(out)
+    key = task.sessions.key("a", os.path.realpath(path), "")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    provider.engine.segment = broken
+    with pytest.raises(RuntimeError):
+        task({"image": path, "foreground": [[5, 5, 5]], "client_id": "a", "reset_state": True})
+    assert task.sessions.depth(key) == 1  # neither reset nor a step
 
 
 def test_interactive_click_lands_on_the_clicked_voxel(study, tmp_path):
@@ -295,6 +353,14 @@ def test_manifest_forms():
     assert load_manifest('[{"image": "a", "boxes": [[1, 2, 3, 4, 5, 6]]}]') == {"a": [{"boxes": [[1, 2, 3, 4, 5, 6]]}]}
     with pytest.raises(RequestError):
         load_manifest({"a": {"rio": [1, 2, 3, 4, 5, 6]}})  # a typo is refused, not ignored
+    with pytest.raises(RequestError) as e:  # prompts are checked when the manifest is loaded, limits included
+        load_manifest({"a": {"roi": [1, 2, 3]}})
+    assert "manifest['a'][0]" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        load_manifest([{"image": "a", "foreground": [[1, 2, 3]]}] * 33)
+    assert e.value.status_code == 413 and "32 objects" in str(e.value)
+    with pytest.raises(RequestError):
+        load_manifest('{"a": ')  # not JSON: a request error, not a server fault
     assert load_manifest(None) is None
 
 

@@ -7,10 +7,13 @@ JSON body ``{"manifest": {...}}`` runs the interactive model once per image with
                   "other_id": [{"label": "liver", "roi": [...]}, {"label": "spleen", "points": [...],
                                 "point_labels": [1, 0]}]}}
 
-A list of objects gives one label map with values 1..N in list order. ``manifest`` may also be a path to such a
-JSON file (or a list ``[{"image": id, ...}, ...]``). Results are saved in the datastore (tag ``label_tag``,
-default ``original``). Progress: each image logs ``ensam batch: k/N ...``; monailabel shows the last lines in
-``GET /batch/infer`` (``details``) while the task runs, and the returned summary when it is done.
+A list of objects gives one label map with values 1..N in list order (at most ``MAX_OBJECTS`` per image; each
+object's prompts are checked, with the per-request limits of an interactive click, when the manifest is loaded,
+before any image is processed). ``manifest`` may also be a list ``[{"image": id, ...}, ...]``, or, for callers
+inside the server only, a path to such a JSON file (the HTTP route accepts only an inline manifest). Results are
+saved in the datastore (tag ``label_tag``, default ``original``). Progress: each image logs ``ensam batch: k/N
+...``; monailabel shows the last lines in ``GET /batch/infer`` (``details``) while the task runs, and the returned
+summary when it is done.
 """
 
 from __future__ import annotations
@@ -28,45 +31,58 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchIn
 from monailabel.utils.others.generic import remove_file
 
 from .imageio import load_volume, write_mask
-from .request_parsing import RequestError
+from .request_parsing import MAX_BOXES, RequestError, parse_prompts
 
 logger = logging.getLogger(__name__)
 
 PROMPT_KEYS = ("foreground", "background", "points", "point_labels", "roi", "boxes", "label")
+MAX_OBJECTS = MAX_BOXES  # objects (one inference each) per image of a manifest
 
 
 def load_manifest(value: Any) -> Optional[Dict[str, List[dict]]]:
-    """Normalise a manifest to ``{image_id: [prompt dict, ...]}`` (None when there is none)."""
+    """Normalise a manifest to ``{image_id: [prompt dict, ...]}`` (None when there is none); every entry is checked
+    (known keys, prompts well-formed and within the per-request limits, at most ``MAX_OBJECTS`` per image)."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, str):
         s = value.strip()
-        if s.startswith("{") or s.startswith("["):
-            value = json.loads(s)
-        else:
-            if not os.path.exists(s):
-                raise RequestError(f"manifest file not found: {s!r}", status_code=404)
-            with open(s) as f:
-                value = json.load(f)
+        try:
+            if s.startswith("{") or s.startswith("["):
+                value = json.loads(s)
+            else:
+                if not os.path.exists(s):
+                    raise RequestError(f"manifest file not found: {s!r}", status_code=404)
+                with open(s) as f:
+                    value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"manifest is not valid JSON: {e}") from None
+    out: Dict[str, List[dict]] = {}
     if isinstance(value, list):
-        out: Dict[str, List[dict]] = {}
         for n, item in enumerate(value):
             if not isinstance(item, dict) or not item.get("image"):
                 raise RequestError(f"manifest[{n}] must be an object with an 'image' id and prompts, got {item!r}")
             out.setdefault(str(item["image"]), []).append({k: v for k, v in item.items() if k != "image"})
-        return out
-    if not isinstance(value, dict):
+    elif isinstance(value, dict):
+        for image_id, entry in value.items():
+            entries = entry if isinstance(entry, list) else [entry]
+            for e in entries:
+                if not isinstance(e, dict):
+                    raise RequestError(f"manifest[{image_id!r}] must be an object of prompts (or a list of them)")
+            out[str(image_id)] = [dict(e) for e in entries]
+    else:
         raise RequestError(f"manifest must be an object image_id -> prompts, got {type(value).__name__}")
-    out = {}
-    for image_id, entry in value.items():
-        entries = entry if isinstance(entry, list) else [entry]
+    for image_id, entries in out.items():
+        if len(entries) > MAX_OBJECTS:
+            raise RequestError(f"manifest[{image_id!r}]: too many objects: at most {MAX_OBJECTS} objects per image, "
+                               f"got {len(entries)}", status_code=413)
         for n, e in enumerate(entries):
-            if not isinstance(e, dict):
-                raise RequestError(f"manifest[{image_id!r}] must be an object of prompts (or a list of them)")
             unknown = set(e) - set(PROMPT_KEYS)
             if unknown:
                 raise RequestError(f"manifest[{image_id!r}]: unknown keys {sorted(unknown)}; use {PROMPT_KEYS}")
-        out[str(image_id)] = [dict(e) for e in entries]
+            try:
+                parse_prompts(e)
+            except RequestError as err:
+                raise RequestError(f"manifest[{image_id!r}][{n}]: {err}", status_code=err.status_code) from None
     return out
 
 

@@ -8,6 +8,7 @@ Bad input raises :class:`RequestError` (a ValueError carrying an HTTP status) be
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -129,14 +130,16 @@ class EnsamInteractive(_EnsamTask):
         if undo:
             if points or boxes:
                 raise RequestError("'undo' takes no prompts: send it alone to restore the previous result")
-            try:
-                mask, depth = self.sessions.undo(skey)
-            except KeyError:
-                raise RequestError(
-                    f"nothing to undo for client {client_id!r}, label {label!r} on this image", status_code=409
-                ) from None
-            mask = mask if mask is not None else np.zeros(vol.shape, dtype=np.uint8)
-            out = self._write(mask, vol, request)
+            with self.sessions.locked(skey):  # after the session's click in flight, if any
+                try:
+                    mask, depth = self.sessions.peek_undo(skey)
+                except KeyError:
+                    raise RequestError(
+                        f"nothing to undo for client {client_id!r}, label {label!r} on this image", status_code=409
+                    ) from None
+                mask = mask if mask is not None else np.zeros(vol.shape, dtype=np.uint8)
+                out = self._write(mask, vol, request)
+                self.sessions.undo(skey)  # only once the answer exists
             return out, self._result(label, mask, t0, t_load, t_load, time.time(), depth, {"undo": True})
 
         prompts = validate_prompts(points, plabels, boxes, vol.shape)
@@ -145,30 +148,36 @@ class EnsamInteractive(_EnsamTask):
                 "no prompt: give at least one click ('foreground'/'background' or 'points'+'point_labels'), "
                 "an 'roi' [i0, i1, j0, j1, k0, k1] or 'boxes'"
             )
-        if reset:
-            self.sessions.reset(skey)
-        prev = self.sessions.last(skey, vol.shape) if keep_session else None
-
         device = self._device(request)
         engine = self.provider.get(device)
-        with self.provider.device_lock(device):
-            t_infer = time.time()
-            mask = engine.segment(
-                vol.array,
-                vol.affine,
-                points=prompts.points if len(prompts.points) else None,
-                point_labels=prompts.point_labels if len(prompts.points) else None,
-                boxes=prompts.boxes or None,
-                prev_mask=prev,
-                image_key=vol.key,
-            )
-            t_done = time.time()
-            engine_info = _jsonable(getattr(engine, "last_info", None) or {})
-        mask = (np.asarray(mask) > 0).astype(np.uint8)
-        if mask.shape != vol.shape:
-            raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
-        depth = self.sessions.push(skey, mask) if keep_session else 0
-        out = self._write(mask, vol, request)
+        # read the previous result, segment, record the result: one step per session at a time (a concurrent
+        # click of the same session waits and then builds on this one); reset_state applies only on success.
+        # Requests without session memory (OHIF's) read and write no session: they do not wait for each other.
+        with self.sessions.locked(skey) if keep_session else contextlib.nullcontext():
+            prev = self.sessions.last(skey, vol.shape) if keep_session and not reset else None
+            with self.provider.device_lock(device):
+                t_infer = time.time()
+                mask = engine.segment(
+                    vol.array,
+                    vol.affine,
+                    points=prompts.points if len(prompts.points) else None,
+                    point_labels=prompts.point_labels if len(prompts.points) else None,
+                    boxes=prompts.boxes or None,
+                    prev_mask=prev,
+                    image_key=vol.key,
+                )
+                t_done = time.time()
+                engine_info = _jsonable(getattr(engine, "last_info", None) or {})
+            mask = (np.asarray(mask) > 0).astype(np.uint8)
+            if mask.shape != vol.shape:
+                raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
+            out = self._write(mask, vol, request)
+            if keep_session:
+                depth = self.sessions.push(skey, mask, reset=reset)
+            else:
+                depth = 0
+                if reset:
+                    self.sessions.reset(skey)
         extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset,
                  "engine": engine_info}
         return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra)

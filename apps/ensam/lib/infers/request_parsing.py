@@ -5,6 +5,10 @@ What the clients send (see the shared MONAI Label notes): 3D Slicer ``foreground
 ``client_id``; OHIF v3 ``foreground`` / ``background`` or ``points`` + ``point_labels`` (1 fg / 0 bg). ensam also
 takes ``boxes`` (a list of ROIs, several objects of the same label in one call) and ``undo``.
 All coordinates are voxel indices of the ORIGINAL image.
+
+Limits (what one request may cost): at most ``MAX_POINTS`` clicks (foreground, background and ``points``
+together) and ``MAX_BOXES`` boxes (``roi`` and ``boxes`` together; each box is one object the engine encodes on
+its own). More is refused with 413 before anything is computed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ class RequestError(ValueError):
     def __init__(self, message: str, status_code: int = 400):
         super().__init__(message)
         self.status_code = int(status_code)
+
+
+MAX_POINTS = 256  # clicks per request
+MAX_BOXES = 32  # boxes (= objects, one encoding each) per request
+
+
+def _check_count(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise RequestError(f"too many {what}: at most {limit} {what} per request, got {n}", status_code=413)
 
 
 TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
@@ -76,6 +89,7 @@ def _point_list(value: Any, name: str) -> List[List[float]]:
         raise RequestError(f"'{name}' must be a list of [i, j, k] voxel indices, got {value!r}")
     if len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         value = [value]  # a single point given flat
+    _check_count(len(value), MAX_POINTS, "points")
     pts = []
     for n, p in enumerate(value):
         if not isinstance(p, (list, tuple)) or len(p) != 3:
@@ -139,6 +153,7 @@ def parse_prompts(request: dict) -> Tuple[List[List[float]], List[int], List[Lis
                 raise RequestError(f"'point_labels'[{n}] must be 1 (foreground) or 0 (background), got {pl[n]!r}")
             labels.append(int(v))
         points += pts
+    _check_count(len(points), MAX_POINTS, "points")
 
     boxes: List[List[float]] = []
     roi = _maybe_json(request.get("roi"), "roi")
@@ -150,6 +165,7 @@ def parse_prompts(request: dict) -> Tuple[List[List[float]], List[int], List[Lis
             raise RequestError(f"'boxes' must be a list of [i0, i1, j0, j1, k0, k1], got {raw_boxes!r}")
         if len(raw_boxes) == 6 and all(isinstance(v, (int, float)) for v in raw_boxes):
             raw_boxes = [raw_boxes]
+        _check_count(len(boxes) + len(raw_boxes), MAX_BOXES, "boxes")
         for n, b in enumerate(raw_boxes):
             boxes.append(_box(b, f"boxes[{n}]"))
     return points, labels, boxes

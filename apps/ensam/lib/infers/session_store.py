@@ -4,6 +4,11 @@ A session is keyed by ``(client_id, image, label)``. Each step pushes the new ma
 back the one before (an empty mask when nothing is left). Masks are stored bit-packed (1 bit per voxel) and the
 store keeps at most ``max_sessions`` sessions and ``max_bytes`` of packed masks, evicting the least recently
 used session first.
+
+One request's read-modify-write of a session (read the previous mask, run the model, record the result; or undo)
+runs inside ``with store.locked(key):``, so that two requests of the same session run one after the other and
+neither loses the other's step; requests of other sessions are not held up. ``push(..., reset=True)`` empties the
+session and records the new step in one locked step, so a request that fails before it never changes anything.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Hashable, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Hashable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,6 +44,7 @@ class SessionStore:
         self._sessions: "OrderedDict[Hashable, Tuple[float, List[_Packed]]]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        self._key_locks: Dict[Hashable, list] = {}  # key -> [lock, number of requests holding or waiting]
 
     @staticmethod
     def key(client_id: Optional[str], image_key: str, label: Optional[str]) -> Tuple[str, str, str]:
@@ -68,10 +75,29 @@ class SessionStore:
             return None
         return packed.unpack()
 
-    def push(self, key, mask: np.ndarray) -> int:
-        """Record a new step; returns the session depth."""
+    @contextmanager
+    def locked(self, key) -> Iterator[None]:
+        """Hold session ``key`` for one request's read-modify-write (requests of the same key wait for it)."""
+        with self._lock:
+            entry = self._key_locks.get(key)
+            if entry is None:
+                entry = self._key_locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._key_locks[key]
+
+    def push(self, key, mask: np.ndarray, reset: bool = False) -> int:
+        """Record a new step (after emptying the session when ``reset``); returns the session depth."""
         packed = _Packed(mask)
         with self._lock:
+            if reset:
+                self.reset(key)
             _, history = self._sessions.pop(key, (0.0, []))
             history.append(packed)
             self._bytes += packed.nbytes
@@ -80,6 +106,17 @@ class SessionStore:
             self._sessions[key] = (time.time(), history)
             self._evict(keep=key)
             return len(history)
+
+    def peek_undo(self, key) -> Tuple[Optional[np.ndarray], int]:
+        """What ``undo`` would give, without changing anything. Raises KeyError when there is nothing to undo."""
+        with self._lock:
+            entry = self._sessions.get(key)
+            if not entry or not entry[1]:
+                raise KeyError(key)
+            history = entry[1]
+            current = history[-2] if len(history) > 1 else None
+            depth = len(history) - 1
+        return (current.unpack() if current is not None else None), depth
 
     def undo(self, key) -> Tuple[Optional[np.ndarray], int]:
         """Drop the latest step. Returns (the mask now current or None if none is left, remaining depth).
