@@ -286,17 +286,25 @@ def test_write_mask_checks_shape(study):
 
 
 def test_http_error_mapping():
-    from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+    from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
 
     from lib.geometry import PromptError
     from lib.server import http_error_for
 
     assert http_error_for(RequestError("x", 422)).status_code == 422
+    assert http_error_for(RequestError("x")).status_code == 400
     assert http_error_for(PromptError("outside")).status_code == 422
-    assert http_error_for(ValueError("bad json")).status_code == 400
     assert http_error_for(MONAILabelException(MONAILabelError.INVALID_INPUT, "There is no model 'q'")).status_code \
         == 404
-    assert http_error_for(RuntimeError("bug")) is None
+    assert http_error_for(ImageNotFoundException("Image x not found")).status_code == 404
+    # a fault of the server is not the client's error, whatever its type
+    for fault in (RuntimeError("bug"), ValueError("bad json"), FileNotFoundError("gone"), KeyError("k"),
+                  MONAILabelException(MONAILabelError.SERVER_ERROR, "broken")):
+        assert http_error_for(fault) is None, fault
+    try:
+        raise RuntimeError("wrapped") from RequestError("inner", 404)
+    except RuntimeError as e:
+        assert http_error_for(e) is None  # only the error itself counts, not what it was raised from
 
 
 # ---------------------------------------------------------------------------------------------------- train glue

@@ -15,68 +15,388 @@ OHIF asks for frames with ``transfer-syntax=*`` (it decodes JPEG 2000 etc. itsel
 decodes each frame with its GDCM plugin, and Orthanc 1.10.1 + orthanc-gdcm 1.5 (Debian 12) crashes (segfault in
 libgdcmMSFF) after a few JPEG 2000 frames: the viewer then loses the rest of the series and Orthanc is gone.
 
+Request rules (monailabel 0.8.5 checks none of them; issue 10):
+
+* ids: every image / label id (query ``image``, ``id``, ``label``; ``session_id``; batch and scoring ``images``; the
+  keys of a batch manifest) names a datastore entry and every label tag (``tag``, ``label_tag``) is a plain name:
+  a value that is a file path (``/``, ``\\``, ``.``, ``..``, a leading ``~``) is refused with 400 before any
+  route runs (``RequestGuard``), an id the datastore does not hold is 404. ``params`` of an inference may not name another
+  image than ``?image=``. Only an uploaded file or a session gives an image from outside the datastore.
+* unknown infer / batch / scoring / strategy / train names are 404 listing the known ones.
+* uploads (``PUT /datastore/image``, ``PUT /datastore/label``, an inference's ``file``) must be readable 3D
+  volumes (a label: on its image's grid, 422 otherwise); anything else is 400 and nothing is stored.
+* size: a request body is at most ``ENSAM_MAX_UPLOAD_MB`` (multipart uploads, default 1024) or
+  ``ENSAM_MAX_BODY_MB`` (anything else, e.g. JSON, default 4) MiB, else 413 (``RequestGuard``); an uploaded
+  volume at most ``ENSAM_MAX_VOXELS`` voxels (default 2**30); the prompt limits are in ``request_parsing``.
+* errors: only the project's own validation errors (``RequestError``, ``PromptError``, monailabel's "not found" /
+  invalid input) are 4xx, logged as one line; anything else is a 500 with its traceback in the log.
+
 Start it with ``monailabel start_server ... --uvicorn_app lib.server:app`` and ``<repo>/apps/ensam`` on
 PYTHONPATH (the Makefile's ``serve`` target does both).
 
 Loading rule: monailabel's app loader unloads every ``lib.*`` module before it executes ``main.py``, so this module
 is imported once by uvicorn and then dropped from ``sys.modules`` while its objects stay alive. It therefore
-imports nothing from ``lib``: errors are recognised by their ``status_code`` attribute or class name, never by
-class identity (the classes are re-created by the loader).
+imports nothing from ``lib`` at import time (the request handlers import the few helpers they need when they run,
+and so get the app's own modules): errors are recognised by module and class name, never by class identity (the
+classes are re-created by the loader).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import mimetypes
 import os
-from typing import Optional
+import pathlib
+import shutil
+import tempfile
+from fnmatch import fnmatch
+from typing import Any, Dict, Optional
 
 import monailabel.endpoints
 import requests
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from monailabel.app import app
-from monailabel.config import RBAC_USER, settings
+from monailabel.config import RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.proxy import proxy_dicom
 from monailabel.endpoints.user.auth import RBAC, User
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
+                                             MONAILabelException)
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "dicomweb_qido", "dicomweb_wado", "http_error_for", "ohif_file", "train_checked"]
+__all__ = ["app", "RequestGuard", "add_image_checked", "batch_infer_checked", "dicomweb_qido", "dicomweb_wado",
+           "http_error_for", "id_problem", "next_sample_checked", "ohif_file", "save_label_checked",
+           "scoring_checked", "train_checked"]
 
 OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
 mimetypes.add_type("application/wasm", ".wasm")
 
 
+# ---------------------------------------------------------------------------------------------------- errors
+# The project's own request-validation errors, by (module, class name): the loader re-creates lib.* classes, so
+# class identity cannot be used (see the module docstring). Everything else is a server fault.
+_VALIDATION_ERRORS = {("lib.infers.request_parsing", "RequestError"): 400, ("lib.geometry", "PromptError"): 422}
+
+
 def http_error_for(exc: BaseException) -> Optional[HTTPException]:
-    """The 4xx answer for a request error, or None for a server fault (-> 500)."""
+    """The 4xx answer for a request error, or None for a server fault (-> 500 with the traceback logged).
+
+    4xx only for: HTTPException; ensam's RequestError (its ``status_code``) and PromptError (422); monailabel's
+    own "not found" (404) and INVALID_INPUT (400; 404 for "no model") errors. A ValueError, FileNotFoundError,
+    ... raised anywhere else is not the client's error."""
     if isinstance(exc, HTTPException):
         return exc
-    e: Optional[BaseException] = exc
-    seen = set()
-    while e is not None and id(e) not in seen:  # explicit markers may sit on a wrapped cause
-        seen.add(id(e))
-        code = getattr(e, "status_code", None)
-        if isinstance(code, int) and 400 <= code < 500:
-            return HTTPException(status_code=code, detail=str(e))
-        if "PromptError" in {c.__name__ for c in type(e).__mro__}:
-            return HTTPException(status_code=422, detail=str(e))
-        e = e.__cause__
-    if isinstance(exc, MONAILabelException):
-        if exc.error == MONAILabelError.INVALID_INPUT:
-            code = 404 if "no model" in str(exc.msg).lower() else 400
-            return HTTPException(status_code=code, detail=exc.msg)
-        return None
-    if isinstance(exc, FileNotFoundError):
-        return HTTPException(status_code=404, detail=str(exc))
-    if isinstance(exc, ValueError):
-        return HTTPException(status_code=400, detail=str(exc))
+    for cls in type(exc).__mro__:
+        default = _VALIDATION_ERRORS.get((cls.__module__, cls.__name__))
+        if default is not None:
+            code = getattr(exc, "status_code", default)
+            return HTTPException(status_code=code if isinstance(code, int) and 400 <= code < 500 else default,
+                                 detail=str(exc))
+    if isinstance(exc, (ImageNotFoundException, LabelNotFoundException)):
+        return HTTPException(status_code=404, detail=str(exc.msg))
+    if isinstance(exc, MONAILabelException) and exc.error == MONAILabelError.INVALID_INPUT:
+        code = 404 if "no model" in str(exc.msg).lower() else 400
+        return HTTPException(status_code=code, detail=exc.msg)
     return None
+
+
+def _raise_for(exc: BaseException, what: str) -> None:
+    """Re-raise ``exc`` as its 4xx answer (one log line) or as a 500 (logged with its traceback)."""
+    err = http_error_for(exc)
+    if err is None:
+        logger.exception(f"{what} failed")
+        raise HTTPException(status_code=500, detail=f"{what} failed: {type(exc).__name__}: {exc}") from exc
+    logger.warning(f"rejected request ({err.status_code}): {what}: {err.detail}")
+    raise err from None
+
+
+async def monailabel_exception_handler(request: Request, exc: MONAILabelException):
+    """monailabel's own routes (datastore, sessions, ...) raise MONAILabelException for an unknown id: 404, not 500."""
+    err = http_error_for(exc)
+    if err is None:
+        logger.error(f"{request.method} {request.url.path} failed: {exc.error}: {exc.msg}", exc_info=exc)
+        return JSONResponse(status_code=500, content={"detail": f"{exc.error.value}: {exc.msg}"})
+    logger.warning(f"rejected request ({err.status_code}): {request.method} {request.url.path}: {err.detail}")
+    return JSONResponse(status_code=err.status_code, content={"detail": err.detail})
+
+
+# ---------------------------------------------------------------------------------------------------- ids
+ID_RULE = ("image and label ids name datastore entries (a file name without extension such as 'ct_small', or a "
+           "DICOM SeriesInstanceUID), they are not a file path: no '/' or '\\', not '.' or '..', no leading '~', "
+           "no control characters")
+TAG_RULE = ("label tags are plain names such as 'final' or 'original', not a file path: no '/' or '\\', not '.' "
+            "or '..', no leading '~'")
+_ID_QUERY_KEYS = {"image": "image id", "id": "image id", "label": "label id", "session_id": "session id",
+                  "tag": "label tag", "label_tag": "label tag"}
+
+
+def id_problem(value: Any, what: str = "image id") -> Optional[str]:
+    """Why ``value`` is not a valid id / tag (``what`` says which), or None when it is one."""
+    if not isinstance(value, str):
+        return f"{what} {value!r} must be a string"
+    rule = TAG_RULE if what == "label tag" else ID_RULE
+    if (value in (".", "..") or value.startswith("~") or any(c in value for c in "/\\")
+            or any(ord(c) < 32 for c in value) or len(value) > 255):
+        return f"{what} {value!r} is not valid: {rule}"
+    return None
+
+
+def _check_id(value: Any, what: str = "image id") -> None:
+    problem = id_problem(value, what)
+    if problem:
+        raise HTTPException(status_code=400, detail=problem)
+
+
+def _datastore_image(image_id: str) -> str:
+    """The file (or DICOM series folder) of datastore image ``image_id``; 400 for a path-like id, 404 if unknown."""
+    _check_id(image_id)
+    uri = app_instance().datastore().get_image_uri(image_id)
+    if not uri or not os.path.exists(uri):
+        raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
+    return uri
+
+
+def _check_image_ids(images: Any, field: str = "images") -> None:
+    """A request's list of image ids (a list, or a comma-separated string): each valid and in the datastore."""
+    ids = [s.strip() for s in images.split(",") if s.strip()] if isinstance(images, str) else images
+    if not isinstance(ids, (list, tuple)):
+        raise HTTPException(status_code=400, detail=f"'{field}' must be a list of datastore image ids, got {images!r}")
+    for i in ids:
+        _check_id(i)
+    known = set(app_instance().datastore().list_images())
+    missing = sorted(str(i) for i in ids if i not in known)
+    if missing:
+        raise HTTPException(status_code=404, detail=f"'{field}': not in the datastore: {missing}")
+
+
+def _json_object(text: Optional[str], field: str) -> Dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HTTPException(status_code=400, detail=f"'{field}' is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=400, detail=f"'{field}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _known(kind: str, name: str, tasks: Dict[str, Any]) -> None:
+    if name not in tasks:
+        raise HTTPException(status_code=404, detail=f"no {kind} {name!r}; known: {sorted(tasks)}")
+
+
+# ---------------------------------------------------------------------------------------------------- size
+def _mib_env(name: str, default: float) -> int:
+    try:
+        return int(float(os.environ.get(name, default)) * 2**20)
+    except ValueError:
+        logger.warning(f"{name}={os.environ.get(name)!r} is not a number; using {default}")
+        return int(default * 2**20)
+
+
+MAX_UPLOAD_BYTES = _mib_env("ENSAM_MAX_UPLOAD_MB", 1024)  # multipart bodies (image / label uploads)
+MAX_BODY_BYTES = _mib_env("ENSAM_MAX_BODY_MB", 4)  # any other body (JSON requests, forms)
+MAX_UPLOAD_VOXELS = int(float(os.environ.get("ENSAM_MAX_VOXELS", 2**30)))
+_DRAIN_BYTES = 64 * 2**20  # an over-long body is read (and dropped) up to this much so that the client gets the 413
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` while a route reads a body over the limit (FastAPI passes HTTPException on)."""
+
+
+class RequestGuard:
+    """ASGI middleware (inside CORS, so that browsers read its answers): the id rule on the query and the
+    ``/session/{id}`` path (400), and the request body size (413, naming the limit)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def _id_problem(scope) -> Optional[str]:
+        from urllib.parse import parse_qsl
+
+        query = scope.get("query_string", b"").decode("latin-1")
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key in _ID_QUERY_KEYS and value:
+                problem = id_problem(value, _ID_QUERY_KEYS[key])
+                if problem:
+                    return problem
+        prefix = f"{settings.MONAI_LABEL_API_STR}/session/"
+        path = scope.get("path", "")
+        if path.startswith(prefix) and path[len(prefix):]:
+            return id_problem(path[len(prefix):].rstrip("/"), "session id")
+        return None
+
+    @staticmethod
+    async def _answer(send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _drain(receive, budget: int) -> None:
+        while budget > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self._id_problem(scope)
+        if problem:
+            logger.warning(f"rejected request (400): {scope.get('method')} {scope.get('path')}: {problem}")
+            await self._drain(receive, _DRAIN_BYTES)
+            return await self._answer(send, 400, problem)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        multipart = headers.get("content-type", "").lower().startswith("multipart/")
+        limit, env = (MAX_UPLOAD_BYTES, "ENSAM_MAX_UPLOAD_MB") if multipart else (MAX_BODY_BYTES, "ENSAM_MAX_BODY_MB")
+        detail = (f"request body too large: at most {limit / 2**20:g} MiB for "
+                  f"{'a multipart upload' if multipart else 'this request'} (server setting {env})")
+        try:
+            declared = int(headers.get("content-length", ""))
+        except ValueError:
+            declared = None
+        if declared is not None and declared > limit:
+            logger.warning(f"rejected request (413): {scope.get('method')} {scope.get('path')}: {declared} bytes")
+            await self._drain(receive, min(declared, _DRAIN_BYTES))
+            return await self._answer(send, 413, detail)
+
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive, _DRAIN_BYTES)
+                    logger.warning(f"rejected request (413): {scope.get('method')} {scope.get('path')}: over "
+                                   f"{limit} bytes")
+                    raise BodyTooLarge(status_code=413, detail=detail)
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------------- uploads
+def _upload_suffix(filename: Optional[str], default: str = ".nii.gz") -> str:
+    suffixes = pathlib.Path(os.path.basename(filename or "")).suffixes
+    return "".join(suffixes[-2:]) if suffixes[-2:-1] == [".nii"] or suffixes[-2:-1] == [".seg"] else (
+        suffixes[-1] if suffixes else default)
+
+
+def _save_upload(upload: UploadFile, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="ensam_upload_")
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(upload.file, out)
+    return path
+
+
+def _check_volume_upload(path: str, what: str, filename: Optional[str]):
+    """The [i, j, k] shape of an uploaded volume; 400 (or 413) naming ``what`` when it is not a 3D image."""
+    from lib.infers.imageio import volume_shape_of_upload  # the app's lib (see the module docstring)
+
+    shown = os.path.basename(filename or "") or os.path.basename(path)
+    try:
+        return volume_shape_of_upload(path, what=what, max_voxels=MAX_UPLOAD_VOXELS)
+    except Exception as e:  # noqa: BLE001 - RequestError -> 4xx; anything else is a fault of the server
+        if http_error_for(e) is None:
+            raise
+        raise HTTPException(status_code=http_error_for(e).status_code,
+                            detail=str(e).replace(os.path.basename(path), shown)) from None
+
+
+def add_image_checked(
+    background_tasks: BackgroundTasks,
+    image: Optional[str] = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    """PUT ``/datastore/image`` (and the deprecated ``PUT /datastore/``): only a readable 3D volume, under a valid
+    id, is stored; anything else is 400 and leaves nothing behind (monailabel stored any bytes and listed them)."""
+    name = os.path.basename(file.filename or "")
+    patterns = [p for p in settings.MONAI_LABEL_DATASTORE_FILE_EXT]
+    matching = [p for p in patterns if fnmatch(name.lower(), p.lower())]
+    if not matching:
+        raise HTTPException(status_code=400, detail=f"the uploaded file name {name!r} has none of the extensions "
+                                                    f"the datastore keeps: {patterns}")
+    ext = max((p.lstrip("*") for p in matching), key=len)
+    image_id = image or name[: -len(ext)]
+    _check_id(image_id)
+    info = _json_object(params, "params")
+    tmp = _save_upload(file, ext)
+    try:
+        _check_volume_upload(tmp, "image", name)
+        if user.username:
+            info["user"] = user.username
+        image_id = app_instance().datastore().add_image(image_id, tmp, info)
+    finally:
+        remove_file(tmp)
+    logger.info(f"image {image_id!r} added ({name})")
+    return {"image": image_id}
+
+
+def save_label_checked(
+    background_tasks: BackgroundTasks,
+    image: str,
+    params: str = Form("{}"),
+    tag: str = DefaultLabelTag.FINAL.value,
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    """PUT ``/datastore/label``: the image must be in the datastore (404), the tag a plain name, the label a
+    readable 3D volume (400) on the image's grid (422; OHIF's raw ``.bin`` voxels: one byte per image voxel)."""
+    from lib.infers.imageio import volume_shape  # the app's lib (see the module docstring)
+
+    tag = tag or DefaultLabelTag.FINAL.value
+    _check_id(tag, "label tag")
+    image_uri = _datastore_image(image)
+    info = _json_object(params, "params")
+    suffix = _upload_suffix(label.filename)
+    tmp = _save_upload(label, suffix)
+    try:
+        shape = tuple(volume_shape(image_uri))
+        voxels = 1
+        for d in shape:
+            voxels *= int(d)
+        if suffix.lower() == ".bin":
+            size = os.path.getsize(tmp)
+            if size != voxels:
+                raise HTTPException(status_code=422, detail=f"the raw label (.bin) has {size} bytes; image {image!r} "
+                                                            f"has {voxels} voxels {list(shape)} (one byte each)")
+        else:
+            got = tuple(_check_volume_upload(tmp, "label", label.filename))
+            if got != shape:
+                raise HTTPException(status_code=422, detail=f"the label's shape {list(got)} differs from the shape "
+                                                            f"{list(shape)} of image {image!r}")
+        instance = app_instance()
+        label_id = instance.datastore().save_label(image, tmp, tag, info)
+        res = instance.on_save_label(image, label_id) or {}
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"saving the label of {image!r} (tag {tag!r})")
+    finally:
+        remove_file(tmp)
+    res.update({"image": image, "label": label_id})
+    return res
 
 
 def infer_threaded(
@@ -90,21 +410,120 @@ def infer_threaded(
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
+    """POST ``/infer/{model}`` in the thread pool. The image is a datastore id (``?image=``), an uploaded ``file``
+    or a ``session_id``; never a path on the server, and ``params`` may not name another one."""
+    instance = app_instance()
+    _known("infer task", model, getattr(instance, "_infers", None) or {})
+    _check_id(image)
+    p = _json_object(params, "params")
+    if "image" in p and p["image"] != image:
+        raise HTTPException(status_code=400, detail=f"'image' in params ({p['image']!r}) differs from ?image= "
+                                                    f"({image!r}): give the image once, as ?image=<datastore id>; "
+                                                    f"{ID_RULE}")
+    if p.get("model", model) != model:
+        raise HTTPException(status_code=400, detail=f"'model' in params ({p['model']!r}) differs from the route's "
+                                                    f"model {model!r}")
+    if "label_tag" in p:
+        _check_id(p["label_tag"], "label tag")
+    if session_id:
+        _check_id(session_id, "session id")
+        sessions = instance.sessions()
+        if sessions is None:
+            raise HTTPException(status_code=406, detail="sessions are not enabled on this server (session_id)")
+        if not sessions.get_session(session_id):
+            raise HTTPException(status_code=404, detail=f"session {session_id!r} not found (expired?)")
+    elif file:
+        tmp = _save_upload(file, _upload_suffix(file.filename))
+        try:
+            _check_volume_upload(tmp, "image", file.filename)
+        finally:
+            remove_file(tmp)
+        file.file.seek(0)
+    elif image:
+        _datastore_image(image)
+    else:
+        raise HTTPException(status_code=400, detail="no image: give ?image=<datastore id>, a 'file' upload or a "
+                                                    "?session_id=")
     try:
-        if image and not file and not session_id and not os.path.exists(image):
-            uri = app_instance().datastore().get_image_uri(image)
-            if not uri or not os.path.exists(uri):
-                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
-    except HTTPException:
-        raise
     except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
-        err = http_error_for(e)
-        if err is None:
-            logger.exception(f"inference failed: model={model} image={image}")
-            raise HTTPException(status_code=500, detail=f"inference failed: {type(e).__name__}: {e}") from e
-        logger.warning(f"rejected infer request ({err.status_code}): model={model} image={image}: {err.detail}")
-        raise err from None
+        _raise_for(e, f"inference model={model} image={image}")
+
+
+async def next_sample_checked(
+    strategy: str,
+    params: Optional[dict] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    """POST ``/activelearning/{strategy}``: an unknown strategy is 404 naming the known ones (monailabel: 500).
+    ``async`` like monailabel's route (and the two below): requests of these kinds stay one at a time, as the
+    strategies' "recently served" bookkeeping and the "task already running" checks expect."""
+    from monailabel.endpoints.activelearning import sample
+
+    _known("strategy", strategy, getattr(app_instance(), "_strategies", None) or {})
+    try:
+        return sample(strategy, params, user.username)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"next sample ({strategy})")
+
+
+async def scoring_checked(
+    method: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    """POST ``/scoring/{method}``: an unknown method is 404 naming the known ones, ``images`` must be datastore ids
+    (monailabel starts the task anyway and the error only shows in its log)."""
+    from monailabel.endpoints.scoring import run_method
+
+    _known("scoring method", method, getattr(app_instance(), "_scoring_methods", None) or {})
+    images = (params or {}).get("images")
+    if images not in (None, "", "all"):
+        _check_image_ids(images)
+    try:
+        return run_method(method, params, run_sync)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"scoring ({method})")
+
+
+async def batch_infer_checked(
+    model: str,
+    images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    """POST ``/batch/infer/{model}``: the model, ``images``, ``label_tag`` and the prompt ``manifest`` (inline only,
+    every entry within the per-request limits) are checked before the batch task starts."""
+    from monailabel.endpoints.batch_infer import run
+
+    from lib.infers.batch import load_manifest  # the app's lib (see the module docstring)
+
+    _known("infer task", model, getattr(app_instance(), "_infers", None) or {})
+    body = dict(params or {})
+    if "label_tag" in body:
+        _check_id(body["label_tag"], "label tag")
+    chosen = body.get("images")
+    if isinstance(chosen, str) and chosen not in [t.value for t in BatchInferImageType]:
+        raise HTTPException(status_code=400, detail=f"'images' must be one of {[t.value for t in BatchInferImageType]} "
+                                                    f"or a list of datastore ids, got {chosen!r}")
+    if isinstance(chosen, (list, tuple)) or (chosen is not None and not isinstance(chosen, str)):
+        _check_image_ids(chosen)
+    manifest = body.get("manifest")
+    if isinstance(manifest, str) and manifest.strip() and not manifest.strip().startswith(("{", "[")):
+        raise HTTPException(status_code=400, detail="the manifest must be given inline (a JSON object or list), "
+                                                    "not as a file path on the server")
+    try:
+        checked = load_manifest(manifest)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"batch inference ({model}): manifest")
+    if checked:
+        _check_image_ids(list(checked), "manifest")
+    try:
+        return run(model, images, params, run_sync)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"batch inference ({model})")
 
 
 def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
@@ -183,30 +602,49 @@ def train_checked(
     if callable(check):
         try:
             check(params or {})
-        except Exception as e:
-            err = http_error_for(e)
-            if err is None:
-                raise
-            raise err from None
+        except ValueError as e:  # parse_request is the train task's request validator: its ValueError is a 400
+            logger.warning(f"rejected request (400): train {model}: {e}")
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        except Exception as e:  # noqa: BLE001
+            _raise_for(e, f"train request check ({model})")
     return run_model(model, params, run_sync, enqueue)
 
 
+_API = settings.MONAI_LABEL_API_STR
 _routes = [
-    APIRoute(f"{settings.MONAI_LABEL_API_STR}/train/{{model}}", train_checked, methods=["POST"],
+    APIRoute(f"{_API}/train/{{model}}", train_checked, methods=["POST"],
              summary=f"{RBAC_USER}Run Training Task for specific model (ensam: request checked first)",
              tags=["Train"]),
     APIRoute(
-        f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}",
+        f"{_API}/infer/{{model}}",
         infer_threaded,
         methods=["POST"],
-        summary=f"{RBAC_USER}Run Inference for supported model (ensam: thread pool, non-blocking)",
+        summary=f"{RBAC_USER}Run Inference for supported model (ensam: thread pool, non-blocking, checked ids)",
         tags=["Infer"],
     ),
-    APIRoute(f"{settings.MONAI_LABEL_API_STR}/ohif/{{path:path}}", ohif_file, methods=["GET"],
-             include_in_schema=False),
+    APIRoute(f"{_API}/batch/infer/{{model}}", batch_infer_checked, methods=["POST"],
+             summary="Run Batch Inference Task (ensam: model, images and manifest checked first)", tags=["Infer"]),
+    APIRoute(f"{_API}/scoring/{{method}}", scoring_checked, methods=["POST"],
+             summary="Run Scoring Task for specific method (ensam: method and images checked first)",
+             tags=["Scoring"]),
+    APIRoute(f"{_API}/activelearning/{{strategy}}", next_sample_checked, methods=["POST"],
+             summary=f"{RBAC_USER}Run Active Learning strategy to get next sample (ensam: 404 for an unknown one)",
+             tags=["ActiveLearning"]),
+    APIRoute(f"{_API}/datastore/image", add_image_checked, methods=["PUT"],
+             summary=f"{RBAC_ANNOTATOR}Upload new Image (ensam: only a readable 3D volume)", tags=["Datastore"]),
+    APIRoute(f"{_API}/datastore/", add_image_checked, methods=["PUT"], include_in_schema=False),
+    APIRoute(f"{_API}/datastore/label", save_label_checked, methods=["PUT"],
+             summary=f"{RBAC_ANNOTATOR}Save Finished Label (ensam: a 3D volume on its image's grid)",
+             tags=["Datastore"]),
+    APIRoute(f"{_API}/ohif/{{path:path}}", ohif_file, methods=["GET"], include_in_schema=False),
 ]
-_routes += [APIRoute(f"{settings.MONAI_LABEL_API_STR}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],
+_routes += [APIRoute(f"{_API}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],
                      include_in_schema=False) for op, endpoint in (("wado", dicomweb_wado), ("qido", dicomweb_qido))]
 for _r in reversed(_routes):  # first in the router: they shadow monailabel's routes for the same paths
-    if not any(getattr(r, "endpoint", None) is _r.endpoint for r in app.router.routes):
+    if not any(getattr(r, "endpoint", None) is _r.endpoint and getattr(r, "path", None) == _r.path
+               for r in app.router.routes):
         app.router.routes.insert(0, _r)
+
+if not any(m.cls is RequestGuard for m in app.user_middleware):
+    app.user_middleware.append(Middleware(RequestGuard))  # after CORS in the list = inside it
+app.add_exception_handler(MONAILabelException, monailabel_exception_handler)

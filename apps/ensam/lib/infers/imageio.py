@@ -97,6 +97,71 @@ def load_volume(path: str) -> Volume:
     return Volume(np.ascontiguousarray(arr), _sitk_affine(img), path, None, key)
 
 
+def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**30) -> Tuple[int, int, int]:
+    """The ``[i, j, k]`` shape of an uploaded file, checked to be a readable 3D volume of at most ``max_voxels``
+    voxels (the header is read first, so an oversized volume is refused before its voxels are decoded; then the
+    whole file is read the way inference reads it, so a truncated or corrupt file is refused too).
+
+    Raises :class:`~lib.infers.request_parsing.RequestError` (400, or 413 for too many voxels) naming ``what``."""
+    from .request_parsing import RequestError
+
+    name = os.path.basename(path)
+    try:
+        if is_nifti(path):
+            import nibabel as nib
+
+            dims = tuple(int(d) for d in nib.load(path).shape)
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            dims = tuple(int(d) for d in reader.GetSize()) + (
+                (reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the readers raise for a file that is not an image
+        why = str(e).replace(path, name)
+        raise RequestError(f"the uploaded {what} ({name}) is not a readable image: {type(e).__name__}: {why}") from None
+    if len(dims) < 3 or any(d < 1 for d in dims):
+        raise RequestError(f"the uploaded {what} ({name}) is not a 3D volume: its shape is {list(dims)}")
+    voxels = int(np.prod(dims, dtype=np.int64))  # all of it is decoded, a 4D series' other volumes included
+    if voxels > max_voxels:
+        raise RequestError(f"the uploaded {what} ({name}) has {voxels} voxels; at most {max_voxels} are accepted",
+                           status_code=413)
+    try:
+        return load_volume(path).shape
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated data, a 4D series with several components, ...
+        why = str(e).replace(path, name)
+        raise RequestError(f"the uploaded {what} ({name}) cannot be read as a 3D volume: "
+                           f"{type(e).__name__}: {why}") from None
+
+
+def volume_shape(path: str) -> Tuple[int, int, int]:
+    """The ``[i, j, k]`` shape ``load_volume(path)`` gives, from the header alone when the file has one."""
+    if os.path.isdir(path):  # a DICOM series
+        return load_volume(path).shape
+    if is_nifti(path):
+        import nibabel as nib
+
+        dims = [int(d) for d in nib.load(path).shape]
+    else:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        dims = [int(d) for d in reader.GetSize()]
+    while len(dims) > 3 and dims[-1] == 1:  # as _squeeze_to_3d
+        dims.pop()
+    if len(dims) != 3 and not (len(dims) == 4 and is_nifti(path)):
+        return load_volume(path).shape  # raises the reader's own error
+    return tuple(dims[:3])  # type: ignore[return-value]
+
+
 class VolumeCache:
     """A tiny LRU of loaded volumes keyed by file identity, so that repeated clicks do not re-read the file."""
 
