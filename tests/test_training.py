@@ -233,3 +233,35 @@ def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     assert (out / "curves.png").exists() and (out / "config.json").exists()
     sd = torch.load(out / "best.pt", weights_only=True)
     assert "decoder.bias.weight" in sd
+
+
+def test_refinement_cases_are_finer_windows_on_the_coarse_boundary():
+    """p_refine: a box case becomes a window finer than the box's ROI, with the coarse-grid view of the object as
+    the previous mask (what the engine's native-resolution stage gives the network)."""
+    from lib.geometry import choose_roi
+    from lib.training.loop import refine_case
+
+    shape = (120, 120, 120)
+    zz, yy, xx = np.mgrid[:120, :120, :120]
+    mask = (zz - 60) ** 2 / 45 ** 2 + (yy - 60) ** 2 / 30 ** 2 + (xx - 60) ** 2 / 40 ** 2 <= 1
+    image = mask.astype(np.float32) + np.random.default_rng(0).normal(0, 0.1, shape).astype(np.float32)
+    cfg = LoopConfig.on_grid((16, 16, 16), p_refine=1.0)
+    rng = np.random.default_rng(1)
+    from lib.prompts.simulation import box_from_mask
+
+    box = box_from_mask(mask, 0)
+    coarse_roi = choose_roi(shape, np.ones(3), boxes=box[None], policy=cfg.policy())
+    c = refine_case(image, mask, coarse_roi, box, rng, cfg)
+    assert c is not None and c.prev is not None and c.prev.shape == c.gt.shape == (16, 16, 16)
+    assert 0 < c.gt.mean() < 1 and c.prev.any()            # a window across the boundary
+    assert (c.prev != c.gt).any()                            # the coarse mask is not the answer
+    assert list(c.types) == [2, 3]                           # the box stays the prompt
+    # box corners: in a window ~2-4x finer than the ROI, the box spans beyond the window
+    assert np.any(c.points[0] < 0) or np.any(c.points[1] > 15)
+    # prompted_case hands out such cases at p_refine; train_step learns from them (prev mask at step 0)
+    case = prompted_case(image, mask, np.ones(3), np.random.default_rng(2), cfg, use_box=True)
+    assert case.kind == "refine" and case.prev is not None
+    net = tiny_net(roi_size=(16, 16, 16))
+    opt = build_optimizer(net, "adamw", lr=1e-3)
+    loss, dices = train_step(net, opt, case, np.random.default_rng(0), cfg)
+    assert np.isfinite(loss) and len(dices) >= 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .contract import Contract, check_same, contract_for_network, read_contract
 from .geometry import (PromptError, Roi, choose_roi, crop_to_model, logits_to_original, mask_bbox,
@@ -38,7 +39,16 @@ class EngineConfig:
     """Inference-only settings (what the network learned under, ROI policy, click maps, intensities, label
     spacing, is the weights' :class:`lib.contract.Contract`, not a setting). ``max_zoom``: how many times the ROI
     may grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the
-    encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation."""
+    encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation.
+
+    Native-resolution refinement (AutoZoom's second half): when one model voxel of the ROI spans more than
+    ``refine_factor`` scan voxels, up to ``refine_windows`` windows (``refine_windows_click`` for a corrective
+    step) of the model size, ``refine_zoom`` times finer than the ROI (never finer than the scan), are placed on
+    the new boundary (the latest click's first) and re-predicted with the coarse mask as the previous mask and the
+    prompts inside them; each is written back inside, ``refine_margin`` fine voxels from its faces.
+    ``keep_fine_prev``: with a previous mask, the coarse pass changes it only where the network's coarse decision
+    changed (where the new coarse mask differs from the previous mask seen on the model grid), so boundary detail
+    already refined, or drawn by the user, survives corrective clicks elsewhere."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -46,6 +56,12 @@ class EngineConfig:
     cache_bytes: int = 512 * 2 ** 20
     label_overlap: float = 0.25
     threshold: float = 0.0
+    keep_fine_prev: bool = True
+    refine_factor: float = 2.0
+    refine_zoom: float = 3.0
+    refine_windows: int = 2
+    refine_windows_click: int = 1
+    refine_margin: int = 4
 
 
 def load_network(weights: str | None = None, config: NetworkConfig | dict | None = None,
@@ -290,10 +306,82 @@ class EnsamEngine:
                 break
             roi = roi.enlarged(self.config.zoom_factor)
             zooms += 1
+        # the ROI's part inside the image, as a region of the original grid (all further work is region-sized)
+        st, sz = np.asarray(roi.start), np.asarray(roi.size)
+        a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
+        region = tuple(slice(int(x), int(y)) for x, y in zip(a, b))
+        local = Roi(tuple(int(x) for x in st - a), roi.size, roi.model_shape)
+        rshape = tuple(int(x) for x in b - a)
+        new = logits_to_original(logits, local, rshape, threshold=self.config.threshold)
+        changed = None
+        if pm is not None and self.config.keep_fine_prev:
+            prev_r = prev_mask[region]
+            prev_coarse = logits_to_original(pm[0, 0] - 0.5, local, rshape)  # the previous mask as the net saw it
+            changed = new != prev_coarse
+            new = np.where(changed, new, prev_r).astype(np.uint8)
+        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
-                          "zooms": zooms}
-        logits_to_original(logits, roi, shape, out=out, threshold=self.config.threshold, combine="or")
+                          "zooms": zooms, "refine_windows": n_win}
+        out[region] |= new
         return roi
+
+    def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key) -> int:
+        """Native-resolution refinement of ``new`` (the ROI's region of the original grid, starting at voxel
+        ``a``; modified in place) around its boundary, see :class:`EngineConfig`. Returns the windows run."""
+        cfg = self.config
+        coarse_vox = np.asarray(roi.size, float) / np.asarray(roi.model_shape, float)  # scan voxels per model voxel
+        n_max = cfg.refine_windows if changed is None else cfg.refine_windows_click
+        if n_max <= 0 or coarse_vox.max() <= cfg.refine_factor or not new.any():
+            return 0
+        fine_vox = np.maximum(coarse_vox / cfg.refine_zoom, 1.0)
+        wsize = np.ceil(fine_vox * np.asarray(roi.model_shape)).astype(int)  # window edge, scan voxels
+        band = new.astype(bool) ^ ndimage.binary_erosion(new.astype(bool))
+        if changed is not None:  # a corrective step: only where the coarse decision moved
+            band &= ndimage.binary_dilation(changed, iterations=2)
+        centres = []
+        if changed is not None and len(pts):  # the latest click first
+            centres.append(np.asarray(pts[-1], float) - a)
+        cand = np.argwhere(band)
+        if len(cand) > 20000:
+            cand = cand[:: len(cand) // 20000 + 1]
+        covered = np.zeros(len(cand), bool)
+        for c in centres:
+            covered |= np.all(np.abs(cand - c) <= wsize / 2 - cfg.refine_margin * fine_vox, axis=1)
+        while len(centres) < n_max and len(cand) and not covered.all():
+            left = cand[~covered]
+            c = left[np.argmin(np.abs(left - left.mean(0)).sum(1))] if not centres else \
+                left[np.argmax(np.min([np.abs(left - c0).max(1) for c0 in centres], axis=0))]
+            centres.append(c.astype(float))
+            covered |= np.all(np.abs(cand - c) <= wsize / 2 - cfg.refine_margin * fine_vox, axis=1)
+        rshape = np.asarray(new.shape)
+        for c in centres:
+            start_r = np.round(c - (wsize - 1) / 2).astype(int)  # region coordinates
+            win = Roi(tuple(int(x) for x in start_r + a), tuple(int(x) for x in wsize), roi.model_shape)
+            win_r = Roi(tuple(int(x) for x in start_r), win.size, roi.model_shape)
+            feats, _ = self._encode(image, win, key)
+            inside = np.all((pts >= win.start) & (pts <= np.asarray(win.start) + wsize - 1), axis=1)
+            model_pts = [win.to_model(pts[inside])]
+            types = [np.where(labels[inside] == 1, FG, BG)]
+            if len(bxs):
+                mb = win.boxes_to_model(bxs)
+                model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
+                types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
+            p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
+            t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
+            pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
+            dense = dense_prompt_maps(p, t, win.model_shape, pm, sigma=self.contract.click_sigma)
+            logits = self.network.decode(feats, p, t, dense)[0, 0]
+            # write back inside the window, refine_margin fine voxels from faces that are not the region's faces
+            m = np.round(cfg.refine_margin * fine_vox).astype(int)
+            lo = np.maximum(start_r + np.where(start_r > 0, m, 0), 0)
+            hi = np.minimum(start_r + wsize - np.where(start_r + wsize < rshape, m, 0), rshape)
+            if np.any(hi <= lo):
+                continue
+            inner = tuple(slice(int(x), int(y)) for x, y in zip(lo, hi))
+            part = Roi(tuple(int(x) for x in start_r - lo), win.size, win.model_shape)
+            new[inner] = logits_to_original(logits, part, tuple(int(x) for x in hi - lo),
+                                            threshold=self.config.threshold)
+        return len(centres)
 
     # ------------------------------------------------------------------ prompt-free
     def segment_label(self, image: np.ndarray, affine, label_id: int, batch_size: int = 1) -> np.ndarray:

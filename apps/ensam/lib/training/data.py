@@ -448,6 +448,12 @@ class ObjectSampler:
                     continue
                 vid = vocab_id(name)
                 self.structures.append((vi, lab, name, -1 if vid is None else vid))
+        # a labelled structure is drawn by volume first, with probability ~ sqrt(its structure count), then
+        # uniformly within it: a 136-region atlas does not drown a 3-vertebra crop (uniform over structures gave
+        # brain parcels 57 % of the real samples once the atlases came in)
+        counts = np.bincount([st[0] for st in self.structures], minlength=len(self.volumes)).astype(float)
+        self._by_volume = [[i for i, st in enumerate(self.structures) if st[0] == vi] for vi in range(len(counts))]
+        self._p_volume = np.sqrt(counts) / max(np.sqrt(counts).sum(), 1e-9)
         if not self.structures:
             self.sources = [s for s in self.sources if s != "real"]
             self.p = np.asarray([w[k] for k in self.sources], float)
@@ -518,7 +524,8 @@ class ObjectSampler:
 
     # -- sources --------------------------------------------------------------------------------------------
     def _real(self, rng):
-        vi, lab, name, vid = self.structures[rng.integers(len(self.structures))]
+        members = self._by_volume[rng.choice(len(self._p_volume), p=self._p_volume)]
+        vi, lab, name, vid = self.structures[members[rng.integers(len(members))]]
         v = self.volumes[vi]
         sl = v.bboxes[lab]
         lo = [s.start for s in sl]

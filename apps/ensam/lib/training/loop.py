@@ -23,13 +23,15 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..contract import Contract
-from ..geometry import Roi, RoiPolicy, choose_roi, crop_to_model, mask_to_model, normalize_intensity
+from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
+                        normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click
 
-__all__ = ["LoopConfig", "Case", "prompted_case", "concept_case", "unrolled_loss", "train_step", "evaluate", "dice_np"]
+__all__ = ["LoopConfig", "Case", "prompted_case", "refine_case", "concept_case", "unrolled_loss", "train_step", "evaluate", "dice_np"]
 
 
 @dataclass
@@ -46,6 +48,10 @@ class LoopConfig:
                                             # fills the view and AutoZoom grows it)
     error_weight: float = 0.0      # extra BCE on the voxels the previous step got wrong (corrective steps only):
                                    # the click must flip them (recipe v3)
+    p_refine: float = 0.0          # box cases turned into a native-resolution refinement window (the engine's
+                                   # second stage): a window refine_zoom x finer than the box's ROI on the coarse
+                                   # mask's boundary, that coarse mask as the previous mask (recipe v3)
+    refine_zoom: tuple = (2.0, 4.0)  # U(lo, hi): how much finer the window is than the coarse ROI
     contract: Contract = field(default_factory=Contract)  # shared with the engine (lib.contract): ROI policy,
                                                           # model grid, click maps, intensities
 
@@ -75,6 +81,7 @@ class Case:
     kind: str = ""
     name: str = ""
     seed: int = 0                       # for deterministic click tie-breaking in validation
+    prev: Optional[np.ndarray] = None   # (D, H, W) bool previous mask at step 0 (refinement cases)
 
 
 def dice_np(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,6 +116,10 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
     else:
         click = _fg_click(mask, rng)
         roi = choose_roi(shape, spacing, fg_points=click[None].astype(float), policy=policy)
+    if use_box and cfg.p_refine > 0 and rng.random() < cfg.p_refine:
+        case = refine_case(image, mask, roi, box, rng, cfg, kind=kind, name=name)
+        if case is not None:
+            return case
     if roi_jitter is None:
         roi_jitter = rng.random() < cfg.p_roi_jitter
     if roi_jitter:
@@ -132,6 +143,42 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
             res = next_click(None, gt, rng)
             pts = res[0][None].astype(float)
     return Case(x.float(), gt, pts.astype(np.float32), types.astype(np.int64), None, kind, name)
+
+
+def refine_case(image: np.ndarray, mask: np.ndarray, coarse_roi: Roi, box: np.ndarray, rng, cfg: LoopConfig,
+                kind: str = "", name: str = "") -> Optional[Case]:
+    """A native-resolution refinement case, as :meth:`lib.engine.EnsamEngine._refine` builds it: the object seen
+    through the coarse ROI's model grid (the best a coarse pass can do, randomly grown or shrunk by a voxel) is
+    the previous mask of a window ``U(cfg.refine_zoom)`` times finer (never finer than the image), centred on a
+    random voxel of that coarse mask's boundary; the box stays the prompt. None when the coarse grid is not
+    coarser than the image (nothing to refine) or the window misses the object."""
+    coarse_vox = np.asarray(coarse_roi.size, float) / np.asarray(coarse_roi.model_shape, float)
+    if coarse_vox.max() <= 1.5:
+        return None
+    shape = mask.shape
+    coarse = logits_to_original(mask_to_model(mask, coarse_roi)[0] - 0.5, coarse_roi, shape).astype(bool)
+    r = rng.random()
+    if r < 0.25:
+        coarse = ndimage.binary_dilation(coarse)
+    elif r < 0.5:
+        coarse = ndimage.binary_erosion(coarse)
+    band = np.argwhere(coarse ^ ndimage.binary_erosion(coarse))
+    if not len(band):
+        return None
+    fine_vox = np.maximum(coarse_vox / rng.uniform(*cfg.refine_zoom), 1.0)
+    size = np.ceil(fine_vox * np.asarray(coarse_roi.model_shape)).astype(int)
+    centre = band[rng.integers(len(band))]
+    win = Roi(tuple(int(x) for x in np.round(centre - (size - 1) / 2)), tuple(int(x) for x in size),
+              coarse_roi.model_shape)
+    gt = (mask_to_model(mask, win)[0] > 0.5).numpy()
+    if gt.sum() < 4 or gt.all():
+        return None
+    prev = (mask_to_model(coarse, win)[0] > 0.5).numpy()
+    mb = win.boxes_to_model(box[None])[0]
+    pts = np.stack([mb[0::2], mb[1::2]])
+    x = crop_to_model(image, win)[None]
+    return Case(x.float(), gt, pts.astype(np.float32), np.array([BOX_MIN, BOX_MAX], np.int64), None,
+                kind or "refine", name, prev=prev)
 
 
 def concept_case(window: np.ndarray, mask: np.ndarray, label_id: int, kind: str = "concept",
@@ -175,7 +222,7 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     x = case.image.to(device)
     target = torch.as_tensor(case.gt, dtype=torch.float32, device=device)[None, None]
     pts, types = case.points.copy(), case.types.copy()
-    prev = None
+    prev = None if case.prev is None else torch.as_tensor(case.prev, dtype=torch.float32, device=device)[None, None]
     prev_error = None
     losses, dices = [], []
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
