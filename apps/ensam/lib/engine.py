@@ -41,7 +41,8 @@ class EngineConfig:
     may grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the
     encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation.
 
-    Native-resolution refinement (AutoZoom's second half): when one model voxel of the ROI spans more than
+    Native-resolution refinement (AutoZoom's second half; only with weights whose contract says they were trained
+    for it, ``Contract.refine``): when one model voxel of the ROI spans more than
     ``refine_factor`` scan voxels, up to ``refine_windows`` windows (``refine_windows_click`` for a corrective
     step) of the model size, ``refine_zoom`` times finer than the ROI (never finer than the scan), are placed on
     the new boundary (the latest click's first) and re-predicted with the coarse mask as the previous mask and the
@@ -331,7 +332,7 @@ class EnsamEngine:
         cfg = self.config
         coarse_vox = np.asarray(roi.size, float) / np.asarray(roi.model_shape, float)  # scan voxels per model voxel
         n_max = cfg.refine_windows if changed is None else cfg.refine_windows_click
-        if n_max <= 0 or coarse_vox.max() <= cfg.refine_factor or not new.any():
+        if not self.contract.refine or n_max <= 0 or coarse_vox.max() <= cfg.refine_factor or not new.any():
             return 0
         fine_vox = np.maximum(coarse_vox / cfg.refine_zoom, 1.0)
         wsize = np.ceil(fine_vox * np.asarray(roi.model_shape)).astype(int)  # window edge, scan voxels

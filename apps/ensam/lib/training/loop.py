@@ -60,10 +60,16 @@ class LoopConfig:
         roi = self.contract.roi
         return replace(roi, click_extent_mm=roi.click_extent_mm * float(click_extent_scale))
 
+    def __post_init__(self):
+        if self.p_refine > 0 and not self.contract.refine:
+            raise ValueError("p_refine > 0 trains the engine's refinement stage: the contract must say refine: true")
+
     @classmethod
     def on_grid(cls, model_shape, **kw) -> "LoopConfig":
         """A loop with the default contract on another model grid (small test networks)."""
-        return cls(contract=Contract(roi=RoiPolicy(model_shape=tuple(int(s) for s in model_shape))), **kw)
+        refine = kw.get("p_refine", 0) > 0
+        return cls(contract=Contract(roi=RoiPolicy(model_shape=tuple(int(s) for s in model_shape)), refine=refine),
+                   **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
