@@ -26,7 +26,7 @@ import numpy as np
 from ..contract import Contract, check_same, contract_for_network
 from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters
-from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
+from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 
 __all__ = ["finetune", "as_volumes", "validation_cases"]
@@ -149,7 +149,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
-    amp = str(device).startswith("cuda")
+    amp = bf16_ok(device)  # bf16 autocast on CUDA and on CPUs with bf16 units (about 2x faster steps)
     sync = Sync(world_size)
     grad_hook = None
     if sync.active:

@@ -38,8 +38,9 @@ import torch
 from ..contract import Contract, check_same, contract_for_network, legacy_contract, read_contract
 from ..labels import vocabulary
 from ..network import NetworkConfig, build_network
+from ..weights import load_artefact, save_artefact
 from . import data as D
-from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
+from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 
 __all__ = ["PretrainConfig", "run", "main", "build_validation", "draw_case", "save_checkpoint",
@@ -61,6 +62,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     threads: int = 1
     device: str = "auto"
+    cpu_bf16: bool = False                 # bf16 autocast on the CPU too (about 2x faster where the CPU has bf16)
     seed: int = 0
     data: str = D.TRAIN_ROOT
     cache: str = D.CACHE_DIR
@@ -158,7 +160,7 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
     """The fixed validation cases (deterministic for a given data set and ``cfg.val_seed``); one-click starts use
     the engine's field of view around a lone click (not the training range)."""
     rng = np.random.default_rng(cfg.val_seed)
-    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0))
+    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0), p_refine=0.0)  # validation: plain box / click starts
     cases = []
     held = D.ObjectSampler(volumes, holdout=cfg.holdout, only_holdout=True)
     for vi, lab, name, vid in held.structures:
@@ -213,17 +215,23 @@ def save_checkpoint(path, net, opt, state: dict, rng) -> None:
 
 
 def load_checkpoint(path, net, opt, rng) -> dict:
+    """Model, optimiser state, RNG states and the training state of ``path``. The optimiser's peak learning rates
+    stay those of ``opt`` (the configuration given now), so a resumed run can change ``lr``."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     net.load_state_dict(ck["model"])
+    bases = [g["base_lr"] for g in opt.param_groups]
     opt.load_state_dict(ck["optimizer"])
+    for g, b in zip(opt.param_groups, bases):
+        g["base_lr"] = b
     _set_rng_state(rng, ck["rng"])
     return ck["state"]
 
 
 def init_weights(net, path) -> None:
-    """Load a plain state_dict (``weights_only=True``) into ``net``; parameters the file lacks (a head added
-    since) keep their fresh initialisation, and a parameter whose shape differs is an error."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    """Load the weights of ``path`` (either layout, :func:`lib.weights.load_artefact`) into ``net``; parameters the
+    file lacks (a head added since) keep their fresh initialisation, and a parameter whose shape differs is an
+    error."""
+    sd = load_artefact(path).state_dict
     own = net.state_dict()
     bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
@@ -236,21 +244,13 @@ def init_weights(net, path) -> None:
 
 
 def export_weights(net, path, meta: Optional[dict] = None) -> None:
-    """Plain fp32 state_dict (loadable with ``torch.load(..., weights_only=True)``), the label vocabulary
-    ``<base>_labels.json`` and ``<base>.json`` metadata next to it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-          for k, v in net.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
-    base = str(path.with_suffix(""))
-    with open(base + "_labels.json", "w") as f:
-        json.dump(vocabulary(), f, indent=1)
-    if meta is not None:
-        with open(base + ".json", "w") as f:
-            json.dump(meta, f, indent=1, default=str)
+    """One artefact (:func:`lib.weights.save_artefact`, loadable with ``torch.load(..., weights_only=True)``): the
+    fp32 state_dict, ``meta`` (network config, contract, scores) and the label vocabulary, published atomically;
+    ``<base>.json`` and ``<base>_labels.json`` beside it are human-readable copies."""
+    sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in net.state_dict().items()}
+    meta = dict(meta or {})
+    meta.setdefault("network", net.config.to_dict())
+    save_artefact(str(path), sd, meta, vocabulary=vocabulary())
 
 
 def plot_curves(out: Path, history: list, val_history: list) -> None:
@@ -294,7 +294,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, int(cfg.threads)))
     device = _device(cfg.device)
-    amp = device.startswith("cuda")
+    amp = device.startswith("cuda") or (device == "cpu" and cfg.cpu_bf16 and bf16_ok(device))
     export = Path(cfg.export or out / "best.pt")
     ncfg = cfg.network_config()
     lcfg = cfg.loop_config()
