@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from monailabel.client import MONAILabelClient
 
 from conftest import BLOBS
@@ -334,8 +335,9 @@ def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
     assert stats["status"] == "DONE" and stats["train_images"] and stats["val_images"], stats
     assert set(stats["label_names"]) == {"blob_a"} and 0 < stats["steps"] <= 2
     assert "val_box_dsc" in stats["val_best"] and stats["best_metric"] is not None
-    with open(os.path.join(ensam_server.app_dir, "model", "ensam_labels.json")) as f:
-        assert set(BLOBS) <= set(json.load(f))
+    art = torch.load(os.path.join(ensam_server.app_dir, "model", "ensam.pt"), weights_only=True)
+    assert art["format"] == "ensam-weights/1"  # one artefact: weights, network, contract and vocabulary
+    assert set(BLOBS) <= set(art["meta"]["vocabulary"]) and "contract" in art["meta"] and art["meta"]["network"]
     r = _infer(ensam_server, "ensam", "vol2", {"foreground": [[14, 12, 8]], "reset_state": True}, output="json")
     assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
 

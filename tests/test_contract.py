@@ -81,6 +81,6 @@ def test_weights_without_a_contract_read_as_the_legacy_one(tmp_path):
     assert EnsamEngine(weights=w).contract == c
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"network": TINY, "contract": {"roi": {"model_shape": [8, 8, 8]}}}))
-    (tmp_path / "bad.pt").write_bytes(b"")
+    torch.save({}, tmp_path / "bad.pt")  # a legacy (plain state_dict) file: its contract is read from bad.json
     with pytest.raises(ContractError, match="bad.pt.*model grid"):
         read_contract(str(tmp_path / "bad.pt"))

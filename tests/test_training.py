@@ -137,11 +137,13 @@ def test_export_loads_with_weights_only_and_fits_25mb(tmp_path):
     path = tmp_path / "best.pt"
     export_weights(net, path, {"step": 0})
     assert path.stat().st_size <= 25 * 1024 * 1024
-    sd = torch.load(path, weights_only=True)
+    art = torch.load(path, weights_only=True)  # one artefact: weights + meta (lib.weights)
+    assert art["format"] == "ensam-weights/1" and art["meta"]["step"] == 0 and art["meta"]["vocabulary"]["liver"] == 4
+    sd = art["state_dict"]
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     fresh = build_network(NetworkConfig())
     fresh.load_state_dict(sd)
-    assert (tmp_path / "best_labels.json").exists()
+    assert (tmp_path / "best_labels.json").exists()  # human-readable copy
 
 
 def test_label_vocabulary_is_stable():
@@ -231,7 +233,7 @@ def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["state"]["step"] == 3 and len(ck["state"]["history"]) == 3
     assert (out / "curves.png").exists() and (out / "config.json").exists()
-    sd = torch.load(out / "best.pt", weights_only=True)
+    sd = torch.load(out / "best.pt", weights_only=True)["state_dict"]
     assert "decoder.bias.weight" in sd
 
 

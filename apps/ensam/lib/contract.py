@@ -117,15 +117,18 @@ def legacy_contract(network_config=None) -> Contract:
     return contract_for_network(network_config or {}, None)
 
 
-def read_contract(weights_path: Optional[str], network_config=None) -> Contract:
-    """The contract stored in ``<weights>.json`` (``"contract"``), or :func:`legacy_contract` when the file or the
-    key is absent. A malformed contract raises :class:`ContractError` naming the file."""
-    meta = {}
-    if weights_path:
-        p = os.path.splitext(weights_path)[0] + ".json"
-        if os.path.exists(p):
-            with open(p) as f:
-                meta = json.load(f)
+def read_contract(weights, network_config=None) -> Contract:
+    """The contract of the weights ``weights`` (a path, or a :class:`lib.weights.Artefact` already read): the
+    ``"contract"`` of their meta (:func:`lib.weights.read_meta`: inside the ``.pt``, or ``<weights>.json`` for the
+    legacy layout), or :func:`legacy_contract` when the file or the key is absent. A malformed contract raises
+    :class:`ContractError` naming the file."""
+    from .weights import read_meta  # the one reader of weights files
+
+    meta, where = {}, weights
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        meta, where = dict(weights.meta), weights.path
+    elif weights:
+        meta = read_meta(weights)
     if network_config is None:
         network_config = meta.get("network") or {}
     if "contract" not in meta:
@@ -133,7 +136,7 @@ def read_contract(weights_path: Optional[str], network_config=None) -> Contract:
     try:
         return contract_for_network(network_config, Contract.from_dict(meta["contract"]))
     except ContractError as e:
-        raise ContractError(f"{weights_path}: {e}") from None
+        raise ContractError(f"{where}: {e}") from None
 
 
 def check_same(a: Contract, b: Contract, what_a: str, what_b: str) -> None:

@@ -10,7 +10,6 @@ All prompt geometry goes through :mod:`lib.geometry`. Typical use::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -28,6 +27,7 @@ from .geometry import (PromptError, Roi, choose_roi, crop_to_model, logits_to_or
                        mask_to_model,
                        normalize_boxes, normalize_intensity, spacing_from_affine, validate_points)
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
+from .weights import Artefact, load_artefact
 
 __all__ = ["EngineConfig", "EnsamEngine", "PromptError", "load_network", "image_fingerprint"]
 
@@ -65,17 +65,16 @@ class EngineConfig:
     refine_margin: int = 4
 
 
-def load_network(weights: str | None = None, config: NetworkConfig | dict | None = None,
+def load_network(weights: str | Artefact | None = None, config: NetworkConfig | dict | None = None,
                  device: str | torch.device = "cpu") -> EnsamNet:
-    """Build the network (config from ``config``, else ``<weights>.json`` beside the weights, else defaults) and
-    load a plain state_dict with ``weights_only=True``."""
-    if config is None and weights and os.path.exists(os.path.splitext(weights)[0] + ".json"):
-        with open(os.path.splitext(weights)[0] + ".json") as f:
-            config = json.load(f).get("network", {})
+    """Build the network (config from ``config``, else the weights' meta, else defaults) and load its weights.
+    ``weights``: a path (read with :func:`lib.weights.load_artefact`, either layout) or an artefact already read."""
+    art = load_artefact(weights) if isinstance(weights, (str, os.PathLike)) else weights
+    if config is None and art is not None:
+        config = art.network or {}
     net = build_network(config)
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+    if art is not None:
+        net.load_state_dict(art.state_dict)
     return net.to(device).eval()
 
 
@@ -165,9 +164,10 @@ class EnsamEngine:
             self.network = network.to(self.device).eval()
             self.contract = contract_for_network(self.network.config, contract)
         else:
-            self.network = load_network(weights, network_config, self.device)
-            self._mtime = os.path.getmtime(weights) if weights else None
-            self.contract = read_contract(weights, self.network.config)  # what these weights were trained under
+            art = load_artefact(weights) if weights else None  # one read: weights and contract of the same file
+            self.network = load_network(art, network_config, self.device)
+            self._mtime = art.mtime if art else None
+            self.contract = read_contract(art, self.network.config)  # what these weights were trained under
             if contract is not None:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
         self.cache = _EncodingCache(self.config.cache_bytes)
@@ -182,9 +182,10 @@ class EnsamEngine:
         if mtime == self._mtime:
             return False
         with self._lock:
-            self.network = load_network(self.weights, self._network_config, self.device)
-            self.contract = read_contract(self.weights, self.network.config)
-            self._mtime = mtime
+            art = load_artefact(self.weights)
+            self.network = load_network(art, self._network_config, self.device)
+            self.contract = read_contract(art, self.network.config)
+            self._mtime = art.mtime
             self.set_network(self.network)
         return True
 

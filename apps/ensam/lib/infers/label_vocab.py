@@ -1,10 +1,10 @@
 """The label names ensam knows (concept prompts) and their learned token ids.
 
-Files beside the weights (written by ``lib.training.pretrain.export_weights`` and by the ``ensam`` train task):
-``<weights>_labels.json`` = ``{name: token id}`` and ``<weights>.json`` = metadata with the ``network`` config (the
-engine reads it). ``model/ensam_labels.json`` (fine-tuning may add names) wins over
-``model/pretrained_ensam_labels.json``; without either, the built-in vocabulary of ``lib.labels`` is used.
-Token ids index ``NetworkConfig.num_labels`` learned label embeddings and never change.
+The vocabulary ``{name: token id}`` travels inside the weights artefact (``meta["vocabulary"]``, see
+:mod:`lib.weights`, read through :func:`lib.weights.read_meta`; for the legacy layout, ``<weights>_labels.json``
+beside the weights). ``model/ensam.pt`` (fine-tuning may add names) wins over ``model/pretrained_ensam.pt``;
+without either, the built-in vocabulary of ``lib.labels`` is used. Token ids index ``NetworkConfig.num_labels``
+learned label embeddings and never change.
 
 Clients see token id + 1 as the voxel value of a name (1..N, stable across requests, < 256 so that OHIF's
 uint8 NRRD holds it): ``/info`` lists ``{name: value}`` and a result's ``label_names`` lists the names it holds.
@@ -17,39 +17,18 @@ import os
 import tempfile
 from typing import Dict, Optional, Sequence
 
-
-def vocab_path_for(weights_path: str) -> str:
-    return os.path.splitext(weights_path)[0] + "_labels.json"
-
-
-def meta_path_for(weights_path: str) -> str:
-    return os.path.splitext(weights_path)[0] + ".json"
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+from lib.weights import read_meta as _read_weights_meta
 
 
 def read_meta(weights_path: str) -> dict:
-    p = meta_path_for(weights_path)
-    if not os.path.exists(p):
-        return {}
-    data = _read_json(p)
-    return data if isinstance(data, dict) else {}
+    """The meta of the weights (network, contract, vocabulary, scores): :func:`lib.weights.read_meta`."""
+    return _read_weights_meta(weights_path)
 
 
 def read_vocab(weights_path: str) -> Optional[Dict[str, int]]:
-    """``<weights>_labels.json`` (or a ``labels`` object in ``<weights>.json``); None when there is none."""
-    p = vocab_path_for(weights_path)
-    data = _read_json(p) if os.path.exists(p) else read_meta(weights_path).get("labels")
-    if data is None:
-        return None
-    if isinstance(data, list):
-        data = {str(n): i for i, n in enumerate(data)}
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a JSON object name -> token id")
-    return {str(k): int(v) for k, v in data.items()}
+    """The vocabulary of the weights at ``weights_path``; None when they have none."""
+    vocab = read_meta(weights_path).get("vocabulary")
+    return dict(vocab) if vocab is not None else None
 
 
 def atomic_write_json(obj, path: str) -> None:
@@ -57,16 +36,15 @@ def atomic_write_json(obj, path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".json_", suffix=".tmp", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def write_vocab_and_meta(weights_path: str, vocab: Dict[str, int], meta: Optional[dict] = None) -> None:
-    """Atomic writes (temporary file + rename): a reader never sees half a file."""
-    atomic_write_json(dict(sorted(vocab.items(), key=lambda kv: kv[1])), vocab_path_for(weights_path))
-    if meta is not None:
-        atomic_write_json(meta, meta_path_for(weights_path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def builtin_vocab() -> Dict[str, int]:

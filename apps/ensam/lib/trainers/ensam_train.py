@@ -7,9 +7,10 @@ does, interaction-unrolled). This module owns what is MONAI Label specific:
 * the datalist: every image with a ``final`` label, its label names read from the label info that Slicer/OHIF
   save (``label_info: [{"name": .., "idx": ..}]``) or from the app's known names;
 * a deterministic validation split (``val_split``);
-* the label vocabulary: new names get new label tokens (``model/ensam_labels.json``); with ``concept`` on, the
+* the label vocabulary: new names get new label tokens (stored in the published artefact); with ``concept`` on, the
   prompt-free mode of the trained names is trained too;
-* publication: the best validated weights (``finetune`` keeps them) go to ``model/ensam.pt`` by atomic rename, so
+* publication: the best validated weights (``finetune`` keeps them), with their network config, contract and
+  vocabulary, go to ``model/ensam.pt`` as ONE artefact by atomic rename (:func:`lib.weights.save_artefact`), so
   the infer tasks (which watch the file's mtime) pick them up without a restart and never read half a file;
 * statistics for ``/info`` (``train_stats``), updated every few seconds while training runs;
 * CPU or GPU; several GPUs (one process per GPU, ``torch.distributed`` with NCCL) when ``multi_gpu`` is set and
@@ -32,7 +33,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,8 +42,8 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.contract import read_contract
-from lib.infers.label_vocab import (atomic_write_json, canonical, extend_vocab, load_vocab, output_ids, read_meta,
-                                    write_vocab_and_meta)
+from lib.infers.label_vocab import atomic_write_json, canonical, extend_vocab, load_vocab, output_ids
+from lib.weights import load_artefact, read_meta, save_artefact
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ def _as_bool(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "on")
     return bool(v)
-
-
-def atomic_save_state_dict(state_dict: dict, path: str) -> None:
-    import torch
-
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ensam_", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def label_names_of(label_info: dict, fallback: Dict[int, str]) -> Dict[str, int]:
@@ -344,8 +329,9 @@ class EnsamTrain(TrainTask):
         val_on_train = not val_cases
         if val_on_train:  # a single labelled image: validate on it (best-weights selection still guards)
             val_cases = cases
-        net = load_network(plan["init_weights"], plan["network_config"] or None, device)
-        contract = read_contract(plan["init_weights"], net.config)  # the tuned weights keep their contract
+        init = load_artefact(plan["init_weights"]) if plan["init_weights"] else None  # one read: weights + contract
+        net = load_network(init, plan["network_config"] or None, device)
+        contract = read_contract(init, net.config)  # the tuned weights keep their contract
         label_ids = {vocab[n] + 1: vocab[n] for n in plan["label_names"]} if req["concept"] else None
         last_write = [0.0]
 
@@ -376,8 +362,8 @@ class EnsamTrain(TrainTask):
                 "trained_from": os.path.basename(plan["init_weights"] or "") or None,
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
                 "val_best": result.get("val_best"), "steps": result.get("steps")}
-        write_vocab_and_meta(publish_path, vocab, meta)  # first: the engine reads it when the weights change
-        atomic_save_state_dict({k: v.detach().cpu() for k, v in net.state_dict().items()}, publish_path)
+        # one artefact (weights + network + contract + vocabulary), published by one rename (lib.weights)
+        save_artefact(publish_path, net.state_dict(), meta, vocabulary=vocab)
         logger.info(f"ensam train: published {publish_path} (validation score {before} -> {best})")
 
         stats = dict(base_stats)

@@ -1,0 +1,314 @@
+"""The model artefact: ONE ``.pt`` file holding the weights and everything that must travel with them.
+
+Layout (``FORMAT``), one ``torch.save`` of plain containers, so ``torch.load(path, weights_only=True)`` reads it::
+
+    {"format": "ensam-weights/1",
+     "state_dict": {name: tensor},
+     "meta": {"network": {...NetworkConfig...}, "contract": {...lib.contract...}, "vocabulary": {name: token id},
+              ... scores, step, provenance ...}}
+
+Writer: :func:`save_artefact` (pre-training's ``export_weights`` and the ``ensam`` train task). The file is written
+beside its destination under a temporary name, flushed and fsync'ed, checked by loading it back, then published with
+one ``os.replace`` (and the folder fsync'ed): a reader, or a process killed at any moment, sees either the old
+artefact or the new one, whole. Afterwards ``<base>.json`` (meta without the vocabulary) and ``<base>_labels.json``
+(the vocabulary) are written as human-readable COPIES; nothing reads them while the ``.pt`` carries its meta, so a
+crash between the ``.pt`` and its copies cannot pair weights with another file's vocabulary or contract.
+
+Reader: :func:`load_artefact` (weights + meta, for building a network) and :func:`read_meta` (meta only, cached by
+the file's identity, for ``/info``, the vocabulary and the contract). Every reader of weights in the app goes
+through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.infers.label_vocab``,
+``lib.training.pretrain.init_weights``, the train task).
+
+Legacy layout (releases 1-3, e.g. the shipped ``model/pretrained_ensam.pt``): the ``.pt`` is a plain state_dict and
+the meta lives beside it in ``<base>.json`` (``network``, ``contract``, scores; an optional ``labels``) and
+``<base>_labels.json`` (``{name: token id}``). It is still read, into the same :class:`Artefact`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+FORMAT = "ensam-weights/1"
+FORMAT_FAMILY = "ensam-weights/"
+
+__all__ = ["FORMAT", "Artefact", "WeightsError", "load_artefact", "read_meta", "save_artefact", "side_paths",
+           "normalise_vocab"]
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used (unreadable, not an ensam artefact nor a state_dict, newer format)."""
+
+
+@dataclass
+class Artefact:
+    """What one weights file holds. ``layout``: ``"artefact"`` (one file) or ``"legacy"`` (state_dict + side
+    JSON files). ``mtime`` / ``identity``: of the ``.pt`` file actually read (fstat of the open file), so a reader
+    can tell later whether the file on disk is still the one it loaded."""
+
+    path: str
+    state_dict: Optional[Dict[str, Any]]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    layout: str = "artefact"
+    mtime: float = 0.0
+    identity: tuple = ()
+
+    @property
+    def network(self) -> Optional[dict]:
+        n = self.meta.get("network")
+        return dict(n) if isinstance(n, dict) else None
+
+    @property
+    def contract(self) -> Optional[dict]:
+        c = self.meta.get("contract")
+        return c if c is not None else None
+
+    @property
+    def vocabulary(self) -> Optional[Dict[str, int]]:
+        return self.meta.get("vocabulary")
+
+
+def side_paths(path: str) -> tuple:
+    """``(<base>.json, <base>_labels.json)``: the legacy meta files, and the human-readable copies."""
+    base = os.path.splitext(str(path))[0]
+    return base + ".json", base + "_labels.json"
+
+
+def normalise_vocab(data: Any, where: str) -> Optional[Dict[str, int]]:
+    """``{name: token id}`` from a dict or a list of names (index = id); None for None."""
+    if data is None:
+        return None
+    if isinstance(data, list):
+        data = {str(n): i for i, n in enumerate(data)}
+    if not isinstance(data, dict):
+        raise WeightsError(f"{where}: the label vocabulary must be an object name -> token id")
+    try:
+        return {str(k): int(v) for k, v in data.items()}
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: the label vocabulary must map names to integer token ids ({e})") from None
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _legacy_meta(path: str) -> Dict[str, Any]:
+    meta_path, vocab_path = side_paths(path)
+    meta: Dict[str, Any] = {}
+    try:
+        if os.path.exists(meta_path):
+            data = _read_json(meta_path)
+            meta = dict(data) if isinstance(data, dict) else {}
+        vocab = _read_json(vocab_path) if os.path.exists(vocab_path) else meta.get("labels")
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: its side file cannot be read: {e}") from None
+    vocab = normalise_vocab(vocab, vocab_path if os.path.exists(vocab_path) else meta_path)
+    if vocab is not None:
+        meta["vocabulary"] = vocab
+    return meta
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _interpret(path: str, obj: Any, identity: tuple, mtime: float) -> Artefact:
+    if isinstance(obj, dict) and isinstance(obj.get("format"), str):
+        fmt = obj["format"]
+        if fmt != FORMAT:
+            newer = fmt.startswith(FORMAT_FAMILY)
+            raise WeightsError(f"{path}: weights format {fmt!r} is not readable by this version (it reads {FORMAT!r}"
+                               + ("; the file was written by a newer ensam" if newer else "") + ")")
+        sd, meta = obj.get("state_dict"), obj.get("meta")
+        if not _is_state_dict(sd) or not isinstance(meta, dict):
+            raise WeightsError(f"{path}: a {FORMAT} file must hold 'state_dict' (name -> tensor) and 'meta' (object)")
+        meta = dict(meta)
+        if "vocabulary" in meta:
+            meta["vocabulary"] = normalise_vocab(meta["vocabulary"], path)
+        return Artefact(path, sd, meta, "artefact", mtime, identity)
+    if _is_state_dict(obj):
+        return Artefact(path, obj, _legacy_meta(path), "legacy", mtime, identity)
+    raise WeightsError(f"{path}: neither an ensam weights artefact ({FORMAT}) nor a plain state_dict")
+
+
+def load_artefact(path: str, map_location: Any = "cpu", _remember_meta: bool = True) -> Artefact:
+    """Weights + meta of ``path`` (either layout), read with ``torch.load(..., weights_only=True)`` from ONE open
+    file. Raises :class:`WeightsError` for a file that is not usable, FileNotFoundError when it does not exist."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        try:
+            obj = torch.load(f, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:
+            raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    art = _interpret(path, obj, _identity(st), st.st_mtime)
+    if _remember_meta:
+        _remember(art)
+    return art
+
+
+# ---- meta-only reads, cached by the identity of the files they came from --------------------------------------
+
+_meta_cache: Dict[str, tuple] = {}
+_meta_lock = threading.Lock()
+
+
+def _stat_or_none(p: str) -> Optional[tuple]:
+    try:
+        return _identity(os.stat(p))
+    except OSError:
+        return None
+
+
+def _cache_key(path: str, pt_identity: tuple, layout: str) -> tuple:
+    # a legacy artefact's meta also depends on its side files
+    return (pt_identity, tuple(_stat_or_none(p) for p in side_paths(path))) if layout == "legacy" else (pt_identity,)
+
+
+def _remember(art: Artefact) -> None:
+    with _meta_lock:
+        _meta_cache[os.path.abspath(art.path)] = (art.layout, _cache_key(art.path, art.identity, art.layout),
+                                                  art.meta)
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    """The meta of the weights at ``path`` (``network``, ``contract``, ``vocabulary``, scores, ...); ``{}`` when the
+    file does not exist. Cheap when the files did not change since the last read (one or three ``stat``)."""
+    path = os.fspath(path)
+    ident = _stat_or_none(path)
+    if ident is None:
+        return {}
+    with _meta_lock:
+        hit = _meta_cache.get(os.path.abspath(path))
+    if hit is not None and hit[1] == _cache_key(path, ident, hit[0]):
+        return dict(hit[2])
+    try:
+        art = load_artefact(path)
+    except FileNotFoundError:
+        return {}
+    return dict(art.meta)
+
+
+# ---- the writer ------------------------------------------------------------------------------------------------
+
+def _plain(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Meta as JSON-able plain containers (what ``weights_only`` can load, and what the JSON copy shows)."""
+    return json.loads(json.dumps(meta, default=str))
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(d: str, name: str) -> None:
+    """Temporary files of earlier writers of ``name`` that died before publishing (``.<name>.<pid>.<rand>.tmp``)."""
+    prefix = f".{name}."
+    for entry in os.listdir(d):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        try:
+            os.remove(os.path.join(d, entry))
+        except OSError:
+            pass
+
+
+def _atomic_json(obj: Any, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str, Any]] = None,
+                  vocabulary: Optional[Dict[str, int]] = None, copies: bool = True) -> str:
+    """Publish ``state_dict`` + ``meta`` (+ ``vocabulary``, stored as ``meta["vocabulary"]``) at ``path``
+    atomically (see the module doc). ``copies``: also write the human-readable ``<base>.json`` /
+    ``<base>_labels.json`` afterwards. Returns ``path``."""
+    import torch
+
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    os.makedirs(d, exist_ok=True)
+    meta = _plain(dict(meta or {}))
+    if vocabulary is not None:
+        meta["vocabulary"] = vocabulary
+    if meta.get("vocabulary") is not None:
+        meta["vocabulary"] = dict(sorted(normalise_vocab(meta["vocabulary"], "vocabulary").items(),
+                                         key=lambda kv: (kv[1], kv[0])))
+    sd = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"state_dict entry {k!r} is a {type(v).__name__}, not a tensor")
+        sd[str(k)] = v.detach().cpu().contiguous().clone()
+    obj = {"format": FORMAT, "state_dict": sd, "meta": meta}
+
+    for n in (name, *map(os.path.basename, side_paths(path))):
+        _remove_stale_temps(d, n)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        check = load_artefact(tmp, _remember_meta=False)  # what a reader will get: refuse to publish anything else
+        if set(check.state_dict) != set(sd) or check.meta != meta:
+            raise WeightsError(f"{tmp}: the written artefact does not read back as written")
+        os.replace(tmp, path)
+        _fsync_dir(d)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if copies:
+        meta_copy, vocab_copy = side_paths(path)
+        shown = {k: v for k, v in meta.items() if k != "vocabulary"}
+        shown["_note"] = f"human-readable copy of the meta stored inside {name}; {name} is what ensam reads"
+        _atomic_json(shown, meta_copy)
+        if meta.get("vocabulary") is not None:
+            _atomic_json(meta["vocabulary"], vocab_copy)
+    return path
