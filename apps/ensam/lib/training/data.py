@@ -4,6 +4,7 @@ Sources (all on the volumes of ``sample-datasets/train``; the evaluation volumes
 
 * ``real``: a labelled structure (TotalSegmentator labels of the small CT, brain / WM / GM / other of MNI152),
   with its vocabulary token id (so it can also train the prompt-free "concept" mode).
+* ``synth``: the same structures on images rendered from the label maps with random contrasts (SynthSeg idea).
 * ``slic`` / ``watershed``: "segment anything" pseudo-labels, one 3D supervoxel / watershed region (computed once
   per volume and cached under ``runs/cache``).
 * ``window``: the connected component, around a random seed voxel, of a random intensity window.
@@ -534,6 +535,35 @@ class ObjectSampler:
         lr = v.labels[region]
         m = (lr > 0) if lab == 1000 else (lr == lab)
         return self._finish(v, region, m, "real", name, vid)
+
+    def _synth(self, rng):
+        """Synthetic contrast (the SynthSeg idea): a labelled structure as in ``real``, but the image is rendered
+        from the volume's label map in the region: every label value (and the unlabelled tissue) gets a random
+        mean and texture, partial-volume blur, then (in :func:`augment`) random spacing / thick slices, bias field
+        and noise, so shape and boundary, not one scanner's contrast, tell the structure. With probability 0.5 the
+        unlabelled tissue keeps the real image through a random transfer curve."""
+        if not self.structures:
+            return None
+        members = self._by_volume[rng.choice(len(self._p_volume), p=self._p_volume)]
+        vi, lab, name, vid = self.structures[members[rng.integers(len(members))]]
+        v = self.volumes[vi]
+        sl = v.bboxes[lab]
+        region = _region(v.image.shape, [s.start for s in sl], [s.stop - 1 for s in sl], v.spacing, rng)
+        lr = np.asarray(v.labels[region])
+        n = int(lr.max()) + 1  # look-up tables indexed by label value (label maps are small integers)
+        mean = rng.uniform(0.0, 1.0, n).astype(np.float32)
+        std = rng.uniform(0.0, 0.08, n).astype(np.float32)
+        img = mean[lr] + std[lr] * rng.standard_normal(lr.shape, dtype=np.float32)
+        if rng.random() < 0.5:  # unlabelled tissue: the real image through a random curve
+            real = _norm01(np.asarray(v.image[region], np.float32), v.lo, v.hi)
+            curve = (np.sort(rng.random(5)) if rng.random() < 0.5 else rng.random(5)).astype(np.float32)
+            bg = lr == 0
+            img[bg] = np.interp(real[bg], np.linspace(0, 1, 5, dtype=np.float32), curve)
+        if rng.random() < 0.5:  # partial volume / texture scale
+            img = ndimage.gaussian_filter(img, float(rng.uniform(0.4, 1.2)), truncate=2.0)
+        m = (lr > 0) if lab == 1000 else (lr == lab)
+        img = v.lo + np.clip(img, 0, 1) * (v.hi - v.lo)  # back to the volume's units (``_finish`` rescales)
+        return self._finish(v, region, m, "synth", name, vid, image=img.astype(np.float32))
 
     def _segmap(self, rng, key):
         cands = [v for v in self.volumes if v.segmaps]
