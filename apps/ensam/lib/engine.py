@@ -29,7 +29,7 @@ from .geometry import (PromptError, Roi, choose_roi, crop_to_model, logits_to_or
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
 from .weights import Artefact, load_artefact
 
-__all__ = ["EngineConfig", "EnsamEngine", "PromptError", "load_network", "image_fingerprint"]
+__all__ = ["EngineConfig", "EnsamEngine", "PromptError", "load_network", "image_fingerprint", "bf16_ok"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     """Inference-only settings (what the network learned under, ROI policy, click maps, intensities, label
     spacing, is the weights' :class:`lib.contract.Contract`, not a setting). ``max_zoom``: how many times the ROI
-    may grow by ``zoom_factor`` when the mask touches its border (AutoZoom); ``cache_bytes``: bound of the
-    encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation.
+    may grow by ``zoom_factor`` when the mask touches its border (AutoZoom; only without a box, which bounds the
+    object: with one, each zoom re-encoded a larger ROI for a mask leaking past the box's margin);
+    ``cache_bytes``: bound of the encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation. ``bf16``: run the
+    network under bf16 autocast: "auto" (where :func:`bf16_ok`: CUDA, CPUs with AVX512-BF16/AMX), "on", "off".
 
     Native-resolution refinement (AutoZoom's second half; only with weights whose contract says they were trained
     for it, ``Contract.refine``): when one model voxel of the ROI spans more than
@@ -65,6 +67,17 @@ class EngineConfig:
     refine_windows: int = 2
     refine_windows_click: int = 1
     refine_margin: int = 4
+    bf16: str = "auto"
+
+
+def bf16_ok(device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with bf16 units (AVX512-BF16 or AMX)."""
+    if str(device).startswith("cuda"):
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
 
 
 def load_network(weights: str | Artefact | None = None, config: NetworkConfig | dict | None = None,
@@ -174,6 +187,20 @@ class EnsamEngine:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
         self.cache = _EncodingCache(self.config.cache_bytes)
         self.last_info: dict = {}
+        if self.config.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {self.config.bf16!r}")
+        self.bf16 = self.config.bf16 == "on" or (self.config.bf16 == "auto" and bf16_ok(self.device))
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _net_encode(self, x):
+        with self._autocast():
+            return self.network.encode(x)
+
+    def _net_decode(self, feats, p, t, dense, lab=None):
+        with self._autocast():
+            return self.network.decode(feats, p, t, dense, lab).float()
 
     # ------------------------------------------------------------------ weights
     def reload_if_changed(self) -> bool:
@@ -204,7 +231,7 @@ class EnsamEngine:
         feats = self.cache.get(ck)
         if feats is None:
             x = crop_to_model(image, roi).to(self.device)[None]
-            feats = self.network.encode(x)
+            feats = self._net_encode(x)
             self.cache.put(ck, feats)
             return feats, False
         return feats, True
@@ -310,10 +337,10 @@ class EnsamEngine:
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
             dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
-            logits = self.network.decode(feats, p, t, dense)[0, 0]
+            logits = self._net_decode(feats, p, t, dense)[0, 0]
             model_mask = (logits > self.config.threshold).cpu().numpy()
-            if zoom == self.config.max_zoom or not roi.touches_border(model_mask, shape):
-                break
+            if zoom == self.config.max_zoom or len(bxs) or not roi.touches_border(model_mask, shape):
+                break  # a box bounds the object: AutoZoom is for prompts without one
             roi = roi.enlarged(self.config.zoom_factor)
             zooms += 1
         # the ROI's part inside the image, as a region of the original grid (all further work is region-sized)
@@ -380,7 +407,7 @@ class EnsamEngine:
             t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
             pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
             dense = dense_prompt_maps(p, t, win.model_shape, pm, sigma=self.contract.click_sigma)
-            logits = self.network.decode(feats, p, t, dense)[0, 0]
+            logits = self._net_decode(feats, p, t, dense)[0, 0]
             # write back inside the window, refine_margin fine voxels from faces that are not the region's faces
             m = np.round(cfg.refine_margin * fine_vox).astype(int)
             lo = np.maximum(start_r + np.where(start_r > 0, m, 0), 0)
@@ -433,7 +460,7 @@ class EnsamEngine:
                 outs = []
                 for w in batch:
                     xw = normalize_intensity(w)[None]
-                    feats = self.network.encode(xw)
+                    feats = self._net_encode(xw)
                     chans = []
                     for g in range(0, len(uniq), labels_per_pass):
                         lab = labs[g:g + labels_per_pass]
@@ -442,7 +469,7 @@ class EnsamEngine:
                         t = torch.zeros(n, 0, dtype=torch.long, device=self.device)
                         dense = torch.zeros(n, 4, *xw.shape[2:], device=self.device)
                         fb = [f.expand(n, *f.shape[1:]) for f in feats]
-                        chans.append(self.network.decode(fb, p, t, dense, lab)[:, 0])
+                        chans.append(self._net_decode(fb, p, t, dense, lab)[:, 0])
                     outs.append(torch.cat(chans)[None])
                 return torch.cat(outs)
 
@@ -459,5 +486,5 @@ class EnsamEngine:
             image = image[0]
         roi = Roi((0, 0, 0), tuple(int(s) for s in image.shape), tuple(self.network.config.roi_size))
         with self._lock, torch.inference_mode():
-            feats = self.network.encode(crop_to_model(image, roi).to(self.device)[None])
+            feats = self._net_encode(crop_to_model(image, roi).to(self.device)[None])
             return feats[-1].mean(dim=(2, 3, 4))[0].float().cpu().numpy()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..contract import Contract
+from ..engine import bf16_ok
 from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
                         normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
@@ -219,16 +220,6 @@ def _decode(net, feats, pts, types, prev, label_id, device, sigma: float):
     dense = dense_prompt_maps(p, t, shape, prev, sigma=sigma)
     lab = None if label_id is None else torch.tensor([label_id], device=device)
     return net.decode(feats, p, t, dense, lab)
-
-
-def bf16_ok(device) -> bool:
-    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with bf16 units (AVX512-BF16 or AMX)."""
-    if str(device).startswith("cuda"):
-        return True
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopConfig(), device="cpu",
