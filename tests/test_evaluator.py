@@ -319,3 +319,19 @@ def test_ensam_adapter_runs_the_protocol():
     rec = evaluate_structure(method, image, np.diag([1.0, 1.0, 2.0, 1.0]), gt, np.random.default_rng(0), n_clicks=2)
     assert not rec["errors"], rec["errors"]  # untrained weights: only the plumbing is checked
     assert len(rec["dsc"]) == 3 and all(0.0 <= d <= 1.0 for d in rec["dsc"])
+
+
+def test_baselines_without_a_box_look_around_the_clicks():
+    """Click start: a baseline gets no box; its view is the clicks (and previous mask) grown by CLICK_VIEW_MM."""
+    from lib.evaluation.baselines import CLICK_VIEW_MM, _box_array
+
+    shape = (120, 100, 80)
+    b = _box_array([], shape, points=[[60, 50, 40]], spacing=np.array([2.0, 2.0, 4.0]))
+    half = np.ceil(CLICK_VIEW_MM / np.array([2.0, 2.0, 4.0]))
+    assert b.tolist() == [60 - half[0], 60 + half[0], 50 - half[1], 50 + half[1], 40 - half[2], 40 + half[2]]
+    prev = np.zeros(shape, bool)
+    prev[5:10, 5:10, 5:10] = True  # the previous mask widens the view
+    assert _box_array([], shape, [[60, 50, 40]], np.array([2.0, 2.0, 4.0]), prev)[0::2].tolist() == [0, 0, 0]
+    image, gt = _bright_sphere((60, 60, 40), (30, 30, 20), 7)
+    rec = evaluate_structure(GraphCut(), image, AFF, gt, np.random.default_rng(0), n_clicks=2, start="click")
+    assert rec["dsc"][0] > 0.5 and rec["errors"] == []

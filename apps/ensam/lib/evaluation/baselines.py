@@ -33,10 +33,28 @@ __all__ = ["BoxFill", "GraphCut", "RandomWalker", "RegionGrowing", "BASELINES", 
 # ----------------------------------------------------------------------------------------------------------------
 # shared helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _box_array(boxes, shape) -> np.ndarray:
-    """The first box as ``[i0, i1, j0, j1, k0, k1]`` with ordered, clipped bounds (None -> whole image)."""
+CLICK_VIEW_MM = 32.0  # without a box: the view reaches this far around the clicks (and the previous mask)
+
+
+def _box_array(boxes, shape, points=None, spacing=None, prev_mask=None) -> np.ndarray:
+    """The first box as ``[i0, i1, j0, j1, k0, k1]`` with ordered, clipped bounds. Without a box (the evaluator's
+    click start): the bounding box of the clicks and of the previous mask, grown by ``CLICK_VIEW_MM`` on every side
+    (a 64 mm view around a lone click, as ensam's engine starts; the whole image when there is nothing)."""
     if boxes is None or len(boxes) == 0:
-        return np.array([0, shape[0] - 1, 0, shape[1] - 1, 0, shape[2] - 1], dtype=np.int64)
+        pts = np.asarray(points if points is not None else np.zeros((0, 3)), dtype=np.float64).reshape(-1, 3)
+        los, his = list(pts), list(pts)
+        if prev_mask is not None and np.any(prev_mask):
+            nz = [np.flatnonzero(np.any(prev_mask, axis=tuple(j for j in range(3) if j != ax))) for ax in range(3)]
+            los.append(np.array([n[0] for n in nz], float))
+            his.append(np.array([n[-1] for n in nz], float))
+        if not los:
+            return np.array([0, shape[0] - 1, 0, shape[1] - 1, 0, shape[2] - 1], dtype=np.int64)
+        grow = np.ceil(CLICK_VIEW_MM / np.asarray(spacing if spacing is not None else np.ones(3), float))
+        lo = np.clip(np.min(los, axis=0) - grow, 0, np.asarray(shape) - 1).astype(np.int64)
+        hi = np.clip(np.max(his, axis=0) + grow, 0, np.asarray(shape) - 1).astype(np.int64)
+        out = np.empty(6, dtype=np.int64)
+        out[0::2], out[1::2] = lo, hi
+        return out
     b = np.asarray(boxes[0], dtype=np.float64).reshape(6).round().astype(np.int64)
     lo = np.minimum(b[0::2], b[1::2])
     hi = np.maximum(b[0::2], b[1::2])
@@ -247,7 +265,7 @@ class GraphCut:
 
         image = np.asarray(image)
         spacing = spacing_from_affine(affine)
-        box = _box_array(boxes, image.shape)
+        box = _box_array(boxes, image.shape, points, spacing, prev_mask)
         crop = _Crop(image.shape, box, points, self.margin)
         x = _normalise(image[crop.slices])
         idx = np.clip((x * self.bins).astype(np.int64), 0, self.bins - 1)
@@ -332,7 +350,7 @@ class RandomWalker:
 
         image = np.asarray(image)
         spacing = spacing_from_affine(affine)
-        box = _box_array(boxes, image.shape)
+        box = _box_array(boxes, image.shape, points, spacing, prev_mask)
         crop = _Crop(image.shape, box, points, max(self.margin, 1))
         x = _normalise(image[crop.slices])
         inbox = crop.box_mask()
@@ -451,7 +469,7 @@ class RegionGrowing:
 
         image = np.asarray(image)
         spacing = spacing_from_affine(affine)
-        box = _box_array(boxes, image.shape)
+        box = _box_array(boxes, image.shape, points, spacing, prev_mask)
         fgp, bgp = _split_clicks(points, point_labels)
         crop = _Crop(image.shape, box, np.zeros((0, 3)), 0)  # the box only
         inside = lambda q: q[np.all((q >= 0) & (q < np.asarray(crop.shape)), axis=1)]  # noqa: E731
