@@ -61,7 +61,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from monailabel.app import app
-from monailabel.config import RBAC_ANNOTATOR, RBAC_USER, settings
+from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.proxy import proxy_dicom
 from monailabel.endpoints.user.auth import RBAC, User
@@ -74,9 +74,9 @@ from monailabel.utils.others.generic import remove_file
 
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "RequestGuard", "add_image_checked", "batch_infer_checked", "dicomweb_qido", "dicomweb_wado",
-           "http_error_for", "id_problem", "next_sample_checked", "ohif_file", "save_label_checked",
-           "scoring_checked", "train_checked"]
+__all__ = ["app", "RequestGuard", "add_image_checked", "batch_infer_checked", "delete_model_checked",
+           "dicomweb_qido", "dicomweb_wado", "http_error_for", "id_problem", "next_sample_checked", "ohif_file",
+           "save_label_checked", "scoring_checked", "train_checked", "update_model_checked"]
 
 OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
 mimetypes.add_type("application/wasm", ".wasm")
@@ -399,6 +399,162 @@ def save_label_checked(
     return res
 
 
+# ---------------------------------------------------------------------------------------------------- misc routes
+# monailabel routes that answered 500 to the schema-driven fuzz of the API (tests/test_hostile_input.py)
+def update_image_info_checked(image: str, info: str = Form("{}"),
+                              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    """PUT ``/datastore/image/info``: ``info`` must be a JSON object (400; monailabel: 500), the image known (404)."""
+    _check_id(image)
+    i = _json_object(info, "info")
+    if user.username:
+        i["user"] = user.username
+    try:
+        return app_instance().datastore().update_image_info(image, i)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"updating the info of image {image!r}")
+
+
+def update_label_info_checked(label: str, tag: str, info: str = Form("{}"),
+                              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    """PUT ``/datastore/label/info``: ``info`` must be a JSON object (400; monailabel: 500), the label known (404)."""
+    _check_id(label, "label id")
+    _check_id(tag, "label tag")
+    i = _json_object(info, "info")
+    if user.username:
+        i["user"] = user.username
+    try:
+        return app_instance().datastore().update_label_info(label, tag, i)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"updating the info of label {label!r} (tag {tag!r})")
+
+
+def download_dataset_checked(limit_cases: Optional[int] = None,
+                             user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    """GET ``/datastore/dataset``: 404 when no image has a final label (monailabel: 500 from an assertion)."""
+    if limit_cases is not None and limit_cases < 1:
+        raise HTTPException(status_code=400, detail=f"limit_cases must be at least 1, got {limit_cases}")
+    ds = app_instance().datastore()
+    if not ds.get_labeled_images():
+        raise HTTPException(status_code=404, detail="no image has a final label yet: the dataset archive is empty")
+    try:
+        path = ds.get_dataset_archive(limit_cases)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, "the dataset archive")
+    if not path or not os.path.isfile(path):
+        raise HTTPException(status_code=404, detail="the dataset archive could not be made")
+    return FileResponse(path, media_type="application/zip", filename="dataset.zip")
+
+
+def gpu_info_checked(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    """GET ``/logs/gpu``: ``nvidia-smi``'s report; 404 on a machine without it (monailabel: 500)."""
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        raise HTTPException(status_code=404, detail="no NVIDIA GPU tools (nvidia-smi) on this server")
+    out = subprocess.run([smi], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30, check=False).stdout
+    return Response(content=out.decode("utf-8", "replace"), media_type="text/plain")
+
+
+def wsi_infer_unsupported(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """POST ``/infer/wsi_v2/{model}``: whole-slide (pathology) inference, which ensam does not do (monailabel: 500
+    for any request). 404 for an unknown model, else 400 pointing to ``/infer/{model}``."""
+    _known("infer task", model, getattr(app_instance(), "_infers", None) or {})
+    raise HTTPException(status_code=400, detail=f"{model!r} segments 3D volumes, not whole-slide images: use "
+                                                f"POST /infer/{model}")
+
+
+def _sessions_or_406():
+    sessions = app_instance().sessions()
+    if sessions is None:
+        raise HTTPException(status_code=406, detail="sessions are not enabled on this server")
+    return sessions
+
+
+def get_session_checked(session_id: str, update_ts: bool = False, image: bool = False,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """GET ``/session/{id}``: 406 when sessions are off (monailabel: 500), else monailabel's answer."""
+    from monailabel.endpoints.session import get_session
+
+    _sessions_or_406()
+    return get_session(session_id, update_ts, image)
+
+
+def remove_session_checked(session_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """DELETE ``/session/{id}``: 406 when sessions are off (monailabel: 500), else monailabel's answer."""
+    from monailabel.endpoints.session import remove_session
+
+    _sessions_or_406()
+    return remove_session(session_id)
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def _weights_paths(model: str) -> list:
+    """``[pre-trained, fine-tuned]`` weights paths of infer task ``model`` (404 for an unknown one)."""
+    infers = getattr(app_instance(), "_infers", None) or {}
+    _known("model", model, infers)
+    provider = getattr(infers[model], "provider", None)
+    paths = list(getattr(provider, "paths", None) or [])
+    if not paths:
+        raise HTTPException(status_code=404, detail=f"model {model!r} has no weights file")
+    return paths
+
+
+def update_model_checked(
+    model: str,
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    """PUT ``/model/{model}``: new weights for ``model``. monailabel copied any bytes over the newest weights file,
+    in place (a reader could see half a file; through the test app's symlink it overwrote the shipped weights) and
+    for the annotator role. Here: admin only; the upload must be ensam weights (an ``ensam-weights`` artefact, or a
+    plain state_dict that fits the current network) or it is 400; it is published as the fine-tuned weights
+    (``model/<name>.pt``) with :func:`lib.weights.save_artefact` (one atomic rename; the pre-trained file is never
+    written). A plain state_dict takes the meta (network, contract, vocabulary) of the weights it replaces."""
+    from lib.engine import load_network  # the app's lib (see the module docstring)
+    from lib.weights import load_artefact, read_meta, save_artefact
+
+    paths = _weights_paths(model)
+    tmp = _save_upload(file, ".pt")
+    try:
+        try:
+            art = load_artefact(tmp)
+        except Exception as e:  # noqa: BLE001 - WeightsError, or whatever torch raises for foreign bytes
+            raise HTTPException(status_code=400, detail=f"the upload is not ensam weights: "
+                                                        f"{str(e).replace(tmp, file.filename or 'upload')}") from None
+        current = next((p for p in reversed(paths) if os.path.exists(p)), None)
+        meta = dict(art.meta) if art.layout == "artefact" else {**(read_meta(current) if current else {}),
+                                                                **art.meta}
+        try:
+            load_network(art, meta.get("network") or None)  # the weights must fit their network
+        except Exception as e:  # noqa: BLE001 - missing / unexpected keys, shape mismatches
+            raise HTTPException(status_code=400, detail=f"the uploaded weights do not fit the network "
+                                                        f"{meta.get('network')}: {type(e).__name__}: "
+                                                        f"{str(e)[:500]}") from None
+        meta["uploaded_as"] = os.path.basename(file.filename or "") or None
+        save_artefact(paths[-1], art.state_dict, meta)
+    finally:
+        remove_file(tmp)
+    st = os.stat(paths[-1])
+    logger.info(f"model {model!r}: new weights uploaded -> {paths[-1]}")
+    return {"weights": os.path.basename(paths[-1]), "modified_time": int(st.st_mtime), "size": st.st_size}
+
+
+def delete_model_checked(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    """DELETE ``/model/{model}``: set the fine-tuned weights aside (renamed ``<file>.<time>.deleted``, as monailabel
+    does), so the pre-trained ones serve again; admin only. The pre-trained weights are never deleted through the
+    API (monailabel moved whichever file was newest: with no fine-tuned weights, the server lost its model)."""
+    import datetime
+
+    paths = _weights_paths(model)
+    if len(paths) < 2 or not os.path.exists(paths[-1]):
+        raise HTTPException(status_code=409, detail=f"model {model!r} has no fine-tuned weights to delete; the "
+                                                    f"pre-trained weights are not deleted through the API")
+    os.replace(paths[-1], f"{paths[-1]}.{datetime.datetime.now().strftime('%Y%m%d_%H%M%S_%f')}.deleted")
+    logger.info(f"model {model!r}: fine-tuned weights set aside; {os.path.basename(paths[0])} serves again")
+    return {}
+
+
 def infer_threaded(
     background_tasks: BackgroundTasks,
     model: str,
@@ -636,6 +792,29 @@ _routes = [
     APIRoute(f"{_API}/datastore/label", save_label_checked, methods=["PUT"],
              summary=f"{RBAC_ANNOTATOR}Save Finished Label (ensam: a 3D volume on its image's grid)",
              tags=["Datastore"]),
+    APIRoute(f"{_API}/model/{{model}}", update_model_checked, methods=["PUT"],
+             summary=f"{RBAC_ADMIN}Upload new model weights (ensam: checked, published atomically as the "
+                     f"fine-tuned weights)", tags=["Model"]),
+    APIRoute(f"{_API}/model/{{model}}", delete_model_checked, methods=["DELETE"],
+             summary=f"{RBAC_ADMIN}Set the fine-tuned weights aside (ensam: never the pre-trained ones)",
+             tags=["Model"]),
+    APIRoute(f"{_API}/datastore/image/info", update_image_info_checked, methods=["PUT"],
+             summary=f"{RBAC_ANNOTATOR}Update Image Info (ensam: info checked)", tags=["Datastore"]),
+    APIRoute(f"{_API}/datastore/label/info", update_label_info_checked, methods=["PUT"],
+             summary=f"{RBAC_ANNOTATOR}Update Label Info (ensam: info checked)", tags=["Datastore"]),
+    APIRoute(f"{_API}/datastore/updatelabelinfo", update_label_info_checked, methods=["PUT"],
+             include_in_schema=False),
+    APIRoute(f"{_API}/datastore/dataset", download_dataset_checked, methods=["GET"],
+             summary=f"{RBAC_ANNOTATOR}Download full dataset as ZIP archive (ensam: 404 when empty)",
+             tags=["Datastore"]),
+    APIRoute(f"{_API}/logs/gpu", gpu_info_checked, methods=["GET"],
+             summary=f"{RBAC_ADMIN}Get GPU Info (nvidia-smi; ensam: 404 without it)", tags=["Others"]),
+    APIRoute(f"{_API}/infer/wsi_v2/{{model}}", wsi_infer_unsupported, methods=["POST"],
+             summary=f"{RBAC_USER}Whole-slide inference (ensam: not supported, 400)", tags=["Infer"]),
+    APIRoute(f"{_API}/session/{{session_id}}", get_session_checked, methods=["GET"],
+             summary=f"{RBAC_USER}Get Session ID (ensam: 406 when sessions are off)", tags=["Session"]),
+    APIRoute(f"{_API}/session/{{session_id}}", remove_session_checked, methods=["DELETE"],
+             summary=f"{RBAC_USER}Delete Session (ensam: 406 when sessions are off)", tags=["Session"]),
     APIRoute(f"{_API}/ohif/{{path:path}}", ohif_file, methods=["GET"], include_in_schema=False),
 ]
 _routes += [APIRoute(f"{_API}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],

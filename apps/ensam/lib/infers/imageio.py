@@ -130,14 +130,59 @@ def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**
     if voxels > max_voxels:
         raise RequestError(f"the uploaded {what} ({name}) has {voxels} voxels; at most {max_voxels} are accepted",
                            status_code=413)
+    if any(d > 1 for d in dims[3:]):  # inference would silently use the first volume / component only
+        raise RequestError(f"the uploaded {what} ({name}) is not one 3D volume: its shape is {list(dims)} (a 4D "
+                           f"series or a multi-component image); upload a single 3D volume")
+    if min(dims[:3]) < 2:
+        raise RequestError(f"the uploaded {what} ({name}) is a single slice (shape {list(dims[:3])}), not a 3D "
+                           f"volume")
+    missing = _nifti_data_missing(path) if is_nifti(path) else None
+    if missing:  # checked before decoding: a small file declaring a huge volume must not allocate it
+        raise RequestError(f"the uploaded {what} ({name}) is truncated: its header declares {missing[0]} bytes of "
+                           f"voxel data, the file holds {missing[1]}")
     try:
-        return load_volume(path).shape
+        vol = load_volume(path)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated data, a 4D series with several components, ...
         why = str(e).replace(path, name)
         raise RequestError(f"the uploaded {what} ({name}) cannot be read as a 3D volume: "
                            f"{type(e).__name__}: {why}") from None
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise RequestError(f"the uploaded {what} ({name}) has {bad} voxels that are NaN or infinite")
+    elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise RequestError(f"the uploaded {what} ({name}) has voxels of type {arr.dtype}, not numbers")
+    return vol.shape
+
+
+def _nifti_data_missing(path: str) -> Optional[Tuple[int, int]]:
+    """(declared, present) voxel-data bytes of a NIfTI file when it holds less than its header declares, else None.
+    A ``.nii.gz`` is decompressed as a stream (nothing is kept), stopping as soon as enough bytes were seen."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    hdr = nib.load(path).header
+    offset = int(hdr.get_data_offset())
+    need = offset + int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * int(hdr.get_data_dtype().itemsize)
+    if not path.lower().endswith(".gz"):
+        have = os.path.getsize(path)
+        return (need - offset, max(have - offset, 0)) if have < need else None
+    have = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while have < need:
+                chunk = f.read(min(1 << 22, need - have))
+                if not chunk:
+                    break
+                have += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        pass  # a corrupt stream: counted up to where it broke
+    return (need - offset, max(have - offset, 0)) if have < need else None
 
 
 def volume_shape(path: str) -> Tuple[int, int, int]:
