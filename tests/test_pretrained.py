@@ -56,3 +56,35 @@ def test_box_on_a_real_organ_beats_an_untrained_network():
     d_untrained = _dice(untrained.segment(image, img.affine, boxes=[box]) > 0, gt)
     print(f"{STRUCTURE}: trained DSC {d_trained:.3f}, untrained {d_untrained:.3f}, floor {FLOOR}")
     assert d_untrained < FLOOR <= d_trained
+
+
+def _eval_case(name):
+    meta = json.load(open(os.path.join(EVAL, "dataset.json")))
+    case = next(c for c in meta["testing"] if name in c["image"])
+    img = nib.load(os.path.join(EVAL, case["image"]))
+    labels = np.asarray(nib.load(os.path.join(EVAL, case["label"])).dataobj)
+    return np.asarray(img.dataobj), img.affine, labels, {v: int(k) for k, v in case["labels"].items()}
+
+
+def test_a_foreground_click_in_a_missed_region_adds_that_region():
+    """After a box on the evaluation CT's stomach, the evaluator's corrective click falls in a missed part; the
+    clicked voxel must be in the new mask and the missed component around it must shrink."""
+    from scipy import ndimage
+
+    from lib.prompts.simulation import next_click
+
+    torch.set_num_threads(2)
+    image, affine, labels, ids = _eval_case("ct_dicom")
+    gt = labels == ids["stomach"]
+    box = box_from_mask(gt, jitter=0).tolist()
+    eng = EnsamEngine(weights=WEIGHTS)
+    m0 = eng.segment(image, affine, boxes=[box]) > 0
+    pt, is_fg = next_click(m0, gt, np.random.default_rng(0))
+    assert is_fg, "the largest error of the box answer is expected to be a missed part"
+    missed, _ = ndimage.label(gt & ~m0)
+    comp = missed == missed[tuple(pt)]
+    m1 = eng.segment(image, affine, boxes=[box], points=[pt], point_labels=[1], prev_mask=m0) > 0
+    gained = int((m1 & comp).sum())
+    print(f"stomach: box DSC {_dice(m0, gt):.3f} -> {_dice(m1, gt):.3f} after one click; "
+          f"{gained} of the {int(comp.sum())} missed voxels around the click added")
+    assert m1[tuple(pt)] and gained >= 0.3 * comp.sum()
