@@ -31,7 +31,7 @@ def snapshot_files(root: str) -> dict:
 
 
 def start_hostile_server(work: str, n_images: int = 3, env_extra: dict | None = None, conf: tuple = (),
-                         timeout: float = 240) -> EnsamServer:
+                         timeout: float = 240, ready_path: str = "/info/") -> EnsamServer:
     app_dir = _copy_app(os.path.join(work, "app"))
     model = os.path.join(app_dir, "model")
     for f in os.listdir(model):
@@ -53,5 +53,5 @@ def start_hostile_server(work: str, n_images: int = 3, env_extra: dict | None = 
     log_path = os.path.join(work, "server.log")
     server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
                          work, images)
-    wait_ready(server, "/info/", timeout, "server")
+    wait_ready(server, ready_path, timeout, "server")
     return server

@@ -170,6 +170,19 @@ class EnsamApp(MONAILabelApp):
     def init_batch_infer(self):
         return EnsamBatchInfer(self._infers)
 
+    def init_datastore(self):
+        """A local studies folder gets :class:`lib.datastore.AtomicLocalDatastore` (labels, images and the index
+        written atomically: a crash never leaves a truncated label or index); DICOMweb etc. as monailabel does."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        from lib.datastore import AtomicLocalDatastore
+
+        return AtomicLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                    auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                    read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
     def _init_dicomweb_datastore(self):
         ds = super()._init_dicomweb_datastore()
         if type(ds) is DICOMWebDatastore:

@@ -54,7 +54,15 @@ class EngineProvider:
         existing = [p for p in self.paths if p and os.path.exists(p)]
         return existing[-1] if existing else None
 
-    def weights_info(self) -> dict:
+    def weights_info(self, engine=None) -> dict:
+        """Name and mtime of the weights: those ``engine`` was built from (what a result was computed with), else
+        the newest file on disk."""
+        if engine is not None:
+            p, mtime = getattr(engine, "weights", None), getattr(engine, "_mtime", None)
+            if not p:
+                return {"weights": None}
+            return {"weights": os.path.basename(p), "weights_mtime": int(mtime or 0),
+                    "weights_mtime_ns": int(round((mtime or 0) * 1e9))}
         p = self.weights_path()
         if not p:
             return {"weights": None}
@@ -87,6 +95,9 @@ class EngineProvider:
             engine = EnsamEngine(
                 weights=path, device=device, network_config=self.network_config, **self.engine_kwargs
             )
+            # the mtime of the file the engine actually read (a publication between the stat above and the read
+            # would otherwise pair the new weights with the old mtime, and rebuild once more for nothing)
+            mtime = getattr(engine, "_mtime", None) or mtime
             self._engines[device] = (engine, path, mtime)
             self.loads += 1
             logger.info(

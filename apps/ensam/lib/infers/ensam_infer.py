@@ -180,9 +180,9 @@ class EnsamInteractive(_EnsamTask):
                     self.sessions.reset(skey)
         extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset,
                  "engine": engine_info}
-        return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra)
+        return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra, engine)
 
-    def _result(self, label, mask, t0, t_load, t_infer, t_done, depth, extra) -> Dict:
+    def _result(self, label, mask, t0, t_load, t_infer, t_done, depth, extra, engine=None) -> Dict:
         t_end = time.time()
         res = {
             "label_names": {label or "ensam": 1},
@@ -196,7 +196,7 @@ class EnsamInteractive(_EnsamTask):
                 "total": round(t_end - t0, 4),
             },
         }
-        res.update(self.provider.weights_info())
+        res.update(self.provider.weights_info(engine))
         res.update(extra)
         return res
 
@@ -293,7 +293,7 @@ class EnsamSegmentation(_EnsamTask):
                 "total": round(t_end - t0, 4),
             },
         }
-        res.update(self.provider.weights_info())
+        res.update(self.provider.weights_info(engine))
         return path, res
 
     @staticmethod

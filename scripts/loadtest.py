@@ -1,0 +1,404 @@
+"""Load generator: N concurrent Slicer-style clients on different images while a training job runs.
+
+Each client works on its own image (``vol<i mod images>``) and label: a box (``roi``, ``reset_state``), then
+corrective clicks (foreground inside the object, now and then a background click), each with its ``client_id`` and
+``label`` (a Slicer session), then the next object: a new box. A monitor thread asks ``GET /info/`` every
+``--info-every`` s. Meanwhile one fine-tuning job (``POST /train/ensam``) runs and publishes ``model/ensam.pt``.
+
+Reports, per request kind (box, click, info): count, failures, p50 / p95 / max latency; and the weights switch:
+every inference answer names the weights it was computed with (``weights``, ``weights_mtime_ns``); the check is that
+no request failed around the publication, that each client, once it got the new weights, never got the old ones
+again, and that after the job every answer uses the published file.
+
+    # its own server (a copy of the app on synthetic volumes; nothing of the repository's model/ is written):
+    PYTHONPATH=apps/ensam .venv/bin/python scripts/loadtest.py --start --clients 8 --out loadtest.json
+    # or a running server whose datastore holds vol0..vol<k> synthetic volumes (see --start):
+    .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --clients 8
+
+Exit status 0 when every check passed (``--max-info-p95`` bounds /info too), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(ROOT, "apps", "ensam")
+
+# synthetic studies: two ellipsoid "organs" per volume (as tests/conftest.py), at a per-image offset
+SHAPE = (64, 56, 32)
+SPACING = (1.5, 1.2, 3.0)
+OBJECTS = {"blob_a": ((20, 18, 12), (9, 8, 5), 900.0), "blob_b": ((44, 36, 20), (8, 9, 5), 500.0)}
+
+
+def synthetic(seed: int):
+    rng = np.random.default_rng(seed)
+    shift = rng.integers(-3, 4, size=3)
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    img = rng.normal(0.0, 40.0, SHAPE).astype(np.float32) - 100.0
+    lab = np.zeros(SHAPE, np.uint8)
+    objects = {}
+    for v, (name, (c, r, inten)) in enumerate(OBJECTS.items(), start=1):
+        c = [int(c[a] + shift[a]) for a in range(3)]
+        inside = sum(((g - c[a]) / r[a]) ** 2 for a, g in enumerate((ii, jj, kk))) <= 1.0
+        img[inside] += inten
+        lab[inside] = v
+        objects[name] = (c, r)
+    aff = np.diag([-SPACING[0], SPACING[1], SPACING[2], 1.0])
+    return img, lab, aff, objects
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: Optional[subprocess.Popen] = None
+    work: str = ""
+    app_dir: str = ""
+    studies: str = ""
+    log: str = ""
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def prepare_app(work: str, n_images: int, labels_for: int = 0) -> tuple:
+    """An app copy (weights copied, never linked) and a datastore of ``n_images`` synthetic volumes, the first
+    ``labels_for`` with a final label (for training). Returns (app_dir, studies)."""
+    import nibabel as nib
+
+    app_dir = os.path.join(work, "app")
+    shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("__pycache__", "logs", "bin", "*.pyc"))
+    for f in os.listdir(os.path.join(app_dir, "model")):  # only the shipped weights and their side files
+        if not f.startswith("pretrained_"):
+            p = os.path.join(app_dir, "model", f)
+            os.remove(p) if os.path.isfile(p) else shutil.rmtree(p)
+    studies = os.path.join(work, "studies")
+    os.makedirs(studies, exist_ok=True)
+    for n in range(n_images):
+        img, lab, aff, _ = synthetic(n)
+        nib.save(nib.Nifti1Image(img, aff), os.path.join(studies, f"vol{n}.nii.gz"))
+    return app_dir, studies
+
+
+def save_labels(url: str, work: str, count: int) -> None:
+    """Final labels of vol0..vol<count-1> with their names (as Slicer's Submit Label sends them)."""
+    import nibabel as nib
+
+    info = {"label_info": [{"name": name, "idx": v} for v, name in enumerate(OBJECTS, start=1)]}
+    for n in range(count):
+        _, lab, aff, _ = synthetic(n)
+        path = os.path.join(work, f"label{n}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, aff), path)
+        with open(path, "rb") as f:
+            r = requests.put(f"{url}/datastore/label", params={"image": f"vol{n}", "tag": "final"},
+                             files={"label": ("label.nii.gz", f)}, data={"params": json.dumps(info)}, timeout=120)
+        r.raise_for_status()
+
+
+def start_server(work: str, n_images: int, labels_for: int = 2, env_extra: Optional[dict] = None,
+                 timeout: float = 240) -> Server:
+    app_dir, studies = prepare_app(work, n_images, labels_for)
+    port = _free_port()
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+                "MONAI_LABEL_SESSIONS": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
+           "--conf", "models", "ensam", "--conf", "labels", ",".join(OBJECTS), "--host", "127.0.0.1",
+           "--port", str(port), "--uvicorn_app", "lib.server:app"]
+    log = os.path.join(work, "server.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", proc, work, app_dir, studies, log)
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+        try:
+            if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
+                save_labels(srv.url, work, labels_for)
+                return srv
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            srv.stop()
+            raise RuntimeError(f"server did not answer within {timeout} s; see {log}")
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------------- the clients
+@dataclass
+class Record:
+    kind: str
+    client: int
+    t_start: float
+    latency: float
+    status: int
+    weights: Optional[tuple] = None
+    error: str = ""
+
+
+@dataclass
+class Shared:
+    records: List[Record] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, rec: Record):
+        with self.lock:
+            self.records.append(rec)
+
+
+def _infer(url, image, params, timeout):
+    return requests.post(f"{url}/infer/ensam", params={"image": image, "output": "json"},
+                         data={"params": json.dumps(params)}, timeout=timeout)
+
+
+def client(url: str, k: int, n_images: int, clicks: int, shared: Shared, timeout: float, min_requests: int,
+           done_training: threading.Event, after_switch: int, think: float = 0.0):
+    rng = np.random.default_rng(100 + k)
+    image = f"vol{k % n_images}"
+    _, _, _, objects = synthetic(k % n_images)
+    names = list(objects)
+    n, seen_after = 0, 0
+    while not shared.stop.is_set():
+        name = names[(n // (clicks + 1)) % len(names)]
+        c, r = objects[name]
+        base = {"client_id": f"load{k}", "label": name}
+        step = n % (clicks + 1)
+        if step == 0:  # a box around the object (Slicer's ROI), a new segment
+            box = []
+            for a in range(3):
+                lo, hi = c[a] - r[a] - int(rng.integers(0, 3)), c[a] + r[a] + int(rng.integers(0, 3))
+                box += [max(lo, 0), min(hi, SHAPE[a] - 1)]
+            params, kind = dict(base, roi=box, reset_state=True), "box"
+        else:
+            if rng.random() < 0.25:  # a background click just outside the object
+                p = [min(max(c[a] + (r[a] + 2) * (1 if rng.random() < 0.5 else -1), 0), SHAPE[a] - 1)
+                     for a in range(3)]
+                params = dict(base, background=[p])
+            else:
+                p = [int(c[a] + rng.integers(-r[a] // 2, r[a] // 2 + 1)) for a in range(3)]
+                params = dict(base, foreground=[p])
+            kind = "click"
+        t0 = time.time()
+        try:
+            resp = _infer(url, image, params, timeout)
+            lat = time.time() - t0
+            w = None
+            if resp.status_code == 200:
+                j = resp.json()
+                w = (j.get("weights"), j.get("weights_mtime_ns") or j.get("weights_mtime"))
+            shared.add(Record(kind, k, t0, lat, resp.status_code, w, "" if resp.status_code == 200 else
+                              resp.text[:300]))
+        except requests.RequestException as e:
+            shared.add(Record(kind, k, t0, time.time() - t0, 0, None, f"{type(e).__name__}: {e}"))
+        n += 1
+        if think > 0:  # the user looks at the result before the next click
+            time.sleep(float(rng.uniform(0.5, 1.5)) * think)
+        if done_training.is_set():
+            seen_after += 1
+        if n >= min_requests and done_training.is_set() and seen_after >= after_switch:
+            return
+
+
+def monitor(url: str, shared: Shared, every: float, timeout: float):
+    while not shared.stop.is_set():
+        t0 = time.time()
+        try:
+            r = requests.get(f"{url}/info/", timeout=timeout)
+            shared.add(Record("info", -1, t0, time.time() - t0, r.status_code))
+        except requests.RequestException as e:
+            shared.add(Record("info", -1, t0, time.time() - t0, 0, None, str(e)))
+        time.sleep(max(0.0, every - (time.time() - t0)))
+
+
+def train(url: str, body: dict, done: threading.Event, result: dict, deadline: float):
+    t0 = time.time()
+    r = requests.post(f"{url}/train/ensam", json=body, timeout=60)
+    result["start_status"] = r.status_code
+    result["start_answer"] = r.text[:300]
+    if r.status_code != 200:
+        done.set()
+        return
+    while time.time() < deadline:
+        time.sleep(1.0)
+        try:
+            s = requests.get(f"{url}/train/", timeout=30).json()
+        except (requests.RequestException, ValueError):
+            continue
+        if s.get("status") in ("DONE", "ERROR", "STOPPED"):
+            result["status"] = s.get("status")
+            result["seconds"] = round(time.time() - t0, 1)
+            result["details_tail"] = (s.get("details") or [])[-3:]
+            break
+    else:
+        result["status"] = "TIMEOUT"
+    done.set()
+
+
+def summarise(records: List[Record]) -> dict:
+    out = {}
+    for kind in sorted({r.kind for r in records}):
+        rs = [r for r in records if r.kind == kind]
+        ok = np.array([r.latency for r in rs if r.status == 200])
+        out[kind] = {"requests": len(rs), "failed": sum(r.status != 200 for r in rs),
+                     "p50_s": round(float(np.percentile(ok, 50)), 3) if len(ok) else None,
+                     "p95_s": round(float(np.percentile(ok, 95)), 3) if len(ok) else None,
+                     "max_s": round(float(ok.max()), 3) if len(ok) else None}
+    return out
+
+
+def check_switch(records: List[Record], published: Optional[tuple]) -> dict:
+    """Per client (its requests run one after the other), the weights never go back once new ones were used."""
+    problems = []
+    versions = set()
+    for k in sorted({r.client for r in records if r.client >= 0}):
+        seq = [r.weights for r in sorted((r for r in records if r.client == k and r.weights), key=lambda r: r.t_start)]
+        versions.update(seq)
+        order = []
+        for w in seq:
+            if not order or order[-1] != w:
+                order.append(w)
+        if len(order) != len(set(order)):
+            problems.append(f"client {k} went back to older weights: {order}")
+    last = {}
+    for r in sorted((r for r in records if r.weights), key=lambda r: r.t_start):
+        last[r.client] = r.weights
+    if published and any(w != published for w in last.values()):
+        problems.append(f"after training, some client's last answer was not from the published weights "
+                        f"{published}: {last}")
+    return {"weights_versions_seen": sorted(str(v) for v in versions), "problems": problems}
+
+
+def run(url: str, clients: int = 8, n_images: int = 8, clicks: int = 5, min_requests: int = 12,
+        after_switch: int = 3, train_body: Optional[dict] = None, info_every: float = 0.25, timeout: float = 300,
+        deadline_s: float = 1800, app_dir: Optional[str] = None, think: float = 0.0) -> dict:
+    shared = Shared()
+    done = threading.Event()
+    train_result: dict = {}
+    threads = []
+    t0 = time.time()
+    mon = threading.Thread(target=monitor, args=(url, shared, info_every, timeout), daemon=True)
+    mon.start()
+    if train_body is not None:
+        tt = threading.Thread(target=train, args=(url, train_body, done, train_result, t0 + deadline_s), daemon=True)
+        tt.start()
+    else:
+        done.set()
+    for k in range(clients):
+        t = threading.Thread(target=client, args=(url, k, n_images, clicks, shared, timeout, min_requests, done,
+                                                  after_switch if train_body is not None else 0, think),
+                             daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(max(1.0, t0 + deadline_s - time.time()))
+    shared.stop.set()
+    mon.join(10)
+    wall = time.time() - t0
+    published = None
+    if app_dir and os.path.exists(os.path.join(app_dir, "model", "ensam.pt")):
+        st = os.stat(os.path.join(app_dir, "model", "ensam.pt"))
+        published = ("ensam.pt", st.st_mtime_ns)
+    records = list(shared.records)
+    # weights_mtime_ns is rounded from a float mtime: compare at microsecond precision
+    for r in records:
+        if r.weights and r.weights[1] is not None:
+            r.weights = (r.weights[0], int(round(r.weights[1] / 1000)))
+    if published:
+        published = (published[0], int(round(published[1] / 1000)))
+    switch = check_switch(records, published if train_body is not None else None)
+    summary = summarise(records)
+    failed = [r for r in records if r.status != 200]
+    return {"clients": clients, "images": n_images, "think_s": think, "wall_s": round(wall, 1), "by_kind": summary,
+            "failed_requests": len(failed), "failures": [(r.kind, r.status, r.error) for r in failed[:10]],
+            "training": train_result, "weights_switch": switch,
+            "threads_unfinished": sum(t.is_alive() for t in threads)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (its datastore must hold vol0.. as --start makes them)")
+    ap.add_argument("--start", action="store_true", help="start a server of its own on synthetic volumes")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--images", type=int, default=0, help="synthetic images (default: one per client)")
+    ap.add_argument("--clicks", type=int, default=5, help="clicks after each box")
+    ap.add_argument("--min-requests", type=int, default=12, help="per client, at least")
+    ap.add_argument("--after-switch", type=int, default=3, help="requests per client after training ended")
+    ap.add_argument("--train-seconds", type=float, default=60, help="fine-tuning budget (0: no training)")
+    ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--think", type=float, default=0.0, help="mean pause (s) of a client between its requests")
+    ap.add_argument("--info-every", type=float, default=0.25)
+    ap.add_argument("--max-info-p95", type=float, default=0.5, help="fail when /info's p95 is above (s)")
+    ap.add_argument("--deadline", type=float, default=1800, help="stop the clients after this many seconds")
+    ap.add_argument("--out", help="write the report (JSON) here")
+    ap.add_argument("--keep", action="store_true", help="keep the --start work folder")
+    a = ap.parse_args(argv)
+    n_images = a.images or a.clients
+    srv = None
+    work = None
+    if a.start:
+        work = tempfile.mkdtemp(prefix="ensam_load_")
+        srv = start_server(work, n_images, labels_for=2)
+        url, app_dir = srv.url, srv.app_dir
+    elif a.url:
+        url, app_dir = a.url.rstrip("/"), None
+    else:
+        ap.error("--url or --start")
+    body = None
+    if a.train_seconds > 0:
+        body = {"device": "cpu", "max_seconds": a.train_seconds, "max_steps": a.train_steps, "val_split": 0.5,
+                "labels": "blob_a", "val_every": max(1, a.train_steps // 2) if a.train_steps else 0}
+    try:
+        rep = run(url, a.clients, n_images, a.clicks, a.min_requests, a.after_switch, body, a.info_every,
+                  deadline_s=a.deadline, app_dir=app_dir, think=a.think)
+    finally:
+        if srv is not None:
+            srv.stop()
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
+    rep["cpu_count"] = os.cpu_count()
+    info = rep["by_kind"].get("info", {})
+    ok = (rep["failed_requests"] == 0 and not rep["weights_switch"]["problems"] and not rep["threads_unfinished"]
+          and (info.get("p95_s") is None or info["p95_s"] <= a.max_info_p95)
+          and (body is None or rep["training"].get("status") == "DONE"))
+    rep["ok"] = bool(ok)
+    text = json.dumps(rep, indent=1, default=str)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
