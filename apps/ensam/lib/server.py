@@ -130,6 +130,81 @@ async def monailabel_exception_handler(request: Request, exc: MONAILabelExceptio
     return JSONResponse(status_code=err.status_code, content={"detail": err.detail})
 
 
+# ---------------------------------------------------------------------------------------------------- auth
+# monailabel 0.8.5's authentication mode (MONAI_LABEL_AUTH_ENABLE=true) calls ``jwt.decode`` without ``algorithms``,
+# which PyJWT 2 refuses for every token: each call was 401, valid tokens included. ensam's token check, installed in
+# place of monailabel's ``from_token`` (its ``get_current_user`` / ``RBAC`` are unchanged and call it):
+# * the signing key: the realm's ``public_key`` (Keycloak's realm document, what monailabel reads), else the JWKS of
+#   the realm's OpenID configuration (``jwks_uri``), the key chosen by the token's ``kid``;
+# * only asymmetric signatures (RS*/PS*/ES*/EdDSA) are accepted: never ``none`` nor a shared-secret HS* token signed
+#   with the public key; the token must not be expired;
+# * the user's name, e-mail and roles are read from the claims monailabel's settings name.
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+_jwks_clients: Dict[str, Any] = {}
+
+
+def _signing_key(token: str):
+    import jwt
+
+    realm = settings.MONAI_LABEL_AUTH_REALM_URI
+    r = requests.get(realm, timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
+    r.raise_for_status()
+    doc = r.json()
+    if doc.get("public_key"):
+        return f"-----BEGIN PUBLIC KEY-----\n{doc['public_key']}\n-----END PUBLIC KEY-----"
+    jwks_uri = doc.get("jwks_uri")
+    if not jwks_uri:
+        conf = requests.get(f"{realm.rstrip('/')}/.well-known/openid-configuration",
+                            timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
+        conf.raise_for_status()
+        jwks_uri = conf.json().get("jwks_uri")
+    if not jwks_uri:
+        raise jwt.InvalidTokenError(f"the identity realm {realm} publishes neither a public_key nor a jwks_uri")
+    client = _jwks_clients.get(jwks_uri)
+    if client is None:
+        client = _jwks_clients[jwks_uri] = jwt.PyJWKClient(jwks_uri, cache_keys=True, lifespan=300,
+                                                           timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
+    return client.get_signing_key_from_jwt(token).key
+
+
+def token_user(token: str):
+    """The :class:`User` of a bearer token (monailabel's ``from_token`` contract); raises ``jwt.InvalidTokenError``
+    for a token that is not valid."""
+    import jwt
+    from monailabel.endpoints.user.auth import DEFAULT_USER
+
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return DEFAULT_USER
+    try:
+        alg = jwt.get_unverified_header(token).get("alg")
+    except jwt.PyJWTError as e:
+        raise jwt.InvalidTokenError(f"malformed token: {e}") from None
+    if alg not in ASYMMETRIC_ALGORITHMS:
+        raise jwt.InvalidTokenError(f"token signature algorithm {alg!r} is not accepted")
+    try:
+        key = _signing_key(token)
+    except (requests.RequestException, ValueError, jwt.PyJWKClientError) as e:
+        raise jwt.InvalidTokenError(f"no signing key for the token: {type(e).__name__}: {e}") from None
+    payload = jwt.decode(token, key, algorithms=[alg], options={"verify_signature": True, "verify_aud": False,
+                                                              "verify_exp": True, "require": ["exp"]})
+    roles: Any = payload
+    for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
+        roles = roles.get(part) if isinstance(roles, dict) else None
+    roles = [r for r in roles if isinstance(r, str)] if isinstance(roles, list) else []
+    def text(claim):
+        v = payload.get(claim)
+        return None if v is None else str(v)
+
+    return User(username=text(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
+                email=text(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL), name=text(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
+                roles=roles)
+
+
+import monailabel.endpoints.user.auth as _ml_auth  # noqa: E402
+
+_ml_auth.from_token = token_user
+
+
 # ---------------------------------------------------------------------------------------------------- ids
 ID_RULE = ("image and label ids name datastore entries (a file name without extension such as 'ct_small', or a "
            "DICOM SeriesInstanceUID), they are not a file path: no '/' or '\\', not '.' or '..', no leading '~', "
