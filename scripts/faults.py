@@ -309,6 +309,9 @@ def run(kills: int = 100, train_kills: int = 3, n_images: int = 4, seed: int = 0
                     problems.append(f"train_stats.json does not parse: {e}")
             if status in ("RUNNING", "QUEUED"):
                 problems.append(f"the killed training still shows {status}")
+            shown = (requests.get(f"{rig.srv.url}/info/", timeout=30).json().get("train_stats") or {}).get("ensam", {})
+            if shown.get("status") == "RUNNING":
+                problems.append("/info train_stats still says RUNNING for the killed training")
             for p in problems:
                 report["problems"].append(f"training kill {i}: {p}")
             log(f"training kill {i + 1}/{train_kills} (status afterwards {status}): "

@@ -220,3 +220,12 @@ def test_keycloak_style_realm_public_key(realm, monkeypatch):
     assert user.username == "bob" and user.roles == [USER]
     with pytest.raises(jwt.InvalidTokenError):
         S.token_user(realm.token([USER], exp_in=-10))
+
+
+def test_default_bind_is_loopback():
+    """`make serve` binds 127.0.0.1 unless HOST= says otherwise (monailabel's own default is 0.0.0.0: the Makefile
+    always passes --host)."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")).read()
+    assert "HOST ?= 127.0.0.1" in text
+    serve = text.split("\nserve:", 1)[1].split("\n\n", 1)[0]
+    assert "--host $(HOST)" in serve

@@ -44,3 +44,22 @@ def test_sigkill_during_label_saves_weight_publications_and_training():
     rep = faults.run(kills=2, train_kills=1, n_images=3, seed=1, log=lambda m: None, finish_training=False)
     assert rep["kills"] == {"label_save": 1, "weights_publish": 1, "training": 1}, rep
     assert rep["ok"], rep["problems"]
+
+
+def test_a_killed_training_is_not_reported_running(tmp_path):
+    """train_stats.json of a training whose process is gone reads as ERROR (it said RUNNING forever: Slicer showed a
+    training in progress after the process was killed)."""
+    import json
+    import subprocess
+    import sys
+
+    from lib.trainers.ensam_train import EnsamTrain
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    task = EnsamTrain(str(tmp_path), [str(tmp_path / "w.pt")])
+    (tmp_path / "train_stats.json").write_text(json.dumps({"status": "RUNNING", "pid": dead.pid, "epoch": 3}))
+    s = task.stats()
+    assert s["status"] == "ERROR" and "killed" in s["error"] and s["epoch"] == 3
+    (tmp_path / "train_stats.json").write_text(json.dumps({"status": "RUNNING", "pid": os.getpid()}))
+    assert task.stats()["status"] == "RUNNING"

@@ -59,6 +59,20 @@ def _as_bool(v: Any) -> bool:
     return bool(v)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is gone too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def label_names_of(label_info: dict, fallback: Dict[int, str]) -> Dict[str, int]:
     """name -> voxel value of a saved label, from the info the clients store with it."""
     names: Dict[str, int] = {}
@@ -137,12 +151,19 @@ class EnsamTrain(TrainTask):
         return self._config
 
     def stats(self):
+        """The training statistics (``train_stats.json``). A run recorded as RUNNING whose process is gone (killed,
+        or the machine restarted) is reported as ERROR: it will never write its result."""
         if os.path.exists(self.stats_path):
             try:
                 with open(self.stats_path) as f:
-                    return json.load(f)
+                    stats = json.load(f)
             except (OSError, ValueError):
                 return {}
+            pid = stats.get("pid") if isinstance(stats, dict) else None
+            if stats.get("status") == "RUNNING" and isinstance(pid, int) and not _process_alive(pid):
+                stats = dict(stats, status="ERROR",
+                             error=f"the training process (pid {pid}) ended without finishing (killed?)")
+            return stats
         return {}
 
     # ---- request -> plan ------------------------------------------------------------------------------------
@@ -243,6 +264,7 @@ class EnsamTrain(TrainTask):
             "label_names": {n: vocab[n] for n in names},
             "device": req["device"],
             "status": "RUNNING",
+            "pid": os.getpid(),
         }
         atomic_write_json(base_stats, self.stats_path)
 
