@@ -193,3 +193,18 @@ def test_bf16_autocast_agrees_with_fp32(volume):
     assert (a != b).mean() < 0.01  # an untrained network: logits near 0 flip at a few voxels at most
     with pytest.raises(ValueError, match="bf16"):
         _engine(config=EngineConfig(bf16="maybe"))
+
+
+def test_refinement_windows_only_for_weights_trained_for_them(volume):
+    img, aff = volume
+    box = [[5, 64, 5, 54, 2, 27]]  # ROI ~90 voxels across on a 24^3 grid: ~3.7 scan voxels per model voxel
+    for refine, first, click in ((True, 2, 1), (False, 0, 0)):
+        c = Contract(roi=RoiPolicy(model_shape=CFG.roi_size), refine=refine)
+        eng = _engine(config=EngineConfig(max_zoom=0, refine_windows=2, refine_windows_click=1), contract=c)
+        torch.nn.init.constant_(eng.network.decoder.bias.bias, 3.0)  # a non-empty mask with a boundary
+        torch.nn.init.zeros_(eng.network.decoder.bias.weight)
+        eng.set_network(eng.network)
+        m = eng.segment(img, aff, boxes=box)
+        assert eng.last_info["refine_windows"] == first and m.any()
+        eng.segment(img, aff, boxes=box, points=[[30, 30, 15]], point_labels=[0], prev_mask=m)
+        assert eng.last_info["refine_windows"] == click

@@ -325,19 +325,10 @@ class EnsamEngine:
         for zoom in range(self.config.max_zoom + 1):
             feats, hit = self._encode(image, roi, key)
             hits += hit
-            model_pts = [roi.to_model(pts)]
-            types = [np.where(labels == 1, FG, BG)]
-            if len(bxs):
-                mb = roi.boxes_to_model(bxs)
-                model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
-                types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
-            p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
-            t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
             pm = None
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
-            dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
-            logits = self._net_decode(feats, p, t, dense)[0, 0]
+            logits = self._decode_in(roi, feats, pts, labels, bxs, pm)
             model_mask = (logits > self.config.threshold).cpu().numpy()
             if zoom == self.config.max_zoom or len(bxs) or not roi.touches_border(model_mask, shape):
                 break  # a box bounds the object: AutoZoom is for prompts without one
@@ -356,18 +347,35 @@ class EnsamEngine:
             prev_coarse = logits_to_original(pm[0, 0] - 0.5, local, rshape)  # the previous mask as the net saw it
             changed = new != prev_coarse
             new = np.where(changed, new, prev_r).astype(np.uint8)
-        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key)
+        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win}
         out[region] |= new
         return roi
 
-    def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key) -> int:
+    def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm) -> torch.Tensor:
+        """Logits (*model_shape) of the ROI for clicks ``pts`` (``labels`` 1/0), boxes ``bxs`` (original voxels)
+        and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None."""
+        model_pts = [roi.to_model(pts)]
+        types = [np.where(labels == 1, FG, BG)]
+        if len(bxs):
+            mb = roi.boxes_to_model(bxs)
+            model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
+            types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
+        p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
+        t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
+        dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
+        return self._net_decode(feats, p, t, dense)[0, 0]
+
+    def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key,
+                corrective: bool = False) -> int:
         """Native-resolution refinement of ``new`` (the ROI's region of the original grid, starting at voxel
-        ``a``; modified in place) around its boundary, see :class:`EngineConfig`. Returns the windows run."""
+        ``a``; modified in place) around its boundary, see :class:`EngineConfig`; ``corrective``: a step with a
+        previous mask (fewer windows, the latest click's first); ``changed``: where the coarse decision moved (the
+        band is restricted to it). Returns the windows run."""
         cfg = self.config
         coarse_vox = np.asarray(roi.size, float) / np.asarray(roi.model_shape, float)  # scan voxels per model voxel
-        n_max = cfg.refine_windows if changed is None else cfg.refine_windows_click
+        n_max = cfg.refine_windows_click if corrective else cfg.refine_windows
         if not self.contract.refine or n_max <= 0 or coarse_vox.max() <= cfg.refine_factor or not new.any():
             return 0
         fine_vox = np.maximum(coarse_vox / cfg.refine_zoom, 1.0)
@@ -376,7 +384,7 @@ class EnsamEngine:
         if changed is not None:  # a corrective step: only where the coarse decision moved
             band &= ndimage.binary_dilation(changed, iterations=2)
         centres = []
-        if changed is not None and len(pts):  # the latest click first
+        if corrective and len(pts):  # the latest click first
             centres.append(np.asarray(pts[-1], float) - a)
         cand = np.argwhere(band)
         if len(cand) > 20000:
@@ -397,17 +405,8 @@ class EnsamEngine:
             win_r = Roi(tuple(int(x) for x in start_r), win.size, roi.model_shape)
             feats, _ = self._encode(image, win, key)
             inside = np.all((pts >= win.start) & (pts <= np.asarray(win.start) + wsize - 1), axis=1)
-            model_pts = [win.to_model(pts[inside])]
-            types = [np.where(labels[inside] == 1, FG, BG)]
-            if len(bxs):
-                mb = win.boxes_to_model(bxs)
-                model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
-                types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
-            p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
-            t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
             pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
-            dense = dense_prompt_maps(p, t, win.model_shape, pm, sigma=self.contract.click_sigma)
-            logits = self._net_decode(feats, p, t, dense)[0, 0]
+            logits = self._decode_in(win, feats, pts[inside], labels[inside], bxs, pm)
             # write back inside the window, refine_margin fine voxels from faces that are not the region's faces
             m = np.round(cfg.refine_margin * fine_vox).astype(int)
             lo = np.maximum(start_r + np.where(start_r > 0, m, 0), 0)
