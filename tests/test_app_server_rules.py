@@ -112,6 +112,13 @@ def test_unknown_ids_are_404(ensam_server):
     assert r.status_code == 404, r.text
 
 
+def test_dicom_seg_output_needs_a_dicom_series(ensam_server):
+    """A DICOM SEG references the instances of a DICOM series: a NIfTI datastore has none, so output=dicom_seg is a
+    400 saying so (monailabel answered 500). The SEG itself is tested on a real Orthanc (test_orthanc_ohif.py)."""
+    r = _infer(ensam_server, "ensam", "vol0", {"foreground": [[14, 12, 8]]}, output="dicom_seg")
+    assert r.status_code == 400 and "DICOM series" in r.json()["detail"], r.text
+
+
 # ---------------------------------------------------------------------------------------------------- 2: labels
 def test_label_for_a_path_like_id_or_tag_is_refused_and_writes_nothing(ensam_server, tmp_path):
     _, lab, aff = ensam_server.images["vol3"]

@@ -19,7 +19,7 @@ from fastapi import HTTPException
 from dicomweb_client.api import DICOMwebClient
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
+from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.app import MONAILabelApp
@@ -37,6 +37,7 @@ if _APP_DIR not in sys.path:  # lib.* is imported lazily later (engine, training
 
 from lib.configs.ensam import EnsamConfig  # noqa: E402
 from lib.infers.batch import EnsamBatchInfer  # noqa: E402
+from lib.infers.dicom_seg import write_dicom_seg  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,11 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
     monailabel 0.8.5 converts a saved ``final`` label to DICOM SEG with dcmqi's ``itkimage2segimage`` only (it has
     no setting to choose its pydicom-seg writer); offline, dcmqi cannot be downloaded and every ``PUT
     /datastore/label`` failed with a bare 500 and nothing saved. Here, when the tool is not on PATH, the same steps
-    run with ``nifti_to_dicom_seg(..., use_itk=False)`` (pydicom-seg): SEG -> STOW to the DICOMweb server -> the
-    label kept in the local cache with the SEG's SeriesInstanceUID; the cached list of labelled series is
-    dropped so that ``/datastore`` counts the new label at once. An empty label or a failed conversion/upload
-    answers a 4xx/502 JSON error instead of a 500. With dcmqi present, monailabel's own code runs unchanged."""
+    run with ``lib.infers.dicom_seg.write_dicom_seg`` (pydicom-seg, segments named by their label value): SEG ->
+    STOW to the DICOMweb server -> the label kept in the local cache with the SEG's SeriesInstanceUID; the cached
+    list of labelled series is dropped so that ``/datastore`` counts the new label at once. An empty label or a
+    failed conversion/upload answers a 4xx/502 JSON error instead of a 500. With dcmqi present, monailabel's own
+    code runs unchanged."""
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
@@ -67,8 +69,7 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
         try:
             series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
             try:
-                seg_file = nifti_to_dicom_seg(series_dir, label_filename, label_info.get("label_info"),
-                                              use_itk=False)
+                seg_file = write_dicom_seg(series_dir, label_filename, label_info.get("label_info"))
             except Exception as e:  # noqa: BLE001 - e.g. a label not on the series' grid
                 raise HTTPException(status_code=400, detail=f"the label cannot be written as DICOM SEG for "
                                                             f"{image_id}: {type(e).__name__}: {e}") from e
@@ -195,12 +196,13 @@ class EnsamApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self):
         """monailabel fetches dcmqi (DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
-        fails to start without internet access. Without it only ``output=dicom_seg`` is unavailable."""
+        fails to start without internet access. ensam needs none of it: saved labels and ``output=dicom_seg``
+        results are written with pydicom-seg (``lib.infers.dicom_seg``)."""
         try:
             super()._download_dcmqi_tools()
         except Exception as e:  # noqa: BLE001 - offline, proxy, ...
-            logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); DICOM SEG output "
-                           f"(output=dicom_seg) is disabled; saved labels are written as DICOM SEG with pydicom-seg")
+            logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
+                           f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
 
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as

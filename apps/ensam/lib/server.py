@@ -675,10 +675,62 @@ def infer_threaded(
     else:
         raise HTTPException(status_code=400, detail="no image: give ?image=<datastore id>, a 'file' upload or a "
                                                     "?session_id=")
+    if output == ResultType.dicom_seg:
+        return infer_as_dicom_seg(background_tasks, model, image, session_id, params, file, label, p)
     try:
         return run_inference(background_tasks, model, image, session_id, params, file, label, output)
     except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
         _raise_for(e, f"inference model={model} image={image}")
+
+
+def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, session_id: str, params: str,
+                       file: Optional[UploadFile], label: Optional[UploadFile], p: Dict[str, Any]) -> Response:
+    """``output=dicom_seg``: the result as a DICOM SEG on the image's series, written with pydicom-seg by
+    ``lib.infers.dicom_seg`` (monailabel 0.8.5 needs dcmqi for it, which an offline server cannot download: 500).
+    Segments are named from the request's ``label_info`` if given, else from the result's ``label_names``. The image
+    must be a series of the DICOMweb datastore (the SEG references its instances): 400 otherwise; an empty result
+    is 422 (a SEG needs a segment)."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    from lib.infers.dicom_seg import write_dicom_seg  # the app's lib (see the module docstring)
+
+    datastore = app_instance().datastore()
+    if file or session_id or not image or not isinstance(datastore, DICOMWebDatastore):
+        raise HTTPException(status_code=400, detail="output=dicom_seg needs a DICOM series: ?image=<SeriesInstanceUID>"
+                                                    " on a server started on a DICOMweb store (--studies "
+                                                    "<url>/dicom-web); for other images use output=image")
+    label_info = p.get("label_info")
+    if label_info is not None and not (isinstance(label_info, list) and all(isinstance(e, dict) for e in label_info)):
+        raise HTTPException(status_code=400, detail="'label_info' must be a list of {\"name\": ..., \"idx\": <value>}")
+    try:
+        res = run_inference(background_tasks, model, image, session_id, params, file, label, ResultType.all)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"inference model={model} image={image}")
+    if not isinstance(res, Response):
+        raise HTTPException(status_code=500, detail=f"inference model={model} image={image} gave no result image")
+    result, mask, name = {}, None, ""
+    for part in MultipartDecoder(res.body, res.media_type).parts:
+        disposition = part.headers.get(b"Content-Disposition", b"").decode("latin-1")
+        if 'name="params"' in disposition:
+            result = json.loads(part.content or b"{}")
+        elif 'name="image"' in disposition:
+            mask, name = part.content, disposition.split('filename="')[-1].rstrip('"')
+    fd, mask_path = tempfile.mkstemp(suffix=_upload_suffix(name), prefix="ensam_result_")
+    with os.fdopen(fd, "wb") as out:
+        out.write(mask or b"")
+    try:
+        series_dir = os.path.realpath(os.path.join(datastore._datastore.image_path(), image))
+        seg = write_dicom_seg(series_dir, mask_path, label_info, result.get("label_names"), series_description=model)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"DICOM SEG of the result of model={model} image={image}")
+    finally:
+        remove_file(mask_path)
+    if not seg:
+        raise HTTPException(status_code=422, detail="the result is empty (no voxel labelled): a DICOM SEG needs at "
+                                                    "least one segment; output=json gives the result's details")
+    background_tasks.add_task(remove_file, seg)
+    return FileResponse(seg, media_type="application/dicom", filename=f"{model}_{image}.dcm")
 
 
 async def next_sample_checked(
