@@ -765,7 +765,7 @@ def panel(server, orthanc, series, browser):
                                          ".segmentationService.getLabelmapVolume('1')"), 30)
     time.sleep(1.5)  # the panel sets its segment colours 1 s after creating the segmentation
     _shot(browser, "1_connected")
-    p = Panel(browser, server, series, load, {"open_and_connect_s": time.time() - t0, "server_warm_up": warm_up})
+    p = Panel(browser, server, series, load, {"open_and_connect_s": time.time() - t0, "server_warm_up_s": warm_up})
     yield p
     total = sum(v for k, v in p.steps.items() if k.endswith("_s"))
     others = load.cpus()
