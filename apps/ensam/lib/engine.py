@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+try:
+    import cc3d
+except ImportError:  # pragma: no cover - cc3d is a dependency of the app
+    cc3d = None
+
 from .contract import Contract, check_same, contract_for_network, read_contract
 from .geometry import (PromptError, Roi, choose_roi, crop_to_model, logits_to_original, mask_bbox,
                        mask_to_model,
@@ -42,6 +47,8 @@ class EngineConfig:
     object: with one, each zoom re-encoded a larger ROI for a mask leaking past the box's margin);
     ``cache_bytes``: bound of the encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation. ``bf16``: run the
     network under bf16 autocast: "auto" (where :func:`bf16_ok`: CUDA, CPUs with AVX512-BF16/AMX), "on", "off".
+    ``local_edits``: a corrective step changes the previous mask only in the connected regions of change that
+    reach the latest click (VISTA3D's rule); elsewhere the previous mask stays.
 
     Native-resolution refinement (AutoZoom's second half; only with weights whose contract says they were trained
     for it, ``Contract.refine``): when one model voxel of the ROI spans more than
@@ -68,6 +75,7 @@ class EngineConfig:
     refine_windows_click: int = 1
     refine_margin: int = 4
     bf16: str = "auto"
+    local_edits: bool = False
 
 
 def bf16_ok(device) -> bool:
@@ -156,6 +164,23 @@ class _EncodingCache:
         return self._bytes
 
 
+def _local_edit(prev: np.ndarray, new: np.ndarray, click, reach: int = 2) -> np.ndarray:
+    """``prev`` changed only in the 26-connected regions of ``new != prev`` that come within ``reach`` voxels of
+    ``click`` (region coordinates). Returns uint8."""
+    diff = new.astype(bool) ^ prev.astype(bool)
+    c = np.clip(np.round(click).astype(int), 0, np.asarray(diff.shape) - 1)
+    near = tuple(slice(max(int(x) - reach, 0), int(x) + reach + 1) for x in c)
+    if not diff[near].any():
+        return prev.astype(np.uint8)
+    if cc3d is not None:
+        lab = cc3d.connected_components(diff.view(np.uint8), connectivity=26)
+    else:  # pragma: no cover
+        lab, _ = ndimage.label(diff, structure=np.ones((3, 3, 3), bool))
+    ids = np.unique(lab[near])
+    keep = np.isin(lab, ids[ids > 0])
+    return (prev.astype(bool) ^ keep).astype(np.uint8)
+
+
 class EnsamEngine:
     """Interactive and prompt-free segmentation of whole volumes with an :class:`EnsamNet`.
 
@@ -187,6 +212,7 @@ class EnsamEngine:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
         self.cache = _EncodingCache(self.config.cache_bytes)
         self.last_info: dict = {}
+        self._times: dict = {}
         if self.config.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {self.config.bf16!r}")
         self.bf16 = self.config.bf16 == "on" or (self.config.bf16 == "auto" and bf16_ok(self.device))
@@ -194,13 +220,22 @@ class EnsamEngine:
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def _timed(self, what: str, t0: float) -> None:
+        self._times[what] = self._times.get(what, 0.0) + time.perf_counter() - t0
+
     def _net_encode(self, x):
+        t0 = time.perf_counter()
         with self._autocast():
-            return self.network.encode(x)
+            feats = self.network.encode(x)
+        self._timed("encode_s", t0)
+        return feats
 
     def _net_decode(self, feats, p, t, dense, lab=None):
+        t0 = time.perf_counter()
         with self._autocast():
-            return self.network.decode(feats, p, t, dense, lab).float()
+            out = self.network.decode(feats, p, t, dense, lab).float()
+        self._timed("decode_s", t0)
+        return out
 
     # ------------------------------------------------------------------ weights
     def reload_if_changed(self) -> bool:
@@ -293,6 +328,7 @@ class EnsamEngine:
         spacing = spacing_from_affine(affine)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
+            self._times = {}
             out = np.zeros(shape, dtype=np.uint8)
             covered = np.zeros(shape, dtype=bool)
             groups = [(pts, labels, bxs)]
@@ -314,6 +350,7 @@ class EnsamEngine:
             if prev_mask is not None:  # the previous result outside the predicted regions is kept (nothing lost)
                 out[prev_mask & ~covered] = 1
         self.last_info["seconds"] = time.perf_counter() - t0
+        self.last_info.update({k: round(v, 4) for k, v in self._times.items()})  # encode_s, decode_s, paste_s
         return out
 
     def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, key, out: np.ndarray) -> Roi:
@@ -340,7 +377,9 @@ class EnsamEngine:
         region = tuple(slice(int(x), int(y)) for x, y in zip(a, b))
         local = Roi(tuple(int(x) for x in st - a), roi.size, roi.model_shape)
         rshape = tuple(int(x) for x in b - a)
+        tp = time.perf_counter()
         new = logits_to_original(logits, local, rshape, threshold=self.config.threshold)
+        self._timed("paste_s", tp)
         changed = None
         if pm is not None and self.config.keep_fine_prev:
             prev_r = prev_mask[region]
@@ -348,9 +387,13 @@ class EnsamEngine:
             changed = new != prev_coarse
             new = np.where(changed, new, prev_r).astype(np.uint8)
         n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None)
+        if pm is not None and self.config.local_edits and len(pts):
+            new = _local_edit(prev_mask[region], new, np.asarray(pts[-1]) - a)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win}
+        tp = time.perf_counter()
         out[region] |= new
+        self._timed("paste_s", tp)
         return roi
 
     def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm) -> torch.Tensor:
