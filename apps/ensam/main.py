@@ -35,6 +35,7 @@ _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # lib.* is imported lazily later (engine, training): keep the app folder importable
     sys.path.insert(0, _APP_DIR)
 
+from lib.background import yield_to_interactive  # noqa: E402
 from lib.configs.ensam import EnsamConfig  # noqa: E402
 from lib.infers.batch import EnsamBatchInfer  # noqa: E402
 from lib.infers.dicom_seg import write_dicom_seg  # noqa: E402
@@ -116,6 +117,7 @@ def retrieve_series_as_stored(client) -> None:
 
 class EnsamApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        yield_to_interactive()  # scoring / batch inference / training processes: interactive requests first
         conf = dict(conf or {})
         self.model_dir = os.path.join(app_dir, "model")
         names = [n.strip() for n in conf.get("models", "ensam").split(",") if n.strip()]
