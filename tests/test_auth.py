@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import nibabel as nib
-import numpy as np
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
