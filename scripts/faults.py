@@ -269,12 +269,19 @@ def run(kills: int = 100, train_kills: int = 3, n_images: int = 4, seed: int = 0
                 t.join(30)
             report["kills"][mode] += 1
             problems = rig.check_disk()
-            report["restart_s"].append(round(rig.start(), 1))
+            try:
+                report["restart_s"].append(round(rig.start(), 1))
+            except RuntimeError as e:  # the server does not come back: the worst outcome, reported as such
+                report["problems"] += [f"kill {i} ({mode}): {p}" for p in problems]
+                report["problems"].append(f"kill {i} ({mode}): the server did not restart: {e}")
+                log(f"kill {i + 1}/{kills} during {mode}: the server did not restart")
+                rig.srv = None
+                break
             problems += rig.check_served()
             for p in problems:
                 report["problems"].append(f"kill {i} ({mode}): {p}")
             log(f"kill {i + 1}/{kills} during {mode}: {'OK' if not problems else problems}")
-        for i in range(train_kills):
+        for i in range(train_kills if rig.srv is not None else 0):
             r = requests.post(f"{rig.srv.url}/train/ensam", json={"device": "cpu", "max_seconds": 120,
                                                                  "labels": "blob_a", "val_split": 0.5}, timeout=60)
             if r.status_code != 200:
@@ -317,7 +324,7 @@ def run(kills: int = 100, train_kills: int = 3, n_images: int = 4, seed: int = 0
             log(f"training kill {i + 1}/{train_kills} (status afterwards {status}): "
                 f"{'OK' if not problems else problems}")
         # the next training after the kills is accepted and runs to its end
-        if train_kills:
+        if train_kills and rig.srv is not None:
             r = requests.post(f"{rig.srv.url}/train/ensam", json={"device": "cpu", "max_seconds": 20, "max_steps": 1,
                                                                  "val_every": 1, "labels": "blob_a",
                                                                  "val_split": 0.5}, timeout=60)
