@@ -335,3 +335,21 @@ def test_baselines_without_a_box_look_around_the_clicks():
     image, gt = _bright_sphere((60, 60, 40), (30, 30, 20), 7)
     rec = evaluate_structure(GraphCut(), image, AFF, gt, np.random.default_rng(0), n_clicks=2, start="click")
     assert rec["dsc"][0] > 0.5 and rec["errors"] == []
+
+
+def test_diagnostics_on_a_tiny_set(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from lib.evaluation.diagnose import click_effects, grid_ceiling
+
+    (tmp_path / "im").mkdir()
+    image, gt = _bright_sphere((40, 40, 30), (20, 20, 15), 8)
+    nib.save(nib.Nifti1Image(image, AFF), str(tmp_path / "im" / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(gt.astype(np.uint8), AFF), str(tmp_path / "im" / "a_lab.nii.gz"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"testing": [
+        {"image": "im/a.nii.gz", "label": "im/a_lab.nii.gz", "labels": {"1": "sphere"}}]}))
+    (row,) = grid_ceiling(str(tmp_path))
+    assert row[1] == "sphere" and row[3] > 0.95 and row[4] > 0.95  # a sphere fits a 64^3 grid
+    effects = click_effects(Spy(gt), str(tmp_path), clicks=3)
+    rows = effects["fg"] + effects["bg"]
+    assert rows and all(h for h, _, _ in rows)  # the spy sets every clicked voxel right
+    assert all(changed >= 1 and d >= 0 for _, d, changed in rows)
