@@ -31,6 +31,7 @@ def test_load_small_with_training_and_weights_switch(tmp_path, capsys):
     import json
 
     rep = json.loads((tmp_path / "load.json").read_text())
+    print(json.dumps(rep, indent=1, default=str))  # the whole report in the failure output
     assert rep["failed_requests"] == 0, rep["failures"]
     assert rep["training"].get("status") == "DONE", rep["training"]
     assert not rep["weights_switch"]["problems"], rep["weights_switch"]
