@@ -2,9 +2,10 @@
 
 A network learns under one ROI policy (margin, minimum size, aspect, the view around a lone click), one model
 grid, one click-map width, one intensity normalisation and one working spacing for prompt-free windows; the
-engine must use exactly the same ones. :class:`Contract` holds them. It is written into the weights' JSON
-(``"contract"``) by every writer of weights (pre-training, fine-tuning) and read back by every reader (the
-engine, fine-tuning, a resumed or initialised pre-training run) through :func:`read_contract`. Nothing else
+engine must use exactly the same ones. :class:`Contract` holds them. It is written into the weights' metadata
+(``"contract"``, inside the one-file artefact of :mod:`lib.weights`) by every writer of weights (pre-training,
+fine-tuning) and read back by every reader (the engine, fine-tuning, a resumed or initialised pre-training run)
+through :func:`read_contract`. Nothing else
 defines these numbers: :class:`lib.engine.EnsamEngine` and :class:`lib.training.loop.LoopConfig` take them from
 the contract, and :func:`check_same` refuses a pairing that differs, naming every field that does.
 
@@ -14,7 +15,6 @@ used with them.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional

@@ -9,8 +9,10 @@ Usage (from the repository root)::
 ``--minutes`` is the TOTAL training-time budget of the run (kept across ``--resume``). Writes into ``--out``:
 ``config.json`` (everything needed to reproduce), ``log.txt``, ``last.pt`` (model + optimiser + step + RNG
 states, every ``--ckpt-minutes``), ``curves.png`` (loss and validation DSC), ``history.json``, and the best
-weights (by validation) as a plain fp32 state_dict at ``--export`` (default ``<out>/best.pt``), with the label
-vocabulary next to it (``best_labels.json``) and ``best.json`` (step, validation scores, network config).
+weights (by validation) at ``--export`` (default ``<out>/best.pt``) as one artefact (:mod:`lib.weights`: fp32
+state_dict + network config, training/inference contract, label vocabulary, step and validation scores), with
+human-readable copies ``best.json`` / ``best_labels.json`` beside it. ``--init W`` starts a run that has no
+``last.pt`` from the weights W (a new machine continues from the last committed weights).
 
 Validation: structures held out of training (``--holdout``, default kidney_left, vertebrae_L1, rib_left_9,
 iliopsoas_left of the training CT) plus held-out random pseudo-label / synthetic samples drawn with a separate
