@@ -337,6 +337,25 @@ def test_train_request_and_label_names():
         assert task._devices(task.parse_request({"device": "cpu", "cpu_processes": 2})) == ["cpu", "cpu"]
 
 
+def test_boolean_values_are_strict_in_train_infer_and_config():
+    """One rule for booleans: a typo is a 400 naming the field in a train request as in an infer request."""
+    from lib.infers.request_parsing import parse_bool
+    from lib.trainers.ensam_train import EnsamTrain
+
+    task = EnsamTrain("/tmp/none", ["/tmp/none/pretrained_ensam.pt", "/tmp/none/ensam.pt"])
+    for key in ("concept", "pretrained", "multi_gpu"):
+        with pytest.raises(RequestError, match=key) as e:
+            task.parse_request({"device": "cpu", key: "flase"})
+        assert e.value.status_code == 400
+    req = task.parse_request({"device": "cpu", "concept": "False", "pretrained": ["no"], "multi_gpu": "1"})
+    assert (req["concept"], req["pretrained"], req["multi_gpu"]) == (False, False, True)
+    req = task.parse_request({"device": "cpu"})
+    assert (req["concept"], req["pretrained"], req["multi_gpu"]) == (True, True, False)
+    with pytest.raises(RequestError, match="reset_state"):
+        parse_bool("flase", "reset_state")
+    assert parse_bool(None, "x", default=True) and not parse_bool("OFF", "x") and parse_bool(1, "x")
+
+
 def test_train_cases_use_one_value_per_name(tmp_path):
     from lib.trainers.ensam_train import EnsamTrain
 

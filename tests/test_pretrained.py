@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib.engine import EnsamEngine, load_network
+from lib.evaluation.metrics import dice as _dice
 from lib.network import build_network
 from lib.prompts.simulation import box_from_mask
 
@@ -24,10 +25,6 @@ STRUCTURE, FLOOR = "vertebrae_T12", 0.50
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(EVAL, "dataset.json")),
                                 reason="sample data not fetched (make data)")
-
-
-def _dice(a, b):
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def test_weights_file_is_a_small_plain_state_dict():

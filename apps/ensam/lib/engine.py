@@ -287,7 +287,7 @@ class EnsamEngine:
         lo_hi += list(fg)
         bb = mask_bbox(prev_mask) if prev_mask is not None else None
         if bb is not None:
-            lo_hi += list(bb)
+            lo_hi += [bb[0::2], bb[1::2]]
         lo, hi = np.min(lo_hi, axis=0), np.max(lo_hi, axis=0)
         for cached in self.cache.rois_for(key, self._version):
             if cached.model_shape != roi.model_shape or not cached.contains(lo, hi):

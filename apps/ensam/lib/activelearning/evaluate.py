@@ -23,7 +23,8 @@ import numpy as np
 
 from lib.infers.label_vocab import canonical, load_vocab
 
-from .features import dice, disagreement, flip_predictions
+from ..evaluation.metrics import dice
+from .features import disagreement, flip_predictions
 
 
 def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int = 0,

@@ -12,6 +12,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ..evaluation.metrics import dice  # THE Dice
+
 
 def image_embedding(engine, image: np.ndarray) -> np.ndarray:
     """Pooled encoder features of the whole image (float32 vector, :meth:`EnsamEngine.encode_features`)."""
@@ -34,13 +36,6 @@ def flip_predictions(engine, image: np.ndarray, affine: np.ndarray, label_ids: S
             m = np.asarray(masks[i]) > 0
             out[i].append(np.flip(m, axis=axes) if axes else m)
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = int(a.sum()), int(b.sum())
-    if sa + sb == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / (sa + sb)
 
 
 def disagreement(masks: Sequence[np.ndarray], empty: float = 1.0) -> float:

@@ -28,6 +28,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
 from lib.infers import EngineProvider, EnsamInteractive, EnsamSegmentation, SessionStore, VolumeCache
+from lib.infers.request_parsing import parse_bool
 from lib.trainers import EnsamTrain
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ logger = logging.getLogger(__name__)
 
 def _csv(v: Any) -> list:
     return [s.strip() for s in str(v or "").split(",") if s.strip()]
-
-
-def _flag(v: Any, default: bool = False) -> bool:
-    if v is None:
-        return default
-    return str(v).strip().lower() in ("1", "true", "yes", "on")
 
 
 class EnsamConfig(TaskConfig):
@@ -66,7 +61,7 @@ class EnsamConfig(TaskConfig):
         self.seg_task = EnsamSegmentation(
             self.provider, self.volumes, self.extra_names, self.seg_labels, num_labels=self.num_labels
         )
-        if _flag(conf.get("preload")):
+        if parse_bool(conf.get("preload"), "preload"):  # --conf preload true
             self.provider.get(None)
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:

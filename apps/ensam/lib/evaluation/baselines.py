@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .metrics import spacing_from_affine
+from ..geometry import mask_bbox, spacing_from_affine
 
 __all__ = ["BoxFill", "GraphCut", "RandomWalker", "RegionGrowing", "BASELINES", "TUNING_GRIDS", "make_baseline",
            "tune"]
@@ -43,10 +43,10 @@ def _box_array(boxes, shape, points=None, spacing=None, prev_mask=None) -> np.nd
     if boxes is None or len(boxes) == 0:
         pts = np.asarray(points if points is not None else np.zeros((0, 3)), dtype=np.float64).reshape(-1, 3)
         los, his = list(pts), list(pts)
-        if prev_mask is not None and np.any(prev_mask):
-            nz = [np.flatnonzero(np.any(prev_mask, axis=tuple(j for j in range(3) if j != ax))) for ax in range(3)]
-            los.append(np.array([n[0] for n in nz], float))
-            his.append(np.array([n[-1] for n in nz], float))
+        bb = mask_bbox(prev_mask) if prev_mask is not None else None
+        if bb is not None:
+            los.append(bb[0::2].astype(float))
+            his.append(bb[1::2].astype(float))
         if not los:
             return np.array([0, shape[0] - 1, 0, shape[1] - 1, 0, shape[2] - 1], dtype=np.int64)
         grow = np.ceil(CLICK_VIEW_MM / np.asarray(spacing if spacing is not None else np.ones(3), float))

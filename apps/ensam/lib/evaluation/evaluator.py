@@ -167,19 +167,14 @@ def load_dataset(data_dir, cases: Optional[Sequence[str]] = None) -> List[Case]:
 
 
 def _load(case: Case):
-    import nibabel as nib
+    """(image, affine, int32 labels) of a case, read by THE volume loader (``lib.io.volumes.load_volume``)."""
+    from ..io.volumes import load_volume
 
-    im = nib.load(str(case.image))
-    lb = nib.load(str(case.label))
-    image = np.asanyarray(im.dataobj)
-    labels = np.asanyarray(lb.dataobj).astype(np.int32)
-    if image.ndim == 4 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if labels.ndim == 4 and labels.shape[-1] == 1:
-        labels = labels[..., 0]
-    if image.shape != labels.shape:
-        raise ValueError(f"{case.name}: image {image.shape} and label {labels.shape} differ")
-    return image, np.asarray(im.affine, dtype=np.float64), labels
+    im = load_volume(str(case.image))
+    labels = load_volume(str(case.label)).array.astype(np.int32)
+    if im.array.shape != labels.shape:
+        raise ValueError(f"{case.name}: image {im.array.shape} and label {labels.shape} differ")
+    return im.array, im.affine, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------

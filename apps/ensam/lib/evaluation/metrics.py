@@ -24,23 +24,19 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..prompts.simulation import mask_bbox
+from ..geometry import mask_bbox, spacing_from_affine  # THE ones (spacing_from_affine re-exported)
 
 __all__ = ["dice", "surface_dice", "protocol_nsd", "auc", "spacing_from_affine"]
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
 
-def spacing_from_affine(affine) -> np.ndarray:
-    """Voxel size in mm along i, j, k: the column norms of ``affine[:3, :3]``."""
-    a = np.asarray(affine, dtype=np.float64)
-    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
-
-
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice similarity coefficient ``2|P & G| / (|P| + |G|)``; 1.0 when both are empty."""
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
+    """THE Dice similarity coefficient ``2|P & G| / (|P| + |G|)`` of two masks (non-zero = inside); 1.0 when both
+    are empty; ValueError when the shapes differ. Used by evaluation, training validation and active learning."""
+    p, g = np.asarray(pred), np.asarray(gt)
+    p = p if p.dtype == bool else p != 0
+    g = g if g.dtype == bool else g != 0
     if p.shape != g.shape:
         raise ValueError(f"shape mismatch {p.shape} vs {g.shape}")
     denom = int(p.sum()) + int(g.sum())

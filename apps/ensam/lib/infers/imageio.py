@@ -14,87 +14,12 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass
-class Volume:
-    """A 3D image as stored: ``array[i, j, k]``, ``affine`` (RAS), and where it came from."""
-
-    array: np.ndarray
-    affine: np.ndarray
-    path: str = ""
-    header: Any = field(default=None, repr=False)  # nibabel header when the source is NIfTI
-    key: str = ""  # identity of the file content (path + mtime + size), used as the engine's cache key
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
-
-
-def is_nifti(path: str) -> bool:
-    p = path.lower()
-    return p.endswith(".nii") or p.endswith(".nii.gz")
-
-
-def file_key(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.path.realpath(path)}|{st.st_mtime_ns}|{st.st_size}"
-
-
-def _squeeze_to_3d(arr: np.ndarray, path: str) -> np.ndarray:
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 4:  # a 4D series: use its first volume, as the viewers show it first
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise ValueError(f"{os.path.basename(path)}: expected a 3D volume, got an array of shape {arr.shape}")
-    return arr
-
-
-def _sitk_affine(img) -> np.ndarray:
-    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * spacing[None, :]
-    lps[:3, 3] = np.asarray(img.GetOrigin(), dtype=np.float64)
-    return _LPS_RAS @ lps
-
-
-def load_volume(path: str) -> Volume:
-    """Load a 3D volume (NIfTI, NRRD, MHA, ... or a DICOM series folder) without reorienting it."""
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path!r}")
-    key = file_key(path)
-    if is_nifti(path):
-        import nibabel as nib
-
-        img = nib.load(path)
-        arr = _squeeze_to_3d(np.asanyarray(img.dataobj), path)  # scl_slope/scl_inter applied by nibabel
-        return Volume(np.asarray(arr), np.asarray(img.affine, dtype=np.float64), path, img.header, key)
-
-    import SimpleITK as sitk
-
-    if os.path.isdir(path):
-        reader = sitk.ImageSeriesReader()
-        files = reader.GetGDCMSeriesFileNames(path)
-        if not files:
-            raise ValueError(f"no DICOM series found in folder {path!r}")
-        reader.SetFileNames(files)
-        img = reader.Execute()
-    else:
-        img = sitk.ReadImage(path)
-    if img.GetDimension() != 3:
-        raise ValueError(f"{os.path.basename(path)}: expected a 3D volume, got {img.GetDimension()}D")
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{os.path.basename(path)}: multi-component (e.g. RGB) images are not supported")
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # sitk gives [k, j, i]
-    return Volume(np.ascontiguousarray(arr), _sitk_affine(img), path, None, key)
+from ..geometry import spacing_from_affine
+from ..io.volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
 
 
 def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**30) -> Tuple[int, int, int]:
@@ -285,8 +210,7 @@ def write_mask(
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     lps = _LPS_RAS @ np.asarray(reference.affine, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    spacing[spacing == 0] = 1.0
+    spacing = spacing_from_affine(lps)
     img.SetSpacing([float(s) for s in spacing])
     img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()])
     img.SetOrigin([float(v) for v in lps[:3, 3]])

@@ -43,6 +43,9 @@ FALSE_WORDS = {"0", "false", "no", "off", "n", "f", "", "none", "null"}
 
 
 def parse_bool(value: Any, name: str = "flag", default: bool = False) -> bool:
+    """THE boolean of a request or config value (infer, train, scoring, ``--conf``): bools, numbers, the words in
+    ``TRUE_WORDS`` / ``FALSE_WORDS`` (any case), a list's first item; None -> ``default``. Anything else (a typo
+    like ``"flase"``) is a ``RequestError`` (400) naming ``name``, never a silent False."""
     if value is None:
         return default
     if isinstance(value, bool):

@@ -27,6 +27,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from ..geometry import mask_bbox  # THE bounding box (re-exported: lib.prompts.mask_bbox)
+
 try:  # cc3d is a hard dependency of the app; the fallback only keeps imports alive in odd environments
     import cc3d
 except ImportError:  # pragma: no cover
@@ -42,30 +44,6 @@ def _as_rng(rng: RngLike) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(rng)
-
-
-def mask_bbox(mask: np.ndarray) -> Optional[np.ndarray]:
-    """Inclusive bounding box of the non-zero voxels of a 3D array.
-
-    Args:
-        mask: ``(X, Y, Z)`` array, any dtype; non-zero = inside.
-
-    Returns:
-        ``int64`` array ``[i0, i1, j0, j1, k0, k1]`` (inclusive), or ``None`` when the mask is empty.
-    """
-    m = np.asarray(mask)
-    if m.ndim != 3:
-        raise ValueError(f"mask must be 3D (X, Y, Z), got shape {m.shape}")
-    out = np.zeros(6, dtype=np.int64)
-    nz = m != 0
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(np.any(nz, axis=others))
-        if hit.size == 0:
-            return None
-        out[2 * axis] = hit[0]
-        out[2 * axis + 1] = hit[-1]
-    return out
 
 
 def box_from_mask(mask: np.ndarray, jitter: int = 3, rng: RngLike = None) -> np.ndarray:

@@ -29,7 +29,7 @@ def box_dsc(weights: Optional[str], cases: List[dict], jitter: int, seed: int, d
     from lib.engine import EnsamEngine
     from lib.prompts.simulation import box_from_mask
 
-    from lib.activelearning.features import dice
+    from lib.evaluation.metrics import dice
 
     eng = EnsamEngine(weights=weights, device=device)
     out = {}

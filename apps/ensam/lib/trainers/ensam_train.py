@@ -43,6 +43,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.contract import read_contract
 from lib.infers.label_vocab import atomic_write_json, canonical, extend_vocab, load_vocab, output_ids
+from lib.infers.request_parsing import parse_bool
 from lib.weights import load_artefact, read_meta, save_artefact
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,6 @@ logger = logging.getLogger(__name__)
 
 def _first(v: Any) -> Any:
     return v[0] if isinstance(v, (list, tuple)) and v else v
-
-
-def _as_bool(v: Any) -> bool:
-    v = _first(v)
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
 
 
 def _process_alive(pid: int) -> bool:
@@ -189,13 +183,13 @@ class EnsamTrain(TrainTask):
         out["optimizer"] = str(_first(req.get("optimizer")) or "muon").lower()
         if out["optimizer"] not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
-        out["concept"] = _as_bool(req.get("concept", True))
+        out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         labels = req.get("labels") or ""
         if isinstance(labels, str):
             labels = [s.strip() for s in labels.split(",") if s.strip()]
         out["labels"] = [str(s) for s in labels]
-        out["pretrained"] = _as_bool(req.get("pretrained", True))
-        out["multi_gpu"] = _as_bool(req.get("multi_gpu", False))
+        out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)
+        out["multi_gpu"] = parse_bool(req.get("multi_gpu", False), "multi_gpu")
         out["gpus"] = str(_first(req.get("gpus")) or "all")
         try:
             out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)))

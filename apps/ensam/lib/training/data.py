@@ -39,6 +39,7 @@ try:
 except ImportError:  # pragma: no cover
     cc3d = None
 
+from ..geometry import spacing_from_affine
 from ..labels import label_id as vocab_id
 
 __all__ = ["Volume", "Sample", "load_volumes", "ObjectSampler", "augment", "SOURCE_WEIGHTS", "DEFAULT_HOLDOUT",
@@ -76,8 +77,7 @@ class Volume:
 
     @property
     def spacing(self) -> np.ndarray:
-        sp = np.linalg.norm(np.asarray(self.affine, float)[:3, :3], axis=0)
-        return np.where(sp > 0, sp, 1.0)
+        return spacing_from_affine(self.affine)
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _body_mask(image: np.ndarray, modality: str) -> np.ndarray:
 def load_volumes(root: str | os.PathLike = TRAIN_ROOT, with_body: bool = True, seed: int = 0) -> List[Volume]:
     """Volumes listed in ``<root>/dataset.json`` (``training`` entries; ``image`` / ``label`` / ``modality`` /
     ``labels``). Never reads an evaluation folder."""
-    import nibabel as nib
+    from ..io.volumes import load_volume  # THE volume loader
 
     root = Path(root)
     _check_not_eval(root)
@@ -124,13 +124,12 @@ def load_volumes(root: str | os.PathLike = TRAIN_ROOT, with_body: bool = True, s
     for entry in meta.get("training", []):
         ipath = root / entry["image"]
         _check_not_eval(ipath)
-        img = nib.load(str(ipath))
-        image = np.asarray(img.dataobj, dtype=np.float32)
+        img = load_volume(str(ipath), dtype=np.float32)
         labels = None
         if entry.get("label"):
-            labels = np.asarray(nib.load(str(root / entry["label"])).dataobj).astype(np.int16)
+            labels = load_volume(str(root / entry["label"])).array.astype(np.int16)
         names = {int(k): str(v) for k, v in (entry.get("labels") or {}).items()}
-        vol = make_volume(Path(entry["image"]).name.split(".")[0], image, np.asarray(img.affine, float), labels,
+        vol = make_volume(Path(entry["image"]).name.split(".")[0], img.array, img.affine, labels,
                           names, entry.get("modality", ""), with_body=with_body, rng=rng)
         out.append(vol)
     return out

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..contract import Contract
 from ..engine import bf16_ok
+from ..evaluation.metrics import dice as dice_np  # THE Dice, under its old name here
 from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
                         normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
@@ -89,12 +90,6 @@ class Case:
     name: str = ""
     seed: int = 0                       # for deterministic click tie-breaking in validation
     prev: Optional[np.ndarray] = None   # (D, H, W) bool previous mask at step 0 (refinement cases)
-
-
-def dice_np(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
 def _fg_click(mask: np.ndarray, rng) -> np.ndarray:
