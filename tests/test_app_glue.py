@@ -425,3 +425,16 @@ def test_flip_disagreement():
     assert disagreement(masks) == 0.0  # a flip-equivariant predictor agrees with itself
     assert disagreement([masks[0], ~masks[0]]) == 1.0
     assert disagreement([np.zeros((2, 2, 2), bool)] * 4) == 1.0  # found nothing: not "confident"
+
+
+def test_monailabel_patches_name_the_version_they_were_written_for(caplog):
+    import monailabel
+
+    from lib import monailabel_patches as mp
+
+    assert mp.WRITTEN_FOR == "0.8.5" and mp.check_version(mp.WRITTEN_FOR)
+    assert mp.check_version() == (monailabel.__version__ == mp.WRITTEN_FOR)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ensam.monailabel_patches"):
+        assert not mp.check_version("0.9.0")
+    assert "0.8.5" in caplog.text and "0.9.0" in caplog.text and "monailabel_patches" in caplog.text

@@ -16,7 +16,6 @@ import sys
 from typing import Any, Dict
 
 from fastapi import HTTPException
-from dicomweb_client.api import DICOMwebClient
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
@@ -35,6 +34,7 @@ _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # lib.* is imported lazily later (engine, training): keep the app folder importable
     sys.path.insert(0, _APP_DIR)
 
+from lib import monailabel_patches  # noqa: E402  (every patch of monailabel internals: see its docstring)
 from lib.background import yield_to_interactive  # noqa: E402
 from lib.configs.ensam import EnsamConfig  # noqa: E402
 from lib.infers.batch import EnsamBatchInfer  # noqa: E402
@@ -47,7 +47,8 @@ DCMQI_TOOL = "itkimage2segimage"  # monailabel looks for it on PATH, which inclu
 
 
 class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
-    """monailabel's DICOMweb datastore whose final labels become DICOM SEG without dcmqi when it is missing.
+    """monailabel's DICOMweb datastore whose final labels become DICOM SEG without dcmqi when it is missing (the
+    created datastore's class is swapped to this one by ``lib.monailabel_patches.patch_dicomweb_datastore``).
 
     monailabel 0.8.5 converts a saved ``final`` label to DICOM SEG with dcmqi's ``itkimage2segimage`` only (it has
     no setting to choose its pydicom-seg writer); offline, dcmqi cannot be downloaded and every ``PUT
@@ -97,27 +98,10 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
                 os.unlink(converted)
 
 
-AS_STORED = (("application/dicom", "*"),)
-
-
-def retrieve_series_as_stored(client) -> None:
-    """Make ``client.retrieve_series`` ask for the series in its stored transfer syntax.
-
-    dicomweb-client asks for uncompressed DICOM by default, so the PACS has to transcode. Orthanc 1.10.1 with
-    orthanc-gdcm 1.5 (Debian 12) crashes while transcoding JPEG 2000 frames (a segfault in GDCM, intermittent,
-    seen in test runs). monailabel reads the downloaded series with SimpleITK, whose GDCM decodes every common
-    compression, so the server never needs to transcode."""
-    original = client.retrieve_series
-
-    def retrieve_series(study_instance_uid, series_instance_uid, media_types=None, **kwargs):
-        return original(study_instance_uid, series_instance_uid, media_types=media_types or AS_STORED, **kwargs)
-
-    client.retrieve_series = retrieve_series
-
-
 class EnsamApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         yield_to_interactive()  # scoring / batch inference / training processes: interactive requests first
+        monailabel_patches.check_version()
         conf = dict(conf or {})
         self.model_dir = os.path.join(app_dir, "model")
         names = [n.strip() for n in conf.get("models", "ensam").split(",") if n.strip()]
@@ -178,40 +162,21 @@ class EnsamApp(MONAILabelApp):
         written atomically: a crash never leaves a truncated label or index); DICOMweb etc. as monailabel does."""
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        from monailabel.config import settings
-
-        from lib.datastore import AtomicLocalDatastore
-
-        return AtomicLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                                    auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                    read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        return monailabel_patches.local_datastore(self.studies)
 
     def _init_dicomweb_datastore(self):
-        ds = super()._init_dicomweb_datastore()
-        if type(ds) is DICOMWebDatastore:
-            # same object and state, one overridden method (see the class); re-creating the datastore instead
-            # would start a second file watcher on its cache folder
-            ds.__class__ = DICOMwebDatastoreWithPydicomSeg
-        if isinstance(getattr(ds, "_client", None), DICOMwebClient):
-            retrieve_series_as_stored(ds._client)
-        return ds
+        return monailabel_patches.patch_dicomweb_datastore(super()._init_dicomweb_datastore(),
+                                                           DICOMwebDatastoreWithPydicomSeg)
 
     def _download_dcmqi_tools(self):
         """monailabel fetches dcmqi (DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
         fails to start without internet access. ensam needs none of it: saved labels and ``output=dicom_seg``
         results are written with pydicom-seg (``lib.infers.dicom_seg``)."""
-        try:
-            super()._download_dcmqi_tools()
-        except Exception as e:  # noqa: BLE001 - offline, proxy, ...
-            logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
-                           f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
+        monailabel_patches.download_dcmqi_tools_or_warn(super()._download_dcmqi_tools)
 
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as
         subprocesses) rewrote a local datastore's file: cheap (one stat) and keeps this process from writing
         back a stale copy when datastore auto-reload is off."""
-        ds = self._datastore
-        reload = getattr(ds, "_init_from_datastore_file", None)
-        if isinstance(ds, LocalDatastore) and callable(reload):
-            reload()
-        return ds
+        monailabel_patches.reload_local_datastore(self._datastore)
+        return self._datastore

@@ -36,7 +36,8 @@ PYTHONPATH (the Makefile's ``serve`` target does both).
 
 Loading rule: monailabel's app loader unloads every ``lib.*`` module before it executes ``main.py``, so this module
 is imported once by uvicorn and then dropped from ``sys.modules`` while its objects stay alive. It therefore
-imports nothing from ``lib`` at import time (the request handlers import the few helpers they need when they run,
+imports nothing from ``lib`` at import time but ``lib.monailabel_patches`` (stateless: every patch of monailabel's
+internals, with the monailabel version check) (the request handlers import the few helpers they need when they run,
 and so get the app's own modules): errors are recognised by module and class name, never by class identity (the
 classes are re-created by the loader).
 """
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mimetypes
 import os
 import pathlib
 import shutil
@@ -53,7 +53,6 @@ import tempfile
 from fnmatch import fnmatch
 from typing import Any, Dict, Optional
 
-import monailabel.endpoints
 import requests
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -72,14 +71,17 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 
+# every monailabel internal that ensam patches is reached from this one module (stateless: safe to import here)
+from lib.monailabel_patches import (OHIF_DIR, add_middleware_once, check_version, install_token_check, ohif_file,
+                                    put_exception_handler, put_routes_first)
+
 logger = logging.getLogger("ensam.server")
 
-__all__ = ["app", "RequestGuard", "add_image_checked", "batch_infer_checked", "delete_model_checked",
+__all__ = ["app", "OHIF_DIR", "RequestGuard", "add_image_checked", "batch_infer_checked", "delete_model_checked",
            "dicomweb_qido", "dicomweb_wado", "http_error_for", "id_problem", "next_sample_checked", "ohif_file",
            "save_label_checked", "scoring_checked", "train_checked", "update_model_checked"]
 
-OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
-mimetypes.add_type("application/wasm", ".wasm")
+check_version()  # a warning naming the monailabel version the patches were written for, when another is installed
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -200,9 +202,7 @@ def token_user(token: str):
                 roles=roles)
 
 
-import monailabel.endpoints.user.auth as _ml_auth  # noqa: E402
-
-_ml_auth.from_token = token_user
+install_token_check(token_user)
 
 
 # ---------------------------------------------------------------------------------------------------- ids
@@ -809,19 +809,6 @@ async def batch_infer_checked(
         _raise_for(e, f"batch inference ({model})")
 
 
-def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    """The bundled OHIF viewer's files. monailabel 0.8.5 joins nested paths with ``os.pathsep`` (':'), so every
-    ``/ohif/assets/...`` file came back as index.html; this serves them (index.html for the app's own routes)."""
-    base = os.path.realpath(OHIF_DIR)
-    file = os.path.realpath(os.path.join(base, path)) if path else ""
-    if not file.startswith(base + os.sep) or not os.path.isfile(file):
-        file = os.path.join(base, "index.html")
-    if not os.path.isfile(file):
-        raise HTTPException(status_code=404, detail="OHIF is not bundled with this monailabel installation")
-    media_type = mimetypes.guess_type(file, strict=False)[0] or "application/octet-stream"
-    return FileResponse(file, media_type=media_type)
-
-
 _FORWARDED_REQUEST_HEADERS = ("accept",)
 _RETURNED_HEADERS = ("content-type", "content-location", "warning")
 
@@ -946,11 +933,6 @@ _routes = [
 ]
 _routes += [APIRoute(f"{_API}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],
                      include_in_schema=False) for op, endpoint in (("wado", dicomweb_wado), ("qido", dicomweb_qido))]
-for _r in reversed(_routes):  # first in the router: they shadow monailabel's routes for the same paths
-    if not any(getattr(r, "endpoint", None) is _r.endpoint and getattr(r, "path", None) == _r.path
-               for r in app.router.routes):
-        app.router.routes.insert(0, _r)
-
-if not any(m.cls is RequestGuard for m in app.user_middleware):
-    app.user_middleware.append(Middleware(RequestGuard))  # after CORS in the list = inside it
-app.add_exception_handler(MONAILabelException, monailabel_exception_handler)
+put_routes_first(app, _routes)  # they shadow monailabel's routes for the same paths
+add_middleware_once(app, Middleware(RequestGuard))
+put_exception_handler(app, MONAILabelException, monailabel_exception_handler)

@@ -1,0 +1,182 @@
+"""Every place where ensam reaches into monailabel's internals, in ONE module (written for monailabel 0.8.5).
+
+monailabel has no plug-in points for these; each one relies on a private name or on the shape of its FastAPI app,
+so a new monailabel may break them. :func:`check_version` (called when ``lib.server`` and ``main`` are imported)
+warns, naming :data:`WRITTEN_FOR`, when the installed monailabel is another version: read this list then.
+
+What is patched, and why:
+
+1. Routes put FIRST in monailabel's router (:func:`put_routes_first`, from ``lib.server``): they shadow
+   monailabel's routes for the same paths. ``POST /infer/{model}`` (monailabel's is ``async`` and runs the
+   inference on the event loop: one click froze the whole server), train / batch / scoring / active learning /
+   datastore / model / session routes (requests checked first: 4xx with the reason instead of a 500 or a silently
+   failed job), the DICOMweb proxy GETs (monailabel's drops the client's ``Accept`` header and query string, and
+   Orthanc + GDCM then crashes transcoding JPEG 2000) and the bundled OHIF files (below).
+2. Request guard middleware and the ``MONAILabelException`` handler added to monailabel's app
+   (:func:`add_middleware_once`, :func:`put_exception_handler`): path-like ids and oversized bodies are refused
+   before any route runs; monailabel's own errors become 4xx JSON.
+3. OHIF file serving (:func:`ohif_file`, :data:`OHIF_DIR`, from monailabel's package folder): monailabel 0.8.5
+   joins nested paths with ``os.pathsep`` (':'), so every ``/ohif/assets/...`` file came back as index.html.
+4. The token check (:func:`install_token_check`): ``monailabel.endpoints.user.auth.from_token`` replaced by
+   ``lib.server.token_user`` (asymmetric algorithms only, realm ``public_key`` or JWKS, expiry required).
+5. The local datastore class (:func:`local_datastore`): ``lib.datastore.AtomicLocalDatastore`` instead of
+   ``LocalDatastore`` (it overrides the private ``_update_datastore_file`` and the copy steps of ``add_image`` /
+   ``save_label``: a kill never leaves a truncated label or index), and :func:`reload_local_datastore` (the
+   private ``_init_from_datastore_file``, so that a process does not write back a stale index another process
+   rewrote).
+6. The DICOMweb datastore (:func:`patch_dicomweb_datastore`, from ``main.EnsamApp._init_dicomweb_datastore``):
+   the created object's class swapped to ``main.DICOMwebDatastoreWithPydicomSeg`` (same object and state: a
+   second datastore would start a second file watcher; saved ``final`` labels become DICOM SEG with pydicom-seg
+   when dcmqi is missing, and the cached ``get_labeled_images`` is cleared), and its private ``_client``'s
+   ``retrieve_series`` asked for the stored transfer syntax (:func:`retrieve_series_as_stored`).
+7. ``MONAILabelApp._download_dcmqi_tools`` (private) may fail offline without stopping the app
+   (:func:`download_dcmqi_tools_or_warn`): ensam writes DICOM SEG with pydicom-seg and never needs dcmqi.
+
+Loading rule: monailabel's app loader drops every ``lib.*`` module before it runs ``main.py`` (see ``lib.server``);
+this module holds no state and no class whose identity is compared, so the two copies that then exist (the one
+``lib.server`` imported, the one ``main`` imports) do the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+from typing import Any, Callable, Iterable
+
+import monailabel
+import monailabel.endpoints
+from fastapi import Depends, HTTPException
+from fastapi.responses import FileResponse
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+
+logger = logging.getLogger("ensam.monailabel_patches")
+
+WRITTEN_FOR = "0.8.5"
+
+__all__ = ["WRITTEN_FOR", "check_version", "put_routes_first", "add_middleware_once", "put_exception_handler",
+           "OHIF_DIR", "ohif_file", "install_token_check", "local_datastore", "reload_local_datastore",
+           "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn"]
+
+
+def check_version(installed: str = "") -> bool:
+    """True when the installed monailabel is the version these patches were written for; otherwise a warning that
+    names both versions and this module (the patches still run: they may or may not fit)."""
+    installed = installed or str(getattr(monailabel, "__version__", "unknown"))
+    if installed.split("+")[0] == WRITTEN_FOR:
+        return True
+    logger.warning(f"ensam patches monailabel internals written for monailabel {WRITTEN_FOR}, but monailabel "
+                   f"{installed} is installed: check every patch listed in lib/monailabel_patches.py (routes, "
+                   f"token check, datastores, OHIF files) before relying on this server")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- 1, 2: the app
+def put_routes_first(app, routes: Iterable[Any]) -> None:
+    """Insert ``routes`` at the head of ``app.router.routes`` in their order (once: a route with the same endpoint
+    and path already there is not added again), so they shadow monailabel's routes for the same paths."""
+    for r in reversed(list(routes)):
+        if not any(getattr(x, "endpoint", None) is r.endpoint and getattr(x, "path", None) == r.path
+                   for x in app.router.routes):
+            app.router.routes.insert(0, r)
+
+
+def add_middleware_once(app, middleware) -> None:
+    """Append a ``starlette.middleware.Middleware`` to ``app.user_middleware`` unless one of its class is there
+    (after CORS in the list = inside it)."""
+    if not any(m.cls is middleware.cls for m in app.user_middleware):
+        app.user_middleware.append(middleware)
+
+
+def put_exception_handler(app, exc_class, handler: Callable) -> None:
+    app.add_exception_handler(exc_class, handler)
+
+
+# ---------------------------------------------------------------------------------------------- 3: OHIF files
+OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__file__)), "static", "ohif")
+mimetypes.add_type("application/wasm", ".wasm")
+
+
+def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    """The bundled OHIF viewer's files. monailabel 0.8.5 joins nested paths with ``os.pathsep`` (':'), so every
+    ``/ohif/assets/...`` file came back as index.html; this serves them (index.html for the app's own routes)."""
+    base = os.path.realpath(OHIF_DIR)
+    file = os.path.realpath(os.path.join(base, path)) if path else ""
+    if not file.startswith(base + os.sep) or not os.path.isfile(file):
+        file = os.path.join(base, "index.html")
+    if not os.path.isfile(file):
+        raise HTTPException(status_code=404, detail="OHIF is not bundled with this monailabel installation")
+    media_type = mimetypes.guess_type(file, strict=False)[0] or "application/octet-stream"
+    return FileResponse(file, media_type=media_type)
+
+
+# ---------------------------------------------------------------------------------------------- 4: token check
+def install_token_check(token_user: Callable) -> None:
+    """monailabel's bearer-token check (``monailabel.endpoints.user.auth.from_token``, read by its ``get_current_user``
+    at each request) replaced by ``token_user`` (same contract: token -> ``User``, ``jwt.InvalidTokenError``)."""
+    import monailabel.endpoints.user.auth as ml_auth
+
+    ml_auth.from_token = token_user
+
+
+# ---------------------------------------------------------------------------------------------- 5: local datastore
+def local_datastore(studies: str):
+    """``lib.datastore.AtomicLocalDatastore`` for a local studies folder, with monailabel's datastore settings."""
+    from lib.datastore import AtomicLocalDatastore
+
+    return AtomicLocalDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+
+def reload_local_datastore(ds) -> None:
+    """Re-read a local datastore's index if another process rewrote it (cheap: one stat)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    reload = getattr(ds, "_init_from_datastore_file", None)
+    if isinstance(ds, LocalDatastore) and callable(reload):
+        reload()
+
+
+# ---------------------------------------------------------------------------------------------- 6, 7: DICOMweb
+AS_STORED = (("application/dicom", "*"),)
+
+
+def retrieve_series_as_stored(client) -> None:
+    """Make ``client.retrieve_series`` ask for the series in its stored transfer syntax.
+
+    dicomweb-client asks for uncompressed DICOM by default, so the PACS has to transcode. Orthanc 1.10.1 with
+    orthanc-gdcm 1.5 (Debian 12) crashes while transcoding JPEG 2000 frames (a segfault in GDCM, intermittent,
+    seen in test runs). monailabel reads the downloaded series with SimpleITK, whose GDCM decodes every common
+    compression, so the server never needs to transcode."""
+    original = client.retrieve_series
+
+    def retrieve_series(study_instance_uid, series_instance_uid, media_types=None, **kwargs):
+        return original(study_instance_uid, series_instance_uid, media_types=media_types or AS_STORED, **kwargs)
+
+    client.retrieve_series = retrieve_series
+
+
+def patch_dicomweb_datastore(ds, cls):
+    """monailabel's DICOMweb datastore ``ds`` becomes an instance of its subclass ``cls`` (same object and state, one
+    overridden method; re-creating the datastore would start a second file watcher on its cache folder), and its
+    DICOMweb client retrieves series as stored. Returns ``ds``."""
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    if type(ds) is DICOMWebDatastore:
+        ds.__class__ = cls
+    if isinstance(getattr(ds, "_client", None), DICOMwebClient):
+        retrieve_series_as_stored(ds._client)
+    return ds
+
+
+def download_dcmqi_tools_or_warn(download: Callable[[], Any]) -> None:
+    """Run monailabel's dcmqi download (``MONAILabelApp._download_dcmqi_tools``); a failure (offline, proxy) is a
+    warning: saved labels and ``output=dicom_seg`` are written as DICOM SEG with pydicom-seg."""
+    try:
+        download()
+    except Exception as e:  # noqa: BLE001 - offline, proxy, ...
+        logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
+                       f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
