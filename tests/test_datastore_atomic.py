@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lib import datastore as D
+from lib.io import atomic
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_crash_during_a_label_save_keeps_the_old_label(store, tmp_path, monkeypa
         dst.write(src.read()[:10])
         raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(D.shutil, "copyfileobj", half_then_die)
+    monkeypatch.setattr(atomic.shutil, "copyfileobj", half_then_die)  # the writer of lib.io.atomic
     with pytest.raises(KeyboardInterrupt):
         store.save_label("img", _label(tmp_path, 2, "b.nii.gz"), "final", {})
     monkeypatch.undo()

@@ -189,16 +189,22 @@ def test_click_start_gives_one_deep_foreground_click_and_never_a_box():
         evaluate_structure(spy, gt, AFF, gt, np.random.default_rng(0), start="lasso")
 
 
-def test_both_starts_are_reported_side_by_side(tmp_path):
+def _one_sphere_dataset(folder, shape, centre, r):
+    """A dataset.json folder with one bright sphere named 'sphere'; returns its ground truth."""
     nib = pytest.importorskip("nibabel")
+    (folder / "im").mkdir()
+    image, gt = _bright_sphere(shape, centre, r)
+    nib.save(nib.Nifti1Image(image, AFF), str(folder / "im" / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(gt.astype(np.uint8), AFF), str(folder / "im" / "a_lab.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({"testing": [
+        {"image": "im/a.nii.gz", "label": "im/a_lab.nii.gz", "labels": {"1": "sphere"}}]}))
+    return gt
+
+
+def test_both_starts_are_reported_side_by_side(tmp_path):
     from lib.evaluation.evaluator import evaluate, results_markdown
 
-    (tmp_path / "im").mkdir()
-    image, gt = _bright_sphere((28, 26, 20), (14, 13, 10), 6)
-    nib.save(nib.Nifti1Image(image, AFF), str(tmp_path / "im" / "a.nii.gz"))
-    nib.save(nib.Nifti1Image(gt.astype(np.uint8), AFF), str(tmp_path / "im" / "a_lab.nii.gz"))
-    (tmp_path / "dataset.json").write_text(json.dumps({"testing": [
-        {"image": "im/a.nii.gz", "label": "im/a_lab.nii.gz", "labels": {"1": "sphere"}}]}))
+    _one_sphere_dataset(tmp_path, (28, 26, 20), (14, 13, 10), 6)
     res = evaluate([RegionGrowing()], tmp_path, progress=False, log=lambda m: None, starts=("box", "click"))
     assert set(res["methods"]) == {"region_growing", "region_growing (click start)"}
     assert res["protocol"]["starts"] == ["box", "click"]
@@ -338,15 +344,9 @@ def test_baselines_without_a_box_look_around_the_clicks():
 
 
 def test_diagnostics_on_a_tiny_set(tmp_path):
-    nib = pytest.importorskip("nibabel")
     from lib.evaluation.diagnose import click_effects, grid_ceiling
 
-    (tmp_path / "im").mkdir()
-    image, gt = _bright_sphere((40, 40, 30), (20, 20, 15), 8)
-    nib.save(nib.Nifti1Image(image, AFF), str(tmp_path / "im" / "a.nii.gz"))
-    nib.save(nib.Nifti1Image(gt.astype(np.uint8), AFF), str(tmp_path / "im" / "a_lab.nii.gz"))
-    (tmp_path / "dataset.json").write_text(json.dumps({"testing": [
-        {"image": "im/a.nii.gz", "label": "im/a_lab.nii.gz", "labels": {"1": "sphere"}}]}))
+    gt = _one_sphere_dataset(tmp_path, (40, 40, 30), (20, 20, 15), 8)
     (row,) = grid_ceiling(str(tmp_path))
     assert row[1] == "sphere" and row[3] > 0.95 and row[4] > 0.95  # a sphere fits a 64^3 grid
     effects = click_effects(Spy(gt), str(tmp_path), clicks=3)

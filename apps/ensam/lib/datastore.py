@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -26,63 +24,12 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
+from lib.io.atomic import TMP_SUFFIX, atomic_write_bytes_from, atomic_write_text, pid_alive  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".ensam-tmp"
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_copy(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` so that ``dest`` is always either its old content or all of ``src``."""
-    d = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=d)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(d)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, dest: str) -> None:
-    d = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=d)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(d)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# atomic writes: lib/io/atomic.py (one implementation for the datastore, the weights and the JSON files)
+atomic_copy = atomic_write_bytes_from
 
 
 def remove_dead_temps(root: str) -> int:
@@ -94,7 +41,7 @@ def remove_dead_temps(root: str) -> int:
                 continue
             parts = f.split(".")
             pid = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
-            if pid is not None and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            if pid is not None and pid_alive(int(pid)) and int(pid) != os.getpid():
                 continue
             try:
                 os.remove(os.path.join(d, f))

@@ -33,6 +33,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from .io.atomic import atomic_write_json, fsync_dir, pid_alive
+
 FORMAT = "ensam-weights/1"
 FORMAT_FAMILY = "ensam-weights/"
 
@@ -212,29 +214,6 @@ def _plain(meta: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(meta, default=str))
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(d: str, name: str) -> None:
     """Temporary files of earlier writers of ``name`` that died before publishing (``.<name>.<pid>.<rand>.tmp``)."""
     prefix = f".{name}."
@@ -242,7 +221,7 @@ def _remove_stale_temps(d: str, name: str) -> None:
         if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue
         pid = entry[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid))):
             continue
         try:
             os.remove(os.path.join(d, entry))
@@ -251,17 +230,7 @@ def _remove_stale_temps(d: str, name: str) -> None:
 
 
 def _atomic_json(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_json(obj, path, suffix=".tmp")
 
 
 def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str, Any]] = None,
@@ -300,7 +269,7 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
         if set(check.state_dict) != set(sd) or check.meta != meta:
             raise WeightsError(f"{tmp}: the written artefact does not read back as written")
         os.replace(tmp, path)
-        _fsync_dir(d)
+        fsync_dir(d)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -12,11 +12,10 @@ uint8 NRRD holds it): ``/info`` lists ``{name: value}`` and a result's ``label_n
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Dict, Optional, Sequence
 
+from lib.io.atomic import atomic_write_json as _atomic_write_json
 from lib.weights import read_meta as _read_weights_meta
 
 
@@ -32,19 +31,8 @@ def read_vocab(weights_path: str) -> Optional[Dict[str, int]]:
 
 
 def atomic_write_json(obj, path: str) -> None:
-    """Write JSON by temporary file + rename: a reader never sees half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".json_", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write JSON by temporary file + rename: a reader never sees half a file (:mod:`lib.io.atomic`)."""
+    _atomic_write_json(obj, path, suffix=".tmp")
 
 
 def builtin_vocab() -> Dict[str, int]:

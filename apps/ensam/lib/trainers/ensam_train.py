@@ -42,6 +42,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.contract import read_contract
+from lib.io.atomic import pid_alive
 from lib.infers.label_vocab import atomic_write_json, canonical, extend_vocab, load_vocab, output_ids
 from lib.infers.request_parsing import parse_bool
 from lib.weights import load_artefact, read_meta, save_artefact
@@ -54,17 +55,7 @@ def _first(v: Any) -> Any:
 
 
 def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is gone too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)
 
 
 def label_names_of(label_info: dict, fallback: Dict[int, str]) -> Dict[str, int]:

@@ -1,0 +1,81 @@
+"""Atomic file writes and the "is that writer still alive" check, for every writer of the app.
+
+A file is written beside its destination under a temporary name (``.<name>.<pid>.<random><suffix>``), flushed and
+fsync'ed, published with one ``os.replace`` and the folder fsync'ed: a reader, or a process killed at any moment,
+sees the old content or the new one, whole. The writer's pid in the temporary name lets a later writer remove the
+temporaries of writers that died (:func:`pid_alive`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+__all__ = ["fsync_dir", "pid_alive", "atomic_write_bytes_from", "atomic_write_text", "atomic_write_json",
+           "TMP_SUFFIX"]
+
+TMP_SUFFIX = ".ensam-tmp"
+
+
+def fsync_dir(d: str) -> None:
+    """fsync a folder (so a rename in it is durable); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _publish(dest: str, write, suffix: str, binary: bool) -> None:
+    d = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.{os.getpid()}.", suffix=suffix, dir=d)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(d)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes_from(src: str, dest: str, suffix: str = TMP_SUFFIX) -> None:
+    """Copy the file ``src`` to ``dest`` atomically."""
+    def write(out):
+        with open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+    _publish(dest, write, suffix, binary=True)
+
+
+def atomic_write_text(text: str, dest: str, suffix: str = TMP_SUFFIX) -> None:
+    _publish(dest, lambda out: out.write(text), suffix, binary=False)
+
+
+def atomic_write_json(obj: Any, dest: str, suffix: str = TMP_SUFFIX) -> None:
+    atomic_write_text(json.dumps(obj, indent=1, default=str), dest, suffix)
