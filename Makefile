@@ -56,7 +56,7 @@ bench: venv
 	$(VPY) -m lib.benchmark
 
 pretrain: venv data
-	$(VPY) -m lib.training.pretrain --config apps/ensam/lib/training/pretrain.yaml
+	$(VPY) -m lib.training.pretrain --config apps/ensam/lib/training/pretrain.yaml --resume
 
 clean:
 	rm -rf $(VENV) sample-datasets/.fetched
