@@ -132,3 +132,14 @@ def test_default_roi_keeps_a_slab_organ_mostly_inside_the_scan():
 
     assert inside_fraction(RoiPolicy()) >= 0.5
     assert inside_fraction(RoiPolicy(max_aspect=2.0)) < 0.35
+
+
+def test_finer_window_is_finer_but_never_below_a_voxel_and_centred():
+    roi = Roi((10, 20, 30), (256, 128, 64), (64, 64, 64))  # 4, 2, 1 original voxels per model voxel
+    w = roi.finer_window((100, 80, 60), 2.0)
+    assert w.model_shape == roi.model_shape and w.size == (128, 64, 64)  # 2, 1, 1 (never below 1) per model voxel
+    np.testing.assert_allclose(roi.finer_voxels(2.0), [2.0, 1.0, 1.0])
+    centre = np.asarray(w.start) + (np.asarray(w.size) - 1) / 2
+    assert np.all(np.abs(centre - [100, 80, 60]) <= 0.5)
+    local = w.shifted((10, 20, 30))
+    assert local.size == w.size and np.array_equal(np.asarray(local.start) + [10, 20, 30], w.start)

@@ -375,7 +375,7 @@ class EnsamEngine:
         st, sz = np.asarray(roi.start), np.asarray(roi.size)
         a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
         region = tuple(slice(int(x), int(y)) for x, y in zip(a, b))
-        local = Roi(tuple(int(x) for x in st - a), roi.size, roi.model_shape)
+        local = roi.shifted(a)
         rshape = tuple(int(x) for x in b - a)
         tp = time.perf_counter()
         new = logits_to_original(logits, local, rshape, threshold=self.config.threshold)
@@ -417,12 +417,17 @@ class EnsamEngine:
         previous mask (fewer windows, the latest click's first); ``changed``: where the coarse decision moved (the
         band is restricted to it). Returns the windows run."""
         cfg = self.config
-        coarse_vox = np.asarray(roi.size, float) / np.asarray(roi.model_shape, float)  # scan voxels per model voxel
         n_max = cfg.refine_windows_click if corrective else cfg.refine_windows
-        if not self.contract.refine or n_max <= 0 or coarse_vox.max() <= cfg.refine_factor or not new.any():
+        if (not self.contract.refine or n_max <= 0 or roi.voxels_per_model_voxel.max() <= cfg.refine_factor
+                or not new.any()):
             return 0
-        fine_vox = np.maximum(coarse_vox / cfg.refine_zoom, 1.0)
-        wsize = np.ceil(fine_vox * np.asarray(roi.model_shape)).astype(int)  # window edge, scan voxels
+        fine_vox = roi.finer_voxels(cfg.refine_zoom)
+        wsize = np.asarray(roi.finer_window(np.zeros(3), cfg.refine_zoom).size)  # window edge, scan voxels
+        reach = wsize / 2 - cfg.refine_margin * fine_vox  # a window's interior, around its centre
+
+        def cover(c) -> np.ndarray:
+            return np.all(np.abs(cand - c) <= reach, axis=1)
+
         band = new.astype(bool) ^ ndimage.binary_erosion(new.astype(bool))
         if changed is not None:  # a corrective step: only where the coarse decision moved
             band &= ndimage.binary_dilation(changed, iterations=2)
@@ -434,18 +439,18 @@ class EnsamEngine:
             cand = cand[:: len(cand) // 20000 + 1]
         covered = np.zeros(len(cand), bool)
         for c in centres:
-            covered |= np.all(np.abs(cand - c) <= wsize / 2 - cfg.refine_margin * fine_vox, axis=1)
+            covered |= cover(c)
         while len(centres) < n_max and len(cand) and not covered.all():
             left = cand[~covered]
             c = left[np.argmin(np.abs(left - left.mean(0)).sum(1))] if not centres else \
                 left[np.argmax(np.min([np.abs(left - c0).max(1) for c0 in centres], axis=0))]
             centres.append(c.astype(float))
-            covered |= np.all(np.abs(cand - c) <= wsize / 2 - cfg.refine_margin * fine_vox, axis=1)
+            covered |= cover(c)
         rshape = np.asarray(new.shape)
         for c in centres:
-            start_r = np.round(c - (wsize - 1) / 2).astype(int)  # region coordinates
-            win = Roi(tuple(int(x) for x in start_r + a), tuple(int(x) for x in wsize), roi.model_shape)
-            win_r = Roi(tuple(int(x) for x in start_r), win.size, roi.model_shape)
+            win = roi.finer_window(c + a, cfg.refine_zoom)
+            win_r = win.shifted(a)  # region coordinates
+            start_r = np.asarray(win_r.start)
             feats, _ = self._encode(image, win, key)
             inside = np.all((pts >= win.start) & (pts <= np.asarray(win.start) + wsize - 1), axis=1)
             pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
@@ -457,7 +462,7 @@ class EnsamEngine:
             if np.any(hi <= lo):
                 continue
             inner = tuple(slice(int(x), int(y)) for x, y in zip(lo, hi))
-            part = Roi(tuple(int(x) for x in start_r - lo), win.size, win.model_shape)
+            part = win_r.shifted(lo)
             new[inner] = logits_to_original(logits, part, tuple(int(x) for x in hi - lo),
                                             threshold=self.config.threshold)
         return len(centres)

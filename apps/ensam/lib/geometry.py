@@ -131,6 +131,27 @@ class Roi:
                 return True
         return False
 
+    @property
+    def voxels_per_model_voxel(self) -> np.ndarray:
+        """Original voxels spanned by one model voxel, per axis (the inverse of :attr:`scale`)."""
+        return np.asarray(self.size, float) / np.asarray(self.model_shape, float)
+
+    def finer_voxels(self, zoom: float) -> np.ndarray:
+        """Original voxels per model voxel of a window ``zoom`` times finer than this ROI (never below 1)."""
+        return np.maximum(self.voxels_per_model_voxel / zoom, 1.0)
+
+    def finer_window(self, centre, zoom: float) -> "Roi":
+        """A window of the same model grid, :meth:`finer_voxels` (``zoom`` times finer than this ROI, never finer
+        than the original voxels), centred on ``centre`` (original voxel coordinates): the native-resolution
+        refinement window of the engine and of training."""
+        size = np.ceil(self.finer_voxels(zoom) * np.asarray(self.model_shape)).astype(int)
+        start = np.round(np.asarray(centre, float) - (size - 1) / 2).astype(int)
+        return Roi(tuple(int(x) for x in start), tuple(int(x) for x in size), self.model_shape)
+
+    def shifted(self, offset) -> "Roi":
+        """The same ROI in coordinates whose origin is ``offset`` (e.g. a sub-region of the image)."""
+        return Roi(tuple(int(x) for x in np.asarray(self.start) - np.asarray(offset)), self.size, self.model_shape)
+
     def enlarged(self, factor: float) -> "Roi":
         """The same centre, ``factor`` times larger along every axis."""
         sz = np.asarray(self.size, float)

@@ -154,8 +154,7 @@ def refine_case(image: np.ndarray, mask: np.ndarray, coarse_roi: Roi, box: np.nd
     the previous mask of a window ``U(cfg.refine_zoom)`` times finer (never finer than the image), centred on a
     random voxel of that coarse mask's boundary; the box stays the prompt. None when the coarse grid is not
     coarser than the image (nothing to refine) or the window misses the object."""
-    coarse_vox = np.asarray(coarse_roi.size, float) / np.asarray(coarse_roi.model_shape, float)
-    if coarse_vox.max() <= 1.5:
+    if coarse_roi.voxels_per_model_voxel.max() <= 1.5:
         return None
     shape = mask.shape
     coarse = logits_to_original(mask_to_model(mask, coarse_roi)[0] - 0.5, coarse_roi, shape).astype(bool)
@@ -167,11 +166,7 @@ def refine_case(image: np.ndarray, mask: np.ndarray, coarse_roi: Roi, box: np.nd
     band = np.argwhere(coarse ^ ndimage.binary_erosion(coarse))
     if not len(band):
         return None
-    fine_vox = np.maximum(coarse_vox / rng.uniform(*cfg.refine_zoom), 1.0)
-    size = np.ceil(fine_vox * np.asarray(coarse_roi.model_shape)).astype(int)
-    centre = band[rng.integers(len(band))]
-    win = Roi(tuple(int(x) for x in np.round(centre - (size - 1) / 2)), tuple(int(x) for x in size),
-              coarse_roi.model_shape)
+    win = coarse_roi.finer_window(band[rng.integers(len(band))], float(rng.uniform(*cfg.refine_zoom)))
     gt = (mask_to_model(mask, win)[0] > 0.5).numpy()
     if gt.sum() < 4 or gt.all():
         return None
