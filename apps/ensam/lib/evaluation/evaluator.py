@@ -464,7 +464,8 @@ def results_markdown(results: dict) -> str:
     for name, m in methods.items():
         for s in m["structures"]:
             rows.setdefault((s["case"], s["label"], s["name"], s["voxels"]), {})[name] = s
-    for title, key in (("step-0 DSC (box, or the first click)", "box_dsc"), ("DSC_AUC", "dsc_auc"), ("final DSC", "final_dsc"),
+    for title, key in (("step-0 DSC (box, or the first click)", "box_dsc"), ("DSC_AUC", "dsc_auc"),
+                       ("final DSC", "final_dsc"),
                        ("final NSD", "final_nsd")):
         lines += ["", f"## Per structure: {title}", "",
                   "| image | id | structure | voxels | " + " | ".join(names) + " |",
