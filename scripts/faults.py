@@ -116,6 +116,18 @@ def _find_training(server_pid: int):
     return pids
 
 
+
+def json_problems(path: str, what: str) -> list:
+    """[] when ``path`` is absent or parses as JSON, else the one problem found."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            json.load(f)
+    except ValueError as e:
+        return [f"{what} does not parse: {e}"]
+    return []
+
 class Rig:
     def __init__(self, work: str, n_images: int):
         self.work = work
@@ -199,13 +211,7 @@ class Rig:
                     if sha(f.read()) not in versions:
                         problems.append(f"label of {image} is none of the uploaded versions "
                                         f"({os.path.getsize(p)} bytes)")
-        index = os.path.join(self.studies, "datastore_v2.json")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    json.load(f)
-            except ValueError as e:
-                problems.append(f"datastore index does not parse: {e}")
+        problems += json_problems(os.path.join(self.studies, "datastore_v2.json"), "datastore index")
         w = os.path.join(self.app_dir, "model", "ensam.pt")
         if os.path.exists(w):
             try:
@@ -307,13 +313,7 @@ def run(kills: int = 100, train_kills: int = 3, n_images: int = 4, seed: int = 0
                     break
                 time.sleep(0.5)
             problems = rig.check_disk() + rig.check_served()
-            stats = os.path.join(rig.app_dir, "model", "train_stats.json")
-            if os.path.exists(stats):
-                try:
-                    with open(stats) as f:
-                        json.load(f)
-                except ValueError as e:
-                    problems.append(f"train_stats.json does not parse: {e}")
+            problems += json_problems(os.path.join(rig.app_dir, "model", "train_stats.json"), "train_stats.json")
             if status in ("RUNNING", "QUEUED"):
                 problems.append(f"the killed training still shows {status}")
             shown = (requests.get(f"{rig.srv.url}/info/", timeout=30).json().get("train_stats") or {}).get("ensam", {})
