@@ -330,12 +330,7 @@ def run(url: str, clients: int = 8, n_images: int = 8, clicks: int = 5, min_requ
         st = os.stat(os.path.join(app_dir, "model", "ensam.pt"))
         published = ("ensam.pt", st.st_mtime_ns)
     records = list(shared.records)
-    # weights_mtime_ns is rounded from a float mtime: compare at microsecond precision
-    for r in records:
-        if r.weights and r.weights[1] is not None:
-            r.weights = (r.weights[0], int(round(r.weights[1] / 1000)))
-    if published:
-        published = (published[0], int(round(published[1] / 1000)))
+    # weights_mtime_ns is the exact st_mtime_ns of the file the engine read: compared as is
     switch = check_switch(records, published if train_body is not None else None)
     summary = summarise(records)
     failed = [r for r in records if r.status != 200]

@@ -198,6 +198,7 @@ class EnsamEngine:
         self.weights = weights
         self._network_config = network_config
         self._mtime = None
+        self.mtime_ns = None  # exact mtime of the weights file read (names the weights in answers)
         self._version = 0
         self._lock = threading.RLock()
         if network is not None:
@@ -207,6 +208,7 @@ class EnsamEngine:
             art = load_artefact(weights) if weights else None  # one read: weights and contract of the same file
             self.network = load_network(art, network_config, self.device)
             self._mtime = art.mtime if art else None
+            self.mtime_ns = art.mtime_ns if art else None
             self.contract = read_contract(art, self.network.config)  # what these weights were trained under
             if contract is not None:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
@@ -250,6 +252,7 @@ class EnsamEngine:
             self.network = load_network(art, self._network_config, self.device)
             self.contract = read_contract(art, self.network.config)
             self._mtime = art.mtime
+            self.mtime_ns = art.mtime_ns
             self.set_network(self.network)
         return True
 

@@ -60,6 +60,11 @@ class Artefact:
     identity: tuple = ()
 
     @property
+    def mtime_ns(self) -> int:
+        """Exact modification time (ns) of the file read; a float ``mtime`` loses the last digits."""
+        return int(self.identity[3]) if len(self.identity) > 3 else int(round(self.mtime * 1e9))
+
+    @property
     def network(self) -> Optional[dict]:
         n = self.meta.get("network")
         return dict(n) if isinstance(n, dict) else None

@@ -58,11 +58,10 @@ class EngineProvider:
         """Name and mtime of the weights: those ``engine`` was built from (what a result was computed with), else
         the newest file on disk."""
         if engine is not None:
-            p, mtime = getattr(engine, "weights", None), getattr(engine, "_mtime", None)
+            p, mtime_ns = getattr(engine, "weights", None), getattr(engine, "mtime_ns", None) or 0
             if not p:
                 return {"weights": None}
-            return {"weights": os.path.basename(p), "weights_mtime": int(mtime or 0),
-                    "weights_mtime_ns": int(round((mtime or 0) * 1e9))}
+            return {"weights": os.path.basename(p), "weights_mtime": mtime_ns // 10**9, "weights_mtime_ns": mtime_ns}
         p = self.weights_path()
         if not p:
             return {"weights": None}
