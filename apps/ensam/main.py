@@ -3,8 +3,9 @@
 Start: ``make serve`` (or ``monailabel start_server --app apps/ensam --studies <folder or DICOMweb URL>
 --conf models ensam --uvicorn_app lib.server:app`` with apps/ensam on PYTHONPATH).
 
-Tasks: infer ``ensam`` (interactive, deepgrow type: clicks, ROI/boxes, previous result, undo) and ``ensam_seg``
-(prompt-free segmentation of the known label names); train ``ensam``; scoring ``novelty`` and ``uncertainty``;
+Tasks: infer ``ensam`` (interactive, deepgrow type: clicks, ROI/boxes, previous result, undo), ``ensam_seg``
+(prompt-free segmentation of the known label names) and ``ensam_scribbles`` (3D Slicer's Scribbles: strokes as
+prompts, with the previous result of ``ensam``'s session); train ``ensam``; scoring ``novelty`` and ``uncertainty``;
 strategies ``first``, ``random``, ``novelty``, ``uncertainty``; batch inference with an optional prompt manifest.
 """
 

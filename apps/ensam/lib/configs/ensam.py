@@ -1,4 +1,5 @@
-"""TaskConfig for ensam: one network, two infer tasks, one train task, two scoring methods, four strategies.
+"""TaskConfig for ensam: one network, three infer tasks (interactive, segmentation, scribbles), one train task,
+two scoring methods, four strategies.
 
 Selected with ``--conf models ensam``. Settings (``--conf key value``):
 
@@ -29,6 +30,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
 from lib.infers import EngineProvider, EnsamInteractive, EnsamSegmentation, SessionStore, VolumeCache
 from lib.infers.request_parsing import parse_bool
+from lib.infers.scribbles import EnsamScribbles
 from lib.trainers import EnsamTrain
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,11 @@ class EnsamConfig(TaskConfig):
         return dict(data.get("network", data))
 
     def infer(self) -> Union[InferTask, Dict[str, InferTask]]:
+        interactive = EnsamInteractive(self.provider, self.volumes, self.sessions)
         return {
-            self.name: EnsamInteractive(self.provider, self.volumes, self.sessions),
+            self.name: interactive,
             f"{self.name}_seg": self.seg_task,
+            f"{self.name}_scribbles": EnsamScribbles(interactive),  # 3D Slicer's Scribbles: strokes as prompts
         }
 
     def trainer(self) -> Optional[TrainTask]:

@@ -1,4 +1,4 @@
-"""Simulated user prompts: a jittered 3D box from a label and the next corrective click.
+"""Simulated user prompts: a jittered 3D box from a label, the next corrective click and the next stroke.
 
 Both functions are pure NumPy/SciPy (plus ``cc3d`` for connected components) and work on arrays indexed
 ``[i, j, k]`` exactly as the image file stores them (see docs/ARCHITECTURE.md, "Conventions").
@@ -22,10 +22,13 @@ component voxel than its projection onto the shell, which is itself background.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+from skimage.morphology import medial_axis
 
 from ..geometry import mask_bbox  # THE bounding box (re-exported: lib.prompts.mask_bbox)
 
@@ -36,7 +39,7 @@ except ImportError:  # pragma: no cover
 
 RngLike = Union[None, int, np.random.Generator]
 
-__all__ = ["mask_bbox", "box_from_mask", "next_click"]
+__all__ = ["mask_bbox", "box_from_mask", "next_click", "next_stroke"]
 
 
 def _as_rng(rng: RngLike) -> np.random.Generator:
@@ -106,6 +109,17 @@ def next_click(
         arrays) and ``is_foreground`` True when ``gt`` is set at the point (the click adds a missed region) and
         False otherwise (the click removes a false positive); ``None`` when prediction and ground truth agree.
     """
+    found = _error_component(pred, gt)
+    if found is None:
+        return None
+    g, comp, origin = found
+    point = _deepest(comp, rng) + origin
+    return point, bool(g[tuple(point)])
+
+
+def _error_component(pred, gt) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(gt as bool, the largest 26-connected component of ``pred XOR gt`` cropped to its bounding box, the crop's
+    origin ``[i, j, k]``), or None when prediction and ground truth agree (``pred`` None = all background)."""
     g = np.asarray(gt) != 0
     if g.ndim != 3:
         raise ValueError(f"gt must be 3D (X, Y, Z), got shape {g.shape}")
@@ -125,12 +139,90 @@ def next_click(
     comp = _largest_component(np.ascontiguousarray(error[sl]))
     cbox = mask_bbox(comp)
     csl = tuple(slice(cbox[2 * a], cbox[2 * a + 1] + 1) for a in range(3))
+    return g, comp[csl], box[0::2] + cbox[0::2]
+
+
+def _deepest(comp: np.ndarray, rng: RngLike) -> np.ndarray:
+    """Index (in ``comp``) of the voxel of ``comp`` farthest from its outside (EDT in voxel units, ties broken with
+    ``rng``); the array border counts as outside (see the module docstring)."""
     # One voxel of zeros around the component's box: every voxel just outside that box is background in the
     # padded image (other error components are not part of the component), so the transform is exact.
-    padded = np.pad(comp[csl], 1, mode="constant", constant_values=False)
+    padded = np.pad(comp, 1, mode="constant", constant_values=False)
     dist = ndimage.distance_transform_edt(padded)
     flat = np.flatnonzero(dist == dist.max())
     pick = flat[0] if flat.size == 1 else flat[_as_rng(rng).integers(flat.size)]
-    local = np.asarray(np.unravel_index(pick, padded.shape), dtype=np.int64) - 1
-    point = local + box[0::2] + cbox[0::2]
-    return point, bool(g[tuple(point)])
+    return np.asarray(np.unravel_index(pick, padded.shape), dtype=np.int64) - 1
+
+
+def next_stroke(
+    pred: np.ndarray, gt: np.ndarray, rng: RngLike = None, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> Optional[Tuple[np.ndarray, bool]]:
+    """The next simulated corrective stroke: a line a user would paint along the middle of the largest error.
+
+    Rule (see the module docstring for steps 1-2):
+
+    1. the largest 26-connected component of ``pred XOR gt`` and its deepest voxel, exactly as :func:`next_click`
+       (same ``rng`` use), which says the stroke's kind: foreground when ``gt`` is set there;
+    2. the stroke is painted in ONE slice through that voxel, as in a 2D view: of the three axis-aligned slices,
+       the one where the component's voxels of that kind, 8-connected to the deepest voxel, cover the largest area
+       (mm², ``spacing``);
+    3. that cross-section's medial axis (``skimage.morphology.medial_axis``: thinning with ``skeletonize`` left 3
+       pixels of a 10 x 10 square) and, of it, the longest path (a user's stroke is one line, not a branched axis): geodesic along the skeleton's 8-neighbour graph
+       (``scipy.sparse.csgraph.dijkstra`` twice: from any voxel to the farthest one, and from there).
+
+    Returns ``(voxels, is_foreground)``: ``voxels`` ``(M, 3)`` int64 ``[i, j, k]`` in painting order (a single
+    voxel for a one-voxel error), or ``None`` when prediction and ground truth agree."""
+    found = _error_component(pred, gt)
+    if found is None:
+        return None
+    g, comp, origin = found
+    deep = _deepest(comp, rng)
+    is_fg = bool(g[tuple(deep + origin)])
+    crop = tuple(slice(int(o), int(o) + n) for o, n in zip(origin, comp.shape))
+    kind = comp & (g[crop] == is_fg)
+    sp = np.asarray(spacing, dtype=float)
+    best = None
+    for axis in range(3):
+        section = np.take(kind, deep[axis], axis=axis)
+        lab, _ = ndimage.label(section, structure=np.ones((3, 3), dtype=bool))
+        piece = lab == lab[tuple(np.delete(deep, axis))]
+        area = float(piece.sum()) * float(np.prod(np.delete(sp, axis)))
+        if best is None or area > best[0]:
+            best = (area, axis, piece)
+    _, axis, piece = best
+    line = medial_axis(np.pad(piece, 1))[1:-1, 1:-1] & piece
+    pix = np.argwhere(line if line.any() else piece)
+    path = _longest_path(pix, np.delete(sp, axis))
+    voxels = np.insert(path, axis, deep[axis], axis=1) + origin
+    return voxels.astype(np.int64), is_fg
+
+
+def _longest_path(pix: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The longest geodesic path (mm) through 8-connected pixels ``pix`` ``(M, 2)``: from the pixel farthest from
+    the first one to the pixel farthest from it (exact on a tree, which a skeleton nearly is)."""
+    if len(pix) <= 1:
+        return pix
+    lo = pix.min(0)
+    q = pix - lo
+    index = -np.ones(tuple(q.max(0) + 1), dtype=np.int64)
+    index[q[:, 0], q[:, 1]] = np.arange(len(q))
+    rows, cols, weights = [], [], []
+    for step in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each neighbour pair once (undirected graph)
+        nb = q + step
+        ok = np.all((nb >= 0) & (nb < index.shape), axis=1)
+        j = np.full(len(q), -1)
+        j[ok] = index[nb[ok, 0], nb[ok, 1]]
+        keep = j >= 0
+        rows.append(np.flatnonzero(keep))
+        cols.append(j[keep])
+        weights.append(np.full(int(keep.sum()), float(np.hypot(*(np.asarray(step) * spacing)))))
+    graph = csr_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
+                       shape=(len(q), len(q)))
+    d0 = dijkstra(graph, directed=False, indices=0)
+    a = int(np.argmax(np.where(np.isfinite(d0), d0, -1)))
+    da, before = dijkstra(graph, directed=False, indices=a, return_predecessors=True)
+    b = int(np.argmax(np.where(np.isfinite(da), da, -1)))
+    order = [b]
+    while order[-1] != a:
+        order.append(int(before[order[-1]]))
+    return pix[order[::-1]]
