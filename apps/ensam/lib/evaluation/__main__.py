@@ -2,6 +2,7 @@
 
     cd /work/main && PYTHONPATH=apps/ensam .venv/bin/python -m lib.evaluation --data sample-datasets/eval \
         --out eval-results [--methods ensam,graphcut,random_walker,region_growing,box_fill] [--max-structures N]
+        [--start box,click] [--corrections clicks,strokes]
 
 Writes ``results.json``, ``results.md`` and ``dsc_vs_step.png`` into ``--out``. ``--tune`` instead grid-searches
 the baselines' parameters on a TRAINING set (see ``lib.evaluation.baselines.tune``) and writes ``tuning.json``.
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--start", default="box",
                     help="start protocols, comma-separated: box (step 0 = box) and/or click (step 0 = one foreground "
                          "click at the label's deepest voxel, no box) (default: %(default)s)")
+    ap.add_argument("--corrections", default="clicks",
+                    help="kinds of corrective step, comma-separated: clicks (deepest voxel of the largest error) "
+                         "and/or strokes (a stroke along that error's medial axis, issue 12; rows named "
+                         "'<method> (strokes)') (default: %(default)s)")
     ap.add_argument("--jitter", type=int, default=3, help="box jitter in voxels (outward, 0..N)")
     ap.add_argument("--ensam-weights", default=None, help="weights for the ensam method (default: model folder)")
     ap.add_argument("--device", default="cpu")
@@ -106,7 +111,8 @@ def main(argv=None) -> int:
         return 2
     results = evaluate(methods, args.data, seed=args.seed, n_clicks=args.clicks, jitter=args.jitter,
                        max_structures=args.max_structures, cases=cases, progress=not args.no_progress,
-                       starts=[x.strip() for x in args.start.split(",") if x.strip()])
+                       starts=[x.strip() for x in args.start.split(",") if x.strip()],
+                       corrections=[x.strip() for x in args.corrections.split(",") if x.strip()])
     results["command"] = " ".join([os.path.basename(sys.executable), "-m", "lib.evaluation"] +
                                   list(argv if argv is not None else sys.argv[1:]))
     paths = write_results(results, args.out)

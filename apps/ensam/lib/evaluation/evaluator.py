@@ -1,4 +1,4 @@
-"""The interactive evaluator: one box, then corrective clicks, for every labelled structure of a dataset.
+"""The interactive evaluator: one box, then corrective clicks (or strokes), for every labelled structure of a dataset.
 
 Protocol (CVPR 2025 "Foundation Models for Interactive 3D Biomedical Image Segmentation", adapted to a full 3D box
 as a Slicer ROI gives it; see /work/shared/notes/model-and-evaluation.md):
@@ -38,11 +38,12 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_c
 
 import numpy as np
 
-from ..prompts.simulation import box_from_mask, next_click
+from ..prompts.simulation import box_from_mask, next_click, next_stroke
+from ..prompts.strokes import prompts_from_masks
 from .metrics import auc, dice, protocol_nsd, spacing_from_affine
 
 __all__ = ["Method", "EnsamMethod", "Case", "load_dataset", "evaluate_structure", "evaluate", "summarize",
-           "write_results", "PROTOCOL", "STARTS", "run_name"]
+           "write_results", "PROTOCOL", "STARTS", "CORRECTIONS", "STROKE_RULE", "run_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,19 @@ PROTOCOL = {
                    "at any step; then the same corrective clicks (method rows named '<method> (click start)')",
 }
 STARTS = ("box", "click")
+CORRECTIONS = ("clicks", "strokes")
+STROKE_RULE = ("a stroke instead of a click (lib.prompts.simulation.next_stroke): the longest path along the medial "
+               "axis of the largest 26-connected error component's cross-section through its deepest voxel (the "
+               "axis-aligned slice where that cross-section is largest in mm2), foreground if gt is set at the "
+               "deepest voxel; every stroke so far becomes foreground/background points by "
+               "lib.prompts.strokes.prompts_from_masks, the conversion the ensam_scribbles server task uses")
 
 
-def run_name(method_name: str, start: str) -> str:
-    """The results key of a method under a start protocol: the plain name for the box start."""
-    return method_name if start == "box" else f"{method_name} (click start)"
+def run_name(method_name: str, start: str, corrections: str = "clicks") -> str:
+    """The results key of a method under a start protocol and a kind of correction: the plain name for the box
+    start with clicks; '(click start)', '(strokes)' or '(click start, strokes)' otherwise."""
+    tags = ([] if start == "box" else ["click start"]) + ([] if corrections == "clicks" else [corrections])
+    return f"{method_name} ({', '.join(tags)})" if tags else method_name
 
 
 @runtime_checkable
@@ -240,13 +249,17 @@ def _structure_seed(seed: int, case_name: str, label_id: int) -> np.random.Gener
 
 def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                        n_clicks: int = 5, jitter: int = 3, tolerance_mm: float = 2.0,
-                       measure_memory: bool = True, start: str = "box") -> dict:
+                       measure_memory: bool = True, start: str = "box", corrections: str = "clicks") -> dict:
     """Run the protocol for one structure. ``gt``: ``(X, Y, Z)`` binary. ``start``: ``"box"`` (step 0 = the
     jittered box, kept at every step) or ``"click"`` (step 0 = one foreground click at the label's deepest voxel,
-    no box at any step). Returns per-step lists (index 0 = the start prompt, 1..n_clicks = clicks) ``dsc``,
-    ``nsd``, ``seconds``, ``peak_mb`` and the summary numbers."""
+    no box at any step). ``corrections``: ``"clicks"`` or ``"strokes"`` (each corrective step paints a stroke,
+    :data:`STROKE_RULE`; the method gets the start prompt plus the points of every stroke so far, in ``points``).
+    Returns per-step lists (index 0 = the start prompt, 1..n_clicks = corrections) ``dsc``, ``nsd``, ``seconds``,
+    ``peak_mb`` and the summary numbers."""
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, not {start!r}")
+    if corrections not in CORRECTIONS:
+        raise ValueError(f"corrections must be one of {CORRECTIONS}, not {corrections!r}")
     gt = np.asarray(gt) != 0
     spacing = spacing_from_affine(affine)
     if hasattr(method, "reset"):
@@ -266,9 +279,13 @@ def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.nda
     rec = {"start": start, "box": None if box is None else box.tolist(), "voxels": int(gt.sum()), "dsc": [],
            "nsd": [], "seconds": [], "peak_mb": [], "cuda_peak_mb": [], "clicks": [], "no_click": [], "errors": [],
            "first_click": None if box is not None else [int(v) for v in points[0]]}
+    if corrections == "strokes":
+        rec.update({"corrections": "strokes", "strokes": []})
+        painted = {True: np.zeros(gt.shape, dtype=bool), False: np.zeros(gt.shape, dtype=bool)}
+        start_points, start_labels = points, plabels
     for step in range(n_clicks + 1):
         if step > 0:
-            click = next_click(pred, gt, rng)
+            click = next_click(pred, gt, rng) if corrections == "clicks" else next_stroke(pred, gt, rng, spacing)
             if click is None:  # perfect already: no click, nothing to run, scores carry over
                 rec["no_click"].append(step)
                 rec["clicks"].append(None)
@@ -279,8 +296,17 @@ def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.nda
                 rec["cuda_peak_mb"].append(None)
                 continue
             pt, is_fg = click
-            points = np.concatenate([points, pt[None].astype(np.int64)])
-            plabels = np.concatenate([plabels, [1 if is_fg else 0]])
+            if corrections == "clicks":
+                points = np.concatenate([points, pt[None].astype(np.int64)])
+                plabels = np.concatenate([plabels, [1 if is_fg else 0]])
+            else:  # every stroke so far -> points, as the server converts a stroke volume
+                painted[is_fg][tuple(pt.T)] = True
+                sp = prompts_from_masks(painted[True], painted[False], spacing)
+                points = np.concatenate([start_points, sp.points])
+                plabels = np.concatenate([start_labels, sp.point_labels])
+                rec["strokes"].append({"voxels": len(pt), "foreground": bool(is_fg), "points": len(sp.points),
+                                       "ends": [[int(v) for v in pt[0]], [int(v) for v in pt[-1]]]})
+                pt = pt[len(pt) // 2]  # recorded as the step's click: the stroke's middle voxel
             rec["clicks"].append([int(v) for v in pt] + [int(is_fg)])
         torch_mod = _cuda_peak_reset()
         meter = _PeakRSS() if measure_memory else None
@@ -355,16 +381,21 @@ def _structure_ids(case: Case, labels: np.ndarray, max_structures: Optional[int]
 def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitter: int = 3,
              max_structures: Optional[int] = None, cases: Optional[Sequence[str]] = None,
              progress: bool = True, measure_memory: bool = True,
-             log: Callable[[str], None] = print, starts: Sequence[str] = ("box",)) -> dict:
+             log: Callable[[str], None] = print, starts: Sequence[str] = ("box",),
+             corrections: Sequence[str] = ("clicks",)) -> dict:
     """Evaluate ``methods`` on every labelled structure of the dataset (``max_structures``: at most that many per
-    image, the lowest label ids) under each start protocol of ``starts`` ("box", "click"; results of a click start
-    are keyed ``run_name(method, "click")``). Returns the results dictionary written by :func:`write_results`."""
+    image, the lowest label ids) under each start protocol of ``starts`` ("box", "click") and each kind of
+    correction of ``corrections`` ("clicks", "strokes"); results are keyed ``run_name(method, start,
+    correction)``. Returns the results dictionary written by :func:`write_results`."""
     cases_ = load_dataset(data_dir, cases)
     bad = [s for s in starts if s not in STARTS]
     if bad or not starts:
         raise ValueError(f"starts must be among {STARTS}, got {list(starts)}")
-    runs = [(m, st) for st in starts for m in methods]
-    per_method: Dict[str, List[dict]] = {run_name(m.name, st): [] for m, st in runs}
+    bad = [c for c in corrections if c not in CORRECTIONS]
+    if bad or not corrections:
+        raise ValueError(f"corrections must be among {CORRECTIONS}, got {list(corrections)}")
+    runs = [(m, st, co) for co in corrections for st in starts for m in methods]
+    per_method: Dict[str, List[dict]] = {run_name(m.name, st, co): [] for m, st, co in runs}
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -374,15 +405,16 @@ def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitt
         ids = _structure_ids(case, labels, max_structures)
         log(f"{case.name}: {image.shape} spacing {np.round(spacing_from_affine(affine), 3).tolist()}, "
             f"{len(ids)} structures")
-        for m, st in runs:
-            key = run_name(m.name, st)
+        for m, st, co in runs:
+            key = run_name(m.name, st, co)
             it = ids
             if progress and tqdm is not None:
                 it = tqdm(ids, desc=f"{key} / {case.name}", leave=False)
             for lid in it:
                 gt = labels == lid
                 rec = evaluate_structure(m, image, affine, gt, _structure_seed(seed, case.name, lid),
-                                         n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory, start=st)
+                                         n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory, start=st,
+                                         corrections=co)
                 rec.update({"case": case.name, "modality": case.modality, "label": int(lid),
                             "name": case.labels.get(lid, f"label_{lid}")})
                 per_method[key].append(rec)
@@ -395,6 +427,8 @@ def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitt
         "machine": machine_info(),
         "methods": {},
     }
+    if list(corrections) != ["clicks"]:
+        results["protocol"].update({"corrections": list(corrections), "stroke_rule": STROKE_RULE})
     for name, recs in per_method.items():
         by_case = {c.name: summarize([r for r in recs if r["case"] == c.name]) for c in cases_}
         results["methods"][name] = {"overall": summarize(recs), "by_case": by_case, "structures": recs}
@@ -432,7 +466,10 @@ def results_markdown(results: dict) -> str:
              f"{pr['clicks']} clicks; NSD at {pr['nsd_tolerance_mm']} mm "
              f"(0 when DSC <= {pr['nsd_min_dsc']}); AUC = trapezoid over the click steps (max "
              f"{results['protocol']['clicks'] - 1}). Mean over structures. Step 0 = the box; in the '(click "
-             f"start)' rows it is one foreground click at the label's deepest voxel and no box is ever given.", "",
+             f"start)' rows it is one foreground click at the label's deepest voxel and no box is ever given." +
+             (" In the '(strokes)' rows every correction is a stroke along the medial axis of the largest error "
+              "instead of a click (its points as the ensam_scribbles task samples them)."
+              if "strokes" in pr.get("corrections", ()) else ""), "",
              "| method | structures | step-0 DSC | DSC_AUC | NSD_AUC | final DSC | final NSD | s/step | peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
