@@ -8,7 +8,9 @@ One prompted sample (same geometry as :class:`lib.engine.EnsamEngine`):
    do), the image through :func:`lib.geometry.crop_to_model`, the target through ``mask_to_model(...) > 0.5``;
 3. ``net.encode`` ONCE (with gradient), then ``net.decode`` for step 0 and K more steps (K uniform in
    0..``max_clicks``); each step adds the click of :func:`lib.prompts.simulation.next_click` computed on the model
-   grid from the previous (binary, detached) prediction, which is also passed as the dense ``prev_mask``;
+   grid from the previous (binary, detached) prediction, which is also passed as the dense ``prev_mask``; with
+   ``p_stroke`` > 0 (off by default) a step is, with that probability, a stroke instead
+   (:func:`lib.prompts.simulation.next_stroke`, points along it by :func:`lib.prompts.strokes.stroke_points`);
 4. loss = mean over steps of (soft Dice + BCE).
 
 A concept sample (probability ``p_concept``) has no prompts: a fixed-spacing window and the structure's label id
@@ -31,7 +33,8 @@ from ..evaluation.metrics import dice as dice_np  # THE Dice, under its old name
 from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
                         normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
-from ..prompts.simulation import box_from_mask, next_click
+from ..prompts.simulation import box_from_mask, next_click, next_stroke
+from ..prompts.strokes import stroke_points
 
 __all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "refine_case", "concept_case", "unrolled_loss", "train_step", "evaluate", "dice_np"]
 
@@ -54,6 +57,11 @@ class LoopConfig:
                                    # second stage): a window refine_zoom x finer than the box's ROI on the coarse
                                    # mask's boundary, that coarse mask as the previous mask (recipe v3)
     refine_zoom: tuple = (2.0, 4.0)  # U(lo, hi): how much finer the window is than the coarse ROI
+    p_stroke: float = 0.0          # a corrective step is a stroke instead of a click (issue 12: ensam_scribbles):
+                                   # next_stroke on the model grid, points along it every stroke_step model voxels
+                                   # (at most stroke_points); 0 = clicks only, the recipe's rng draws unchanged
+    stroke_step: float = 3.0
+    stroke_points: int = 24
     contract: Contract = field(default_factory=Contract)  # shared with the engine (lib.contract): ROI policy,
                                                           # model grid, click maps, intensities
 
@@ -236,14 +244,28 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
             dices.append(dice_np(pred, case.gt))
             if step == n_clicks or case.label_id is not None:
                 break
-            click = next_click(pred, case.gt, rng)
-            if click is None:
+            correction = _correction(pred, case.gt, rng, cfg)
+            if correction is None:
                 break
-            pt, is_fg = click
-            pts = np.concatenate([pts, pt[None].astype(np.float32)])
-            types = np.concatenate([types, [FG if is_fg else BG]])
+            new_pts, is_fg = correction
+            pts = np.concatenate([pts, new_pts.astype(np.float32)])
+            types = np.concatenate([types, np.full(len(new_pts), FG if is_fg else BG)])
             prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
     return torch.stack(losses).mean(), dices
+
+
+def _correction(pred: np.ndarray, gt: np.ndarray, rng, cfg: LoopConfig):
+    """The next corrective prompt on the model grid, ``(points (n, 3), is_foreground)``, or None when ``pred`` is
+    perfect: one click, or (probability ``cfg.p_stroke``, drawn only when it is > 0) points along a stroke."""
+    if cfg.p_stroke > 0 and rng.random() < cfg.p_stroke:
+        stroke = next_stroke(pred, gt, rng)
+        if stroke is None:
+            return None
+        painted = np.zeros(gt.shape, dtype=bool)
+        painted[tuple(stroke[0].T)] = True
+        return stroke_points(painted, step_mm=cfg.stroke_step, max_points=cfg.stroke_points), stroke[1]
+    click = next_click(pred, gt, rng)
+    return None if click is None else (click[0][None], click[1])
 
 
 @torch.no_grad()
