@@ -183,3 +183,19 @@ def test_spine_label_maps_merge_endplates_and_split_parts():
     assert part_name(2342) == "vertebrae_L4_spinosus_process" and parts.dtype == np.uint16
     _, mr_name, _, _ = fsd._tptbox_maps(vert, sub, use_levels=False)
     assert mr_name(22) == "tptbox_vertebra_label_22" and label_id(mr_name(22)) is None
+
+
+def test_volume_weights_damp_or_exclude_a_volume_from_the_real_source(vols):
+    pick = [vols["ct_small"], vols["antspy_mni_aal"]]
+    rng = np.random.default_rng(0)
+    plain = D.ObjectSampler(pick, holdout=())
+    damped = D.ObjectSampler(pick, holdout=(), volume_weights={"antspy_mni_aal": 0.0})
+    assert plain._p_volume[1] > 0.5  # 116 atlas regions vs 41 CT structures: sqrt count favours the atlas
+    names = {damped._real(rng).name for _ in range(40)}
+    assert names and names <= set(vols["ct_small"].names.values())
+    half = D.ObjectSampler(pick, holdout=(), volume_weights={"antspy_mni_aal": 0.5})
+    assert half._p_volume[1] < plain._p_volume[1]
+    with pytest.raises(ValueError, match="not loaded"):
+        D.ObjectSampler(pick, holdout=(), volume_weights={"no_such_volume": 1.0})
+    with pytest.raises(ValueError, match="no volume"):
+        D.ObjectSampler(pick, holdout=(), volume_weights={"ct_small": 0.0, "antspy_mni_aal": 0.0})

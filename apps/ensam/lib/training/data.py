@@ -426,10 +426,13 @@ class ObjectSampler:
         volumes: from :func:`load_volumes` (with :func:`precompute` run for the pseudo-label sources).
         holdout: structure names never drawn (the validation structures).
         weights: source -> probability (missing sources are skipped).
+        volume_weights: volume name -> factor on that volume's share of the ``real`` source (default 1; 0 = never
+            drawn as a real structure), e.g. to damp atlas parcellations whose borders are not image edges.
     """
 
     def __init__(self, volumes: Sequence[Volume], holdout: Sequence[str] = DEFAULT_HOLDOUT,
-                 weights: Optional[Dict[str, float]] = None, only_holdout: bool = False) -> None:
+                 weights: Optional[Dict[str, float]] = None, only_holdout: bool = False,
+                 volume_weights: Optional[Dict[str, float]] = None) -> None:
         self.volumes = list(volumes)
         self.holdout = set(holdout)
         self.max_region_voxels = 1.6e6
@@ -453,7 +456,14 @@ class ObjectSampler:
         # brain parcels 57 % of the real samples once the atlases came in)
         counts = np.bincount([st[0] for st in self.structures], minlength=len(self.volumes)).astype(float)
         self._by_volume = [[i for i, st in enumerate(self.structures) if st[0] == vi] for vi in range(len(counts))]
-        self._p_volume = np.sqrt(counts) / max(np.sqrt(counts).sum(), 1e-9)
+        unknown = set(volume_weights or {}) - {v.name for v in self.volumes}
+        if unknown:
+            raise ValueError(f"volume_weights names volumes that are not loaded: {sorted(unknown)}")
+        factor = np.asarray([float((volume_weights or {}).get(v.name, 1.0)) for v in self.volumes])
+        self._p_volume = np.sqrt(counts) * factor
+        if self.structures and self._p_volume.sum() <= 0:
+            raise ValueError("volume_weights leave no volume with real structures to draw from")
+        self._p_volume /= max(self._p_volume.sum(), 1e-9)
         if not self.structures:
             self.sources = [s for s in self.sources if s != "real"]
             self.p = np.asarray([w[k] for k in self.sources], float)

@@ -70,6 +70,7 @@ class PretrainConfig:
     cache: str = D.CACHE_DIR
     holdout: List[str] = field(default_factory=lambda: list(D.DEFAULT_HOLDOUT))
     source_weights: Dict[str, float] = field(default_factory=lambda: dict(D.SOURCE_WEIGHTS))
+    volume_weights: Dict[str, float] = field(default_factory=dict)  # volume name -> factor on its real share
     loop: dict = field(default_factory=dict)
     contract: dict = field(default_factory=dict)  # overrides of the training/inference contract (lib.contract)
     val_minutes: float = 10.0
@@ -171,7 +172,7 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
                 c = _heldout_case(volumes[vi], lab, name, rng, lcfg, use_box)
                 if c is not None:
                     cases.append(c)
-    train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
+    train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights, volume_weights=cfg.volume_weights)
     synth = [s for s in train_sampler.sources if s != "real"]
     for i in range(cfg.val_synthetic):
         src = synth[i % len(synth)]
@@ -321,7 +322,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     volumes = D.load_volumes(cfg.data, seed=cfg.seed)
     if any(cfg.source_weights.get(k, 0) > 0 for k in ("slic", "watershed")):
         D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
-    sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights)
+    sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights, volume_weights=cfg.volume_weights)
     val_cases = build_validation(volumes, cfg, lcfg)
     _log(out, f"data ready in {time.time() - t0:.1f} s: {[v.name for v in volumes]}, {len(sampler.structures)} "
               f"training structures, sources {sampler.sources}, {len(val_cases)} validation cases")
