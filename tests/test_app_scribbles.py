@@ -153,3 +153,22 @@ def test_other_bad_requests_are_4xx_and_the_server_stays_up(ensam_server, tmp_pa
     assert r.status_code == 422 and "grid" in r.json()["detail"]
     assert requests.get(f"{ensam_server.url}/info/", timeout=TIMEOUT).status_code == 200
     assert ensam_server.alive()
+
+
+def test_scribbles_with_a_slicer_roi(ensam_server, tmp_path):
+    """The scribbles ROI (``getROIPointsXYZ``: rounded IJK corners, a pair reversed by the RAS -> IJK flip) is the
+    box prompt: the answer stays around it."""
+    img, lab, aff = ensam_server.images[IMAGE]
+    labelmap, fg_m, _ = _strokes(ensam_server, bg=False)
+    box = np.argwhere(lab == 1)
+    lo, hi = box.min(0) - 1, box.max(0) + 1
+    roi = [int(hi[0]), int(lo[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]  # i pair reversed (flipped axis)
+    client = MONAILabelClient(ensam_server.url, tmpdir=str(tmp_path), client_id="slicer-roi")
+    path = _save_like_slicer(labelmap, aff, str(tmp_path / "tmproi.nii.gz"))
+    out, res = client.infer("ensam_scribbles", IMAGE, _slicer_params(ensam_server, roi=roi), label_in=path)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(out)).transpose(2, 1, 0)
+    assert res["prompts"]["boxes"] == 1 and res["strokes"]["background_points"] == 0
+    assert mask[fg_m].mean() >= 0.8
+    grown = np.zeros(mask.shape, bool)  # the ROI plus a few voxels: the engine's margin, resampling
+    grown[max(lo[0] - 3, 0):hi[0] + 4, max(lo[1] - 3, 0):hi[1] + 4, max(lo[2] - 3, 0):hi[2] + 4] = True
+    assert mask[~grown].sum() == 0
