@@ -167,8 +167,9 @@ def next_stroke(
        the one where the component's voxels of that kind, 8-connected to the deepest voxel, cover the largest area
        (mm², ``spacing``);
     3. that cross-section's medial axis (``skimage.morphology.medial_axis``: thinning with ``skeletonize`` left 3
-       pixels of a 10 x 10 square) and, of it, the longest path (a user's stroke is one line, not a branched axis): geodesic along the skeleton's 8-neighbour graph
-       (``scipy.sparse.csgraph.dijkstra`` twice: from any voxel to the farthest one, and from there).
+       pixels of a 10 x 10 square) and, of it, the longest path (a user's stroke is one line, not a branched
+       axis): geodesic in mm along the axis' 8-neighbour graph (``scipy.sparse.csgraph.dijkstra`` twice: from any
+       pixel to the farthest one, and from there to the farthest one).
 
     Returns ``(voxels, is_foreground)``: ``voxels`` ``(M, 3)`` int64 ``[i, j, k]`` in painting order (a single
     voxel for a one-voxel error), or ``None`` when prediction and ground truth agree."""

@@ -159,10 +159,11 @@ def stroke_points(strokes: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0
     """Points along painted strokes: ``(N, 3)`` int64 voxel indices, ``N <= max_points``.
 
     The strokes (boolean ``(X, Y, Z)``) are thinned to their centre lines (:func:`_centre_lines`), then
-    farthest-point sampling in millimetres (``spacing``) picks points, the first one nearest the centre line's mean, each next one the centre-line voxel farthest from those already
-    picked, until every centre-line voxel is within ``step_mm / 2`` of a picked one (adjacent points about
-    ``step_mm`` apart) or ``max_points`` are picked. Deterministic; each separate stroke gets points early (it is
-    far from the others)."""
+    farthest-point sampling in millimetres (``spacing``) picks points: the first one nearest the centre lines'
+    mean, each next one the centre-line voxel farthest from those already picked, until every centre-line voxel is
+    within ``step_mm / 2`` of a picked one (neighbouring points ``step_mm / 2`` to ``step_mm`` apart) or
+    ``max_points`` are picked. Deterministic; each separate stroke gets points early (it is far from the
+    others)."""
     s = np.asarray(strokes) != 0
     if s.ndim != 3:
         raise StrokeError(f"strokes must be a 3D mask, got shape {list(s.shape)}")
