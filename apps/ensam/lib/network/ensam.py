@@ -17,6 +17,7 @@ from .attention import TwoWayTransformer
 from .decoder import UNetDecoder, grid_positions
 from .encoder import ImageEncoder
 from .prompt_encoder import N_DENSE, FourierPositions, PromptEncoder
+from .xlstm import XLSTMEncoder
 
 __all__ = ["NetworkConfig", "EnsamNet", "build_network"]
 
@@ -28,7 +29,10 @@ class NetworkConfig:
     ``prompt_prior``: initial scale of the prompt-prior residual added to the logits (0 = none; see EnsamNet).
     ``lone_click_prior``: the prior of a prompt with no region (no box, no previous mask: clicks only):
     'negative' (release 1-3: -s everywhere but the click blobs, which held a lone click on the liver to a blob of
-    ~1000 voxels) or 'neutral' (only +s on the foreground blobs and -s on the background blobs)."""
+    ~1000 voxels) or 'neutral' (only +s on the foreground blobs and -s on the background blobs).
+    ``encoder``: 'segresnet' (residual conv blocks) or 'xlstm' (per level conv, norm, LeakyReLU, then bidirectional
+    mLSTM blocks, lib/network/xlstm.py; same levels, channels and outputs); ``xlstm_head_dim`` (channels per mLSTM
+    head) and ``xlstm_chunk`` (mLSTM chunk length; compute only, no effect on weights or results) are its sizes."""
 
     in_channels: int = 1
     filters: int = 16
@@ -44,6 +48,9 @@ class NetworkConfig:
     roi_size: tuple[int, int, int] = (64, 64, 64)
     prompt_prior: float = 2.0
     lone_click_prior: str = "negative"
+    encoder: str = "segresnet"
+    xlstm_head_dim: int = 16
+    xlstm_chunk: int = 32
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -68,8 +75,14 @@ class EnsamNet(nn.Module):
             raise ValueError(f"lone_click_prior must be 'negative' or 'neutral', not {cfg.lone_click_prior!r}")
         if cfg.positional not in ("rotary", "absolute"):
             raise ValueError(f"positional must be 'rotary' or 'absolute', not {cfg.positional!r}")
+        if cfg.encoder not in ("segresnet", "xlstm"):
+            raise ValueError(f"encoder must be 'segresnet' or 'xlstm', not {cfg.encoder!r}")
         self.config = cfg
-        self.encoder = ImageEncoder(cfg.in_channels, cfg.filters, cfg.blocks, cfg.norm)
+        if cfg.encoder == "xlstm":
+            self.encoder = XLSTMEncoder(cfg.in_channels, cfg.filters, cfg.blocks, cfg.norm, cfg.xlstm_head_dim,
+                                        cfg.xlstm_chunk)
+        else:
+            self.encoder = ImageEncoder(cfg.in_channels, cfg.filters, cfg.blocks, cfg.norm)
         ch = self.encoder.channels
         dim = ch[-1]
         rotary = cfg.positional == "rotary"

@@ -1,9 +1,11 @@
-"""Ablations at the same small budget: Muon vs AdamW, rotary vs absolute positions, ENSAM vs SAMU.
+"""Ablations at the same small budget: Muon vs AdamW, rotary vs absolute positions, ENSAM vs SAMU, SegResNet vs
+xLSTM image encoder.
 
 Usage (from the repository root; runs the arms one after another, each resumable)::
 
-    PYTHONPATH=apps/ensam python -m lib.training.ablate --out runs/ablate --minutes 20 [--arms base,adamw,absolute,samu]
-        [--threads 1] [--eval-data sample-datasets/eval] [--eval-max-structures 8] [--skip-train] [--skip-eval]
+    PYTHONPATH=apps/ensam python -m lib.training.ablate --out runs/ablate --minutes 20
+        [--arms base,adamw,absolute,samu,xlstm] [--threads 1] [--eval-data sample-datasets/eval]
+        [--eval-max-structures 8] [--skip-train] [--skip-eval]
 
 Each arm is a ``lib.training.pretrain`` run in ``<out>/<arm>`` (same seed, data, validation and budget; only the
 ablated setting differs from ``base``), then its best weights go through the interactive evaluator
@@ -30,6 +32,7 @@ ARMS: Dict[str, tuple] = {
     "adamw": ({}, "adamw"),                        # optimiser ablation
     "absolute": ({"positional": "absolute"}, "muon"),  # positional-encoding ablation
     "samu": ({"variant": "samu"}, "muon"),         # prompt attention at every decoder scale
+    "xlstm": ({"encoder": "xlstm"}, "muon"),       # issue 14: xLSTM image encoder (lib/network/xlstm.py)
 }
 
 
@@ -70,7 +73,7 @@ def _table(rows: Dict[str, dict], minutes: float) -> str:
              "| arm | setting | steps | val box DSC | val DSC 2 clicks | box DSC | DSC_AUC | final DSC | final NSD |",
              "|---|---|---|---|---|---|---|---|---|"]
     desc = {"base": "ENSAM, rotary, Muon", "adamw": "AdamW only", "absolute": "absolute (Fourier) positions",
-            "samu": "SAMU (attention at every decoder scale)"}
+            "samu": "SAMU (attention at every decoder scale)", "xlstm": "xLSTM image encoder"}
 
     def f(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
