@@ -1,0 +1,272 @@
+"""Segmentation by example: atlases registered onto a new image, fused, turned into prompts for ensam.
+
+    lib = AtlasLibrary.from_dataset("sample-datasets/train")            # the reference atlases of the app
+    seg = SegmentByExample(lib, engine)                                  # engine: lib.engine.EnsamEngine or None
+    res = seg.segment(image, affine, ["liver", "spleen"], image_key=vol.key, log=print)
+    res.structures["liver"].mask          # ensam's mask (the atlas-fused mask when there is no engine)
+    res.structures["liver"].uncertainty   # 1 - mean pairwise Dice of the atlases' masks and ensam's mask
+
+For each name, the atlases that carry it (pre-selected: same modality first, then the ones carrying most of the
+requested names; at most ``max_atlases``) are registered onto the image ONCE for all names (transforms cached
+per image), their label maps are pulled onto the image's grid, the masks of each name are fused by vote, and the
+fused mask becomes a box, foreground clicks where the atlases agree and background clicks inside the box where
+none of them sees the structure. ensam then segments the structure from these prompts on the new image, so the
+boundary is the image's own, not the warped atlas's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from lib.geometry import spacing_from_affine
+from lib.io.volumes import load_volume
+from lib.labels import label_id, label_name
+
+from .fusion import Fused, fuse, pairwise_agreement
+from .prompting import Prompts, prompts_from_fused
+from .registration import RegistrationConfig, guess_modality, prepare, propagate, register, to_sitk
+
+logger = logging.getLogger(__name__)
+
+
+def canonical_name(name: str) -> str:
+    """The vocabulary's spelling of a structure name (aliases, case tolerated); the stripped name otherwise."""
+    idx = label_id(str(name))
+    return label_name(idx) if idx is not None else str(name).strip()
+
+
+@dataclass
+class Atlas:
+    """A labelled image usable as an example: ``names`` maps structure names to voxel values of its label."""
+
+    key: str
+    image_path: str
+    label_path: str
+    names: Dict[str, int]
+    modality: str = ""
+    source: str = "reference"  # "reference" (shipped with the app) or "datastore" (a hospital's final label)
+
+
+class AtlasLibrary:
+    """The atlases available, with their prepared (coarse) images cached once loaded."""
+
+    def __init__(self, atlases: Sequence[Atlas] = (), reg_cfg: Optional[RegistrationConfig] = None):
+        self.atlases: List[Atlas] = list(atlases)
+        self.reg_cfg = reg_cfg or RegistrationConfig()
+        self._prepared: Dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_dataset(cls, folder: str, reg_cfg: Optional[RegistrationConfig] = None,
+                     exclude: Sequence[str] = ()) -> "AtlasLibrary":
+        """Atlases from a ``dataset.json`` folder (its ``training`` entries with a ``label`` and ``labels``
+        {value: name}); a missing folder gives an empty library."""
+        path = os.path.join(folder, "dataset.json")
+        if not os.path.exists(path):
+            logger.warning(f"atlas library: no {path}; no reference atlases")
+            return cls([], reg_cfg)
+        with open(path) as f:
+            ds = json.load(f)
+        out = []
+        for e in ds.get("training") or []:
+            if not e.get("label") or not e.get("labels"):
+                continue
+            key = os.path.basename(e["image"]).split(".")[0]
+            if key in exclude:
+                continue
+            names = {canonical_name(n): int(v) for v, n in e["labels"].items()}
+            out.append(Atlas(key, os.path.join(folder, e["image"]), os.path.join(folder, e["label"]), names,
+                             str(e.get("modality", "")).upper(), "reference"))
+        return cls(out, reg_cfg)
+
+    def add(self, atlas: Atlas) -> None:
+        with self._lock:
+            self.atlases = [a for a in self.atlases if a.key != atlas.key] + [atlas]
+            self._prepared.pop(atlas.key, None)
+
+    def names(self) -> Dict[str, List[str]]:
+        """name -> keys of the atlases that carry it."""
+        out: Dict[str, List[str]] = {}
+        for a in self.atlases:
+            for n in a.names:
+                out.setdefault(n, []).append(a.key)
+        return out
+
+    def carrying(self, name: str) -> List[Atlas]:
+        return [a for a in self.atlases if name in a.names]
+
+    def prepared(self, atlas: Atlas):
+        """(coarse registration image, label map as a SimpleITK image, modality), loaded once per atlas file."""
+        stamp = (os.path.getmtime(atlas.image_path), os.path.getmtime(atlas.label_path))
+        with self._lock:
+            hit = self._prepared.get(atlas.key)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        img = load_volume(atlas.image_path)
+        lab = load_volume(atlas.label_path)
+        if lab.shape != img.shape:
+            raise ValueError(f"atlas {atlas.key}: label shape {lab.shape} differs from image {img.shape}")
+        modality = atlas.modality or guess_modality(img.array)
+        coarse_img = prepare(to_sitk(img.array, img.affine), modality, self.reg_cfg)
+        lab_img = to_sitk(np.asarray(lab.array).astype(np.int32), img.affine, np.int32)
+        value = (coarse_img, lab_img, modality)
+        with self._lock:
+            self._prepared[atlas.key] = (stamp, value)
+        return value
+
+
+@dataclass
+class Structure:
+    name: str
+    mask: np.ndarray  # the answer: ensam's mask from the atlas prompts (or the fused mask without an engine)
+    atlas_mask: np.ndarray  # the fused atlas mask
+    atlases: List[str]
+    agreement: Optional[float]  # mean pairwise Dice between the atlases (None with one atlas)
+    uncertainty: float  # 1 - mean pairwise Dice over the atlases' masks and ensam's mask
+    prompts: dict = field(default_factory=dict)
+    source: str = "atlas+ensam"
+
+    def summary(self) -> dict:
+        return {"atlases": self.atlases, "agreement": None if self.agreement is None else round(self.agreement, 4),
+                "uncertainty": round(self.uncertainty, 4), "voxels": int(np.count_nonzero(self.mask)),
+                "atlas_voxels": int(np.count_nonzero(self.atlas_mask)), "prompts": self.prompts,
+                "source": self.source}
+
+
+@dataclass
+class Result:
+    structures: Dict[str, Structure]
+    missing: Dict[str, str]  # name -> why nothing was produced
+    registrations: Dict[str, dict]
+    seconds: Dict[str, float]
+
+
+class SegmentByExample:
+    """Registration cache + fusion + prompting + ensam. Thread-safe; one image is registered at a time.
+
+    Args:
+        library: the atlases. engine: an object with ``segment(image, affine, points=, point_labels=, boxes=,
+            prev_mask=, image_key=)`` (``lib.engine.EnsamEngine``); None gives the atlas-only answer.
+        max_atlases: atlases registered per image (pre-selection). n_fg / n_bg: clicks from the fused mask.
+        use_prev_mask: also give ensam the fused mask as its previous mask.
+        cache_images: images whose transforms are kept.
+    """
+
+    def __init__(self, library: AtlasLibrary, engine=None, max_atlases: int = 4, n_fg: int = 2, n_bg: int = 2,
+                 use_prev_mask: bool = False, cache_images: int = 4):
+        self.library = library
+        self.engine = engine
+        self.max_atlases = int(max_atlases)
+        self.n_fg, self.n_bg = int(n_fg), int(n_bg)
+        self.use_prev_mask = bool(use_prev_mask)
+        self._cache: "OrderedDict[str, Dict[str, tuple]]" = OrderedDict()
+        self._cache_images = int(cache_images)
+        self._lock = threading.RLock()
+
+    def select(self, names: Sequence[str], modality: str) -> List[Atlas]:
+        """Atlases carrying at least one of ``names``: same modality first, then most names carried, then
+        reference before datastore order; at most ``max_atlases``."""
+        wanted = set(names)
+        cands = [a for a in self.library.atlases if wanted & set(a.names)]
+        cands.sort(key=lambda a: (a.modality != modality, -len(wanted & set(a.names)), a.source != "datastore",
+                                  a.key))
+        return cands[: self.max_atlases]
+
+    def registrations(self, image: np.ndarray, affine: np.ndarray, atlases: Sequence[Atlas], image_key: str,
+                      log: Callable[[str], None] = logger.info) -> Dict[str, tuple]:
+        """{atlas key: (Registration, propagated label map)} for this image, each atlas registered once."""
+        with self._lock:
+            entry = self._cache.setdefault(image_key, {})
+            self._cache.move_to_end(image_key)
+            while len(self._cache) > self._cache_images:
+                self._cache.popitem(last=False)
+            todo = [a for a in atlases if a.key not in entry]
+            if todo:
+                fixed = to_sitk(image, affine)
+                modality = guess_modality(image)
+                f = prepare(fixed, modality, self.library.reg_cfg)
+                for n, a in enumerate(todo):
+                    t = time.perf_counter()
+                    coarse_img, lab_img, _ = self.library.prepared(a)
+                    reg = register(f, coarse_img, self.library.reg_cfg)
+                    labels = propagate(lab_img, fixed, reg.transform)
+                    entry[a.key] = (reg, labels)
+                    log(f"atlas {n + 1}/{len(todo)} {a.key}: registered in {time.perf_counter() - t:.1f}s "
+                        f"(metric {reg.metric:.3f})")
+            return {a.key: entry[a.key] for a in atlases if a.key in entry}
+
+    def segment(self, image: np.ndarray, affine: np.ndarray, names: Sequence[str], image_key: Optional[str] = None,
+                log: Callable[[str], None] = logger.info, use_engine: bool = True,
+                atlas_only: Sequence[str] = ()) -> Result:
+        """Segment ``names``; ensam refines every one of them (``use_engine``) except those in ``atlas_only``,
+        which keep the fused atlas mask."""
+        t0 = time.perf_counter()
+        image = np.asarray(image)
+        names = list(dict.fromkeys(canonical_name(n) for n in names))
+        modality = guess_modality(image)
+        atlases = self.select(names, modality)
+        key = image_key or f"{id(image)}:{image.shape}"
+        regs = self.registrations(image, affine, atlases, key, log)
+        t_reg = time.perf_counter()
+        spacing = spacing_from_affine(affine)
+        structures: Dict[str, Structure] = {}
+        missing: Dict[str, str] = {}
+        plain = {canonical_name(n) for n in atlas_only}
+        for n, name in enumerate(names):
+            engine = self.engine if use_engine and name not in plain else None
+            carriers = [a for a in atlases if name in a.names and a.key in regs]
+            if not carriers:
+                missing[name] = "no atlas carries this structure"
+                continue
+            masks = [regs[a.key][1] == a.names[name] for a in carriers]
+            fused = fuse(masks)
+            if not fused.mask.any():
+                missing[name] = "the registered atlases put this structure outside the image"
+                continue
+            s = self._one(image, affine, spacing, name, fused, masks, [a.key for a in carriers], key, engine)
+            structures[name] = s
+            log(f"structure {n + 1}/{len(names)} {name}: {int(np.count_nonzero(s.mask))} voxels, "
+                f"uncertainty {s.uncertainty:.3f} ({len(carriers)} atlases)")
+        t_end = time.perf_counter()
+        reg_info = {k: {"metric": round(r.metric, 4), "affine_metric": round(r.affine_metric, 4),
+                        "seconds": round(r.seconds, 2)} for k, (r, _) in regs.items()}
+        return Result(structures, missing, reg_info,
+                      {"registration": round(t_reg - t0, 2), "segmentation": round(t_end - t_reg, 2),
+                       "total": round(t_end - t0, 2)})
+
+    def _one(self, image, affine, spacing, name: str, fused: Fused, masks, keys, image_key, engine) -> Structure:
+        prompts: Prompts = prompts_from_fused(fused, spacing, self.n_fg, self.n_bg)
+        mask = fused.mask
+        source = "atlas"
+        if engine is not None and not prompts.empty:
+            out = engine.segment(image, affine, points=prompts.points if len(prompts.points) else None,
+                                 point_labels=prompts.point_labels if len(prompts.points) else None,
+                                 boxes=[prompts.box], prev_mask=fused.mask if self.use_prev_mask else None,
+                                 image_key=image_key)
+            out = np.asarray(out) > 0
+            if out.any():
+                mask, source = out, "atlas+ensam"
+        raters = list(masks) + ([mask] if source != "atlas" else [])
+        agreement = pairwise_agreement(raters)
+        uncertainty = 1.0 - agreement if agreement is not None else 1.0
+        return Structure(name, mask, fused.mask, keys, fused.agreement, uncertainty, prompts.summary(), source)
+
+
+def default_atlas_folder(app_dir: str) -> str:
+    """Where the reference atlases live: ``<repo>/sample-datasets/train`` (fetched by ``make data``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(app_dir))), "sample-datasets", "train")
+
+
+def sitk_threads(n: int) -> None:
+    """Threads SimpleITK may use (registration, resampling)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(n)))
