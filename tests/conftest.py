@@ -174,7 +174,9 @@ def ensam_server(tmp_path_factory):
 
     port = free_port()
     env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", ",".join(BLOBS))
+    # seg_floor 0: ensam_seg offers every name by its learned token here (the synthetic blobs); the floor and the
+    # atlas routes are tested with their own server (tests/test_seg_by_example_server.py)
+    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", ",".join(BLOBS), "--conf", "seg_floor", "0")
     log_path = os.path.join(work, "server.log")
     server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
                          work, images)

@@ -123,6 +123,9 @@ class EnsamApp(MONAILabelApp):
             description="ENSAM: small, fast, promptable 3D segmentation (clicks, boxes, label names)",
             version="0.1.0",
         )
+        for task in self._infers.values():  # ensam_seg uses the datastore's final labels as atlases (issue 12)
+            if hasattr(task, "datastore_atlases"):
+                task.datastore = self.datastore
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}

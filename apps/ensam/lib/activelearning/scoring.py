@@ -4,9 +4,12 @@
   info as ``ensam_embedding``; its score is the cosine distance to the NEAREST labelled image (tag ``final``), i.e.
   how far it lies from what the model has already been taught. With nothing labelled yet, the distance to the mean
   embedding of all images is used (outliers first).
-* ``uncertainty``: for each of a few known label names (the auto-segmentation ones), the prompt-free prediction on
-  the image as stored and mirrored along each axis (4 passes, at a coarse working spacing); the score is the mean
-  over the names of 1 - mean pairwise Dice between the 4 masks (a name found nowhere counts 1).
+* ``uncertainty``: for each of a few known label names (the auto-segmentation ones), a per-structure uncertainty;
+  the image's score is their mean. A name that ``ensam_seg`` segments by example (atlas route) gets the atlases'
+  disagreement: 1 - mean pairwise Dice of the registered atlases' masks and ensam's mask from their prompts
+  (``lib.atlas``; issue 12). A name on the learned-token route gets the disagreement of the prompt-free
+  predictions on the image as stored and mirrored along each axis (4 passes, at a coarse working spacing): 1 -
+  mean pairwise Dice between the 4 masks (a name found nowhere counts 1).
 
 Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
 recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
@@ -153,8 +156,10 @@ class UncertaintyScoring(_EnsamScoring):
     MAX_LABELS = 4
 
     def __init__(self, provider: EngineProvider, volumes: VolumeCache, extra_names: Sequence[str] = (),
-                 default_labels: Sequence[str] = (), num_labels: int = 128):
-        super().__init__(provider, volumes, "Disagreement of prompt-free predictions under test-time flips")
+                 default_labels: Sequence[str] = (), num_labels: int = 128, by_example=None):
+        super().__init__(provider, volumes, "Per-structure disagreement: of the registered atlases and ensam (names "
+                                            "segmented by example), else of prompt-free predictions under flips")
+        self.by_example = by_example  # lib.infers.seg_by_example.EnsamSegByExample or None
         self.extra_names = list(extra_names)
         self.default_labels = list(default_labels)
         self.num_labels = int(num_labels)
@@ -184,13 +189,20 @@ class UncertaintyScoring(_EnsamScoring):
             why = f"no known label name among {wanted_labels}" if wanted_labels else "ensam knows no label name yet"
             logger.info(f"uncertainty: skipped ({why})")
             return {"method": self.key, "scores": {}, "computed": 0, "skipped": why}
+        by_atlas = []
+        if self.by_example is not None:
+            from lib.infers.seg_by_example import ATLAS_ROUTES
+
+            routes, _ = self.by_example.routes()
+            by_atlas = sorted(n for n in labels if routes.get(n, {}).get("route") in ATLAS_ROUTES)
+        by_flips = {n: t for n, t in labels.items() if n not in by_atlas}
         engine = lock = None
         scores: Dict[str, float] = {}
         computed = 0
         for image_id in _images(request, datastore):
             uri = datastore.get_image_uri(image_id)
             info = datastore.get_image_info(image_id)
-            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm)
+            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm, atlas=by_atlas)
             meta = info.get(f"{self.key}_meta")
             if not force and meta == stamp and self.key in info:
                 scores[image_id] = float(info[self.key])
@@ -198,10 +210,17 @@ class UncertaintyScoring(_EnsamScoring):
             if engine is None:
                 engine, lock = self._engine_at(request)
             vol = self.volumes.get(uri)
-            with lock:
-                masks = flip_predictions(engine, vol.array, vol.affine, list(labels.values()),
-                                         spacing_mm=spacing_mm)
-            per_label = {name: round(disagreement(masks[token]), 6) for name, token in labels.items()}
+            per_label = {}
+            if by_atlas:
+                from lib.infers.seg_by_example import LockedEngine
+
+                got = self.by_example.uncertainty(vol, by_atlas, LockedEngine(engine, lock))
+                per_label.update({n: round(u, 6) for n, u in got.items()})
+            if by_flips:
+                with lock:
+                    masks = flip_predictions(engine, vol.array, vol.affine, list(by_flips.values()),
+                                             spacing_mm=spacing_mm)
+                per_label.update({name: round(disagreement(masks[token]), 6) for name, token in by_flips.items()})
             score = float(np.mean(list(per_label.values())))
             scores[image_id] = score
             datastore.update_image_info(image_id, {

@@ -21,14 +21,19 @@ import numpy as np
 from lib.evaluation.metrics import dice
 from lib.io.volumes import load_volume
 
-from .segment import AtlasLibrary, SegmentByExample, canonical_name, sitk_threads
+from .segment import AtlasLibrary, SegmentByExample, best_route, canonical_name, sitk_threads
 
 
 def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, cases: Optional[List[str]] = None,
-             min_voxels: int = 50, n_fg: int = 2, n_bg: int = 2, use_prev_mask: bool = False, log=print) -> Dict:
+             min_voxels: int = 50, n_fg: int = 2, n_bg: int = 2, use_prev_mask: bool = False, log=print,
+             validation_file: str = "", floor: float = 0.35) -> Dict:
     import torch
     from scipy.stats import spearmanr
 
+    routes = {}
+    if validation_file and os.path.exists(validation_file):
+        with open(validation_file) as f:
+            routes = {canonical_name(k): best_route(v, floor) for k, v in json.load(f)["validation"].items()}
     sitk_threads(threads)
     torch.set_num_threads(threads)
     engine = None
@@ -70,6 +75,9 @@ def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, 
                 row.update({"atlas_dsc": round(dice(s.atlas_mask, gt), 4), "dsc": round(dice(s.mask, gt), 4),
                             "uncertainty": round(s.uncertainty, 4), "agreement": s.agreement,
                             "atlases": len(s.atlases), "source": s.source})
+            if routes:  # what ensam_seg answers: the validated route's mask, nothing for a name it does not offer
+                row["route"] = routes.get(name)
+                row["routed_dsc"] = {"atlas+ensam": row["dsc"], "atlas": row["atlas_dsc"]}.get(row["route"], 0.0)
             rows.append(row)
     out: Dict = {"data": data, "atlases": atlases, "weights": os.path.basename(weights) if weights else None,
                  "threads": threads, "n_fg": n_fg, "n_bg": n_bg, "use_prev_mask": use_prev_mask,
@@ -83,6 +91,9 @@ def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, 
                                 "all_dsc": round(float(np.mean([x["dsc"] for x in r])), 4),
                                 "all_atlas_dsc": round(float(np.mean([x["atlas_dsc"] for x in r])), 4),
                                 "seconds": im["seconds"]}
+        if routes:
+            summary[im["image"]]["top10_routed_dsc"] = round(float(np.mean([x["routed_dsc"] for x in top])), 4)
+            summary[im["image"]]["offered"] = sum(x["route"] is not None for x in r)
     out["summary"] = summary
     scored = [r for r in rows if r["uncertainty"] is not None]
     if len(scored) >= 3:
@@ -105,12 +116,13 @@ def validation(res: Dict) -> Dict:
 
 
 def markdown(res: Dict) -> str:
-    lines = ["| image | structure | voxels | atlases | atlas-only DSC | atlas-then-ensam DSC | uncertainty |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| image | structure | voxels | atlases | atlas-only DSC | atlas-then-ensam DSC | uncertainty | route |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["pairs"], key=lambda x: (x["image"], -x["voxels"])):
         u = "" if r["uncertainty"] is None else f"{r['uncertainty']:.3f}"
+        route = r.get("route") or ("not offered" if "route" in r else "")
         lines.append(f"| {r['image']} | {r['label']} | {r['voxels']} | {r['atlases']} | {r['atlas_dsc']:.3f} | "
-                     f"{r['dsc']:.3f} | {u} |")
+                     f"{r['dsc']:.3f} | {u} | {route} |")
     return "\n".join(lines)
 
 
@@ -127,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--n-bg", type=int, default=2)
     p.add_argument("--prev-mask", action="store_true", help="give ensam the fused atlas mask as previous mask")
     p.add_argument("--out", default="")
+    p.add_argument("--routes", default="", help="validation JSON (model/atlas_validation.json): also score what "
+                                                "ensam_seg answers with its validated route per name")
+    p.add_argument("--floor", type=float, default=0.35)
     p.add_argument("--validation", default="", help="write the leave-one-out validation per name to this JSON "
                                                      "(run on the TRAINING set: --data = --atlases)")
     a = p.parse_args(argv)
@@ -134,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.error("--validation is leave-one-out on the atlases themselves: --data must be the --atlases folder")
     res = evaluate(a.data, a.atlases, a.weights or None, a.threads,
                    [c for c in a.cases.split(",") if c] or None, n_fg=a.n_fg, n_bg=a.n_bg,
-                   use_prev_mask=a.prev_mask)
+                   use_prev_mask=a.prev_mask, validation_file=a.routes, floor=a.floor)
     print(markdown(res))
     print(json.dumps({k: res[k] for k in ("summary", "spearman_pairs") if k in res}, indent=1))
     if a.out:

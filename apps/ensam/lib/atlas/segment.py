@@ -45,6 +45,15 @@ def canonical_name(name: str) -> str:
     return label_name(idx) if idx is not None else str(name).strip()
 
 
+def best_route(scores: Dict[str, float], floor: float) -> Optional[str]:
+    """The route (``"atlas+ensam"``, ``"atlas"``, ``"token"``...) with the best validation score, or None when
+    there is none or the best is below ``floor``: the one rule by which ``ensam_seg`` offers a name."""
+    if not scores:
+        return None
+    best = max(scores, key=lambda r: scores[r])
+    return best if scores[best] >= floor else None
+
+
 @dataclass
 class Atlas:
     """A labelled image usable as an example: ``names`` maps structure names to voxel values of its label."""

@@ -11,6 +11,9 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 ``session_history``    undo steps kept per (client, image, label) (default 10)
 ``session_mb``         memory for kept results, MiB (default 256)
 ``preload``            build the engine at start-up (default false; first request otherwise)
+``atlases``            folder (dataset.json) of the reference atlases of ``ensam_seg`` (default: sample-datasets/train)
+``seg_floor``          validation DSC a name's route must reach to be offered by ``ensam_seg`` (default 0.35)
+``atlas_threads``      SimpleITK threads for atlas registration (default 0: SimpleITK's own choice)
 =====================  ==============================================================================
 """
 
@@ -28,8 +31,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
-from lib.infers import EngineProvider, EnsamInteractive, EnsamSegmentation, SessionStore, VolumeCache
+from lib.infers import EngineProvider, EnsamInteractive, SessionStore, VolumeCache
 from lib.infers.request_parsing import parse_bool
+from lib.infers.seg_by_example import FLOOR, EnsamSegByExample
 from lib.infers.scribbles import EnsamScribbles
 from lib.trainers import EnsamTrain
 
@@ -60,9 +64,13 @@ class EnsamConfig(TaskConfig):
             max_history=int(conf.get("session_history", 10)),
             max_bytes=int(float(conf.get("session_mb", 256)) * 2**20),
         )
-        self.seg_task = EnsamSegmentation(
-            self.provider, self.volumes, self.extra_names, self.seg_labels, num_labels=self.num_labels
-        )
+        from lib.atlas.segment import default_atlas_folder
+
+        self.seg_task = EnsamSegByExample(  # issue 12: by example (atlases -> prompts -> ensam) or by token
+            self.provider, self.volumes, conf.get("atlases") or default_atlas_folder(os.path.dirname(model_dir)),
+            os.path.join(model_dir, "atlas_validation.json"), self.extra_names, self.seg_labels,
+            num_labels=self.num_labels, floor=float(conf.get("seg_floor", FLOOR)),
+            threads=int(conf.get("atlas_threads", 0)))
         if parse_bool(conf.get("preload"), "preload"):  # --conf preload true
             self.provider.get(None)
 
@@ -99,6 +107,7 @@ class EnsamConfig(TaskConfig):
         return {
             "novelty": NoveltyScoring(self.provider, self.volumes),
             "uncertainty": UncertaintyScoring(
-                self.provider, self.volumes, self.extra_names, self.seg_task.default_labels, self.num_labels
+                self.provider, self.volumes, self.extra_names, self.seg_task.default_labels, self.num_labels,
+                by_example=self.seg_task,
             ),
         }

@@ -13,7 +13,10 @@ before any image is processed). ``manifest`` may also be a list ``[{"image": id,
 inside the server only, a path to such a JSON file (the HTTP route accepts only an inline manifest). Results are
 saved in the datastore (tag ``label_tag``, default ``original``). Progress: each image logs ``ensam batch: k/N
 ...``; monailabel shows the last lines in ``GET /batch/infer`` (``details``) while the task runs, and the returned
-summary when it is done.
+summary when it is done. Prompt-free batches go through ``ensam_seg``, i.e. segmentation by example where a
+name's atlas route validates (``lib.infers.seg_by_example``): its progress lines (each atlas registered, each
+structure segmented) come between the image lines, and each image's summary carries the per-structure
+``structures`` (route, uncertainty).
 """
 
 from __future__ import annotations
@@ -189,4 +192,5 @@ class EnsamBatchInfer(BatchInferTask):
 
 def _brief(params: Optional[dict]) -> dict:
     params = params or {}
-    return {k: params[k] for k in ("label_names", "voxels", "latencies") if k in params}
+    # structures: ensam_seg's per-structure route and confidence (atlas agreement / uncertainty; issue 12)
+    return {k: params[k] for k in ("label_names", "voxels", "structures", "latencies") if k in params}

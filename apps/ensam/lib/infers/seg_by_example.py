@@ -1,0 +1,280 @@
+"""``ensam_seg``: automatic segmentation of label names, by example (atlases + ensam) or by learned label token.
+
+Every name the vocabulary knows gets a ROUTE with a validation score:
+
+* ``atlas+ensam``: the labelled images that carry the name (the reference atlases shipped with the app, i.e. the
+  training volumes of ``make data``, plus the datastore's ``final`` labels) are registered onto the image, fused,
+  and turned into a box and clicks for the interactive model (:mod:`lib.atlas`). Its validation score is the
+  leave-one-out DSC on the training atlases (``model/atlas_validation.json``, written by
+  ``python -m lib.atlas.evaluate --data sample-datasets/train --atlases sample-datasets/train
+  --validation apps/ensam/model/atlas_validation.json``).
+* ``atlas``: the fused atlas mask itself, for names where it validates better than ensam's boundary (same
+  leave-one-out file).
+* ``token``: the learned label token (prompt-free), scored by the weights' own validation (``val_concept_dsc``,
+  per name when the weights carry ``val_concept_dsc_per_label``).
+
+The better route of a name is used; a name whose best route is below ``floor`` (``--conf seg_floor``, default
+0.35) is not offered: ``/info`` lists it under ``not_offered`` with the reason, and a request for it is a 422 that
+says why. ``/info`` -> ``models.ensam_seg.routes`` lists, per offered name, its route and validation score.
+
+The answer's ``structures`` gives, per name, the route, the atlases used, their agreement and the uncertainty
+(1 - mean pairwise Dice of the atlases' masks and ensam's mask): the per-structure confidence that the
+``uncertainty`` active-learning score uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import device_list
+
+from lib.atlas.segment import Atlas, AtlasLibrary, SegmentByExample, best_route, canonical_name
+
+from .engine_provider import EngineProvider, resolve_device
+from .ensam_infer import _first, _jsonable, _names, _result_format
+from .imageio import VolumeCache, write_mask
+from .label_vocab import canonical, load_vocab, output_ids, read_meta
+from .request_parsing import RequestError
+
+logger = logging.getLogger(__name__)
+
+ATLAS_ROUTES = ("atlas+ensam", "atlas")  # ensam from the atlases' prompts / the fused atlas mask itself
+FLOOR = 0.35  # validation DSC a route must reach for its name to be offered
+DEFAULT_LABELS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta", "autochthon_left",
+                  "autochthon_right")
+
+
+def read_validation(path: str) -> Dict[str, Dict[str, float]]:
+    """name -> {"atlas+ensam": DSC, "atlas": DSC}: leave-one-out validation of the atlas routes on the training
+    atlases ({} when the file is missing)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return {canonical_name(k): {m: float(x) for m, x in v.items() if m in ATLAS_ROUTES}
+            for k, v in (data.get("validation") or {}).items()}
+
+
+class LockedEngine:
+    """The engine, holding the device lock only for each ensam call (registration runs without it, so
+    interactive clicks are not held up for the whole segmentation)."""
+
+    def __init__(self, engine, lock):
+        self.engine, self.lock = engine, lock
+
+    def segment(self, *args, **kwargs):
+        with self.lock:
+            return self.engine.segment(*args, **kwargs)
+
+
+class EnsamSegByExample(InferTask):
+    def __init__(self, provider: EngineProvider, volumes: VolumeCache, atlas_folder: str, validation_file: str,
+                 extra_names: Sequence[str] = (), default_labels: Sequence[str] = (), num_labels: int = 128,
+                 floor: float = FLOOR, threads: int = 0,
+                 description: str = "ENSAM automatic segmentation by example (atlases -> box + clicks -> ensam) "
+                                    "or by learned label token, per name (see 'routes')"):
+        self.provider = provider
+        self.volumes = volumes
+        self.extra_names = list(extra_names)
+        self.num_labels = int(num_labels)
+        self.floor = float(floor)
+        self.threads = int(threads)
+        self.library = AtlasLibrary.from_dataset(atlas_folder)
+        self.validation_file = validation_file
+        self.seg = SegmentByExample(self.library)
+        self.datastore: Optional[Callable[[], Any]] = None
+        self._ds_lock = threading.Lock()
+        routes, _ = self.routes()
+        defaults = [canonical_name(n) for n in (default_labels or DEFAULT_LABELS)]
+        self.default_labels = [n for n in defaults if n in routes] or sorted(routes)[:8]
+        super().__init__(type=InferType.SEGMENTATION, labels=self._labels(routes), dimension=3,
+                         description=description,
+                         config={"device": device_list(), "labels": ",".join(self.default_labels)})
+
+    # ---- routes -------------------------------------------------------------------------------------------
+    def vocab(self) -> Dict[str, int]:
+        return load_vocab(self.provider.paths, self.extra_names, self.num_labels)
+
+    def _token_scores(self) -> Tuple[Dict[str, float], Optional[float]]:
+        path = self.provider.weights_path()
+        meta = read_meta(path) if path else {}
+        per = {canonical_name(k): float(v) for k, v in (meta.get("val_concept_dsc_per_label") or {}).items()}
+        overall = meta.get("val_concept_dsc")
+        return per, None if overall is None else float(overall)
+
+    def routes(self) -> Tuple[Dict[str, dict], Dict[str, str]]:
+        """({offered name: {"route", "validation", "atlases"}}, {not offered name: why})."""
+        vocab = self.vocab()
+        atlas_val = read_validation(self.validation_file)
+        carriers = self.library.names()
+        tok_per, tok_all = self._token_scores()
+        offered: Dict[str, dict] = {}
+        refused: Dict[str, str] = {}
+        for name in vocab:
+            cands: Dict[str, float] = {}
+            if name in carriers:
+                cands.update({m: atlas_val[name][m] for m in ATLAS_ROUTES if m in atlas_val.get(name, {})})
+            tok = tok_per.get(name, tok_all)
+            if tok is not None:
+                cands["token"] = tok
+            best = best_route(cands, self.floor)
+            if best is not None:
+                offered[name] = {"route": best, "validation": round(cands[best], 4),
+                                 "atlases": len(carriers.get(name, []))}
+                continue
+            parts = [f"{r} route validation DSC {v:.2f}" for r, v in cands.items()]
+            if name in carriers and not atlas_val.get(name):
+                parts.append(f"{len(carriers[name])} atlas(es) carry it but it has no leave-one-out validation")
+            elif name not in carriers:
+                parts.append("no atlas carries it")
+            refused[name] = f"{'; '.join(parts)}: below the floor {self.floor:.2f}"
+        return offered, refused
+
+    def _labels(self, routes: Dict[str, dict]) -> Dict[str, int]:
+        ids = output_ids(self.vocab())
+        return {n: v for n, v in ids.items() if n in routes}
+
+    def info(self) -> Dict[str, Any]:
+        routes, refused = self.routes()
+        self.labels = self._labels(routes)
+        out = super().info()
+        out["routes"] = routes
+        out["not_offered"] = refused
+        out["floor"] = self.floor
+        return out
+
+    def is_valid(self) -> bool:
+        return self.provider.is_valid()
+
+    def get_path(self, validate=True):
+        p = self.provider.weights_path()
+        return p if p or not validate else None
+
+    # ---- datastore atlases --------------------------------------------------------------------------------
+    def datastore_atlases(self) -> int:
+        """Add the datastore's ``final`` labels (with known label names) to the atlas library; returns how many
+        the library holds from the datastore."""
+        ds = self.datastore() if self.datastore else None
+        if ds is None:
+            return 0
+        vocab = self.vocab()
+        values = output_ids(vocab)
+        with self._ds_lock:
+            for image_id in ds.get_labeled_images("final"):
+                try:
+                    label_id = ds.get_label_by_image_id(image_id, "final")
+                    info = ds.get_label_info(label_id, "final") or {}
+                    names = _label_names(info) or {n: v for n, v in values.items()}
+                    atlas = Atlas(f"datastore:{image_id}", ds.get_image_uri(image_id),
+                                  ds.get_label_uri(label_id, "final"),
+                                  {canonical(n, vocab): int(v) for n, v in names.items()}, "", "datastore")
+                except Exception as e:  # noqa: BLE001 - one unreadable label must not stop segmentation
+                    logger.warning(f"ensam_seg: datastore label of {image_id} not usable as an atlas: {e}")
+                    continue
+                known = {a.key: a for a in self.library.atlases}
+                old = known.get(atlas.key)
+                if old is None or old.label_path != atlas.label_path or old.names != atlas.names:
+                    self.library.add(atlas)
+            return sum(a.source == "datastore" for a in self.library.atlases)
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def __call__(self, request) -> Tuple[Optional[str], Dict]:
+        t0 = time.time()
+        vocab = self.vocab()
+        ids = output_ids(vocab)
+        routes, refused = self.routes()
+        wanted = _names(request.get("labels") or request.get("label_names")) or list(self.default_labels)
+        wanted = list(dict.fromkeys(canonical(w, vocab) for w in wanted))
+        unknown = [w for w in wanted if w not in vocab]
+        if unknown:
+            raise RequestError(f"unknown label name(s) {unknown}; ensam_seg offers {len(routes)} names "
+                               f"(GET /info/ -> models.ensam_seg.routes)", status_code=422)
+        off = {w: refused[w] for w in wanted if w not in routes}
+        if off:
+            raise RequestError("not offered: " + "; ".join(f"{n!r} ({why})" for n, why in off.items())
+                               + " (GET /info/ -> models.ensam_seg.not_offered)", status_code=422)
+        ext, dtype, compress = _result_format(request)
+        image = request.get("image")
+        if not isinstance(image, str) or not image or not os.path.exists(image):
+            raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404)
+        vol = self.volumes.get(image)
+        t_load = time.time()
+        device = resolve_device(_first(request.get("device")))
+        engine = self.provider.get(device)
+        lock = self.provider.device_lock(device)
+        self.datastore_atlases()
+        if self.threads:
+            from lib.atlas.segment import sitk_threads
+
+            sitk_threads(self.threads)
+
+        out = np.zeros(vol.shape, dtype=np.uint8 if max(ids.values(), default=0) < 256 else np.uint16)
+        by_atlas = [n for n in wanted if routes[n]["route"] in ATLAS_ROUTES]
+        by_token = [n for n in wanted if routes[n]["route"] == "token"]
+        structures: Dict[str, dict] = {}
+        masks: Dict[str, np.ndarray] = {}
+        if by_atlas:
+            self.seg.engine = LockedEngine(engine, lock)
+            res = self.seg.segment(vol.array, vol.affine, by_atlas, image_key=vol.key,
+                                   log=lambda m: logger.info(f"ensam_seg: {m}"),
+                                   atlas_only=[n for n in by_atlas if routes[n]["route"] == "atlas"])
+            for n in by_atlas:
+                s = res.structures.get(n)
+                if s is None:
+                    structures[n] = {"route": routes[n]["route"], "missing": res.missing.get(n, "")}
+                    continue
+                masks[n] = s.mask
+                structures[n] = dict(s.summary(), route=routes[n]["route"], validation=routes[n]["validation"])
+        if by_token:
+            with lock:
+                got = engine.segment_labels(vol.array, vol.affine, [vocab[n] for n in by_token])
+            for n in by_token:
+                masks[n] = np.asarray(got[vocab[n]]) > 0
+                structures[n] = {"route": "token", "validation": routes[n]["validation"]}
+        t_done = time.time()
+        for n in wanted:  # later names win where structures overlap
+            if n in masks:
+                out[masks[n]] = ids[n]
+        counts = {n: int(np.count_nonzero(out == ids[n])) for n in wanted}
+        path = write_mask(out, vol, extension=ext, dtype=dtype, compress=compress)
+        t_end = time.time()
+        res_json = {
+            "label_names": {n: ids[n] for n in sorted(wanted, key=ids.get) if counts[n]},
+            "requested": wanted,
+            "voxels": counts,
+            "structures": _jsonable(structures),
+            "latencies": {"pre": round(t_load - t0, 4), "infer": round(t_done - t_load, 4),
+                          "post": round(t_end - t_done, 4), "total": round(t_end - t0, 4)},
+        }
+        res_json.update(self.provider.weights_info(engine))
+        return path, res_json
+
+    def uncertainty(self, vol, names: Sequence[str], engine=None) -> Dict[str, float]:
+        """Per-structure uncertainty of the atlas route for ``names`` (those with no atlas count 1): 1 - mean
+        pairwise Dice of the atlases' masks and ensam's mask from their prompts."""
+        names = [canonical_name(n) for n in names]
+        self.datastore_atlases()
+        self.seg.engine = engine
+        res = self.seg.segment(vol.array, vol.affine, names, image_key=vol.key,
+                               log=lambda m: logger.info(f"uncertainty: {m}"))
+        return {n: (res.structures[n].uncertainty if n in res.structures else 1.0) for n in names}
+
+
+def _label_names(info: dict) -> Dict[str, int]:
+    """{name: value} of a saved label: ``label_names`` (ensam's answers) or Slicer's ``label_info`` list."""
+    for src in (info, info.get("params") or {}):
+        names = src.get("label_names")
+        if isinstance(names, dict) and names:
+            return {str(k): int(v) for k, v in names.items()}
+        items = src.get("label_info")
+        if isinstance(items, list) and items:
+            return {str(i["name"]): int(i["idx"]) for i in items if isinstance(i, dict) and "name" in i
+                    and "idx" in i}
+    return {}
