@@ -26,7 +26,10 @@ class StubEngine:
         self.calls = []
         self.last_info = {"cache_hits": 0}
 
-    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None,
+                prompts=None):
+        if prompts is not None:  # checked prompts (lib.geometry.Prompts), as the infer task passes them
+            points, point_labels, boxes = prompts.points, prompts.point_labels, prompts.boxes
         self.calls.append(dict(points=points, point_labels=point_labels, boxes=boxes, prev=prev_mask is not None))
         out = np.zeros(image.shape, np.uint8) if prev_mask is None else prev_mask.astype(np.uint8).copy()
         ii, jj, kk = np.meshgrid(*[np.arange(s) for s in image.shape], indexing="ij")

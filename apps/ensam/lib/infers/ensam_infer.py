@@ -46,13 +46,15 @@ def _first(v: Any) -> Any:
     return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
-def _image_path(request: dict) -> str:
+def _load(volumes: VolumeCache, request: dict):
+    """(image path, volume): the image's existence is checked here only, by the volume cache's stat (404)."""
     image = request.get("image")
     if not isinstance(image, str):
         raise RequestError("ensam needs an image id from the datastore, an uploaded file, or a session id")
-    if not image or not os.path.exists(image):
-        raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404)
-    return image
+    try:
+        return image, volumes.get(image)
+    except FileNotFoundError:
+        raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404) from None
 
 
 def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
@@ -86,8 +88,9 @@ class _EnsamTask(InferTask):
     def _device(self, request: dict) -> str:
         return resolve_device(_first(request.get("device")))
 
-    def _write(self, mask: np.ndarray, vol, request: dict) -> str:
-        ext, dtype, compress = _result_format(request)
+    @staticmethod
+    def _write(mask: np.ndarray, vol, fmt: Tuple[str, Optional[str], bool]) -> str:
+        ext, dtype, compress = fmt
         return write_mask(mask, vol, extension=ext, dtype=dtype, compress=compress)
 
 
@@ -108,7 +111,9 @@ class EnsamInteractive(_EnsamTask):
         self.sessions = sessions
 
     def __call__(self, request) -> Tuple[Optional[str], Dict]:
-        t0 = time.time()
+        """The click path: request -> prompts (parsed here, checked once by ``geometry.check_prompts``) -> the
+        session's previous mask (bool) -> ``engine.segment`` -> the answer file, with the time split in the JSON."""
+        clock = _Clock()
         label = _first(request.get("label")) or ""
         if not isinstance(label, str):
             label = str(label)
@@ -120,11 +125,10 @@ class EnsamInteractive(_EnsamTask):
         # current label each time), so its requests stand alone instead of mixing labels
         keep_session = parse_bool(request.get("session_memory"), "session_memory", default=bool(label or client_id))
         points, plabels, boxes = parse_prompts(request)  # malformed input fails before the image is read
-        _result_format(request)
+        fmt = _result_format(request)
 
-        image_path = _image_path(request)
-        vol = self.volumes.get(image_path)
-        t_load = time.time()
+        image_path, vol = _load(self.volumes, request)
+        clock.lap("load")
         skey = self.sessions.key(client_id, os.path.realpath(image_path), label)
 
         if undo:
@@ -138,9 +142,10 @@ class EnsamInteractive(_EnsamTask):
                         f"nothing to undo for client {client_id!r}, label {label!r} on this image", status_code=409
                     ) from None
                 mask = mask if mask is not None else np.zeros(vol.shape, dtype=np.uint8)
-                out = self._write(mask, vol, request)
+                out = self._write(mask, vol, fmt)
+                clock.lap("write")
                 self.sessions.undo(skey)  # only once the answer exists
-            return out, self._result(label, mask, t0, t_load, t_load, time.time(), depth, {"undo": True})
+            return out, self._result(label, mask, clock, depth, {"undo": True})
 
         prompts = validate_prompts(points, plabels, boxes, vol.shape)
         if prompts.empty:
@@ -150,55 +155,71 @@ class EnsamInteractive(_EnsamTask):
             )
         device = self._device(request)
         engine = self.provider.get(device)
+        clock.lap("prompt")
         # read the previous result, segment, record the result: one step per session at a time (a concurrent
         # click of the same session waits and then builds on this one); reset_state applies only on success.
         # Requests without session memory (OHIF's) read and write no session: they do not wait for each other.
         with self.sessions.locked(skey) if keep_session else contextlib.nullcontext():
             prev = self.sessions.last(skey, vol.shape) if keep_session and not reset else None
+            clock.lap("session")
             with self.provider.device_lock(device):
-                t_infer = time.time()
-                mask = engine.segment(
-                    vol.array,
-                    vol.affine,
-                    points=prompts.points if len(prompts.points) else None,
-                    point_labels=prompts.point_labels if len(prompts.points) else None,
-                    boxes=prompts.boxes or None,
-                    prev_mask=prev,
-                    image_key=vol.key,
-                )
-                t_done = time.time()
+                clock.lap("wait")
+                mask = engine.segment(vol.array, vol.affine, prev_mask=prev, image_key=vol.key, prompts=prompts)
+                clock.lap("infer")
                 engine_info = _jsonable(getattr(engine, "last_info", None) or {})
-            mask = (np.asarray(mask) > 0).astype(np.uint8)
+            mask = np.asarray(mask)
             if mask.shape != vol.shape:
                 raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
-            out = self._write(mask, vol, request)
+            if mask.dtype != np.uint8:  # the engine's answer is uint8 0/1 already: no copy then
+                mask = (mask > 0).astype(np.uint8)
+            out = self._write(mask, vol, fmt)
+            clock.lap("write")
             if keep_session:
                 depth = self.sessions.push(skey, mask, reset=reset)
             else:
                 depth = 0
                 if reset:
                     self.sessions.reset(skey)
+            clock.lap("session")
         extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset,
                  "engine": engine_info}
-        return out, self._result(label, mask, t0, t_load, t_infer, t_done, depth, extra, engine)
+        return out, self._result(label, mask, clock, depth, extra, engine)
 
-    def _result(self, label, mask, t0, t_load, t_infer, t_done, depth, extra, engine=None) -> Dict:
-        t_end = time.time()
+    def _result(self, label, mask, clock: "_Clock", depth, extra, engine=None) -> Dict:
         res = {
             "label_names": {label or "ensam": 1},
             "voxels": int(np.count_nonzero(mask)),
             "session": {"step": depth, "can_undo": depth > 0},
-            "latencies": {
-                "pre": round(t_load - t0, 4),
-                "wait": round(max(t_infer - t_load, 0.0), 4),
-                "infer": round(max(t_done - t_infer, 0.0), 4),
-                "post": round(t_end - t_done, 4),
-                "total": round(t_end - t0, 4),
-            },
+            "latencies": clock.split((extra.get("engine") or {})),
         }
         res.update(self.provider.weights_info(engine))
         res.update(extra)
         return res
+
+
+class _Clock:
+    """Where one request's time went: ``lap(name)`` adds the time since the previous lap to ``name``."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.laps: Dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def split(self, engine_info: Optional[dict] = None) -> Dict[str, float]:
+        """The answer's ``latencies``: load, prompt, session, wait, infer (of which the engine's encode, decode,
+        paste), write, total; and the older pre / post (load; session + write after the engine)."""
+        lap = self.laps.get
+        out = {k: round(lap(k, 0.0), 4) for k in ("load", "prompt", "session", "wait", "infer", "write")}
+        for k in ("encode", "decode", "paste"):
+            out[k] = round(float((engine_info or {}).get(f"{k}_s", 0.0)), 4)
+        out["pre"] = out["load"]
+        out["post"] = round(lap("write", 0.0) + lap("session", 0.0), 4)
+        out["total"] = round(time.perf_counter() - self.t0, 4)
+        return out
 
 
 # What "auto segmentation" segments when neither the request nor ``--conf seg_labels`` says: large, common
@@ -260,9 +281,8 @@ class EnsamSegmentation(_EnsamTask):
                 f"unknown label name(s) {unknown}; ensam knows {len(vocab)} names, e.g. {sorted(vocab)[:12]} "
                 f"(full list: GET /info/ -> models.ensam_seg.labels)", status_code=422)
         names = list(dict.fromkeys(wanted))
-        _result_format(request)
-        image_path = _image_path(request)
-        vol = self.volumes.get(image_path)
+        fmt = _result_format(request)
+        _, vol = _load(self.volumes, request)
         t_load = time.time()
 
         device = self._device(request)
@@ -278,7 +298,7 @@ class EnsamSegmentation(_EnsamTask):
             out[m] = ids[name]
         for name in names:
             counts[name] = int(np.count_nonzero(out == ids[name]))
-        path = self._write(out, vol, request)
+        path = self._write(out, vol, fmt)
         t_end = time.time()
         res = {
             # only names present in the file: 3D Slicer maps the values it finds, in ascending order, to this list

@@ -141,9 +141,10 @@ class VolumeCache:
         self._lock = threading.Lock()
 
     def get(self, path: str) -> Volume:
-        if not path or not os.path.exists(path):
+        """The volume of ``path`` (FileNotFoundError when there is none: the one existence check of a click)."""
+        if not path:
             raise FileNotFoundError(f"image file not found: {path!r}")
-        key = file_key(path)
+        key = file_key(path)  # its stat raises FileNotFoundError for a missing file
         with self._lock:
             vol = self._items.get(key)
             if vol is not None:
@@ -185,7 +186,10 @@ def write_mask(
     if not ext.startswith("."):
         ext = "." + ext
     np_dtype = _DTYPES.get(str(dtype).lower(), np.uint8) if dtype else np.uint8
-    data = mask.astype(np_dtype, copy=False)
+    # NIfTI and NRRD store the first index fastest (Fortran order): nibabel writes a C-ordered array in small
+    # transposed chunks (a 512x512x61 uint8 mask: 196 ms; 65 ms when Fortran-ordered, 47 ms for the transpose;
+    # 2026-11-30, 2 busy cores). The engine answers in Fortran order, so no copy is made for it here.
+    data = np.asfortranarray(mask.astype(np_dtype, copy=False))
     fd, out = tempfile.mkstemp(suffix=ext, prefix="ensam_", dir=directory)
     os.close(fd)
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Any, List, Sequence, Tuple
 
 import numpy as np
+
+from ..geometry import Prompts, PromptError, check_prompts  # noqa: F401 (Prompts re-exported)
 
 
 class RequestError(ValueError):
@@ -113,24 +114,6 @@ def _box(value: Any, name: str) -> List[float]:
     return [_number(c, f"'{name}'") for c in value]
 
 
-@dataclass
-class Prompts:
-    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))  # (N, 3) [i, j, k]
-    point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))  # 1 fg / 0 bg
-    boxes: List[List[int]] = field(default_factory=list)  # inclusive [i0, i1, j0, j1, k0, k1], sorted, clipped
-
-    @property
-    def empty(self) -> bool:
-        return len(self.points) == 0 and len(self.boxes) == 0
-
-    def summary(self) -> dict:
-        return {
-            "foreground": int((self.point_labels == 1).sum()),
-            "background": int((self.point_labels == 0).sum()),
-            "boxes": len(self.boxes),
-        }
-
-
 def parse_prompts(request: dict) -> Tuple[List[List[float]], List[int], List[List[float]]]:
     """Read every prompt key of ``request`` (no image needed): (points, labels, raw boxes). Raises RequestError."""
     points: List[List[float]] = []
@@ -180,37 +163,10 @@ def validate_prompts(
     boxes: Sequence[Sequence[float]],
     shape: Sequence[int],
 ) -> Prompts:
-    """Check prompts against the image ``shape``: clicks must lie inside (422 otherwise); boxes are sorted per
-    axis, clipped to the image, and refused (422) only when they miss the image entirely."""
-    shape = [int(s) for s in shape[:3]]
-    valid = ", ".join(f"0..{s - 1}" for s in shape)
-    out_pts = []
-    for n, (p, lab) in enumerate(zip(points, labels)):
-        q = [int(round(c)) for c in p]
-        if any(c < 0 or c >= s for c, s in zip(q, shape)):
-            kind = "foreground" if lab == 1 else "background"
-            raise RequestError(
-                f"{kind} click {list(p)} is outside the image: shape {tuple(shape)}, valid voxel indices "
-                f"[i, j, k] in ({valid})",
-                status_code=422,
-            )
-        out_pts.append(q)
-    out_boxes = []
-    for n, b in enumerate(boxes):
-        box = []
-        for a in range(3):
-            lo, hi = sorted((b[2 * a], b[2 * a + 1]))
-            lo, hi = int(math.floor(lo + 0.5)), int(math.floor(hi + 0.5))
-            if hi < 0 or lo > shape[a] - 1:
-                raise RequestError(
-                    f"box {list(b)} lies outside the image on axis {'ijk'[a]}: shape {tuple(shape)}, valid voxel "
-                    f"indices [i, j, k] in ({valid})",
-                    status_code=422,
-                )
-            box += [max(lo, 0), min(hi, shape[a] - 1)]
-        out_boxes.append(box)
-    return Prompts(
-        points=np.asarray(out_pts, dtype=np.int64).reshape(-1, 3),
-        point_labels=np.asarray(list(labels), dtype=np.int64).reshape(-1),
-        boxes=out_boxes,
-    )
+    """Check prompts against the image ``shape`` with :func:`lib.geometry.check_prompts` (THE rule, also the
+    engine's): clicks must lie inside (422 otherwise); boxes are sorted per axis, clipped to the image, and refused
+    (422) only when they miss the image entirely. The result goes to the engine as it is (checked once)."""
+    try:
+        return check_prompts(points, labels, boxes, shape)
+    except PromptError as e:
+        raise RequestError(str(e), status_code=422) from None

@@ -1,9 +1,10 @@
 """Bounded, thread-safe memory of interactive results: the previous mask and an undo history.
 
 A session is keyed by ``(client_id, image, label)``. Each step pushes the new mask; ``undo`` pops it and gives
-back the one before (an empty mask when nothing is left). Masks are stored bit-packed (1 bit per voxel) and the
-store keeps at most ``max_sessions`` sessions and ``max_bytes`` of packed masks, evicting the least recently
-used session first.
+back the one before (an empty mask when nothing is left). One mask representation: a mask goes in as the engine
+gives it (uint8 0/1 or bool), is kept bit-packed (1 bit per voxel) and comes out as a bool array (a view of the
+unpacked bits, no further copy), which the engine takes as it is. The store keeps at most ``max_sessions``
+sessions and ``max_bytes`` of packed masks, evicting the least recently used session first.
 
 One request's read-modify-write of a session (read the previous mask, run the model, record the result; or undo)
 runs inside ``with store.locked(key):``, so that two requests of the same session run one after the other and
@@ -23,17 +24,23 @@ import numpy as np
 
 
 class _Packed:
-    __slots__ = ("shape", "bits", "nbytes")
+    """A mask as bits, in its own memory order (the engine's answers are Fortran-ordered: no transpose either way)."""
+
+    __slots__ = ("shape", "bits", "nbytes", "fortran")
 
     def __init__(self, mask: np.ndarray):
-        m = np.asarray(mask) != 0
+        m = np.asarray(mask)
+        if m.dtype != bool and m.dtype != np.uint8:
+            m = m != 0
         self.shape = m.shape
-        self.bits = np.packbits(m.ravel())
+        self.fortran = bool(m.flags.f_contiguous and not m.flags.c_contiguous)
+        # any non-zero byte is a 1 bit: no bool copy of a uint8 mask
+        self.bits = np.packbits(m.ravel(order="F" if self.fortran else "C"))
         self.nbytes = int(self.bits.nbytes)
 
     def unpack(self) -> np.ndarray:
-        n = int(np.prod(self.shape))
-        return np.unpackbits(self.bits, count=n).reshape(self.shape).astype(np.uint8)
+        flat = np.unpackbits(self.bits, count=int(np.prod(self.shape))).view(bool)
+        return flat.reshape(self.shape, order="F" if self.fortran else "C")
 
 
 class SessionStore:
@@ -64,7 +71,7 @@ class SessionStore:
             return len(entry[1]) if entry else 0
 
     def last(self, key, shape=None) -> Optional[np.ndarray]:
-        """The latest mask of the session (None when there is none or it does not fit ``shape``)."""
+        """The latest mask of the session, bool (None when there is none or it does not fit ``shape``)."""
         with self._lock:
             entry = self._sessions.get(key)
             if not entry or not entry[1]:
