@@ -14,7 +14,7 @@ import requests
 
 from conftest import (EnsamServer, _copy_app, free_port, launch, server_cmd, server_env, synthetic_volume,
                       wait_ready)
-from test_app_server import _mask_from_multipart
+from test_app_server import _mask_from_multipart, _save_final_label
 
 pytest.importorskip("SimpleITK")
 
@@ -128,3 +128,12 @@ def test_uncertainty_score_is_the_atlas_disagreement(atlas_server):
     info = ds["img1"]["image"]["info"]
     assert set(info["uncertainty_labels"]) == {"blob_a"} and info["uncertainty_meta"]["atlas"] == ["blob_a"]
     assert 0.0 <= info["uncertainty"] <= 1.0
+
+
+def test_a_final_label_in_the_datastore_becomes_an_atlas(atlas_server):
+    _save_final_label(atlas_server, "img0")  # as 3D Slicer saves it: label_info [{"name": "blob_a", "idx": 1}, ...]
+    r = _infer(atlas_server, "img1", {"labels": "blob_a"})
+    assert r.status_code == 200, r.text
+    _, _, params = _mask_from_multipart(r)
+    s = params["structures"]["blob_a"]
+    assert "datastore:img0" in s["atlases"] and len(s["atlases"]) == 3, s

@@ -91,6 +91,7 @@ class EnsamSegByExample(InferTask):
         self.seg = SegmentByExample(self.library)
         self.datastore: Optional[Callable[[], Any]] = None
         self._ds_lock = threading.Lock()
+        self._present_cache: Dict[str, tuple] = {}  # label path -> (file key, {name: value} held)
         routes, _ = self.routes()
         defaults = [canonical_name(n) for n in (default_labels or DEFAULT_LABELS)]
         self.default_labels = [n for n in defaults if n in routes] or sorted(routes)[:8]
@@ -171,9 +172,9 @@ class EnsamSegByExample(InferTask):
                 try:
                     label_id = ds.get_label_by_image_id(image_id, "final")
                     info = ds.get_label_info(label_id, "final") or {}
-                    names = _label_names(info) or {n: v for n, v in values.items()}
-                    atlas = Atlas(f"datastore:{image_id}", ds.get_image_uri(image_id),
-                                  ds.get_label_uri(label_id, "final"),
+                    label_uri = ds.get_label_uri(label_id, "final")
+                    names = _label_names(info) or self._present(label_uri, values)
+                    atlas = Atlas(f"datastore:{image_id}", ds.get_image_uri(image_id), label_uri,
                                   {canonical(n, vocab): int(v) for n, v in names.items()}, "", "datastore")
                 except Exception as e:  # noqa: BLE001 - one unreadable label must not stop segmentation
                     logger.warning(f"ensam_seg: datastore label of {image_id} not usable as an atlas: {e}")
@@ -183,6 +184,18 @@ class EnsamSegByExample(InferTask):
                 if old is None or old.label_path != atlas.label_path or old.names != atlas.names:
                     self.library.add(atlas)
             return sum(a.source == "datastore" for a in self.library.atlases)
+
+    def _present(self, label_path: str, values: Dict[str, int]) -> Dict[str, int]:
+        """A label without saved names is read as ensam's own answers are written (value = token id + 1): the
+        names whose values it holds (read once per file version)."""
+        from .imageio import file_key, load_volume
+
+        key = file_key(label_path)
+        hit = self._present_cache.get(label_path)
+        if hit is None or hit[0] != key:
+            held = set(np.unique(np.asarray(load_volume(label_path).array)).tolist())
+            hit = self._present_cache[label_path] = (key, {n: v for n, v in values.items() if v in held})
+        return dict(hit[1])
 
     # ---- inference ----------------------------------------------------------------------------------------
     def __call__(self, request) -> Tuple[Optional[str], Dict]:
