@@ -27,12 +27,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
-from lib.geometry import spacing_from_affine
+from lib.geometry import mask_bbox, spacing_from_affine
 from lib.io.volumes import load_volume
 from lib.labels import label_id, label_name
 
-from .fusion import Fused, fuse, pairwise_agreement
+from .fusion import fuse, pairwise_agreement
 from .prompting import Prompts, prompts_from_fused
 from .registration import RegistrationConfig, guess_modality, prepare, propagate, register, to_sitk
 
@@ -136,20 +137,48 @@ class AtlasLibrary:
 
 @dataclass
 class Structure:
+    """One structure's answer, kept as crops of the region around it (``region``: slices of the image)."""
+
     name: str
-    mask: np.ndarray  # the answer: ensam's mask from the atlas prompts (or the fused mask without an engine)
-    atlas_mask: np.ndarray  # the fused atlas mask
+    shape: tuple
+    region: tuple  # slices of the image holding every mask below
+    mask_crop: np.ndarray  # the answer: ensam's mask from the atlas prompts (or the fused mask without an engine)
+    atlas_crop: np.ndarray  # the fused atlas mask
     atlases: List[str]
     agreement: Optional[float]  # mean pairwise Dice between the atlases (None with one atlas)
     uncertainty: float  # 1 - mean pairwise Dice over the atlases' masks and ensam's mask
     prompts: dict = field(default_factory=dict)
     source: str = "atlas+ensam"
 
+    def _full(self, crop: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.region] = crop
+        return out
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self._full(self.mask_crop)
+
+    @property
+    def atlas_mask(self) -> np.ndarray:
+        return self._full(self.atlas_crop)
+
+    def paste(self, out: np.ndarray, value: int) -> None:
+        """Write ``value`` into ``out`` (the image's label map) where the answer is."""
+        out[self.region][self.mask_crop] = value
+
     def summary(self) -> dict:
         return {"atlases": self.atlases, "agreement": None if self.agreement is None else round(self.agreement, 4),
-                "uncertainty": round(self.uncertainty, 4), "voxels": int(np.count_nonzero(self.mask)),
-                "atlas_voxels": int(np.count_nonzero(self.atlas_mask)), "prompts": self.prompts,
+                "uncertainty": round(self.uncertainty, 4), "voxels": int(np.count_nonzero(self.mask_crop)),
+                "atlas_voxels": int(np.count_nonzero(self.atlas_crop)), "prompts": self.prompts,
                 "source": self.source}
+
+
+def _union(boxes: Sequence[tuple], shape, margin: int) -> tuple:
+    """Slices covering every box (slices tuples), grown by ``margin`` voxels, within the image."""
+    lo = np.min([[b.start for b in box] for box in boxes], axis=0) - margin
+    hi = np.max([[b.stop for b in box] for box in boxes], axis=0) + margin
+    return tuple(slice(int(max(a, 0)), int(min(b, n))) for a, b, n in zip(lo, hi, shape))
 
 
 @dataclass
@@ -170,6 +199,8 @@ class SegmentByExample:
         use_prev_mask: also give ensam the fused mask as its previous mask.
         cache_images: images whose transforms are kept.
     """
+
+    MARGIN = 8  # voxels around the atlases' union in which a structure is fused and prompted
 
     def __init__(self, library: AtlasLibrary, engine=None, max_atlases: int = 4, n_fg: int = 2, n_bg: int = 2,
                  use_prev_mask: bool = False, cache_images: int = 4):
@@ -193,7 +224,8 @@ class SegmentByExample:
 
     def registrations(self, image: np.ndarray, affine: np.ndarray, atlases: Sequence[Atlas], image_key: str,
                       log: Callable[[str], None] = logger.info) -> Dict[str, tuple]:
-        """{atlas key: (Registration, propagated label map)} for this image, each atlas registered once."""
+        """{atlas key: (Registration, propagated label map, {value: slices})} for this image, each atlas registered
+        once."""
         with self._lock:
             entry = self._cache.setdefault(image_key, {})
             self._cache.move_to_end(image_key)
@@ -209,7 +241,10 @@ class SegmentByExample:
                     coarse_img, lab_img, _ = self.library.prepared(a)
                     reg = register(f, coarse_img, self.library.reg_cfg)
                     labels = propagate(lab_img, fixed, reg.transform)
-                    entry[a.key] = (reg, labels)
+                    # where each label value lies (one pass): every structure then works on its own region
+                    objects = ndimage.find_objects(np.clip(labels, 0, None))
+                    boxes = {v + 1: sl for v, sl in enumerate(objects) if sl is not None}
+                    entry[a.key] = (reg, labels, boxes)
                     log(f"atlas {n + 1}/{len(todo)} {a.key}: registered in {time.perf_counter() - t:.1f}s "
                         f"(metric {reg.metric:.3f})")
             return {a.key: entry[a.key] for a in atlases if a.key in entry}
@@ -237,38 +272,58 @@ class SegmentByExample:
             if not carriers:
                 missing[name] = "no atlas carries this structure"
                 continue
-            masks = [regs[a.key][1] == a.names[name] for a in carriers]
-            fused = fuse(masks)
-            if not fused.mask.any():
+            found = [(a, regs[a.key][2][a.names[name]]) for a in carriers if a.names[name] in regs[a.key][2]]
+            if not found:
                 missing[name] = "the registered atlases put this structure outside the image"
                 continue
-            s = self._one(image, affine, spacing, name, fused, masks, [a.key for a in carriers], key, engine)
+            s = self._one(image, affine, spacing, name, carriers, [regs[a.key][1] for a in carriers],
+                          _union([b for _, b in found], image.shape, self.MARGIN), key, engine)
             structures[name] = s
             log(f"structure {n + 1}/{len(names)} {name}: {int(np.count_nonzero(s.mask))} voxels, "
                 f"uncertainty {s.uncertainty:.3f} ({len(carriers)} atlases)")
         t_end = time.perf_counter()
         reg_info = {k: {"metric": round(r.metric, 4), "affine_metric": round(r.affine_metric, 4),
-                        "seconds": round(r.seconds, 2)} for k, (r, _) in regs.items()}
+                        "seconds": round(r.seconds, 2)} for k, (r, _, _) in regs.items()}
         return Result(structures, missing, reg_info,
                       {"registration": round(t_reg - t0, 2), "segmentation": round(t_end - t_reg, 2),
                        "total": round(t_end - t0, 2)})
 
-    def _one(self, image, affine, spacing, name: str, fused: Fused, masks, keys, image_key, engine) -> Structure:
+    def _one(self, image, affine, spacing, name: str, carriers: Sequence[Atlas], label_maps, region: tuple,
+             image_key, engine) -> Structure:
+        """Fuse, prompt and segment one structure; every array operation is on ``region`` (the atlases' union grown
+        by ``MARGIN``, then grown to ensam's answer), never on the whole image."""
+        def crops(sl):
+            return [lm[sl] == a.names[name] for a, lm in zip(carriers, label_maps)]
+
+        masks = crops(region)
+        fused = fuse(masks)
         prompts: Prompts = prompts_from_fused(fused, spacing, self.n_fg, self.n_bg)
-        mask = fused.mask
-        source = "atlas"
+        start = np.array([sl.start for sl in region])
+        if not prompts.empty:
+            prompts.points = prompts.points + start
+            prompts.box = [int(v + start[a // 2]) for a, v in enumerate(prompts.box)]
+        mask, source = fused.mask, "atlas"
         if engine is not None and not prompts.empty:
-            out = engine.segment(image, affine, points=prompts.points if len(prompts.points) else None,
-                                 point_labels=prompts.point_labels if len(prompts.points) else None,
-                                 boxes=[prompts.box], prev_mask=fused.mask if self.use_prev_mask else None,
-                                 image_key=image_key)
-            out = np.asarray(out) > 0
-            if out.any():
-                mask, source = out, "atlas+ensam"
+            prev = None
+            if self.use_prev_mask:
+                prev = np.zeros(image.shape, dtype=bool)
+                prev[region] = fused.mask
+            out = np.asarray(engine.segment(image, affine, points=prompts.points if len(prompts.points) else None,
+                                            point_labels=prompts.point_labels if len(prompts.points) else None,
+                                            boxes=[prompts.box], prev_mask=prev, image_key=image_key)) > 0
+            box = mask_bbox(out)
+            if box is not None:
+                grown = _union([region, tuple(slice(int(box[2 * a]), int(box[2 * a + 1]) + 1) for a in range(3))],
+                               image.shape, 0)
+                if grown != region:  # ensam's answer reaches past the atlases' region: compare on the union
+                    region, masks = grown, crops(grown)
+                    fused = fuse(masks)
+                mask, source = out[region], "atlas+ensam"
         raters = list(masks) + ([mask] if source != "atlas" else [])
         agreement = pairwise_agreement(raters)
         uncertainty = 1.0 - agreement if agreement is not None else 1.0
-        return Structure(name, mask, fused.mask, keys, fused.agreement, uncertainty, prompts.summary(), source)
+        return Structure(name, image.shape, region, mask, fused.mask, [a.key for a in carriers], fused.agreement,
+                         uncertainty, prompts.summary(), source)
 
 
 def default_atlas_folder(app_dir: str) -> str:

@@ -232,7 +232,7 @@ class EnsamSegByExample(InferTask):
         by_atlas = [n for n in wanted if routes[n]["route"] in ATLAS_ROUTES]
         by_token = [n for n in wanted if routes[n]["route"] == "token"]
         structures: Dict[str, dict] = {}
-        masks: Dict[str, np.ndarray] = {}
+        masks: Dict[str, Any] = {}  # name -> full boolean mask (token) or lib.atlas Structure (atlas)
         if by_atlas:
             self.seg.engine = LockedEngine(engine, lock)
             res = self.seg.segment(vol.array, vol.affine, by_atlas, image_key=vol.key,
@@ -243,7 +243,7 @@ class EnsamSegByExample(InferTask):
                 if s is None:
                     structures[n] = {"route": routes[n]["route"], "missing": res.missing.get(n, "")}
                     continue
-                masks[n] = s.mask
+                masks[n] = s  # pasted below, from its region only
                 structures[n] = dict(s.summary(), route=routes[n]["route"], validation=routes[n]["validation"])
         if by_token:
             with lock:
@@ -253,8 +253,13 @@ class EnsamSegByExample(InferTask):
                 structures[n] = {"route": "token", "validation": routes[n]["validation"]}
         t_done = time.time()
         for n in wanted:  # later names win where structures overlap
-            if n in masks:
-                out[masks[n]] = ids[n]
+            m = masks.get(n)
+            if m is None:
+                continue
+            if isinstance(m, np.ndarray):
+                out[m] = ids[n]
+            else:
+                m.paste(out, ids[n])
         counts = {n: int(np.count_nonzero(out == ids[n])) for n in wanted}
         path = write_mask(out, vol, extension=ext, dtype=dtype, compress=compress)
         t_end = time.time()
