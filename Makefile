@@ -52,8 +52,9 @@ test: venv data services
 eval: venv data
 	$(VPY) -m lib.evaluation --data sample-datasets/eval --out eval-results --start box,click
 
-bench: venv
-	$(VPY) -m lib.benchmark
+# BENCH_ARGS="--only click-path" runs only the click path (HTTP and engine alone side by side, issue 11)
+bench: venv data
+	$(VPY) -m lib.benchmark $(BENCH_ARGS)
 
 pretrain: venv data
 	$(VPY) -m lib.training.pretrain --config apps/ensam/lib/training/pretrain.yaml --resume

@@ -5,7 +5,10 @@ monailabel runs scoring (start-up and on request), batch inference and training 
 process took both cores for about 50 s after ``make serve`` (start-up ``uncertainty`` scoring) and a click waited
 4-7 s instead of 0.3 s. :func:`yield_to_interactive`, called when the app is created, lowers the CPU priority
 (niceness, ``ENSAM_BACKGROUND_NICE``, default 10; 0 = unchanged) of those processes only, so the kernel gives the
-server's interactive threads the cores first and the background work the rest.
+server's interactive threads the cores first and the background work the rest. It runs when this module is
+imported, which ``main.py`` does first: a task process re-creating the app then spends its imports (18 s on two
+busy cores, measured 2026-11-30) at the lower priority too, not only its work; ``EnsamApp.__init__`` calls it again
+(a no-op then).
 """
 
 from __future__ import annotations
@@ -40,3 +43,6 @@ def yield_to_interactive() -> int:
         current = os.nice(target - current)
     logger.info(f"ensam background task {' '.join(sys.argv[1:3])}: CPU niceness {current} (interactive requests first)")
     return current
+
+
+yield_to_interactive()  # on import: see the module docstring

@@ -347,6 +347,10 @@ def click_path_report(eng: dict, http: dict, scoring: list, threads: int) -> str
                 f"{np.percentile(http['times'][1:], 95):.3f} | |")
     rows.append(f"| first interaction + image load (HTTP: the server loads it) | {e_first + eng['load_s']:.3f} | "
                 f"{h_first:.3f} | {h_first / (e_first + eng['load_s']):.2f} |")
+    over = [t - i.get("engine", {}).get("seconds", np.nan) for t, i in zip(http["times"], http["infos"])]
+    rows.append(f"| path cost of a refinement click (HTTP round trip - engine.segment, same request) p50 | | "
+                f"{_p50(over[1:]):.3f} | |")
+    rows.append(f"| path cost of the first interaction (image load included) | | {over[0]:.3f} | |")
     keys = ["load", "prompt", "encode", "decode", "paste", "write", "infer", "pre", "wait", "post", "total"]
     lat = [i.get("latencies", {}) for i in http["infos"][1:]]
     split = {k: _p50([x[k] for x in lat if k in x]) for k in keys if any(k in x for x in lat)}
@@ -374,7 +378,7 @@ def run_click_path(args) -> dict:
     eng, http = both["engine"], both["http"]
     scoring = []
     if args.during_scoring:
-        for nice in (0, 10, 0, 10):  # alternated: the machine load of others changes over minutes
+        for nice in args.scoring_nice:
             scoring.append(_run_part(["--part", "click-scoring", "--nice", str(nice), "--clicks", "4", *common]))
     print("\n" + click_path_report(eng, http, scoring, args.threads))
     return {"engine": eng, "http": http, "scoring": scoring, "data": data}
@@ -397,7 +401,9 @@ def main(argv=None) -> None:
     ap.add_argument("--nice", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=["click-path"], help="run only this part")
     ap.add_argument("--during-scoring", action="store_true",
-                    help="click-path: also clicks during start-up scoring (background niceness 0 and 10)")
+                    help="click-path: also clicks during start-up scoring")
+    ap.add_argument("--scoring-nice", type=lambda v: [int(x) for x in v.split(",")], default=[10],
+                    help="background niceness of each start-up scoring run, e.g. 0,10 (default 10, the app's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=20)
     ap.add_argument("--depth", type=int, default=300)
