@@ -172,11 +172,17 @@ def ensam_server(tmp_path_factory):
         nib.save(nib.Nifti1Image(img, aff), os.path.join(studies, f"{image_id}.nii.gz"))
         images[image_id] = (img, lab, aff)
 
-    port = free_port()
-    env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
     # seg_floor 0: ensam_seg offers every name by its learned token here (the synthetic blobs); the floor and the
     # atlas routes are tested with their own server (tests/test_seg_by_example_server.py)
-    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", ",".join(BLOBS), "--conf", "seg_floor", "0")
+    yield from serve(work, app_dir, studies, images, "--conf", "labels", ",".join(BLOBS), "--conf", "seg_floor", "0")
+
+
+def serve(work: str, app_dir: str, studies: str, images: dict, *conf: str):
+    """Start the app copy over ``studies`` with ``--conf`` pairs ``conf``, yield it once it answers, stop it after
+    (for a fixture: ``yield from serve(...)``)."""
+    port = free_port()
+    env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    cmd = server_cmd(app_dir, studies, port, *conf)
     log_path = os.path.join(work, "server.log")
     server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
                          work, images)

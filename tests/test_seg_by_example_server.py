@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import (EnsamServer, _copy_app, free_port, launch, server_cmd, server_env, synthetic_volume,
-                      wait_ready)
+from conftest import _copy_app, serve, synthetic_volume
 from test_app_server import _mask_from_multipart, _save_final_label
 
 pytest.importorskip("SimpleITK")
@@ -23,8 +22,6 @@ TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def atlas_server(tmp_path_factory):
-    from lib.evaluation.metrics import dice  # noqa: F401  (the app's code is importable: conftest put it first)
-
     work = str(tmp_path_factory.mktemp("seg_by_example"))
     app_dir = _copy_app(os.path.join(work, "app"))
     atlases = os.path.join(work, "atlases")
@@ -49,18 +46,8 @@ def atlas_server(tmp_path_factory):
         img, lab, aff = synthetic_volume(20 + n, shift)
         nib.save(nib.Nifti1Image(img, aff), os.path.join(studies, f"img{n}.nii.gz"))
         images[f"img{n}"] = (img, lab, aff)
-    port = free_port()
-    env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", "blob_a,blob_b", "--conf", "atlases", atlases,
+    yield from serve(work, app_dir, studies, images, "--conf", "labels", "blob_a,blob_b", "--conf", "atlases", atlases,
                      "--conf", "atlas_threads", "1")
-    log_path = os.path.join(work, "server.log")
-    server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
-                         work, images)
-    try:
-        wait_ready(server, "/info/", 180, "server")
-        yield server
-    finally:
-        server.stop()
 
 
 def _infer(server, image, params):
