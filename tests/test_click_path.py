@@ -145,6 +145,25 @@ def test_sessions_are_evicted_by_memory():
     assert big.depth(k) == 2 and big.nbytes == 2 * one
 
 
+def test_one_mask_representation_through_the_session_store(volume):
+    """The engine's answer (uint8 0/1, Fortran order) goes into the store and comes back as a bool array of the same
+    order and values, which the engine takes as its previous mask and answers the same as with the uint8 one."""
+    img, aff = volume
+    eng = _engine()
+    m = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    assert m.dtype == np.uint8 and m.flags.f_contiguous and m.any()
+    store = SessionStore()
+    k = store.key("c", "img", "x")
+    store.push(k, m)
+    back = store.last(k, img.shape)
+    assert back.dtype == bool and back.flags.f_contiguous and np.array_equal(back, m)
+    click = dict(boxes=[[20, 39, 20, 44, 10, 19]], points=[[30, 30, 15]], point_labels=[1])
+    assert np.array_equal(eng.segment(img, aff, prev_mask=back, **click), eng.segment(img, aff, prev_mask=m, **click))
+    c_order = np.ascontiguousarray(m)
+    store.push(k, c_order)
+    assert store.last(k).flags.c_contiguous and np.array_equal(store.last(k), m)
+
+
 # --------------------------------------------------------------------------------------------------- HTTP
 def _infer(server, model, image, params, output="all"):
     return requests.post(f"{server.url}/infer/{model}", params={"image": image, "output": output},
