@@ -438,25 +438,30 @@ def main(argv=None) -> None:
     for dev in devices:
         th = str(args.threads)
         common = ["--threads", th, "--device", dev, "--weights", args.weights]
-        results.append(_run_part(["--part", "ensam", "--depth", str(args.depth), "--clicks", str(args.clicks), *common]))
+        results.append(_run_part(["--part", "ensam", "--depth", str(args.depth), "--clicks", str(args.clicks),
+                                  *common]))
         results.append(_run_part(["--part", "ensam", "--depth", "600", "--clicks", "5", *common]))
         if not args.skip_vista:
             grid = str(results[0]["model_grid"][0])
             for size in ("128", grid):
-                results.append(_run_part(["--part", "vista3d", "--size", size, "--repeats", "1" if dev == "cpu" else "5",
+                repeats = "1" if dev == "cpu" else "5"
+                results.append(_run_part(["--part", "vista3d", "--size", size, "--repeats", repeats,
                                           "--threads", th, "--device", dev]))
     print(f"\nENSAM benchmark ({args.threads} CPU threads; torch {torch.__version__})")
-    print("| device | volume | first interaction (s) | refine p50 (s) | refine p95 (s) | clicks (cache hits) | peak RSS (MB) |")
+    print("| device | volume | first interaction (s) | refine p50 (s) | refine p95 (s) | clicks (cache hits) | "
+          "peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         if r["part"] == "ensam":
-            print(f"| {r['device']} | {'x'.join(map(str, r['shape']))} int16 | {r['first_s']:.3f} | {r['refine_p50_s']:.3f} | "
+            print(f"| {r['device']} | {'x'.join(map(str, r['shape']))} int16 | {r['first_s']:.3f} | "
+                  f"{r['refine_p50_s']:.3f} | "
                   f"{r['refine_p95_s']:.3f} | {r['clicks']} ({r['cache_hit_clicks']}) | {r['peak_rss_mb']:.0f} |")
     ens = {r["device"]: r for r in results if r["part"] == "ensam" and r["shape"][2] == args.depth}
     for r in results:
         if r["part"] == "vista3d":
             e = ens[r["device"]]
-            print(f"VISTA3D ({r['params'] / 1e6:.0f}M params) {r['size']}^3 one point on {r['device']}: {r['forward_s']:.2f} s "
+            print(f"VISTA3D ({r['params'] / 1e6:.0f}M params) {r['size']}^3 one point on {r['device']}: "
+                  f"{r['forward_s']:.2f} s "
                   f"-> {r['forward_s'] / e['first_s']:.1f}x our first interaction, "
                   f"{r['forward_s'] / e['refine_p50_s']:.1f}x our refinement click "
                   f"(ENSAM {e['params'] / 1e6:.2f}M params, {e['model_grid'][0]}^3 grid)")
