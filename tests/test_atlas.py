@@ -207,3 +207,14 @@ def test_evaluation_cli_rows_and_validation(atlas_folder, tmp_path):
     val = validation(res)
     assert set(val) <= {"blob_a", "blob_b"} and all(set(v) == {"atlas+ensam", "atlas"} for v in val.values())
     assert "atlas-only DSC" in markdown(res)
+
+
+def test_an_unreadable_atlas_is_skipped_not_fatal(atlas_folder):
+    lib = AtlasLibrary.from_dataset(atlas_folder, FAST)
+    os.remove(lib.atlases[0].label_path)
+    img, lab, aff = synthetic_volume(1)
+    logs = []
+    res = SegmentByExample(lib, None).segment(img, aff, ["blob_a", "blob_b"], image_key="v", log=logs.append)
+    assert any("a0: skipped (FileNotFoundError" in m for m in logs)
+    assert res.structures["blob_a"].atlases == ["a1"]
+    assert res.missing == {"blob_b": "the atlases that carry this structure could not be registered"}

@@ -238,9 +238,13 @@ class SegmentByExample:
                 f = prepare(fixed, modality, self.library.reg_cfg)
                 for n, a in enumerate(todo):
                     t = time.perf_counter()
-                    coarse_img, lab_img, _ = self.library.prepared(a)
-                    reg = register(f, coarse_img, self.library.reg_cfg)
-                    labels = propagate(lab_img, fixed, reg.transform)
+                    try:
+                        coarse_img, lab_img, _ = self.library.prepared(a)
+                        reg = register(f, coarse_img, self.library.reg_cfg)
+                        labels = propagate(lab_img, fixed, reg.transform)
+                    except (OSError, ValueError, RuntimeError) as e:  # an unreadable atlas is skipped, not fatal
+                        log(f"atlas {n + 1}/{len(todo)} {a.key}: skipped ({type(e).__name__}: {e})")
+                        continue
                     # where each label value lies (one pass): every structure then works on its own region
                     objects = ndimage.find_objects(np.clip(labels, 0, None))
                     boxes = {v + 1: sl for v, sl in enumerate(objects) if sl is not None}
@@ -270,7 +274,9 @@ class SegmentByExample:
             engine = self.engine if use_engine and name not in plain else None
             carriers = [a for a in atlases if name in a.names and a.key in regs]
             if not carriers:
-                missing[name] = "no atlas carries this structure"
+                skipped = any(name in a.names for a in atlases)
+                missing[name] = ("the atlases that carry this structure could not be registered" if skipped
+                                 else "no atlas carries this structure")
                 continue
             found = [(a, regs[a.key][2][a.names[name]]) for a in carriers if a.names[name] in regs[a.key][2]]
             if not found:

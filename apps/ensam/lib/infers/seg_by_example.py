@@ -209,6 +209,9 @@ class EnsamSegByExample(InferTask):
         if unknown:
             raise RequestError(f"unknown label name(s) {unknown}; ensam_seg offers {len(routes)} names "
                                f"(GET /info/ -> models.ensam_seg.routes)", status_code=422)
+        if not wanted:
+            raise RequestError(f"ensam_seg offers no label name yet (none reaches the floor {self.floor:.2f}; "
+                               f"GET /info/ -> models.ensam_seg.not_offered)", status_code=422)
         off = {w: refused[w] for w in wanted if w not in routes}
         if off:
             raise RequestError("not offered: " + "; ".join(f"{n!r} ({why})" for n, why in off.items())
