@@ -218,3 +218,30 @@ def test_an_unreadable_atlas_is_skipped_not_fatal(atlas_folder):
     assert any("a0: skipped (FileNotFoundError" in m for m in logs)
     assert res.structures["blob_a"].atlases == ["a1"]
     assert res.missing == {"blob_b": "the atlases that carry this structure could not be registered"}
+
+
+class CornerEngine(RecordingEngine):
+    """Answers only a small cube at the box's low corner: most of what the atlases agree on is missed."""
+
+    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+        self.calls.append({"points": points, "point_labels": point_labels, "prev_mask": prev_mask})
+        out = np.zeros(np.shape(image), np.uint8)
+        b = boxes[0]
+        out[b[0]:b[0] + 2, b[2]:b[2] + 2, b[4]:b[4] + 2] = 1
+        return out
+
+
+def test_corrective_click_where_the_atlases_agree_and_ensam_misses(atlas_folder):
+    lib = AtlasLibrary.from_dataset(atlas_folder, FAST)
+    engine = CornerEngine()
+    seg = SegmentByExample(lib, engine, corrections=1)
+    img, lab, aff = synthetic_volume(1)
+    res = seg.segment(img, aff, ["blob_a"], image_key="c", log=lambda m: None)
+    assert len(engine.calls) == 2
+    first, second = engine.calls
+    assert len(second["points"]) == len(first["points"]) + 1 and second["point_labels"][-1] == 1
+    assert second["prev_mask"] is not None
+    s = res.structures["blob_a"]
+    new = tuple(second["points"][-1])
+    assert s.atlas_mask[new] and lab[new] == 1  # the click lies where the atlases agree, inside the true blob
+    assert s.prompts["foreground"] == first["point_labels"].tolist().count(1) + 1

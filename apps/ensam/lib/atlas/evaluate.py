@@ -26,6 +26,7 @@ from .segment import AtlasLibrary, SegmentByExample, best_route, canonical_name,
 
 def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, cases: Optional[List[str]] = None,
              min_voxels: int = 50, n_fg: int = 2, n_bg: int = 2, use_prev_mask: bool = False, log=print,
+             corrections: int = 2,
              validation_file: str = "", floor: float = 0.35) -> Dict:
     import torch
 
@@ -51,7 +52,8 @@ def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, 
         if not e.get("label"):
             continue
         lib = AtlasLibrary.from_dataset(atlases, exclude=[case])
-        seg = SegmentByExample(lib, engine, n_fg=n_fg, n_bg=n_bg, use_prev_mask=use_prev_mask)
+        seg = SegmentByExample(lib, engine, n_fg=n_fg, n_bg=n_bg, use_prev_mask=use_prev_mask,
+                               corrections=corrections)
         img = load_volume(os.path.join(data, e["image"]))
         ref = np.asarray(load_volume(os.path.join(data, e["label"])).array)
         names = {canonical_name(n): int(v) for v, n in (e.get("labels") or {}).items()}
@@ -83,6 +85,7 @@ def evaluate(data: str, atlases: str, weights: Optional[str], threads: int = 2, 
             rows.append(row)
     out: Dict = {"data": data, "atlases": atlases, "weights": os.path.basename(weights) if weights else None,
                  "threads": threads, "n_fg": n_fg, "n_bg": n_bg, "use_prev_mask": use_prev_mask,
+                 "corrections": corrections,
                  "images": images, "pairs": rows}
     summary = {}
     for im in images:
@@ -155,6 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--n-fg", type=int, default=2)
     p.add_argument("--n-bg", type=int, default=2)
     p.add_argument("--prev-mask", action="store_true", help="give ensam the fused atlas mask as previous mask")
+    p.add_argument("--corrections", type=int, default=2, help="corrective clicks from the atlases after ensam")
     p.add_argument("--out", default="")
     p.add_argument("--routes", default="", help="validation JSON (model/atlas_validation.json): also score what "
                                                 "ensam_seg answers with its validated route per name")
@@ -166,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.error("--validation is leave-one-out on the atlases themselves: --data must be the --atlases folder")
     res = evaluate(a.data, a.atlases, a.weights or None, a.threads,
                    [c for c in a.cases.split(",") if c] or None, n_fg=a.n_fg, n_bg=a.n_bg,
-                   use_prev_mask=a.prev_mask, validation_file=a.routes, floor=a.floor)
+                   use_prev_mask=a.prev_mask, validation_file=a.routes, floor=a.floor, corrections=a.corrections)
     print(markdown(res))
     print(json.dumps({k: res[k] for k in ("summary", "spearman_pairs", "spearman_top10") if k in res}, indent=1))
     if a.out:
