@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from conftest import SHAPE, synthetic_volume
 from lib.infers.engine_provider import EngineProvider
 from lib.infers.ensam_infer import EnsamInteractive, EnsamSegmentation
-from lib.infers.imageio import VolumeCache, load_volume, write_mask
+from lib.io.imageio import VolumeCache, load_volume, write_mask
 from lib.infers.request_parsing import RequestError, parse_prompts, validate_prompts
 from lib.infers.session_store import SessionStore
 

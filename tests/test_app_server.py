@@ -47,7 +47,7 @@ def _mask_from_multipart(resp):
     with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
         f.write(data)
     try:
-        from lib.infers.imageio import load_volume
+        from lib.io.imageio import load_volume
 
         vol = load_volume(f.name)
         return np.asarray(vol.array), vol.affine, params

@@ -185,6 +185,28 @@ def test_corrupt_uploads_are_refused_and_leave_nothing(ensam_server, tmp_path):
     assert "upload_ok" not in _objects(ensam_server)
 
 
+def test_a_wrong_size_raw_label_of_an_inference_is_refused_and_changes_nothing(ensam_server, tmp_path):
+    """OHIF's raw ``.bin`` label sent with ``/infer`` (monailabel reshapes it onto the image: a 500 before): 422
+    naming the sizes when it is not one byte per voxel, 400 without a datastore image; nothing is written."""
+    root = os.path.dirname(ensam_server.studies)
+    before_files, before_ids = _files_under(root), set(_objects(ensam_server))
+    img, _, aff = ensam_server.images["vol4"]
+    click = json.dumps({"foreground": [[14, 12, 8]]})
+    url = f"{ensam_server.url}/infer/ensam"
+    r = requests.post(url, params={"image": "vol4", "output": "json"}, data={"params": click},
+                      files={"label": ("label.bin", b"\x00" * 10)}, timeout=TIMEOUT)
+    assert r.status_code == 422 and "10 bytes" in r.json()["detail"], r.text
+    assert str(int(np.prod(SHAPE))) in r.json()["detail"], r.text
+    upload = {"file": ("scan.nii.gz", _nifti_bytes(tmp_path, img, aff)), "label": ("label.bin", b"\x00" * img.size)}
+    r = requests.post(url, params={"output": "json"}, data={"params": click}, files=upload, timeout=TIMEOUT)
+    assert r.status_code == 400 and "?image=" in r.json()["detail"], r.text
+    assert _files_under(root) == before_files and set(_objects(ensam_server)) == before_ids
+    # one byte per voxel is still welcome
+    r = requests.post(url, params={"image": "vol4", "output": "json"}, data={"params": click},
+                      files={"label": ("label.bin", b"\x00" * img.size)}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+
+
 # ---------------------------------------------------------------------------------------------------- 5: faults
 def test_a_server_fault_is_a_500_with_its_traceback_logged(ensam_server, tmp_path):
     """A datastore file that went bad on the server is not the client's error (it used to be a 400)."""

@@ -20,8 +20,8 @@ Request rules (monailabel 0.8.5 checks none of them; issue 10):
 * ids: every image / label id (query ``image``, ``id``, ``label``; ``session_id``; batch and scoring ``images``; the
   keys of a batch manifest) names a datastore entry and every label tag (``tag``, ``label_tag``) is a plain name:
   a value that is a file path (``/``, ``\\``, ``.``, ``..``, a leading ``~``) is refused with 400 before any
-  route runs (``RequestGuard``), an id the datastore does not hold is 404. ``params`` of an inference may not name another
-  image than ``?image=``. Only an uploaded file or a session gives an image from outside the datastore.
+  route runs (``RequestGuard``), an id the datastore does not hold is 404. ``params`` of an inference may not name
+  another image than ``?image=``. Only an uploaded file or a session gives an image from outside the datastore.
 * unknown infer / batch / scoring / strategy / train names are 404 listing the known ones.
 * uploads (``PUT /datastore/image``, ``PUT /datastore/label``, an inference's ``file``) must be readable 3D
   volumes (a label: on its image's grid, 422 otherwise); anything else is 400 and nothing is stored.
@@ -387,7 +387,7 @@ def _save_upload(upload: UploadFile, suffix: str) -> str:
 
 def _check_volume_upload(path: str, what: str, filename: Optional[str]):
     """The [i, j, k] shape of an uploaded volume; 400 (or 413) naming ``what`` when it is not a 3D image."""
-    from lib.infers.imageio import volume_shape_of_upload  # the app's lib (see the module docstring)
+    from lib.io.imageio import volume_shape_of_upload  # the app's lib (see the module docstring)
 
     shown = os.path.basename(filename or "") or os.path.basename(path)
     try:
@@ -397,6 +397,34 @@ def _check_volume_upload(path: str, what: str, filename: Optional[str]):
             raise
         raise HTTPException(status_code=http_error_for(e).status_code,
                             detail=str(e).replace(os.path.basename(path), shown)) from None
+
+
+def _check_raw_label(size: int, shape, image: str) -> None:
+    """OHIF's raw label (``.bin``): one byte per voxel of image ``image`` (of ``shape``), else 422 naming both."""
+    voxels = 1
+    for d in shape:
+        voxels *= int(d)
+    if size != voxels:
+        raise HTTPException(status_code=422, detail=f"the raw label (.bin) has {size} bytes; image {image!r} "
+                                                    f"has {voxels} voxels {list(shape)} (one byte each)")
+
+
+def _check_infer_raw_label(label: Optional[UploadFile], image: str, file, session_id: str) -> None:
+    """An inference's raw ``.bin`` label (OHIF scribbles) is read by monailabel on the datastore image's grid
+    (``binary_to_image``, whose reshape of a wrong-size file was a 500): it needs ``?image=`` (400) and one byte
+    per voxel of that image (422), checked before anything runs. monailabel's own test of the name is kept."""
+    from lib.io.imageio import volume_shape  # the app's lib (see the module docstring)
+
+    if label is None or "".join(pathlib.Path(label.filename or "").suffixes) != ".bin":
+        return
+    if file or session_id or not image:
+        raise HTTPException(status_code=400, detail="a raw label (.bin) is read on the grid of a datastore image: "
+                                                    "give ?image=<datastore id>, not a 'file' upload or a session")
+    shape = tuple(volume_shape(_datastore_image(image)))
+    label.file.seek(0, os.SEEK_END)
+    size = label.file.tell()
+    label.file.seek(0)
+    _check_raw_label(size, shape, image)
 
 
 def add_image_checked(
@@ -440,7 +468,7 @@ def save_label_checked(
 ):
     """PUT ``/datastore/label``: the image must be in the datastore (404), the tag a plain name, the label a
     readable 3D volume (400) on the image's grid (422; OHIF's raw ``.bin`` voxels: one byte per image voxel)."""
-    from lib.infers.imageio import volume_shape  # the app's lib (see the module docstring)
+    from lib.io.imageio import volume_shape  # the app's lib (see the module docstring)
 
     tag = tag or DefaultLabelTag.FINAL.value
     _check_id(tag, "label tag")
@@ -450,14 +478,8 @@ def save_label_checked(
     tmp = _save_upload(label, suffix)
     try:
         shape = tuple(volume_shape(image_uri))
-        voxels = 1
-        for d in shape:
-            voxels *= int(d)
         if suffix.lower() == ".bin":
-            size = os.path.getsize(tmp)
-            if size != voxels:
-                raise HTTPException(status_code=422, detail=f"the raw label (.bin) has {size} bytes; image {image!r} "
-                                                            f"has {voxels} voxels {list(shape)} (one byte each)")
+            _check_raw_label(os.path.getsize(tmp), shape, image)
         else:
             got = tuple(_check_volume_upload(tmp, "label", label.filename))
             if got != shape:
@@ -675,6 +697,7 @@ def infer_threaded(
     else:
         raise HTTPException(status_code=400, detail="no image: give ?image=<datastore id>, a 'file' upload or a "
                                                     "?session_id=")
+    _check_infer_raw_label(label, image, file, session_id)
     if output == ResultType.dicom_seg:
         return infer_as_dicom_seg(background_tasks, model, image, session_id, params, file, label, p)
     try:

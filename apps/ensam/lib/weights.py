@@ -16,7 +16,7 @@ crash between the ``.pt`` and its copies cannot pair weights with another file's
 
 Reader: :func:`load_artefact` (weights + meta, for building a network) and :func:`read_meta` (meta only, cached by
 the file's identity, for ``/info``, the vocabulary and the contract). Every reader of weights in the app goes
-through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.infers.label_vocab``,
+through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.io.label_vocab``,
 ``lib.training.pretrain.init_weights``, the train task).
 
 Legacy layout (releases 1-3, e.g. the shipped ``model/pretrained_ensam.pt``): the ``.pt`` is a plain state_dict and

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from lib.infers.label_vocab import canonical, load_vocab
+from lib.io.label_vocab import canonical, load_vocab
 
 from ..evaluation.metrics import dice
 from .features import disagreement, flip_predictions
@@ -32,7 +32,7 @@ def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int
     from scipy.stats import spearmanr
 
     from lib.engine import EnsamEngine
-    from lib.infers.imageio import load_volume
+    from lib.io.imageio import load_volume
 
     with open(os.path.join(data, "dataset.json")) as f:
         ds = json.load(f)
@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if k in res:
             print(f"{k}: rho = {res[k]['rho']:.3f} (p = {res[k]['p']:.3g}, n = {res[k]['n']})")
     if a.out:
-        from lib.infers.label_vocab import atomic_write_json
+        from lib.io.label_vocab import atomic_write_json
 
         atomic_write_json(res, a.out)
 

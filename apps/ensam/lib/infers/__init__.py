@@ -3,7 +3,7 @@
 from .batch import EnsamBatchInfer, load_manifest
 from .engine_provider import EngineProvider, resolve_device
 from .ensam_infer import EnsamInteractive, EnsamSegmentation
-from .imageio import Volume, VolumeCache, load_volume, write_mask
+from ..io.imageio import Volume, VolumeCache, load_volume, write_mask
 from .request_parsing import RequestError, parse_prompts, validate_prompts
 from .session_store import SessionStore
 

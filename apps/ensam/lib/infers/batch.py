@@ -33,7 +33,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchInferTask
 from monailabel.utils.others.generic import remove_file
 
-from .imageio import load_volume, write_mask
+from ..io.imageio import load_volume, write_mask
 from .request_parsing import MAX_BOXES, RequestError, parse_prompts
 
 logger = logging.getLogger(__name__)

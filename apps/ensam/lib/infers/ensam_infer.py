@@ -19,8 +19,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
-from .imageio import VolumeCache, write_mask
-from .label_vocab import canonical, load_vocab, output_ids
+from ..io.imageio import VolumeCache, write_mask
+from ..io.label_vocab import canonical, load_vocab, output_ids
 from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
 from .session_store import SessionStore
 

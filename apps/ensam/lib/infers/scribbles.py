@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from ..geometry import spacing_from_affine
 from ..prompts.strokes import StrokeError, strokes_to_prompts, stroke_values
 from .ensam_infer import EnsamInteractive
-from .imageio import load_volume, volume_shape, volume_shape_of_upload
+from ..io.imageio import load_volume, volume_shape, volume_shape_of_upload
 from .request_parsing import RequestError, parse_bool
 
 HOW = ("send the strokes as the multipart file 'label' of POST /infer/ensam_scribbles (a labelmap on the image's "

@@ -39,8 +39,8 @@ from lib.atlas.segment import Atlas, AtlasLibrary, SegmentByExample, best_route,
 
 from .engine_provider import EngineProvider, resolve_device
 from .ensam_infer import _first, _jsonable, _names, _result_format
-from .imageio import VolumeCache, write_mask
-from .label_vocab import canonical, load_vocab, output_ids, read_meta
+from ..io.imageio import VolumeCache, write_mask
+from ..io.label_vocab import canonical, load_vocab, output_ids, read_meta
 from .request_parsing import RequestError
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class EnsamSegByExample(InferTask):
     def _present(self, label_path: str, values: Dict[str, int]) -> Dict[str, int]:
         """A label without saved names is read as ensam's own answers are written (value = token id + 1): the
         names whose values it holds (read once per file version)."""
-        from .imageio import file_key, load_volume
+        from ..io.imageio import file_key, load_volume
 
         key = file_key(label_path)
         hit = self._present_cache.get(label_path)

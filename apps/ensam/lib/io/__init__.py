@@ -1,4 +1,5 @@
-"""Shared I/O that needs no MONAI Label: volumes (``lib.io.volumes``)."""
+"""Shared I/O that needs no MONAI Label: volumes (``volumes``: THE loader; ``imageio``: upload checks, the volume
+cache, the mask writer), the label vocabulary (``label_vocab``), atomic file writes (``atomic``)."""
 
 from .volumes import Volume, file_key, is_nifti, load_volume
 

@@ -1,7 +1,7 @@
 """Reading a 3D volume as stored (no reorientation): THE volume loader, shared by the server (infer, train,
 batch), the evaluator and the training data. Plain NumPy + nibabel / SimpleITK: no MONAI Label import.
 
-``lib.infers.imageio`` re-exports these names and adds the server's side (upload checks, the volume cache, the
+``lib.io.imageio`` re-exports these names and adds the server's side (upload checks, the volume cache, the
 mask writer)."""
 
 from __future__ import annotations

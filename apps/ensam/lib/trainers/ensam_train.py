@@ -43,7 +43,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.contract import read_contract
 from lib.io.atomic import pid_alive
-from lib.infers.label_vocab import atomic_write_json, canonical, extend_vocab, load_vocab, output_ids
+from lib.io.label_vocab import atomic_write_json, canonical, extend_vocab, load_vocab, output_ids
 from lib.infers.request_parsing import parse_bool
 from lib.weights import load_artefact, read_meta, save_artefact
 
@@ -193,7 +193,7 @@ class EnsamTrain(TrainTask):
 
     def datalist(self, datastore: Datastore, wanted: Sequence[str]) -> List[dict]:
         """Images with a ``final`` label and the names (present in the label file) -> voxel value."""
-        from lib.infers.imageio import load_volume
+        from lib.io.imageio import load_volume
 
         fallback = {v: k for k, v in output_ids(self._vocab()).items()}
         items = []
@@ -296,7 +296,7 @@ class EnsamTrain(TrainTask):
     def load_cases(self, items: List[dict], vocab: Dict[str, int]) -> List[dict]:
         """Datastore items -> finetune cases. Each name gets the voxel value token id + 1 in every case, so the
         same structure has the same value whatever order the client saved its segments in."""
-        from lib.infers.imageio import load_volume
+        from lib.io.imageio import load_volume
 
         cases = []
         for it in items:

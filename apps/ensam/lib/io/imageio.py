@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..geometry import spacing_from_affine
-from ..io.volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
+from .volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
 
 
 def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**30) -> Tuple[int, int, int]:
@@ -28,7 +28,7 @@ def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**
     whole file is read the way inference reads it, so a truncated or corrupt file is refused too).
 
     Raises :class:`~lib.infers.request_parsing.RequestError` (400, or 413 for too many voxels) naming ``what``."""
-    from .request_parsing import RequestError
+    from lib.infers.request_parsing import RequestError  # (lib.infers imports monailabel: only here)
 
     name = os.path.basename(path)
     try:
