@@ -7,7 +7,7 @@ It builds a throw-away local datastore holding the training volume with its labe
 evaluation volumes, one box per volume from the reference label (its bounding box, ``--jitter`` voxels outward
 at random, seeded).
 
-    python -m lib.trainers.demo_finetune --structure liver --minutes 10 \
+    python -m lib.experiments.demo_finetune --structure liver --minutes 10 \
         --train sample-datasets/train/imagesTr/ct_small.nii.gz sample-datasets/train/labelsTr/ct_small.nii.gz \
         --eval sample-datasets/eval --out eval-results/finetune_liver.json
 """

@@ -8,7 +8,7 @@ reference, then the
 Spearman rank correlation between the two, over (image, structure) pairs and over images (scores averaged per
 image, as the scoring method stores them).
 
-    python -m lib.activelearning.evaluate --data sample-datasets/eval --out eval-results/uncertainty.json
+    python -m lib.experiments.uncertainty_vs_error --data sample-datasets/eval --out eval-results/uncertainty.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from lib.io.label_vocab import canonical, load_vocab
 
 from ..evaluation.metrics import dice
-from .features import disagreement, flip_predictions
+from ..activelearning.features import disagreement, flip_predictions
 
 
 def evaluate(data: str, weights: List[str], device: str = "cpu", max_labels: int = 0,
