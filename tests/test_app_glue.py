@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from conftest import SHAPE, synthetic_volume
 from lib.infers.engine_provider import EngineProvider
-from lib.infers.ensam_infer import EnsamInteractive, EnsamSegmentation
+from lib.infers.ensam_infer import EnsamInteractive
 from lib.io.imageio import VolumeCache, load_volume, write_mask
 from lib.infers.request_parsing import RequestError, parse_prompts, validate_prompts
 from lib.infers.session_store import SessionStore
@@ -255,31 +255,6 @@ def test_interactive_rejects_bad_requests_without_changing_the_session(study, tm
     with pytest.raises(RequestError) as e:
         task({"image": path + ".missing", "foreground": [[1, 1, 1]]})
     assert e.value.status_code == 404
-
-
-def test_segmentation_task_label_values(study, tmp_path):
-    path, img, lab, aff = study
-    provider = StubProvider(str(tmp_path))
-    task = EnsamSegmentation(provider, VolumeCache(), ["blob_a", "Blob B"])
-    vocab = task.vocab()
-    a, b = vocab["blob_a"] + 1, vocab["Blob B"] + 1
-    provider.engine.blob_a_token, provider.engine.blob_b_token = vocab["blob_a"], vocab["Blob B"]
-    info = task.info()
-    assert info["type"] == "segmentation" and info["labels"]["blob_a"] == a and info["labels"]["liver"] == 5
-    assert max(info["labels"].values()) < 256  # OHIF reads uint8 NRRD
-    assert task.config()["labels"] == "blob_a,Blob B"  # auto segmentation default = the app's own names
-    out, res = task({"image": path})
-    m = np.asarray(nib.load(out).dataobj)
-    assert res["label_names"] == {"blob_a": a, "Blob B": b}
-    assert set(np.unique(m)) == {0, a, b}
-    # a name that is segmented but absent is not listed (Slicer maps the values present, in order)
-    out2, res2 = task({"image": path, "labels": "Liver, blob_a"})  # spelling/case tolerated
-    assert res2["requested"] == ["liver", "blob_a"] and res2["label_names"] == {"blob_a": a}
-    with pytest.raises(RequestError) as e:
-        task({"image": path, "labels": ["nope"]})
-    assert e.value.status_code == 422
-    os.remove(out)
-    os.remove(out2)
 
 
 def test_write_mask_checks_shape(study):

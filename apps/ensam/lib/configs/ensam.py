@@ -7,7 +7,6 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 ``network``            JSON file with a NetworkConfig (default: ``<weights>.json`` beside the weights)
 ``labels``             comma-separated label names to add to the vocabulary (new learned label tokens)
 ``seg_labels``         names that auto segmentation / uncertainty use by default (comma-separated)
-``infer_concurrency``  inferences that may run on one device at the same time (default 1)
 ``session_history``    undo steps kept per (client, image, label) (default 10)
 ``session_mb``         memory for kept results, MiB (default 256)
 ``preload``            build the engine at start-up (default false; first request otherwise)
@@ -31,10 +30,11 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
-from lib.infers import EngineProvider, EnsamInteractive, SessionStore, VolumeCache
+from lib.infers import EngineProvider, EnsamInteractive, SessionStore
 from lib.infers.request_parsing import parse_bool
 from lib.infers.seg_by_example import FLOOR, EnsamSegByExample
 from lib.infers.scribbles import EnsamScribbles
+from lib.io.imageio import VolumeCache
 from lib.trainers import EnsamTrain
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,10 @@ class EnsamConfig(TaskConfig):
         self.extra_names = _csv(conf.get("labels"))  # names added to the vocabulary (free token ids)
         self.seg_labels = _csv(conf.get("seg_labels"))  # what auto segmentation segments by default
 
-        self.provider = EngineProvider(
-            self.path, network_config=self.network_config, concurrency=int(conf.get("infer_concurrency", 1))
-        )
+        if "infer_concurrency" in conf:  # it did nothing: the engine runs one inference at a time (its lock)
+            logger.warning("--conf infer_concurrency is not an option any more: one inference runs on a device at "
+                           "a time (the engine's network and encoding cache are shared); the value is ignored")
+        self.provider = EngineProvider(self.path, network_config=self.network_config)
         self.volumes = VolumeCache(max_items=int(conf.get("image_cache", 2)))
         self.sessions = SessionStore(
             max_sessions=int(conf.get("sessions", 64)),

@@ -4,8 +4,10 @@ Weights follow the MONAI Label convention ``[model/pretrained_ensam.pt, model/en
 exists wins, so weights published by fine-tuning replace the pre-trained ones without a restart. The file's
 mtime is checked on every request; a change rebuilds the engine (and so drops its encoding cache).
 
-A semaphore per device (``concurrency``, default 1) guards the model: requests run in parallel threads (the
-non-blocking infer route) but only ``concurrency`` of them touch one device at a time.
+One lock per device guards the model: requests run in parallel threads (the non-blocking infer route) but one
+at a time touches a device. (There was an ``infer_concurrency`` option for more; it did nothing, since the engine
+serialises its own ``segment`` calls under one lock: its network, encoding cache and timings are shared. On CPU
+two inferences would also only share the same cores.) Waiting on it is the answer's ``wait`` latency.
 """
 
 from __future__ import annotations
@@ -37,16 +39,14 @@ class EngineProvider:
         self,
         paths: Sequence[str],
         network_config: Optional[dict] = None,
-        concurrency: int = 1,
         engine_kwargs: Optional[dict] = None,
     ):
         self.paths = list(paths)
         self.network_config = network_config  # None: the engine reads <weights>.json beside the weights
-        self.concurrency = max(1, int(concurrency))
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engines: Dict[str, Tuple[object, Optional[str], float]] = {}
         self._build_lock = threading.Lock()
-        self._device_locks: Dict[str, threading.BoundedSemaphore] = {}
+        self._device_locks: Dict[str, threading.Lock] = {}
         self.loads = 0  # how many times an engine was (re)built: visible in results and tests
 
     # ---- weights ---------------------------------------------------------------------------------------------
@@ -72,11 +72,11 @@ class EngineProvider:
         return True  # the network can always be built; without weights it is untrained (logged at load)
 
     # ---- engine ----------------------------------------------------------------------------------------------
-    def device_lock(self, device: str) -> threading.BoundedSemaphore:
+    def device_lock(self, device: str) -> threading.Lock:
         with self._build_lock:
             lock = self._device_locks.get(device)
             if lock is None:
-                lock = self._device_locks[device] = threading.BoundedSemaphore(self.concurrency)
+                lock = self._device_locks[device] = threading.Lock()
             return lock
 
     def get(self, device: Optional[str] = None):

@@ -1,6 +1,7 @@
-"""MONAI Label infer tasks for ensam: ``ensam`` (interactive, type deepgrow) and ``ensam_seg`` (segmentation).
+"""MONAI Label infer task ``ensam`` (interactive, type deepgrow) and the request helpers the other infer tasks share
+(``ensam_seg`` is :mod:`lib.infers.seg_by_example`, ``ensam_scribbles`` :mod:`lib.infers.scribbles`).
 
-Both subclass monailabel's :class:`InferTask` and hand the work to :class:`lib.engine.EnsamEngine` through a shared
+It subclasses monailabel's :class:`InferTask` and hands the work to :class:`lib.engine.EnsamEngine` through a shared
 :class:`EngineProvider`: the image is loaded as stored (no reorientation, the engine owns the geometry), the result
 is written on the original grid (NIfTI by default; ``.nrrd`` etc. when the client asks ``result_extension``).
 Bad input raises :class:`RequestError` (a ValueError carrying an HTTP status) before anything changes.
@@ -20,7 +21,6 @@ from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
 from ..io.imageio import VolumeCache, write_mask
-from ..io.label_vocab import canonical, load_vocab, output_ids
 from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
 from .session_store import SessionStore
 
@@ -222,12 +222,6 @@ class _Clock:
         return out
 
 
-# What "auto segmentation" segments when neither the request nor ``--conf seg_labels`` says: large, common
-# structures (only those the vocabulary knows are used).
-DEFAULT_AUTO_LABELS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta",
-                       "urinary_bladder", "brain")
-
-
 def _names(value: Any) -> list:
     if value is None:
         return []
@@ -238,85 +232,3 @@ def _names(value: Any) -> list:
     if isinstance(value, (list, tuple)):
         return [str(w).strip() for w in value if str(w).strip()]
     raise RequestError(f"'labels' must be a comma-separated string or a list of names, got {value!r}")
-
-
-class EnsamSegmentation(_EnsamTask):
-    """Prompt-free segmentation of label names ensam knows (their learned label tokens)."""
-
-    def __init__(
-        self,
-        provider: EngineProvider,
-        volumes: VolumeCache,
-        extra_names: Sequence[str] = (),
-        default_labels: Sequence[str] = (),
-        num_labels: int = 128,
-        description: str = "ENSAM prompt-free segmentation of known label names (concept prompts)",
-        config: Optional[dict] = None,
-    ):
-        self.extra_names = list(extra_names)
-        self.num_labels = int(num_labels)
-        vocab = load_vocab(provider.paths, self.extra_names, self.num_labels)
-        defaults = [n for n in (default_labels or self.extra_names or DEFAULT_AUTO_LABELS) if n in vocab]
-        self.default_labels = defaults or sorted(vocab, key=vocab.get)[:8]
-        cfg = {"labels": ",".join(self.default_labels)}
-        cfg.update(config or {})
-        super().__init__(provider, volumes, InferType.SEGMENTATION, output_ids(vocab), description, cfg)
-
-    def vocab(self) -> Dict[str, int]:
-        return load_vocab(self.provider.paths, self.extra_names, self.num_labels)
-
-    def info(self) -> Dict[str, Any]:
-        self.labels = output_ids(self.vocab())
-        return super().info()
-
-    def __call__(self, request) -> Tuple[Optional[str], Dict]:
-        t0 = time.time()
-        vocab = self.vocab()
-        ids = output_ids(vocab)
-        wanted = _names(request.get("labels") or request.get("label_names")) or list(self.default_labels)
-        wanted = [canonical(w, vocab) for w in wanted]
-        unknown = [w for w in wanted if w not in vocab]
-        if unknown:
-            raise RequestError(
-                f"unknown label name(s) {unknown}; ensam knows {len(vocab)} names, e.g. {sorted(vocab)[:12]} "
-                f"(full list: GET /info/ -> models.ensam_seg.labels)", status_code=422)
-        names = list(dict.fromkeys(wanted))
-        fmt = _result_format(request)
-        _, vol = _load(self.volumes, request)
-        t_load = time.time()
-
-        device = self._device(request)
-        engine = self.provider.get(device)
-        out = np.zeros(vol.shape, dtype=np.uint8 if max(ids.values(), default=0) < 256 else np.uint16)
-        counts = {}
-        with self.provider.device_lock(device):
-            t_infer = time.time()
-            masks = self._segment(engine, vol, [vocab[n] for n in names])
-            t_done = time.time()
-        for name, m in zip(names, masks):  # later names win where structures overlap
-            m = np.asarray(m) > 0
-            out[m] = ids[name]
-        for name in names:
-            counts[name] = int(np.count_nonzero(out == ids[name]))
-        path = self._write(out, vol, fmt)
-        t_end = time.time()
-        res = {
-            # only names present in the file: 3D Slicer maps the values it finds, in ascending order, to this list
-            "label_names": {n: ids[n] for n in sorted(names, key=ids.get) if counts[n]},
-            "requested": names,
-            "voxels": counts,
-            "latencies": {
-                "pre": round(t_load - t0, 4),
-                "wait": round(t_infer - t_load, 4),
-                "infer": round(t_done - t_infer, 4),
-                "post": round(t_end - t_done, 4),
-                "total": round(t_end - t0, 4),
-            },
-        }
-        res.update(self.provider.weights_info(engine))
-        return path, res
-
-    @staticmethod
-    def _segment(engine, vol, token_ids):
-        res = engine.segment_labels(vol.array, vol.affine, token_ids)  # one encoding per window for all names
-        return [res[int(t)] for t in token_ids]
