@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ try:
 except ImportError:  # pragma: no cover - cc3d is a dependency of the app
     cc3d = None
 
+from .cache import ByteLRU
 from .contract import Contract, check_same, contract_for_network, read_contract
 from .geometry import (PromptError, Prompts, Roi, check_prompts, choose_roi, crop_to_model, logits_to_original,
                        mask_bbox, mask_to_model, normalize_intensity, prompt_extent, spacing_from_affine)
@@ -111,57 +111,28 @@ def image_fingerprint(image: np.ndarray, affine) -> str:
     return h.hexdigest()
 
 
-class _EncodingCache:
+class _EncodingCache(ByteLRU):
     """LRU of encoder features keyed by (image key, ROI, weights version), bounded in bytes. Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._d: OrderedDict = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        super().__init__(max_bytes=max_bytes, sizeof=lambda feats: sum(f.numel() * f.element_size() for f in feats))
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def _size(feats) -> int:
-        return sum(f.numel() * f.element_size() for f in feats)
-
-    def get(self, key):
+    def get(self, key, default=None):
         with self._lock:
-            v = self._d.get(key)
+            v = super().get(key)
             if v is not None:
-                self._d.move_to_end(key)
                 self.hits += 1
             else:
                 self.misses += 1
-            return v
+            return v if v is not None else default
 
-    def put(self, key, feats) -> None:
-        size = self._size(feats)
-        with self._lock:
-            if key in self._d:
-                return
-            self._d[key] = feats
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._d) > 1:
-                _, old = self._d.popitem(last=False)
-                self._bytes -= self._size(old)
+    def put(self, key, feats) -> None:  # type: ignore[override]
+        super().put(key, feats, replace=False)  # features of one key never change: the first stays
 
     def rois_for(self, image_key, version):
-        with self._lock:
-            return [k[1] for k in reversed(self._d) if k[0] == image_key and k[2] == version]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
+        return [k[1] for k in self.keys(newest_first=True) if k[0] == image_key and k[2] == version]
 
 
 def _local_edit(prev: np.ndarray, new: np.ndarray, click, reach: int = 2) -> np.ndarray:

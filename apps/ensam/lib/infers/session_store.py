@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Dict, Hashable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from ..cache import ByteLRU
 
 
 class _Packed:
@@ -48,8 +49,8 @@ class SessionStore:
         self.max_sessions = max(1, int(max_sessions))
         self.max_history = max(1, int(max_history))
         self.max_bytes = max(1, int(max_bytes))
-        self._sessions: "OrderedDict[Hashable, Tuple[float, List[_Packed]]]" = OrderedDict()
-        self._bytes = 0
+        # key -> (time of the last step, history of packed masks); the entry's size = its packed bytes
+        self._sessions = ByteLRU(max_bytes=self.max_bytes, max_items=self.max_sessions)
         self._lock = threading.RLock()
         self._key_locks: Dict[Hashable, list] = {}  # key -> [lock, number of requests holding or waiting]
 
@@ -63,20 +64,25 @@ class SessionStore:
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._sessions.nbytes
 
     def depth(self, key) -> int:
         with self._lock:
-            entry = self._sessions.get(key)
+            entry = self._sessions.peek(key)
             return len(entry[1]) if entry else 0
+
+    def _store(self, key, stamp: float, history: List[_Packed]) -> None:
+        """(Re)store a session as the most recently used one, measured again; other sessions are evicted, least
+        recently used first, while there are more than ``max_sessions`` or more than ``max_bytes``."""
+        self._sessions.put(key, (stamp, history), size=sum(p.nbytes for p in history))
 
     def last(self, key, shape=None) -> Optional[np.ndarray]:
         """The latest mask of the session, bool (None when there is none or it does not fit ``shape``)."""
         with self._lock:
-            entry = self._sessions.get(key)
+            entry = self._sessions.peek(key)
             if not entry or not entry[1]:
                 return None
-            self._sessions.move_to_end(key)
+            self._sessions.touch(key)
             packed = entry[1][-1]
         if shape is not None and tuple(packed.shape) != tuple(shape):
             return None
@@ -107,17 +113,20 @@ class SessionStore:
                 self.reset(key)
             _, history = self._sessions.pop(key, (0.0, []))
             history.append(packed)
-            self._bytes += packed.nbytes
-            while len(history) > self.max_history:
-                self._bytes -= history.pop(0).nbytes
-            self._sessions[key] = (time.time(), history)
-            self._evict(keep=key)
+            del history[:-self.max_history]
+            stamp = time.time()
+            self._store(key, stamp, history)  # evicts other sessions first
+            if self._sessions.nbytes > self.max_bytes and len(history) > 1:
+                # a single session larger than the budget keeps only its newest steps that fit (at least one)
+                while len(history) > 1 and sum(p.nbytes for p in history) > self.max_bytes:
+                    history.pop(0)
+                self._store(key, stamp, history)
             return len(history)
 
     def peek_undo(self, key) -> Tuple[Optional[np.ndarray], int]:
         """What ``undo`` would give, without changing anything. Raises KeyError when there is nothing to undo."""
         with self._lock:
-            entry = self._sessions.get(key)
+            entry = self._sessions.peek(key)
             if not entry or not entry[1]:
                 raise KeyError(key)
             history = entry[1]
@@ -129,39 +138,20 @@ class SessionStore:
         """Drop the latest step. Returns (the mask now current or None if none is left, remaining depth).
         Raises KeyError when the session has nothing to undo."""
         with self._lock:
-            entry = self._sessions.get(key)
+            entry = self._sessions.peek(key)
             if not entry or not entry[1]:
                 raise KeyError(key)
             history = entry[1]
-            self._bytes -= history.pop().nbytes
-            self._sessions.move_to_end(key)
+            history.pop()
+            self._store(key, entry[0], history)
             current = history[-1] if history else None
             depth = len(history)
         return (current.unpack() if current is not None else None), depth
 
     def reset(self, key) -> None:
         with self._lock:
-            entry = self._sessions.pop(key, None)
-            if entry:
-                self._bytes -= sum(p.nbytes for p in entry[1])
+            self._sessions.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:
             self._sessions.clear()
-            self._bytes = 0
-
-    def _evict(self, keep) -> None:
-        while len(self._sessions) > self.max_sessions or (self._bytes > self.max_bytes and len(self._sessions) > 1):
-            oldest = next(iter(self._sessions))
-            if oldest == keep:
-                self._sessions.move_to_end(keep)
-                oldest = next(iter(self._sessions))
-                if oldest == keep:
-                    break
-            _, history = self._sessions.pop(oldest)
-            self._bytes -= sum(p.nbytes for p in history)
-        # a single session larger than the budget keeps only its newest step
-        if self._bytes > self.max_bytes and keep in self._sessions:
-            history = self._sessions[keep][1]
-            while len(history) > 1 and self._bytes > self.max_bytes:
-                self._bytes -= history.pop(0).nbytes

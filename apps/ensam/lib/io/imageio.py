@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
-from collections import OrderedDict
 from typing import Optional, Tuple
 
 import numpy as np
 
+from ..cache import ByteLRU
 from ..geometry import spacing_from_affine
 from .volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
 
@@ -137,30 +136,23 @@ class VolumeCache:
 
     def __init__(self, max_items: int = 2):
         self.max_items = max(0, int(max_items))
-        self._items: "OrderedDict[str, Volume]" = OrderedDict()
-        self._lock = threading.Lock()
+        self._items = ByteLRU(max_items=self.max_items)
 
     def get(self, path: str) -> Volume:
         """The volume of ``path`` (FileNotFoundError when there is none: the one existence check of a click)."""
         if not path:
             raise FileNotFoundError(f"image file not found: {path!r}")
         key = file_key(path)  # its stat raises FileNotFoundError for a missing file
-        with self._lock:
-            vol = self._items.get(key)
-            if vol is not None:
-                self._items.move_to_end(key)
-                return vol
+        vol = self._items.get(key)
+        if vol is not None:
+            return vol
         vol = load_volume(path)
         if self.max_items:
-            with self._lock:
-                self._items[key] = vol
-                while len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
+            self._items.put(key, vol)
         return vol
 
     def clear(self):
-        with self._lock:
-            self._items.clear()
+        self._items.clear()
 
 
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
