@@ -23,7 +23,7 @@ def test_entry_bound_replace_and_re_measure():
     value = c.get(2)
     value.append(5)
     c.put(2, value, size=7)  # stored again: measured again
-    assert c.nbytes == 8 and c.keys(newest_first=True) == [2, 1]
+    assert c.nbytes == 10 and c.keys(newest_first=True) == [2, 1]
     c.put(3, [3], size=1)
     assert 1 not in c and len(c) == 2 and c.nbytes == 8
     assert c.pop(2) == [2, 5] and c.nbytes == 1
