@@ -143,3 +143,23 @@ def test_finer_window_is_finer_but_never_below_a_voxel_and_centred():
     assert np.all(np.abs(centre - [100, 80, 60]) <= 0.5)
     local = w.shifted((10, 20, 30))
     assert local.size == w.size and np.array_equal(np.asarray(local.start) + [10, 20, 30], w.start)
+
+
+def test_intensity_normalisation_equals_monai_percentile_scaling_on_the_model_grid():
+    """geometry.normalize_intensity (the contract's ``percentile_0.5_99.5``) is MONAI's percentile scaling on the
+    default 64^3 grid; only a nearly constant image differs (MONAI: ``x - lo``; ours: min..max -> 0..1)."""
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from lib.geometry import normalize_intensity
+
+    monai = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+    g = torch.Generator().manual_seed(3)
+    for x in ((torch.randn((1, 64, 64, 64), generator=g) * 300 + 40),
+              torch.rand((1, 64, 64, 64), generator=g) ** 4 * 2000 - 1000):
+        ours = normalize_intensity(x)
+        np.testing.assert_allclose(ours.numpy(), torch.as_tensor(monai(x)).float().numpy(), atol=1e-6)
+        assert type(ours) is torch.Tensor and ours.dtype == torch.float32
+    nearly_constant = torch.full((1, 64, 64, 64), 5.0)
+    nearly_constant[0, 0, 0, 0] = 100.0
+    y = normalize_intensity(nearly_constant)
+    assert float(y.min()) == 0.0 and float(y.max()) == 1.0

@@ -338,7 +338,12 @@ def _to_model_taps(roi: Roi, shape):
 
 def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
     """Modality-agnostic intensity normalisation of a model-grid image: percentiles 0.5..99.5 -> 0..1, clipped;
-    min..max -> 0..1 when those percentiles coincide (mostly constant images); zeros for a constant image."""
+    min..max -> 0..1 when those percentiles coincide (mostly constant images); zeros for a constant image.
+
+    On the default 64^3 grid this equals MONAI's ``ScaleIntensityRangePercentiles(0.5, 99.5, 0, 1, clip=True)``
+    (tests/test_geometry.py), kept by hand because it is faster and covers more: 6.3 vs 10.0 ms at 64^3, 16 vs 59 ms
+    at 128^3 (percentiles of a 200k-voxel sample there, within 1.4e-3), 1 thread, 2026-11-30; and MONAI's gives
+    ``x - lo`` (values up to 95 on a nearly constant test image) where the percentiles coincide."""
     lo, hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 200_000)].float(), torch.tensor([0.005, 0.995]))
     if hi - lo > 1e-6 * max(1.0, float(abs(hi))):
         y = ScaleIntensityRange(a_min=float(lo), a_max=float(hi), b_min=0.0, b_max=1.0, clip=True)(x)
