@@ -16,7 +16,8 @@ What is patched, and why:
    (:func:`add_middleware_once`, :func:`put_exception_handler`): path-like ids and oversized bodies are refused
    before any route runs; monailabel's own errors become 4xx JSON.
 3. OHIF file serving (:func:`ohif_file`, :data:`OHIF_DIR`, from monailabel's package folder): monailabel 0.8.5
-   joins nested paths with ``os.pathsep`` (':'), so every ``/ohif/assets/...`` file came back as index.html.
+   joins nested paths with ``os.pathsep`` (':'), so every ``/ohif/assets/...`` file came back as index.html. Served
+   by Starlette's ``StaticFiles`` (index.html for the viewer's own routes), behind monailabel's user role.
 4. The token check (:func:`install_token_check`): ``monailabel.endpoints.user.auth.from_token`` replaced by
    ``lib.server.token_user`` (asymmetric algorithms only, realm ``public_key`` or JWKS, expiry required).
 5. The local datastore class (:func:`local_datastore`): ``lib.datastore.AtomicLocalDatastore`` instead of
@@ -46,10 +47,12 @@ from typing import Any, Callable, Iterable
 
 import monailabel
 import monailabel.endpoints
-from fastapi import Depends, HTTPException
-from fastapi.responses import FileResponse
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import Response
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC, User
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 logger = logging.getLogger("ensam.monailabel_patches")
 
@@ -98,17 +101,33 @@ OHIF_DIR = os.path.join(os.path.dirname(os.path.realpath(monailabel.endpoints.__
 mimetypes.add_type("application/wasm", ".wasm")
 
 
-def ohif_file(path: str = "", user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+class _OhifFiles(StaticFiles):
+    """Starlette's static files (path safety, media types, ETag / 304) for the bundled OHIF, with index.html for
+    every path that is not one of its files (the viewer's own routes)."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        try:
+            return await super().get_response(path, scope)
+        except StarletteHTTPException as e:
+            if e.status_code != 404:
+                raise
+        try:
+            return await super().get_response("index.html", scope)
+        except StarletteHTTPException as e:
+            if e.status_code != 404:
+                raise
+        raise HTTPException(status_code=404, detail="OHIF is not bundled with this monailabel installation")
+
+
+_OHIF_FILES = _OhifFiles(directory=OHIF_DIR, check_dir=False)
+
+
+async def ohif_file(request: Request, path: str = "",
+                    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))) -> Response:
     """The bundled OHIF viewer's files. monailabel 0.8.5 joins nested paths with ``os.pathsep`` (':'), so every
     ``/ohif/assets/...`` file came back as index.html; this serves them (index.html for the app's own routes)."""
-    base = os.path.realpath(OHIF_DIR)
-    file = os.path.realpath(os.path.join(base, path)) if path else ""
-    if not file.startswith(base + os.sep) or not os.path.isfile(file):
-        file = os.path.join(base, "index.html")
-    if not os.path.isfile(file):
-        raise HTTPException(status_code=404, detail="OHIF is not bundled with this monailabel installation")
-    media_type = mimetypes.guess_type(file, strict=False)[0] or "application/octet-stream"
-    return FileResponse(file, media_type=media_type)
+    return await _OHIF_FILES.get_response(os.path.normpath(os.path.join(*(path or "index.html").split("/"))),
+                                          request.scope)
 
 
 # ---------------------------------------------------------------------------------------------- 4: token check
