@@ -149,8 +149,8 @@ def _copy_app(dst: str) -> str:
     os.makedirs(os.path.join(dst, "model"), exist_ok=True)
     src_model = os.path.join(_APP, "model")
     if os.path.isdir(src_model):
-        for f in os.listdir(src_model):
-            if f.startswith("pretrained_"):
+        for f in os.listdir(src_model):  # shipped artefacts (weights, atlas_validation.json); not ensam.pt*, which
+            if not f.startswith("ensam"):   # the app's train task writes
                 os.symlink(os.path.join(src_model, f), os.path.join(dst, "model", f))
     return dst
 

@@ -34,6 +34,8 @@ PLUGINS = {
     "orthanc-dicomweb": "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
     "orthanc-gdcm": "/usr/share/orthanc/plugins/libOrthancGdcm.so",  # the sample series is JPEG 2000
 }
+# the app copy lives in a temporary folder: ensam_seg's reference atlases (sample-datasets/train) named explicitly
+ATLASES = ("--conf", "atlases", os.path.join(ROOT, "sample-datasets", "train"))
 CLICK = [160, 260, 10]  # [i, j, k] of the series as the server loads it: the liver, slice 10 of 20
 TIMEOUT = 120
 ARTIFACTS = os.environ.get("ENSAM_TEST_ARTIFACTS") or os.path.join(ROOT, "test-artifacts", "ohif")
@@ -159,7 +161,7 @@ def server(tmp_path_factory, orthanc):
     env = server_env(app_dir, MONAI_LABEL_DICOMWEB_CACHE_PATH=os.path.join(work, "dicomweb-cache"))  # not ~/.cache
     log_path = os.path.join(work, "server.log")
     port = free_port()
-    s = Service(f"http://127.0.0.1:{port}", launch(server_cmd(app_dir, orthanc.dicomweb, port), log_path, work, env),
+    s = Service(f"http://127.0.0.1:{port}", launch(server_cmd(app_dir, orthanc.dicomweb, port, *ATLASES), log_path, work, env),
                 log_path)
     try:
         wait_ready(s, "/info/", 180, "server")
