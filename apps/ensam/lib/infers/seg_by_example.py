@@ -104,8 +104,13 @@ class EnsamSegByExample(InferTask):
         return load_vocab(self.provider.paths, self.extra_names, self.num_labels)
 
     def _token_scores(self) -> Tuple[Dict[str, float], Optional[float]]:
-        path = self.provider.weights_path()
-        meta = read_meta(path) if path else {}
+        # the newest weights that carry a concept validation: a fine-tuned ensam.pt validated on clicks and boxes
+        # only keeps the label tokens it started from, so the pre-trained file's figures still describe them
+        meta: dict = {}
+        for path in reversed([p for p in self.provider.paths if p and os.path.exists(p)]):
+            meta = read_meta(path)
+            if meta.get("val_concept_dsc") is not None or meta.get("val_concept_dsc_per_label"):
+                break
         per = {canonical_name(k): float(v) for k, v in (meta.get("val_concept_dsc_per_label") or {}).items()}
         overall = meta.get("val_concept_dsc")
         return per, None if overall is None else float(overall)
