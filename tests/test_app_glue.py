@@ -287,7 +287,9 @@ def test_http_error_mapping():
 
 # ---------------------------------------------------------------------------------------------------- train glue
 def test_train_request_and_label_names():
-    from lib.trainers.ensam_train import EnsamTrain, label_names_of, split_items
+    from lib.trainers.ensam_train import EnsamTrain
+    from lib.training.datastore_cases import label_names_of, split_items
+    from lib.training.finetune_job import training_devices
 
     slicer_info = {"label_info": [{"name": "liver", "idx": 1}, {"name": "background", "idx": 0},
                                   {"name": "Spleen", "idx": 3}], "model": "ensam"}
@@ -309,10 +311,10 @@ def test_train_request_and_label_names():
             task.parse_request(bad)
     assert "tracking" not in task.config()
     # one process on the chosen device unless several are asked for
-    assert task._devices(task.parse_request({"device": "cpu"})) == ["cpu"]
-    assert task._devices(task.parse_request({"device": "cpu", "cpu_processes": 1, "multi_gpu": True})) == ["cpu"]
+    assert training_devices(task.parse_request({"device": "cpu"})) == ["cpu"]
+    assert training_devices(task.parse_request({"device": "cpu", "cpu_processes": 1, "multi_gpu": True})) == ["cpu"]
     if (os.cpu_count() or 1) >= 2:
-        assert task._devices(task.parse_request({"device": "cpu", "cpu_processes": 2})) == ["cpu", "cpu"]
+        assert training_devices(task.parse_request({"device": "cpu", "cpu_processes": 2})) == ["cpu", "cpu"]
 
 
 def test_boolean_values_are_strict_in_train_infer_and_config():
@@ -335,16 +337,15 @@ def test_boolean_values_are_strict_in_train_infer_and_config():
 
 
 def test_train_cases_use_one_value_per_name(tmp_path):
-    from lib.trainers.ensam_train import EnsamTrain
+    from lib.training.datastore_cases import load_cases
 
     img, lab, aff = synthetic_volume(3)
     nib.save(nib.Nifti1Image(img, aff), str(tmp_path / "i.nii.gz"))
     nib.save(nib.Nifti1Image(lab, aff), str(tmp_path / "l.nii.gz"))
-    task = EnsamTrain(str(tmp_path), [str(tmp_path / "ensam.pt")])
     vocab = {"blob_a": 120, "blob_b": 121}
     item = {"id": "i", "image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz"),
             "labels": {"blob_b": 1, "blob_a": 2}}  # saved in the other order by some client
-    (case,) = task.load_cases([item], vocab)
+    (case,) = load_cases([item], vocab)
     assert set(np.unique(case["label"])) == {0, 121, 122}
     assert np.array_equal(case["label"] == 122, lab == 1) and np.allclose(case["affine"], aff)
 

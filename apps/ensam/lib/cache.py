@@ -1,6 +1,7 @@
 """THE least-recently-used cache of the app, bounded in bytes and/or in entries. Its users: the engine's encoder
-features (``engine._EncodingCache``, bytes), the decoded volumes (``io.imageio.VolumeCache``, entries) and the
-interactive sessions (``infers.session_store.SessionStore``, bytes and entries).
+features (``engine._EncodingCache``, bytes), the decoded volumes (``io.imageio.VolumeCache``, entries), the
+interactive sessions (``infers.session_store.SessionStore``, bytes and entries) and the atlas registrations of
+``atlas.segment.SegmentByExample`` (entries).
 
 Ours rather than ``cachetools.LRUCache``: that one measures a value once when it is stored (a session's history
 grows and shrinks in place: ``put`` again re-measures it here), refuses a value larger than the whole budget (here

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lib.cache import ByteLRU
 from lib.geometry import mask_bbox, spacing_from_affine
 from lib.io.volumes import load_volume
 from lib.labels import label_id, label_name
@@ -215,8 +215,8 @@ class SegmentByExample:
         self.n_fg, self.n_bg = int(n_fg), int(n_bg)
         self.use_prev_mask = bool(use_prev_mask)
         self.corrections, self.leak_mm = int(corrections), float(leak_mm)
-        self._cache: "OrderedDict[str, Dict[str, tuple]]" = OrderedDict()
-        self._cache_images = int(cache_images)
+        # image key -> {atlas key: registration}; entries bounded, the newest image's kept (0: none kept)
+        self._cache = ByteLRU(max_items=int(cache_images))
         self._lock = threading.RLock()
 
     def select(self, names: Sequence[str], modality: str) -> List[Atlas]:
@@ -233,10 +233,11 @@ class SegmentByExample:
         """{atlas key: (Registration, propagated label map, {value: slices})} for this image, each atlas registered
         once."""
         with self._lock:
-            entry = self._cache.setdefault(image_key, {})
-            self._cache.move_to_end(image_key)
-            while len(self._cache) > self._cache_images:
-                self._cache.popitem(last=False)
+            entry = self._cache.get(image_key)
+            if entry is None:
+                entry = {}
+                if self._cache.max_items:
+                    self._cache.put(image_key, entry)
             todo = [a for a in atlases if a.key not in entry]
             if todo:
                 fixed = to_sitk(image, affine)

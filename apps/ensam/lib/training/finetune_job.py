@@ -1,0 +1,303 @@
+"""One fine-tuning job on a datastore's labels, from a checked request to published weights. Plain Python (no
+monailabel import); the ``ensam`` train task (:mod:`lib.trainers.ensam_train`) parses the request and calls
+:meth:`FinetuneJob.run`.
+
+* the cases: every image with a ``final`` label (:mod:`lib.training.datastore_cases`), a deterministic validation
+  split (``val_split``);
+* the label vocabulary: new names get new label tokens (stored in the published artefact); with ``concept`` on, the
+  prompt-free mode of the trained names is trained too;
+* the loop: :func:`lib.training.finetune.finetune` (simulated boxes and clicks as the evaluator does,
+  interaction-unrolled), validation before / during / after, the best validated weights kept;
+* publication: those weights, with their network config, contract and vocabulary, go to ``publish_path`` as ONE
+  artefact by atomic rename (:func:`lib.weights.save_artefact`), so the infer tasks (which watch the file's mtime)
+  pick them up without a restart and never read half a file;
+* statistics (``train_stats.json``), updated every few seconds while training runs;
+* CPU or GPU; several GPUs (one process per GPU, ``torch.distributed`` with NCCL) with ``multi_gpu`` and more than
+  one GPU visible (``gpus``: "all" or a comma list of indices); on CPU, ``cpu_processes`` > 1 runs the same
+  data-parallel training over gloo (see :mod:`lib.training.distributed`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..contract import read_contract
+from ..io.atomic import atomic_write_json, pid_alive
+from ..io.label_vocab import canonical, extend_vocab, load_vocab
+from ..weights import load_artefact, read_meta, save_artefact
+from .datastore_cases import labelled_items, load_cases, split_items
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FinetuneJob", "training_devices", "cuda_available"]
+
+
+@dataclass
+class FinetuneJob:
+    """Where a job reads and writes: the weights to start from (the last one that exists), the published
+    artefact, the statistics file; the network config of new weights and the names known besides the weights'."""
+
+    weight_paths: List[str]
+    publish_path: str
+    stats_path: str
+    network_config: Dict[str, Any] = field(default_factory=dict)
+    extra_names: List[str] = field(default_factory=list)
+    num_labels: int = 128
+
+    def vocab(self) -> Dict[str, int]:
+        return load_vocab(self.weight_paths, self.extra_names, self.num_labels)
+
+    def init_weights(self) -> Optional[str]:
+        existing = [p for p in self.weight_paths if os.path.exists(p)]
+        return existing[-1] if existing else None
+
+    def stats(self) -> dict:
+        """The training statistics (``train_stats.json``). A run recorded as RUNNING whose process is gone (killed,
+        or the machine restarted) is reported as ERROR: it will never write its result."""
+        if not os.path.exists(self.stats_path):
+            return {}
+        try:
+            with open(self.stats_path) as f:
+                stats = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        pid = stats.get("pid") if isinstance(stats, dict) else None
+        if stats.get("status") == "RUNNING" and isinstance(pid, int) and not pid_alive(pid):
+            stats = dict(stats, status="ERROR",
+                         error=f"the training process (pid {pid}) ended without finishing (killed?)")
+        return stats
+
+    def run(self, req: dict, datastore) -> dict:
+        """Train on ``datastore``'s final labels as the checked request ``req`` says (the train task's
+        ``parse_request``); returns the final statistics. A failure is recorded in the statistics, then raised."""
+        start = time.time()
+        vocab0 = self.vocab()
+        req["labels"] = [canonical(n, vocab0) for n in req["labels"]]
+        items = labelled_items(datastore, vocab0, req["labels"])
+        if not items:
+            msg = "no labelled images to train on: save labels (tag 'final') in the datastore first"
+            if req["labels"]:
+                msg += f" (with label names {req['labels']})"
+            raise ValueError(msg)
+        train_items, val_items = split_items(items, req["val_split"], req["seed"])
+        names = sorted({n for it in items for n in it["labels"]})
+        vocab = extend_vocab(self.vocab(), names, self.num_labels)
+        init = self.init_weights() if req["pretrained"] else None
+        network_config = self.network_config or (read_meta(init).get("network") if init else None) or {}
+        logger.info(
+            f"ensam train: {len(train_items)} train / {len(val_items)} val images; labels {names}; "
+            f"init {init}; device {req['device']}"
+        )
+        base_stats = {
+            "name": "ensam",
+            "start_ts": int(start),
+            # 3D Slicer draws a progress bar from epoch/total_epochs and an accuracy bar from best_metric: here
+            # epoch = optimiser steps, total_epochs = max_steps or the steps the time budget should allow
+            "epoch": 0,
+            "total_epochs": req["max_steps"] or 1,
+            "best_metric": 0.0,
+            "max_seconds": req["max_seconds"] if req["max_seconds"] != float("inf") else None,
+            "train_images": [it["id"] for it in train_items],
+            "val_images": [it["id"] for it in val_items],
+            "label_names": {n: vocab[n] for n in names},
+            "device": req["device"],
+            "status": "RUNNING",
+            "pid": os.getpid(),
+        }
+        atomic_write_json(base_stats, self.stats_path)
+
+        plan = {
+            "train_items": train_items,
+            "val_items": val_items,
+            "vocab": vocab,
+            "init_weights": init,
+            "network_config": network_config,
+            "label_names": names,
+            "request": req,
+            "base_stats": base_stats,
+            "start": start,
+        }
+        devices = training_devices(req)
+        try:
+            if len(devices) > 1:
+                return self._run_distributed(plan, devices)
+            return self.run_plan(plan)
+        except Exception as e:
+            failed = dict(base_stats, status="ERROR", error=f"{type(e).__name__}: {e}",
+                          total_time=_hms(time.time() - start))
+            atomic_write_json(failed, self.stats_path)
+            raise
+
+    def _run_distributed(self, plan: dict, devices: List[str]) -> dict:
+        """One process per device (``torch.multiprocessing.spawn``); rank 0 publishes and writes the stats."""
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:  # a free rendezvous port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        plan = dict(plan, base_stats=dict(plan["base_stats"], world_size=len(devices),
+                                          devices=devices))
+        logger.info(f"ensam train: torch.distributed data-parallel over {len(devices)} processes: {devices}")
+        mp.spawn(_distributed_worker, nprocs=len(devices), args=(devices, port, self, plan), join=True)
+        stats = self.stats()
+        if stats.get("status") != "DONE":
+            raise RuntimeError(f"distributed training did not finish: {stats.get('error') or stats.get('status')}")
+        return stats
+
+    def run_plan(self, plan: dict, rank: int = 0, world_size: int = 1, device: Optional[str] = None) -> dict:
+        """The training itself (in every process of a data-parallel run); rank 0 publishes the weights."""
+        import torch
+
+        from ..engine import load_network
+        from .finetune import finetune
+
+        req = plan["request"]
+        base_stats = plan["base_stats"]
+        start = plan["start"]
+        publish_path = self.publish_path
+        vocab = plan["vocab"]
+        device = device or training_device(req["device"])
+        torch.manual_seed(req["seed"] + rank)
+
+        cases = load_cases(plan["train_items"], vocab)
+        if not cases:
+            raise ValueError("none of the labelled images holds the requested structures")
+        val_cases = load_cases(plan["val_items"], vocab) if plan["val_items"] else []
+        val_on_train = not val_cases
+        if val_on_train:  # a single labelled image: validate on it (best-weights selection still guards)
+            val_cases = cases
+        init = load_artefact(plan["init_weights"]) if plan["init_weights"] else None  # one read: weights + contract
+        net = load_network(init, plan["network_config"] or None, device)
+        contract = read_contract(init, net.config)  # the tuned weights keep their contract
+        label_ids = {vocab[n] + 1: vocab[n] for n in plan["label_names"]} if req["concept"] else None
+        last_write = [0.0]
+
+        def progress(p: dict):
+            if rank != 0 or time.time() - last_write[0] < 2.0:
+                return
+            last_write[0] = time.time()
+            step, secs = int(p.get("step", 0)), float(p.get("seconds", 0.0))
+            total = req["max_steps"] or 0
+            if req["max_seconds"] != float("inf") and secs > 0:
+                by_time = int(round(step * req["max_seconds"] / secs))
+                total = min(total, by_time) if total else by_time
+            s = dict(base_stats, epoch=step, total_epochs=max(total, step, 1), current_time=_hms(time.time() - start),
+                     loss=round(float(p.get("loss") or 0.0), 5))
+            atomic_write_json(s, self.stats_path)
+
+        result = finetune(net, cases, max_seconds=req["max_seconds"], val_cases=val_cases, device=device,
+                          label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
+                          max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
+                          seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
+                          rehearsal=req["rehearsal"], contract=contract)
+        if rank != 0:
+            return result
+
+        best = (result.get("val_best") or {}).get("score")
+        before = (result.get("val_before") or {}).get("score")
+        meta = {"network": plan["network_config"] or net.config.to_dict(), "contract": contract.to_dict(),
+                "trained_from": os.path.basename(plan["init_weights"] or "") or None,
+                "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
+                "val_best": result.get("val_best"), "steps": result.get("steps")}
+        # one artefact (weights + network + contract + vocabulary), published by one rename (lib.weights)
+        save_artefact(publish_path, net.state_dict(), meta, vocabulary=vocab)
+        logger.info(f"ensam train: published {publish_path} (validation score {before} -> {best})")
+
+        stats = dict(base_stats)
+        stats.update({k: v for k, v in result.items() if _jsonable(v)})
+        stats.update({
+            "status": "DONE",
+            "epoch": int(result.get("steps", 0)),
+            "total_epochs": int(result.get("steps", 0)),
+            "total_time": _hms(time.time() - start),
+            "total_seconds": round(time.time() - start, 1),
+            "best_metric": best if best is not None else 0.0,
+            "best_metric_before": before,
+            "validated_on_training_images": val_on_train,
+            "weights": os.path.basename(publish_path),
+        })
+        atomic_write_json(stats, self.stats_path)
+        return stats
+
+
+def training_devices(req: dict) -> List[str]:
+    """The data-parallel devices, one process each: several GPUs with ``multi_gpu``, several CPU processes with
+    ``cpu_processes`` > 1 on CPU, else the single training device."""
+    device = training_device(req["device"])
+    if device.startswith("cuda"):
+        if not req["multi_gpu"]:
+            return [device]
+        import torch
+
+        n = torch.cuda.device_count()
+        if req["gpus"] in ("", "all"):
+            ids = list(range(n))
+        else:
+            try:
+                ids = [int(g) for g in req["gpus"].split(",") if g.strip()]
+            except ValueError:
+                raise ValueError(f"gpus must be 'all' or a comma list of GPU indices, got {req['gpus']!r}") from None
+            bad = [g for g in ids if not 0 <= g < n]
+            if bad:
+                raise ValueError(f"gpus {bad} do not exist ({n} visible)")
+        return [f"cuda:{g}" for g in ids] or [device]
+    return ["cpu"] * req["cpu_processes"]
+
+
+def training_device(name: str) -> str:
+    if name.startswith("cuda") and not cuda_available():
+        logger.warning("ensam train: CUDA requested but not available; training on CPU")
+        return "cpu"
+    return name
+
+
+def _distributed_worker(rank: int, devices: List[str], port: int, job: FinetuneJob, plan: dict):
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import init_process_group
+
+    world_size = len(devices)
+    device = devices[rank]
+    if device == "cpu":  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ["MASTER_PORT"] = str(port)
+    init_process_group(rank, world_size, device)  # MASTER_ADDR: loopback unless set
+    try:
+        job.run_plan(plan, rank=rank, world_size=world_size, device=device)
+    except Exception as e:
+        if rank == 0:
+            atomic_write_json(dict(plan["base_stats"], status="ERROR", error=f"{type(e).__name__}: {e}",
+                                   total_time=_hms(time.time() - plan["start"])), job.stats_path)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
