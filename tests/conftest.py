@@ -150,8 +150,13 @@ def _copy_app(dst: str) -> str:
     src_model = os.path.join(_APP, "model")
     if os.path.isdir(src_model):
         for f in os.listdir(src_model):  # shipped artefacts (weights, atlas_validation.json); not ensam.pt*, which
-            if not f.startswith("ensam"):   # the app's train task writes
-                os.symlink(os.path.join(src_model, f), os.path.join(dst, "model", f))
+            if f.startswith("ensam"):       # the app's train task writes
+                continue
+            src, dst_f = os.path.join(src_model, f), os.path.join(dst, "model", f)
+            if f.endswith(".pt"):
+                os.symlink(src, dst_f)  # large and only read
+            else:
+                shutil.copyfile(src, dst_f)  # a test may rewrite its copy (never the repository's file)
     return dst
 
 
