@@ -267,3 +267,13 @@ def test_refinement_cases_are_finer_windows_on_the_coarse_boundary():
     opt = build_optimizer(net, "adamw", lr=1e-3)
     loss, dices = train_step(net, opt, case, np.random.default_rng(0), cfg)
     assert np.isfinite(loss) and len(dices) >= 1
+
+
+def test_select_volumes_keeps_the_named_training_volumes_only():
+    from lib.training.pretrain import select_volumes
+
+    vols = [D.Volume(name=n, image=np.zeros((2, 2, 2), np.float32), affine=np.eye(4)) for n in ("a", "b", "c")]
+    assert [v.name for v in select_volumes(vols, [])] == ["a", "b", "c"]
+    assert [v.name for v in select_volumes(vols, ["c", "a"])] == ["a", "c"]
+    with pytest.raises(ValueError, match="not in the data"):
+        select_volumes(vols, ["a", "zz"])

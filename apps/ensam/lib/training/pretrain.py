@@ -46,7 +46,7 @@ from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, tr
 from .optim import build_optimizer, lr_factor
 
 __all__ = ["PretrainConfig", "run", "main", "build_validation", "draw_case", "save_checkpoint",
-           "load_checkpoint", "export_weights", "init_weights"]
+           "load_checkpoint", "export_weights", "init_weights", "select_volumes"]
 
 
 @dataclass
@@ -71,6 +71,7 @@ class PretrainConfig:
     holdout: List[str] = field(default_factory=lambda: list(D.DEFAULT_HOLDOUT))
     source_weights: Dict[str, float] = field(default_factory=lambda: dict(D.SOURCE_WEIGHTS))
     volume_weights: Dict[str, float] = field(default_factory=dict)  # volume name -> factor on its real share
+    volumes: List[str] = field(default_factory=list)  # train on these volumes of `data` only (empty: all of them)
     loop: dict = field(default_factory=dict)
     contract: dict = field(default_factory=dict)  # overrides of the training/inference contract (lib.contract)
     val_minutes: float = 10.0
@@ -246,6 +247,16 @@ def init_weights(net, path) -> None:
         print(f"--init {path}: new parameters keep their initialisation: {missing}", flush=True)
 
 
+def select_volumes(volumes: list, names: List[str]) -> list:
+    """The volumes named in ``names`` (all when empty); a name that is not loaded is an error."""
+    if not names:
+        return list(volumes)
+    unknown = sorted(set(names) - {v.name for v in volumes})
+    if unknown:
+        raise ValueError(f"volumes: not in the data: {unknown}")
+    return [v for v in volumes if v.name in set(names)]
+
+
 def export_weights(net, path, meta: Optional[dict] = None) -> None:
     """One artefact (:func:`lib.weights.save_artefact`, loadable with ``torch.load(..., weights_only=True)``): the
     fp32 state_dict, ``meta`` (network config, contract, scores) and the label vocabulary, published atomically;
@@ -319,7 +330,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     n_params = sum(p.numel() for p in net.parameters())
 
     t0 = time.time()
-    volumes = D.load_volumes(cfg.data, seed=cfg.seed)
+    volumes = select_volumes(D.load_volumes(cfg.data, seed=cfg.seed), cfg.volumes)
     if any(cfg.source_weights.get(k, 0) > 0 for k in ("slic", "watershed")):
         D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
     sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights, volume_weights=cfg.volume_weights)
