@@ -55,7 +55,7 @@ def test_round_trip_in_one_file_loadable_with_weights_only(tmp_path):
     built = load_network(path)  # config from the artefact's meta
     assert same_weights(built.state_dict(), net.state_dict())
     eng = EnsamEngine(weights=path)
-    assert eng.contract == contract() and eng._mtime == os.stat(path).st_mtime
+    assert eng.contract == contract() and eng.mtime_ns == os.stat(path).st_mtime_ns
     # the JSON files beside it are copies for people; no temporary file is left behind
     meta_copy, vocab_copy = side_paths(path)
     assert json.load(open(vocab_copy)) == {"spleen": 0, "liver": 4} and json.load(open(meta_copy))["step"] == 7

@@ -168,8 +168,7 @@ class EnsamEngine:
         self.config = config or EngineConfig()
         self.weights = weights
         self._network_config = network_config
-        self._mtime = None
-        self.mtime_ns = None  # exact mtime of the weights file read (names the weights in answers)
+        self.mtime_ns = None  # exact st_mtime_ns of the weights file read: names the weights in answers, reloads
         self._version = 0
         self._lock = threading.RLock()
         if network is not None:
@@ -178,7 +177,6 @@ class EnsamEngine:
         else:
             art = load_artefact(weights) if weights else None  # one read: weights and contract of the same file
             self.network = load_network(art, network_config, self.device)
-            self._mtime = art.mtime if art else None
             self.mtime_ns = art.mtime_ns if art else None
             self.contract = read_contract(art, self.network.config)  # what these weights were trained under
             if contract is not None:
@@ -215,14 +213,12 @@ class EnsamEngine:
         """Re-read the weights file if it changed on disk (invalidates the cache). Returns True if reloaded."""
         if not self.weights or not os.path.exists(self.weights):
             return False
-        mtime = os.path.getmtime(self.weights)
-        if mtime == self._mtime:
+        if os.stat(self.weights).st_mtime_ns == self.mtime_ns:
             return False
         with self._lock:
             art = load_artefact(self.weights)
             self.network = load_network(art, self._network_config, self.device)
             self.contract = read_contract(art, self.network.config)
-            self._mtime = art.mtime
             self.mtime_ns = art.mtime_ns
             self.set_network(self.network)
         return True

@@ -83,7 +83,7 @@ class EngineProvider:
         """The engine for ``device`` with the newest weights (built or rebuilt as needed)."""
         device = resolve_device(device)
         path = self.weights_path()
-        mtime = os.stat(path).st_mtime if path else 0.0
+        mtime = os.stat(path).st_mtime_ns if path else 0
         with self._build_lock:
             cached = self._engines.get(device)
             if cached is not None and cached[1] == path and cached[2] == mtime:
@@ -96,7 +96,7 @@ class EngineProvider:
             )
             # the mtime of the file the engine actually read (a publication between the stat above and the read
             # would otherwise pair the new weights with the old mtime, and rebuild once more for nothing)
-            mtime = getattr(engine, "_mtime", None) or mtime
+            mtime = getattr(engine, "mtime_ns", None) or mtime
             self._engines[device] = (engine, path, mtime)
             self.loads += 1
             logger.info(
