@@ -50,8 +50,12 @@ class EngineProvider:
         self.loads = 0  # how many times an engine was (re)built: visible in results and tests
 
     # ---- weights ---------------------------------------------------------------------------------------------
+    def existing_paths(self) -> list:
+        """The weights files that exist, oldest first (pre-trained, then fine-tuned)."""
+        return [p for p in self.paths if p and os.path.exists(p)]
+
     def weights_path(self) -> Optional[str]:
-        existing = [p for p in self.paths if p and os.path.exists(p)]
+        existing = self.existing_paths()
         return existing[-1] if existing else None
 
     def weights_info(self, engine=None) -> dict:

@@ -107,7 +107,7 @@ class EnsamSegByExample(InferTask):
         # the newest weights that carry a concept validation: a fine-tuned ensam.pt validated on clicks and boxes
         # only keeps the label tokens it started from, so the pre-trained file's figures still describe them
         meta: dict = {}
-        for path in reversed([p for p in self.provider.paths if p and os.path.exists(p)]):
+        for path in reversed(self.provider.existing_paths()):
             meta = read_meta(path)
             if meta.get("val_concept_dsc") is not None or meta.get("val_concept_dsc_per_label"):
                 break
