@@ -208,3 +208,4 @@ def test_refinement_windows_only_for_weights_trained_for_them(volume):
         assert eng.last_info["refine_windows"] == first and m.any()
         eng.segment(img, aff, boxes=box, points=[[30, 30, 15]], point_labels=[0], prev_mask=m)
         assert eng.last_info["refine_windows"] == click
+

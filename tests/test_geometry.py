@@ -163,3 +163,30 @@ def test_intensity_normalisation_equals_monai_percentile_scaling_on_the_model_gr
     nearly_constant[0, 0, 0, 0] = 100.0
     y = normalize_intensity(nearly_constant)
     assert float(y.min()) == 0.0 and float(y.max()) == 1.0
+
+
+def test_flipped_prompts_draw_the_flipped_prompt_maps():
+    """Test-time flips (EngineConfig.tta_flips): prompts moved by flip_model_points / flip_model_boxes draw, on the
+    model grid, exactly the mirror image of the maps the original prompts draw (boxes stay lo <= hi)."""
+    from lib.geometry import flip_model_boxes, flip_model_points
+    from lib.network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
+
+    shape = (20, 16, 12)
+    pts = np.array([[3.0, 4.0, 5.0], [15.2, 2.0, 9.0]])
+    box = np.array([[2.0, 9.0, 5.0, 12.0, 1.0, 6.0]])
+    prev = torch.zeros(1, 1, *shape)
+    prev[0, 0, 4:8, 6:11, 2:4] = 1
+
+    def maps(p, b, pm):
+        corners = np.stack([b[:, 0::2], b[:, 1::2]], axis=1).reshape(-1, 3)
+        allp = torch.as_tensor(np.concatenate([p, corners]), dtype=torch.float32)[None]
+        types = torch.as_tensor([FG, BG, BOX_MIN, BOX_MAX])[None]
+        return dense_prompt_maps(allp, types, shape, pm)[0]
+
+    ref = maps(pts, box, prev)
+    for axes in [(0,), (1,), (2,), (0, 2), (0, 1, 2)]:
+        fb = flip_model_boxes(box, shape, axes)
+        assert np.all(fb[:, 0::2] <= fb[:, 1::2])
+        got = maps(flip_model_points(pts, shape, axes), fb, torch.flip(prev, [2 + d for d in axes]))
+        assert torch.allclose(got, torch.flip(ref, [1 + d for d in axes]), atol=1e-5), axes
+        assert np.allclose(flip_model_points(flip_model_points(pts, shape, axes), shape, axes), pts)

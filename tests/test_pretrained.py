@@ -85,3 +85,29 @@ def test_a_foreground_click_in_a_missed_region_adds_that_region():
     print(f"stomach: box DSC {_dice(m0, gt):.3f} -> {_dice(m1, gt):.3f} after one click; "
           f"{gained} of the {int(comp.sum())} missed voxels around the click added")
     assert m1[tuple(pt)] and gained >= 0.3 * comp.sum()
+
+
+def test_test_time_flips_are_mirror_equivariant():
+    """EngineConfig.tta_flips averages the plain and flipped views (each cached); with the shipped weights, the
+    mirrored CT with the mirrored box and click gets the mirrored answer (prompts flipped wrongly break this: points
+    left unflipped gave DSC 0.96 here)."""
+    from lib.engine import EngineConfig
+
+    torch.set_num_threads(2)
+    image, affine, labels, ids = _eval_case("ct_dicom")
+    gt = labels == ids["stomach"]
+    n0 = image.shape[0]
+    box = box_from_mask(gt, jitter=0).tolist()
+    click = np.argwhere(gt)[len(np.argwhere(gt)) // 2].tolist()
+    cfg = EngineConfig(tta_flips=((0,),))  # the views {plain, flip 0} are the same set for the mirrored image
+    eng = EnsamEngine(weights=WEIGHTS, config=cfg)
+    m = eng.segment(image, affine, boxes=[box], points=[click], point_labels=[1]) > 0
+    assert eng.cache.misses == 2  # two views encoded, each cached
+    plain = EnsamEngine(weights=WEIGHTS).segment(image, affine, boxes=[box], points=[click], point_labels=[1]) > 0
+    mbox = [n0 - 1 - box[1], n0 - 1 - box[0]] + box[2:]
+    mclick = [n0 - 1 - click[0]] + click[1:]
+    m2 = EnsamEngine(weights=WEIGHTS, config=cfg).segment(image[::-1].copy(), affine, boxes=[mbox], points=[mclick],
+                                                          point_labels=[1]) > 0
+    print(f"stomach: views change {(plain != m).sum()} voxels; mirrored answer DSC {_dice(m2[::-1], m):.4f}")
+    assert (plain != m).sum() > 100
+    assert _dice(m2[::-1], m) > 0.995

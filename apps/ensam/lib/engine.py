@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover - cc3d is a dependency of the app
 
 from .cache import ByteLRU
 from .contract import Contract, check_same, contract_for_network, read_contract
-from .geometry import (PromptError, Prompts, Roi, check_prompts, choose_roi, crop_to_model, logits_to_original,
-                       mask_bbox, mask_to_model, normalize_intensity, prompt_extent, spacing_from_affine)
+from .geometry import (PromptError, Prompts, Roi, check_prompts, choose_roi, crop_to_model, flip_model_boxes,
+                       flip_model_points, logits_to_original, mask_bbox, mask_to_model, normalize_intensity,
+                       prompt_extent, spacing_from_affine)
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
 from .weights import Artefact, load_artefact
 
@@ -49,6 +50,9 @@ class EngineConfig:
     AVX512-BF16/AMX), "on", "off".
     ``local_edits``: a corrective step changes the previous mask only in the connected regions of change that
     reach the latest click (VISTA3D's rule); elsewhere the previous mask stays.
+    ``tta_flips``: test-time augmentation of the interactive path: each entry is a set of model-grid axes, e.g.
+    ``((0,), (1,))``; the ROI is also encoded flipped along them (each view cached like the plain one), decoded
+    with the prompts flipped the same way, and the logits of all views (the plain one included) averaged.
 
     Native-resolution refinement (AutoZoom's second half; only with weights whose contract says they were trained
     for it, ``Contract.refine``): when one model voxel of the ROI spans more than
@@ -76,6 +80,7 @@ class EngineConfig:
     refine_margin: int = 4
     bf16: str = "auto"
     local_edits: bool = False
+    tta_flips: tuple = ()
 
 
 def bf16_ok(device) -> bool:
@@ -231,11 +236,15 @@ class EnsamEngine:
             self.cache.clear()
 
     # ------------------------------------------------------------------ interactive
-    def _encode(self, image: np.ndarray, roi: Roi, key: str):
-        ck = (key, roi, self._version)
+    def _encode(self, image: np.ndarray, roi: Roi, key: str, flip: tuple = ()):
+        """Encoder features of the ROI (the model grid flipped along the model axes ``flip``), from the cache when
+        there. Returns (features, cache hit)."""
+        ck = (key, roi, self._version, flip)
         feats = self.cache.get(ck)
         if feats is None:
             x = crop_to_model(image, roi).to(self.device)[None]
+            if flip:
+                x = torch.flip(x, [2 + d for d in flip])
             feats = self._net_encode(x)
             self.cache.put(ck, feats)
             return feats, False
@@ -334,12 +343,11 @@ class EnsamEngine:
         roi = self._pick_roi(shape, spacing, bxs, fg, prev_box, key)
         hits, zooms = 0, 0
         for zoom in range(self.config.max_zoom + 1):
-            feats, hit = self._encode(image, roi, key)
-            hits += hit
             pm = None
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
-            logits = self._decode_in(roi, feats, pts, labels, bxs, pm)
+            logits, hit = self._predict(image, roi, key, pts, labels, bxs, pm)
+            hits += hit
             model_mask = (logits > self.config.threshold).cpu().numpy()
             if zoom == self.config.max_zoom or len(bxs) or not roi.touches_border(model_mask, shape):
                 break  # a box bounds the object: AutoZoom is for prompts without one
@@ -367,19 +375,35 @@ class EnsamEngine:
                           "zooms": zooms, "refine_windows": n_win}
         return region, new
 
-    def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm) -> torch.Tensor:
+    def _predict(self, image, roi: Roi, key, pts, labels, bxs, pm):
+        """Logits (*model_shape) of the ROI: the plain view, averaged with the ``tta_flips`` views when set.
+        Returns (logits, cache hits)."""
+        total, hits = None, 0
+        views = [()] + [tuple(int(d) for d in f) for f in self.config.tta_flips]
+        for flip in views:
+            feats, hit = self._encode(image, roi, key, flip)
+            hits += hit
+            lg = self._decode_in(roi, feats, pts, labels, bxs, pm, flip)
+            total = lg if total is None else total + lg
+        return (total / len(views) if len(views) > 1 else total), hits
+
+    def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm, flip: tuple = ()) -> torch.Tensor:
         """Logits (*model_shape) of the ROI for clicks ``pts`` (``labels`` 1/0), boxes ``bxs`` (original voxels)
-        and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None."""
-        model_pts = [roi.to_model(pts)]
+        and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None. ``flip``: ``feats`` are of the grid
+        flipped along these model axes; the prompts are flipped to match and the logits flipped back."""
+        model_pts = [flip_model_points(roi.to_model(pts), roi.model_shape, flip)]
         types = [np.where(labels == 1, FG, BG)]
         if len(bxs):
-            mb = roi.boxes_to_model(bxs)
+            mb = flip_model_boxes(roi.boxes_to_model(bxs), roi.model_shape, flip)
             model_pts.append(np.stack([mb[:, 0::2], mb[:, 1::2]], axis=1).reshape(-1, 3))
             types.append(np.tile([BOX_MIN, BOX_MAX], len(bxs)))
         p = torch.as_tensor(np.concatenate(model_pts), dtype=torch.float32, device=self.device)[None]
         t = torch.as_tensor(np.concatenate(types), dtype=torch.long, device=self.device)[None]
+        if flip and pm is not None:
+            pm = torch.flip(pm, [2 + d for d in flip])
         dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
-        return self._net_decode(feats, p, t, dense)[0, 0]
+        out = self._net_decode(feats, p, t, dense)[0, 0]
+        return torch.flip(out, list(flip)) if flip else out
 
     def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key,
                 corrective: bool = False) -> int:

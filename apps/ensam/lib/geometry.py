@@ -24,7 +24,7 @@ from monai.transforms import ScaleIntensity, ScaleIntensityRange
 
 __all__ = ["PromptError", "Prompts", "Roi", "mask_bbox", "RoiPolicy", "spacing_from_affine", "check_prompts",
            "voxel_index", "normalize_boxes", "validate_points", "prompt_extent", "choose_roi", "crop_to_model",
-           "mask_to_model", "logits_to_original", "normalize_intensity"]
+           "mask_to_model", "logits_to_original", "normalize_intensity", "flip_model_points", "flip_model_boxes"]
 
 
 class PromptError(ValueError):
@@ -304,6 +304,25 @@ def _tap_matrix(taps, n_src: int) -> np.ndarray:
     np.add.at(mat, (rows, i0), 1 - w)
     np.add.at(mat, (rows, i1), w)
     return mat
+
+
+def flip_model_points(points, model_shape, axes) -> np.ndarray:
+    """(N, 3) model-grid coordinates -> the same points on the grid flipped along ``axes`` (voxel centres
+    0..S-1: p -> S - 1 - p)."""
+    p = np.array(points, dtype=float).reshape(-1, 3)
+    for d in axes:
+        p[:, d] = model_shape[d] - 1 - p[:, d]
+    return p
+
+
+def flip_model_boxes(boxes, model_shape, axes) -> np.ndarray:
+    """(K, 6) model-grid boxes [i0, i1, j0, j1, k0, k1] -> the same boxes on the grid flipped along ``axes`` (each
+    flipped axis' ends are mirrored and swap, so that lo <= hi stays)."""
+    b = np.array(boxes, dtype=float).reshape(-1, 6)
+    for d in axes:
+        lo, hi = b[:, 2 * d].copy(), b[:, 2 * d + 1].copy()
+        b[:, 2 * d], b[:, 2 * d + 1] = model_shape[d] - 1 - hi, model_shape[d] - 1 - lo
+    return b
 
 
 def mask_bbox(mask: np.ndarray) -> Optional[np.ndarray]:

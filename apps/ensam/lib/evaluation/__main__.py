@@ -38,7 +38,7 @@ def _set_threads(n: int, torch_needed: bool) -> None:
             pass
 
 
-def build_methods(names, weights=None, device="cpu", log=print):
+def build_methods(names, weights=None, device="cpu", log=print, engine_config=None):
     from .baselines import BASELINES, make_baseline
     from .evaluator import EnsamMethod, default_ensam_weights
 
@@ -51,7 +51,7 @@ def build_methods(names, weights=None, device="cpu", log=print):
                     "give --ensam-weights)")
                 continue
             try:
-                methods.append(EnsamMethod(weights=w, device=device))
+                methods.append(EnsamMethod(weights=w, device=device, config=engine_config))
                 log(f"ensam: weights {w} on {device}")
             except Exception as e:  # engine missing or weights unusable: evaluate the rest
                 log(f"ensam: skipped ({type(e).__name__}: {e})")
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                          "'<method> (strokes)') (default: %(default)s)")
     ap.add_argument("--jitter", type=int, default=3, help="box jitter in voxels (outward, 0..N)")
     ap.add_argument("--ensam-weights", default=None, help="weights for the ensam method (default: model folder)")
+    ap.add_argument("--engine", default=None, metavar="JSON",
+                    help='EngineConfig settings of the ensam method, e.g. \'{"tta_flips": [[0]]}\' (default: none)')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch/SimpleITK (default: 1)")
     ap.add_argument("--no-progress", action="store_true")
@@ -105,7 +107,19 @@ def main(argv=None) -> int:
 
     from .evaluator import evaluate, write_results
 
-    methods = build_methods(names, args.ensam_weights, args.device)
+    engine_config = None
+    if args.engine:
+        from ..engine import EngineConfig
+
+        try:
+            kw = json.loads(args.engine)
+            if "tta_flips" in kw:
+                kw["tta_flips"] = tuple(tuple(f) for f in kw["tta_flips"])
+            engine_config = EngineConfig(**kw)
+        except (ValueError, TypeError) as e:
+            print(f"--engine: {e}", file=sys.stderr)
+            return 2
+    methods = build_methods(names, args.ensam_weights, args.device, engine_config=engine_config)
     if not methods:
         print("no method to evaluate", file=sys.stderr)
         return 2

@@ -105,12 +105,13 @@ class EnsamMethod:
 
     name = "ensam"
 
-    def __init__(self, weights: Optional[str] = None, device: str = "cpu", engine=None, name: str = "ensam"):
+    def __init__(self, weights: Optional[str] = None, device: str = "cpu", engine=None, name: str = "ensam",
+                 config=None):
         self.name = name
         if engine is None:
             from ..engine import EnsamEngine  # lazy: the evaluator works without the engine/torch
 
-            engine = EnsamEngine(weights=weights, device=device)
+            engine = EnsamEngine(weights=weights, device=device, config=config)
         self.engine = engine
 
     @staticmethod
