@@ -27,9 +27,14 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(EVAL, "dataset.j
                                 reason="sample data not fetched (make data)")
 
 
-def test_weights_file_is_a_small_plain_state_dict():
+def test_weights_file_is_small_and_loads_with_weights_only():
+    """<= 25 MB, read by torch.load(weights_only=True): a plain state_dict (releases 1-3) or one artefact holding
+    the state_dict with its network, contract and vocabulary (lib.weights, release 4 on)."""
     assert os.path.getsize(WEIGHTS) <= 25 * 2 ** 20
-    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    obj = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state = obj["state_dict"] if "format" in obj else obj
+    if "format" in obj:
+        assert {"network", "contract", "vocabulary"} <= set(obj["meta"])
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     net = load_network(WEIGHTS)
     assert sum(p.numel() for p in net.parameters()) == sum(v.numel() for k, v in state.items()
