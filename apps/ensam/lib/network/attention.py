@@ -48,13 +48,17 @@ class Rotary3D(nn.Module):
         if self.rot_dim == 0:
             return x
         b, h, n, d = x.shape
-        ang = pos.to(x.dtype).unsqueeze(-1) * self.freqs.to(x.dtype)  # (B, N, 3, F)
-        ang = ang.reshape(b, 1, n, -1)  # (B, 1, N, 3F)
-        cos, sin = ang.cos(), ang.sin()
-        xr = x[..., : self.rot_dim].reshape(b, h, n, -1, 2)
-        x1, x2 = xr[..., 0], xr[..., 1]
-        rot = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).reshape(b, h, n, self.rot_dim)
-        return torch.cat((rot, x[..., self.rot_dim:]), dim=-1)
+        # in float32 whatever the autocast: in bf16 (8-bit mantissa) pos * freq loses the sub-voxel offsets that
+        # place a click (the angle of a latent position ~6 is off by up to 0.125 rad), and the error grows with
+        # the position, so relative positions stop being relative
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            ang = pos.float().unsqueeze(-1) * self.freqs.float()  # (B, N, 3, F)
+            ang = ang.reshape(b, 1, n, -1)  # (B, 1, N, 3F)
+            cos, sin = ang.cos(), ang.sin()
+            xr = x[..., : self.rot_dim].float().reshape(b, h, n, -1, 2)
+            x1, x2 = xr[..., 0], xr[..., 1]
+            rot = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).reshape(b, h, n, self.rot_dim)
+        return torch.cat((rot.to(x.dtype), x[..., self.rot_dim:]), dim=-1)
 
 
 class NormalizedAttention(nn.Module):
