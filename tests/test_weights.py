@@ -1,5 +1,5 @@
 """The model artefact (lib.weights): one .pt with weights + meta, published atomically, read by one reader; the
-legacy layout (plain state_dict + side JSON files, the shipped weights) still reads."""
+legacy layout (plain state_dict + side JSON files, releases 1-3) still reads."""
 
 import json
 import os
@@ -102,10 +102,14 @@ def test_legacy_layout_reads_as_before(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="shipped weights missing")
-def test_shipped_weights_read_unchanged():
+def test_shipped_weights_are_one_artefact_with_the_legacy_inference_contract():
+    """Release 4 on: one artefact; its contract is the one releases 1-3 were read with (the ROI aspect 4 etc.), so
+    the engine treats the releases alike."""
+    from lib.contract import legacy_contract
+
     art = load_artefact(SHIPPED)
-    assert art.layout == "legacy" and art.network["filters"] == 16 and art.vocabulary["liver"] == 4
-    assert read_contract(SHIPPED).roi.max_aspect == 4.0  # legacy contract (releases 1-3)
+    assert art.layout == "artefact" and art.network["filters"] == 16 and art.vocabulary["liver"] == 4
+    assert read_contract(SHIPPED) == legacy_contract(NetworkConfig.from_dict(art.network))
     assert load_vocab([SHIPPED, SHIPPED + ".missing"])["liver"] == 4
 
 

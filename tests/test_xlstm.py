@@ -48,9 +48,11 @@ def test_output_shapes_equal_the_segresnet_encoders(shape):
 
 
 def test_default_config_and_old_configs_build_the_segresnet_encoder_unchanged():
-    """Old weights/configs have no ``encoder`` key: they build exactly the network they built before."""
-    old = json.load(open(SHIPPED_JSON))["network"]
-    assert "encoder" not in old
+    """Old weights/configs (releases 1-3) have no ``encoder`` key: they build exactly the network they built before;
+    the shipped weights' config names the SegResNet encoder."""
+    shipped = json.load(open(SHIPPED_JSON))["network"]
+    assert shipped.get("encoder", "segresnet") == "segresnet"
+    old = {k: v for k, v in shipped.items() if k not in ("encoder", "xlstm_head_dim", "xlstm_chunk")}
     cfg = NetworkConfig.from_dict(old)
     assert cfg.encoder == "segresnet" and NetworkConfig().encoder == "segresnet"
     torch.manual_seed(0)

@@ -19,9 +19,9 @@ the file's identity, for ``/info``, the vocabulary and the contract). Every read
 through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.io.label_vocab``,
 ``lib.training.pretrain.init_weights``, the train task).
 
-Legacy layout (releases 1-3, e.g. the shipped ``model/pretrained_ensam.pt``): the ``.pt`` is a plain state_dict and
-the meta lives beside it in ``<base>.json`` (``network``, ``contract``, scores; an optional ``labels``) and
-``<base>_labels.json`` (``{name: token id}``). It is still read, into the same :class:`Artefact`.
+Legacy layout (releases 1-3 of ``model/pretrained_ensam.pt``; release 4 on is one artefact): the ``.pt`` is a plain
+state_dict and the meta lives beside it in ``<base>.json`` (``network``, ``contract``, scores; an optional
+``labels``) and ``<base>_labels.json`` (``{name: token id}``). It is still read, into the same :class:`Artefact`.
 """
 
 from __future__ import annotations
