@@ -277,3 +277,17 @@ def test_select_volumes_keeps_the_named_training_volumes_only():
     assert [v.name for v in select_volumes(vols, ["c", "a"])] == ["a", "c"]
     with pytest.raises(ValueError, match="not in the data"):
         select_volumes(vols, ["a", "zz"])
+
+
+def test_a_paused_step_is_not_charged_to_the_budget():
+    """charged_seconds: a step's wall time counts against the minutes budget, but a pause (SIGSTOP for a quiet
+    benchmark) counts at most 10x the recent median, so the schedule does not jump ahead."""
+    from collections import deque
+
+    from lib.training.pretrain import charged_seconds
+
+    recent = deque([2.0, 2.1, 1.9, 2.0], maxlen=50)
+    assert charged_seconds(600.0, recent) == 600.0  # too little history to judge: charged as measured
+    recent.append(2.2)
+    assert charged_seconds(2.5, recent) == 2.5
+    assert charged_seconds(600.0, recent) == 20.0  # a 10-minute pause costs 10 median steps

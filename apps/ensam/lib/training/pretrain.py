@@ -22,6 +22,7 @@ seed; measured as box-only DSC and DSC after 2 corrective clicks (model grid), p
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -257,6 +258,15 @@ def select_volumes(volumes: list, names: List[str]) -> list:
     return [v for v in volumes if v.name in set(names)]
 
 
+def charged_seconds(dt: float, recent, factor: float = 10.0) -> float:
+    """The seconds one training step is charged against the run's budget: its wall time, but at most ``factor`` x
+    the median of the ``recent`` steps' charges (after 5 of them), so a pause (the process stopped with SIGSTOP for a
+    quiet benchmark, or a suspended machine) does not eat the budget and compress the learning-rate schedule."""
+    if len(recent) < 5:
+        return float(dt)
+    return float(min(dt, factor * float(np.median(list(recent)))))
+
+
 def export_weights(net, path, meta: Optional[dict] = None) -> None:
     """One artefact (:func:`lib.weights.save_artefact`, loadable with ``torch.load(..., weights_only=True)``): the
     fp32 state_dict, ``meta`` (network config, contract, scores) and the label vocabulary, published atomically;
@@ -413,6 +423,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
                    mininterval=5, dynamic_ncols=True, file=sys.stdout)
     last_ckpt = last_val = time.time()
     window_t, window_n = time.time(), 0
+    recent = collections.deque(maxlen=50)  # the last steps' charged seconds (charged_seconds)
     try:
         while state["elapsed"] < budget and not stop["flag"]:
             if cfg.max_steps and state["step"] >= cfg.max_steps:
@@ -422,7 +433,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
                                         cfg.final_lr_fraction))
             case = draw_case(sampler, rng, lcfg)
             loss, dices = train_step(net, opt, case, rng, lcfg, device, amp, cfg.grad_clip)
-            dt = time.time() - ts
+            dt = charged_seconds(time.time() - ts, recent)
+            recent.append(dt)
             state["elapsed"] += dt
             state["step"] += 1
             state["samples"] += 1
