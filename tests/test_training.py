@@ -287,7 +287,8 @@ def test_a_paused_step_is_not_charged_to_the_budget():
     from lib.training.pretrain import charged_seconds
 
     recent = deque([2.0, 2.1, 1.9, 2.0], maxlen=50)
-    assert charged_seconds(600.0, recent) == 600.0  # too little history to judge: charged as measured
+    assert charged_seconds(600.0, recent) == 120.0  # little history (just resumed): at most 2 minutes
+    assert charged_seconds(30.0, recent) == 30.0
     recent.append(2.2)
     assert charged_seconds(2.5, recent) == 2.5
     assert charged_seconds(600.0, recent) == 20.0  # a 10-minute pause costs 10 median steps

@@ -258,12 +258,13 @@ def select_volumes(volumes: list, names: List[str]) -> list:
     return [v for v in volumes if v.name in set(names)]
 
 
-def charged_seconds(dt: float, recent, factor: float = 10.0) -> float:
+def charged_seconds(dt: float, recent, factor: float = 10.0, first_cap: float = 120.0) -> float:
     """The seconds one training step is charged against the run's budget: its wall time, but at most ``factor`` x
-    the median of the ``recent`` steps' charges (after 5 of them), so a pause (the process stopped with SIGSTOP for a
-    quiet benchmark, or a suspended machine) does not eat the budget and compress the learning-rate schedule."""
+    the median of the ``recent`` steps' charges (after 5 of them; before, at most ``first_cap`` seconds), so a pause
+    (the process stopped with SIGSTOP for a quiet benchmark, or a suspended machine) does not eat the budget and
+    compress the learning-rate schedule."""
     if len(recent) < 5:
-        return float(dt)
+        return float(min(dt, first_cap))
     return float(min(dt, factor * float(np.median(list(recent)))))
 
 
