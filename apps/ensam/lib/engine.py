@@ -82,6 +82,10 @@ class EngineConfig:
     local_edits: bool = False
     tta_flips: tuple = ()
 
+    def __post_init__(self) -> None:
+        # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
+        self.tta_flips = tuple(tuple(int(d) for d in f) for f in self.tta_flips)
+
 
 def bf16_ok(device) -> bool:
     """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with bf16 units (AVX512-BF16 or AMX)."""
@@ -137,7 +141,7 @@ class _EncodingCache(ByteLRU):
         super().put(key, feats, replace=False)  # features of one key never change: the first stays
 
     def rois_for(self, image_key, version):
-        return [k[1] for k in self.keys(newest_first=True) if k[0] == image_key and k[2] == version]
+        return [k[1] for k in self.keys(newest_first=True) if k[0] == image_key and k[2] == version and not k[3]]
 
 
 def _local_edit(prev: np.ndarray, new: np.ndarray, click, reach: int = 2) -> np.ndarray:
@@ -379,7 +383,7 @@ class EnsamEngine:
         """Logits (*model_shape) of the ROI: the plain view, averaged with the ``tta_flips`` views when set.
         Returns (logits, cache hits)."""
         total, hits = None, 0
-        views = [()] + [tuple(int(d) for d in f) for f in self.config.tta_flips]
+        views = ((),) + self.config.tta_flips
         for flip in views:
             feats, hit = self._encode(image, roi, key, flip)
             hits += hit

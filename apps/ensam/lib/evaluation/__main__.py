@@ -112,10 +112,7 @@ def main(argv=None) -> int:
         from ..engine import EngineConfig
 
         try:
-            kw = json.loads(args.engine)
-            if "tta_flips" in kw:
-                kw["tta_flips"] = tuple(tuple(f) for f in kw["tta_flips"])
-            engine_config = EngineConfig(**kw)
+            engine_config = EngineConfig(**json.loads(args.engine))
         except (ValueError, TypeError) as e:
             print(f"--engine: {e}", file=sys.stderr)
             return 2
