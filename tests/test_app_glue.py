@@ -417,3 +417,16 @@ def test_monailabel_patches_name_the_version_they_were_written_for(caplog):
     with caplog.at_level("WARNING", logger="ensam.monailabel_patches"):
         assert not mp.check_version("0.9.0")
     assert "0.8.5" in caplog.text and "0.9.0" in caplog.text and "monailabel_patches" in caplog.text
+
+
+def test_boundary_cut_conf_setting():
+    """``--conf boundary_cut true/false`` sets the engine's cut; absent, the engine's default stands; a typo is
+    refused naming the setting."""
+    from lib.configs.ensam import EnsamConfig
+    from lib.graphcut import BoundaryCut
+
+    assert EnsamConfig._engine_kwargs({}) == {}
+    assert isinstance(EnsamConfig._engine_kwargs({"boundary_cut": "true"})["config"].boundary_cut, BoundaryCut)
+    assert EnsamConfig._engine_kwargs({"boundary_cut": "false"})["config"].boundary_cut is None
+    with pytest.raises(RequestError, match="boundary_cut"):
+        EnsamConfig._engine_kwargs({"boundary_cut": "ture"})

@@ -31,6 +31,7 @@ from .contract import Contract, check_same, contract_for_network, read_contract
 from .geometry import (PromptError, Prompts, Roi, check_prompts, choose_roi, crop_to_model, flip_model_boxes,
                        flip_model_points, logits_to_original, mask_bbox, mask_to_model, normalize_intensity,
                        prompt_extent, spacing_from_affine)
+from .graphcut import BoundaryCut
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
 from .weights import Artefact, load_artefact
 
@@ -64,7 +65,11 @@ class EngineConfig:
     changed (where the new coarse mask differs from the previous mask seen on the model grid), so boundary detail
     already refined, or drawn by the user, survives corrective clicks elsewhere. Off by default: with release 3 it
     lowered final DSC (box start 0.734 -> 0.727, click start 0.693 -> 0.651 on the evaluation set): it also keeps
-    small errors the coarse grid cannot address, which the corrective clicks then keep pointing at."""
+    small errors the coarse grid cannot address, which the corrective clicks then keep pointing at.
+
+    ``boundary_cut``: a :class:`lib.graphcut.BoundaryCut` (or its settings as a dict; None = off) run on each
+    answer after the network, on the scan's own grid: the network's mask as a soft prior, an intensity model, the
+    clicks as hard seeds, the box as a bound."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -81,10 +86,13 @@ class EngineConfig:
     bf16: str = "auto"
     local_edits: bool = False
     tta_flips: tuple = ()
+    boundary_cut: BoundaryCut | None = None
 
     def __post_init__(self) -> None:
         # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
         self.tta_flips = tuple(tuple(int(d) for d in f) for f in self.tta_flips)
+        if isinstance(self.boundary_cut, dict):  # JSON settings (the evaluator's --engine, a config file)
+            self.boundary_cut = BoundaryCut(**self.boundary_cut)
 
 
 def bf16_ok(device) -> bool:
@@ -375,6 +383,13 @@ class EnsamEngine:
         n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None)
         if pm is not None and self.config.local_edits and len(pts):
             new = _local_edit(prev_mask[region], new, np.asarray(pts[-1]) - a)
+        if self.config.boundary_cut is not None and new.any():
+            tc = time.perf_counter()
+            inside = np.all((pts >= a) & (pts < b), axis=1)
+            box = bxs[0] - np.repeat(a, 2) if len(bxs) else None
+            new = self.config.boundary_cut.refine(image[region], new, spacing, pts[inside] - a, labels[inside],
+                                                  box).astype(np.uint8)
+            self._timed("cut_s", tc)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win}
         return region, new

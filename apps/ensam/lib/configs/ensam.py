@@ -13,6 +13,8 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 ``atlases``            folder (dataset.json) of the reference atlases of ``ensam_seg`` (default: sample-datasets/train)
 ``seg_floor``          validation DSC a name's route must reach to be offered by ``ensam_seg`` (default 0.35)
 ``atlas_threads``      SimpleITK threads for atlas registration (default 0: SimpleITK's own choice)
+``boundary_cut``       the graph cut after the network on the scan's grid (``lib.graphcut.BoundaryCut``):
+                       ``true`` / ``false`` (default: the engine's, ``EngineConfig.boundary_cut``)
 =====================  ==============================================================================
 """
 
@@ -58,7 +60,8 @@ class EnsamConfig(TaskConfig):
         if "infer_concurrency" in conf:  # it did nothing: the engine runs one inference at a time (its lock)
             logger.warning("--conf infer_concurrency is not an option any more: one inference runs on a device at "
                            "a time (the engine's network and encoding cache are shared); the value is ignored")
-        self.provider = EngineProvider(self.path, network_config=self.network_config)
+        self.provider = EngineProvider(self.path, network_config=self.network_config,
+                                       engine_kwargs=self._engine_kwargs(conf))
         self.volumes = VolumeCache(max_items=int(conf.get("image_cache", 2)))
         self.sessions = SessionStore(
             max_sessions=int(conf.get("sessions", 64)),
@@ -74,6 +77,17 @@ class EnsamConfig(TaskConfig):
             threads=int(conf.get("atlas_threads", 0)))
         if parse_bool(conf.get("preload"), "preload"):  # --conf preload true
             self.provider.get(None)
+
+    @staticmethod
+    def _engine_kwargs(conf: Dict[str, str]) -> dict:
+        """Engine settings from ``--conf`` (only those given; the rest are the engine's defaults)."""
+        if conf.get("boundary_cut") is None:
+            return {}
+        from lib.engine import EngineConfig
+        from lib.graphcut import BoundaryCut
+
+        on = parse_bool(conf.get("boundary_cut"), "boundary_cut")
+        return {"config": EngineConfig(boundary_cut=BoundaryCut() if on else None)}
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:
         """An explicit network config (``--conf network file.json``), else None: the engine then reads the

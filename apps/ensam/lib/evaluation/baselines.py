@@ -25,6 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry import mask_bbox, spacing_from_affine
+from ..graphcut import balls as _balls, click_seeds as _click_seeds, equalise as _normalise  # noqa: F401
+from ..graphcut import histogram_probability, impose_clicks as _impose_clicks, keep_seeded as _keep_seeded
 
 __all__ = ["BoxFill", "GraphCut", "RandomWalker", "RegionGrowing", "BASELINES", "TUNING_GRIDS", "make_baseline",
            "tune"]
@@ -98,94 +100,6 @@ class _Crop:
         return out
 
 
-def _normalise(x: np.ndarray, bins: int = 256, clip: float = 4.0) -> np.ndarray:
-    """float32 in [0, 1] by clip-limited histogram equalisation of the crop (global, CLAHE-style limit).
-
-    The 0.5th..99.5th percentile range is cut into ``bins`` bins; bin counts are capped at ``clip`` x the mean
-    count (the excess spread evenly), and the cumulative histogram is the mapping. Contrast goes where the crop's
-    intensities are (e.g. abdominal soft tissue rather than the -1000..1500 HU of air and bone, without any
-    modality-specific window), but a flat, noisy region is stretched at most ``clip`` times more than by a linear
-    rescale, so noise is not blown up to the full range as plain equalisation would do.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    lo, hi = np.percentile(x, [0.5, 99.5])
-    if not hi > lo:
-        return np.zeros(x.shape, dtype=np.float32)
-    h, edges = np.histogram(np.clip(x, lo, hi), bins=bins, range=(lo, hi))
-    h = h.astype(np.float64)
-    limit = clip * h.mean()
-    excess = np.maximum(h - limit, 0.0).sum()
-    h = np.minimum(h, limit) + excess / bins
-    cdf = np.concatenate([[0.0], np.cumsum(h)])
-    cdf /= cdf[-1]
-    return np.interp(x.ravel(), edges, cdf).astype(np.float32).reshape(x.shape)
-
-
-def _balls(shape, centres, radius_mm, spacing) -> np.ndarray:
-    """Union of ellipsoids of ``radius_mm`` (at least the centre voxel) around ``centres`` (crop coordinates)."""
-    out = np.zeros(shape, dtype=bool)
-    r = np.maximum(np.floor(radius_mm / np.asarray(spacing, dtype=np.float64)), 0).astype(int)
-    for c in np.asarray(centres, dtype=np.int64).reshape(-1, 3):
-        lo = np.maximum(c - r, 0)
-        hi = np.minimum(c + r, np.asarray(shape) - 1)
-        if np.any(lo > hi):
-            continue
-        grids = np.ogrid[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))]
-        d2 = sum(((g - cc) * s) ** 2 for g, cc, s in zip(grids, c, spacing))
-        out[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))] |= d2 <= max(radius_mm, 0.0) ** 2 + 1e-9
-        if np.all((c >= 0) & (c < np.asarray(shape))):
-            out[tuple(c)] = True
-    return out
-
-
-def _click_seeds(shape, fl, bl, click_mm, spacing):
-    """(foreground, background) seed masks from clicks in crop coordinates: balls of ``click_mm``; where balls
-    overlap the background wins, but every click's own voxel keeps its own label."""
-    fg = _balls(shape, fl, click_mm, spacing) if len(fl) else np.zeros(shape, dtype=bool)
-    bg = _balls(shape, bl, click_mm, spacing) if len(bl) else np.zeros(shape, dtype=bool)
-    fg &= ~bg
-    inside = lambda p: np.all((p >= 0) & (p < np.asarray(shape)))  # noqa: E731
-    for p in np.asarray(fl, dtype=np.int64).reshape(-1, 3):
-        if inside(p):
-            fg[tuple(p)], bg[tuple(p)] = True, False
-    for p in np.asarray(bl, dtype=np.int64).reshape(-1, 3):
-        if inside(p):
-            fg[tuple(p)], bg[tuple(p)] = False, True
-    return fg, bg
-
-
-def _keep_seeded(mask: np.ndarray, seeds: np.ndarray, fallback_largest: bool = True) -> np.ndarray:
-    """Components (26-connected) of ``mask`` that touch the boolean ``seeds`` mask; the largest one when none
-    does (and ``fallback_largest``)."""
-    import cc3d
-
-    if not mask.any():
-        return mask
-    labels = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
-    keep = np.unique(labels[seeds & mask])
-    keep = keep[keep != 0]
-    if keep.size == 0:
-        if not fallback_largest:
-            return mask
-        counts = np.bincount(labels.ravel())
-        counts[0] = 0
-        keep = np.array([int(np.argmax(counts))])
-    if keep.size == 1:
-        return labels == keep[0]
-    return np.isin(labels, keep)
-
-
-def _impose_clicks(mask: np.ndarray, fl, bl) -> np.ndarray:
-    """Set the clicked voxels (crop coordinates) to their click's label, in click order of kind (fg, then bg)."""
-    mask = mask.copy()
-    shape = np.asarray(mask.shape)
-    for pts, val in ((fl, True), (bl, False)):
-        for p in np.asarray(pts, dtype=np.int64).reshape(-1, 3):
-            if np.all((p >= 0) & (p < shape)):
-                mask[tuple(p)] = val
-    return mask
-
-
 def _split_clicks(points, point_labels):
     pts = np.asarray(points, dtype=np.int64).reshape(-1, 3)
     lab = np.asarray(point_labels, dtype=np.int64).reshape(-1)
@@ -241,24 +155,11 @@ class GraphCut:
         self.margin, self.click_mm, self.connectivity = int(margin), float(click_mm), int(connectivity)
         self.fg_click_weight, self.bg_click_weight = float(fg_click_weight), float(bg_click_weight)
 
-    def _hist(self, idx, mask):
-        h = np.bincount(idx[mask], minlength=self.bins).astype(np.float64)
-        return h / max(h.sum(), 1.0)
-
     def _prob(self, idx, fg, bg, fg_click, bg_click):
         """P(fg | intensity bin) from the region histograms, mixed with the clicks' neighbourhoods (weights
         ``fg_click_weight`` / ``bg_click_weight``)."""
-        hf, hb = self._hist(idx, fg), self._hist(idx, bg)
-        if fg_click.any() and self.fg_click_weight > 0:
-            w = self.fg_click_weight
-            hf = (1 - w) * hf + w * self._hist(idx, fg_click)
-        if bg_click.any() and self.bg_click_weight > 0:
-            w = self.bg_click_weight
-            hb = (1 - w) * hb + w * self._hist(idx, bg_click)
-        hf = ndimage.gaussian_filter1d(hf + 1e-4, 1.0)
-        hb = ndimage.gaussian_filter1d(hb + 1e-4, 1.0)
-        p = hf / (hf + hb)
-        return np.clip(p[idx], 0.02, 0.98).astype(np.float32)
+        return histogram_probability(idx, fg, bg, fg_click, bg_click, self.bins, self.fg_click_weight,
+                                     self.bg_click_weight)
 
     def predict(self, image, affine, boxes, points, point_labels, prev_mask):
         import numpymaxflow
