@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ class EngineConfig:
 
     ``boundary_cut``: a :class:`lib.graphcut.BoundaryCut` (or its settings as a dict; None = off) run on each
     answer after the network, on the scan's own grid: the network's mask as a soft prior, an intensity model, the
-    clicks as hard seeds, the box as a bound."""
+    clicks as hard seeds, the box as a bound. On by default: on the evaluation set it raised every average of
+    both protocols (release 4, box start: box DSC 0.613 -> 0.627, DSC_AUC 2.856 -> 2.929, final DSC 0.743 ->
+    0.767, final NSD 0.681 -> 0.727; model card "Boundary cut"), settings chosen on training volumes."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -86,7 +88,7 @@ class EngineConfig:
     bf16: str = "auto"
     local_edits: bool = False
     tta_flips: tuple = ()
-    boundary_cut: BoundaryCut | None = None
+    boundary_cut: BoundaryCut | None = field(default_factory=BoundaryCut)
 
     def __post_init__(self) -> None:
         # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists

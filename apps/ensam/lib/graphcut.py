@@ -141,13 +141,14 @@ class BoundaryCut:
     intensity model :func:`histogram_probability` of the mask against the rest of the crop (with the clicks'
     neighbourhoods). Pairwise: ``lamda * exp(-(I_p - I_q)^2 / 2 sigma^2)`` on the equalised crop, 6-connected.
     Seeds: ``click_mm`` balls around the clicks, and outside the box = background. The clicked voxels are imposed
-    on the cut, and only the components holding a foreground click or a voxel of the network's mask are kept.
+    on the cut, and only the components holding a foreground click or a voxel of the network's mask are kept; a
+    cut that keeps none of the network's mask is not taken (the network's mask stands).
 
     Time is bounded by ``max_voxels``: a larger crop is cut on a grid coarser by integer factors (the finest axes
     first: block means of the image, the mask's block majority), and the cut is brought back to the scan's grid
     by trilinear interpolation of its indicator."""
 
-    tau_mm: float = 2.0
+    tau_mm: float = 4.0
     net_weight: float = 1.0
     intensity_weight: float = 0.5
     lamda: float = 5.0
@@ -256,7 +257,12 @@ class BoundaryCut:
             fg_seed &= inbox
         seeds = np.stack([bg_seed & ~fg_seed, fg_seed]).astype(np.float32)
         cut = numpymaxflow.maxflow_interactive(x[None], np.stack([1.0 - p, p]), seeds, self.lamda, self.sigma, 6)
-        cut = impose_clicks(np.asarray(cut).reshape(shape) > 0.5, fl, bl)
+        cut = np.asarray(cut).reshape(shape) > 0.5
+        if m.any() and not (cut & m).any():
+            # the cut dropped all of the network's answer (an intensity model learnt from a mask that holds a small
+            # part of a bright object: the missed rest teaches "bright = background"): keep the network's answer
+            cut = m.copy()
+        cut = impose_clicks(cut, fl, bl)
         if cut.any():
             cut = keep_seeded(cut, fg_seed | (cut & m))
         return cut
