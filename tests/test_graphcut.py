@@ -8,15 +8,14 @@ from scipy import ndimage
 
 from lib.engine import EngineConfig, EnsamEngine
 from lib.evaluation.metrics import dice
-from lib.graphcut import BoundaryCut
+from lib.graphcut import BoundaryCut, balls
 from lib.network import NetworkConfig, build_network
 
 SPACING = np.array([1.0, 1.0, 1.0])
 
 
 def _ball(shape, centre, radius):
-    g = np.ogrid[tuple(slice(0, n) for n in shape)]
-    return sum((x - c) ** 2 for x, c in zip(g, centre)) <= radius ** 2
+    return balls(shape, [centre], radius, SPACING)
 
 
 @pytest.fixture(scope="module")

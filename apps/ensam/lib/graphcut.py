@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .geometry import mask_bbox
+
 __all__ = ["BoundaryCut", "balls", "click_seeds", "equalise", "histogram_probability", "impose_clicks",
            "keep_seeded"]
 
@@ -171,8 +173,6 @@ class BoundaryCut:
 
     def crop(self, mask: np.ndarray, spacing, points, box=None):
         """The slices of ``mask``'s grid the cut works on, or None when the mask is empty."""
-        from .geometry import mask_bbox
-
         bb = mask_bbox(mask)
         if bb is None:
             return None
