@@ -420,9 +420,11 @@ def test_monailabel_patches_name_the_version_they_were_written_for(caplog):
 
 
 def test_boundary_cut_conf_setting():
-    """``--conf boundary_cut true/false`` sets the engine's cut; absent, the engine's default stands; a typo is
-    refused naming the setting."""
+    """``--conf boundary_cut true/false`` (and ``lone_click_view``) set the engine's stage; absent, the engine's
+    default stands; a typo is refused naming the setting."""
+    from lib.click_scale import LoneClickView
     from lib.configs.ensam import EnsamConfig
+    from lib.engine import EngineConfig
     from lib.graphcut import BoundaryCut
 
     assert EnsamConfig._engine_kwargs({}) == {}
@@ -430,3 +432,10 @@ def test_boundary_cut_conf_setting():
     assert EnsamConfig._engine_kwargs({"boundary_cut": "false"})["config"].boundary_cut is None
     with pytest.raises(RequestError, match="boundary_cut"):
         EnsamConfig._engine_kwargs({"boundary_cut": "ture"})
+    only_view = EnsamConfig._engine_kwargs({"lone_click_view": "false"})["config"]
+    assert only_view.lone_click_view is None
+    assert (only_view.boundary_cut is None) == (EngineConfig().boundary_cut is None)  # the other stays default
+    both = EnsamConfig._engine_kwargs({"lone_click_view": "true", "boundary_cut": "false"})["config"]
+    assert isinstance(both.lone_click_view, LoneClickView) and both.boundary_cut is None
+    with pytest.raises(RequestError, match="lone_click_view"):
+        EnsamConfig._engine_kwargs({"lone_click_view": "maybe"})

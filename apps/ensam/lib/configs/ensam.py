@@ -15,6 +15,8 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 ``atlas_threads``      SimpleITK threads for atlas registration (default 0: SimpleITK's own choice)
 ``boundary_cut``       the graph cut after the network on the scan's grid (``lib.graphcut.BoundaryCut``):
                        ``true`` / ``false`` (default: the engine's, ``EngineConfig.boundary_cut``)
+``lone_click_view``    size the view around a lone first click from the image (``lib.click_scale.LoneClickView``):
+                       ``true`` / ``false`` (default: the engine's, ``EngineConfig.lone_click_view``)
 =====================  ==============================================================================
 """
 
@@ -81,13 +83,15 @@ class EnsamConfig(TaskConfig):
     @staticmethod
     def _engine_kwargs(conf: Dict[str, str]) -> dict:
         """Engine settings from ``--conf`` (only those given; the rest are the engine's defaults)."""
-        if conf.get("boundary_cut") is None:
-            return {}
+        from lib.click_scale import LoneClickView
         from lib.engine import EngineConfig
         from lib.graphcut import BoundaryCut
 
-        on = parse_bool(conf.get("boundary_cut"), "boundary_cut")
-        return {"config": EngineConfig(boundary_cut=BoundaryCut() if on else None)}
+        stages = {"boundary_cut": BoundaryCut, "lone_click_view": LoneClickView}  # on = the stage's defaults
+        given = {k: parse_bool(conf[k], k) for k in stages if conf.get(k) is not None}
+        if not given:
+            return {}
+        return {"config": EngineConfig(**{k: stages[k]() if on else None for k, on in given.items()})}
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:
         """An explicit network config (``--conf network file.json``), else None: the engine then reads the
