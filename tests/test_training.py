@@ -292,3 +292,28 @@ def test_a_paused_step_is_not_charged_to_the_budget():
     recent.append(2.2)
     assert charged_seconds(2.5, recent) == 2.5
     assert charged_seconds(600.0, recent) == 20.0  # a 10-minute pause costs 10 median steps
+
+
+def test_object_relative_lone_click_views():
+    """LoopConfig.click_view_object (recipe v8): a lone click's view is the object's extent x log-U(lo, hi), so a
+    large organ and a small nodule fill a similar share of the model grid; the contract's fixed view (64 mm) shows
+    a 30 mm object whole and cuts a 150 mm one."""
+    from lib.training.loop import object_relative_view
+
+    spacing = np.array([2.0, 2.0, 2.0])
+    shape = (120, 120, 120)
+    grid = np.indices(shape)
+    shares = {}
+    for name, radius_mm in (("organ", 75.0), ("nodule", 15.0)):
+        mask = (((grid - 60) * 2.0) ** 2).sum(0) <= radius_mm ** 2
+        image = (mask * 100.0 + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+        views = [object_relative_view(mask, spacing, (1.5, 3.0), np.random.default_rng(s), 32.0) for s in range(50)]
+        assert all(1.5 * 2 * radius_mm - 2 <= v <= 3.0 * 2 * radius_mm + 2 for v in views)
+        assert np.std(np.log(views)) > 0.1  # drawn, not fixed
+        for cfg in (LoopConfig(p_no_box=1.0), LoopConfig(p_no_box=1.0, click_view_object=(1.5, 3.0))):
+            case = prompted_case(image, mask, spacing, np.random.default_rng(3), cfg, use_box=False, roi_jitter=False)
+            shares[name, bool(cfg.click_view_object)] = case.gt.mean()
+    # object-relative: both objects fill between ~2 % and 16 % of the grid (a ball of diameter 1/3..2/3 of the edge)
+    assert 0.015 <= shares["organ", True] <= 0.16 and 0.015 <= shares["nodule", True] <= 0.16
+    # fixed view: the organ fills the whole 64 mm view, the nodule a small part of it
+    assert shares["organ", False] > 0.95 and shares["nodule", False] < 0.1

@@ -30,7 +30,7 @@ from scipy import ndimage
 from ..contract import Contract
 from ..engine import bf16_ok
 from ..evaluation.metrics import dice as dice_np  # THE Dice, under its old name here
-from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_to_model,
+from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_bbox, mask_to_model,
                         normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click, next_stroke
@@ -51,6 +51,9 @@ class LoopConfig:
     click_extent_scale: tuple = (1.0, 1.0)  # the view around a lone first click = the contract's click_extent_mm
                                             # x U(lo, hi) (recipe v3: several scales, so a click on a large organ
                                             # fills the view and AutoZoom grows it)
+    click_view_object: tuple = ()  # (lo, hi): the view around a lone first click = the object's largest extent x
+                                   # log-U(lo, hi) instead (recipe v8: the answer to a click must be the object
+                                   # under it, whatever share of the view it fills); () = the contract's view
     error_weight: float = 0.0      # extra BCE on the voxels the previous step got wrong (corrective steps only):
                                    # the click must flip them (recipe v3)
     p_refine: float = 0.0          # box cases turned into a native-resolution refinement window (the engine's
@@ -110,6 +113,15 @@ def _fg_click(mask: np.ndarray, rng) -> np.ndarray:
     return np.asarray(np.unravel_index(idx[rng.integers(idx.size)], mask.shape))
 
 
+def object_relative_view(mask: np.ndarray, spacing, scale, rng, min_mm: float, max_mm: float = 320.0) -> float:
+    """A lone click's view (mm) drawn relative to the object: its largest bounding-box edge (mm) x a log-uniform
+    factor in ``scale`` = (lo, hi), within [``min_mm``, ``max_mm``]."""
+    bb = mask_bbox(mask)
+    edge = float(np.max((bb[1::2] - bb[0::2] + 1) * np.asarray(spacing, dtype=float)))
+    lo, hi = (float(v) for v in scale)
+    return float(np.clip(edge * np.exp(rng.uniform(np.log(lo), np.log(max(hi, lo)))), min_mm, max_mm))
+
+
 def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopConfig = LoopConfig(),
                   use_box: Optional[bool] = None, roi_jitter: Optional[bool] = None, kind: str = "",
                   name: str = "") -> Optional[Case]:
@@ -125,6 +137,9 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
         roi = choose_roi(shape, spacing, boxes=box[None], policy=policy)
     else:
         click = _fg_click(mask, rng)
+        if cfg.click_view_object:
+            policy = replace(policy, click_extent_mm=object_relative_view(mask, spacing, cfg.click_view_object, rng,
+                                                                          policy.min_extent_mm))
         roi = choose_roi(shape, spacing, fg_points=click[None].astype(float), policy=policy)
     if use_box and cfg.p_refine > 0 and rng.random() < cfg.p_refine:
         case = refine_case(image, mask, roi, box, rng, cfg, kind=kind, name=name)

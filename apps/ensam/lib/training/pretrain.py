@@ -165,7 +165,8 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
     """The fixed validation cases (deterministic for a given data set and ``cfg.val_seed``); one-click starts use
     the engine's field of view around a lone click (not the training range)."""
     rng = np.random.default_rng(cfg.val_seed)
-    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0), p_refine=0.0)  # validation: plain box / click starts
+    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0), click_view_object=(), p_refine=0.0)  # validation: the
+    # engine's plain box / click starts
     cases = []
     held = D.ObjectSampler(volumes, holdout=cfg.holdout, only_holdout=True)
     for vi, lab, name, vid in held.structures:
