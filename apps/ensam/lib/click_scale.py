@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graphcut import equalise
+from .graphcut import block_mean, equalise
 
 __all__ = ["LoneClickView"]
 
@@ -59,8 +59,7 @@ class LoneClickView:
         lo = hi - ((hi - lo) // f) * f  # whole blocks, ending at hi
         crop = np.asarray(image[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))], dtype=np.float32)
         n = np.asarray(crop.shape) // f
-        coarse = crop.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
-        eq = equalise(coarse)
+        eq = equalise(block_mean(crop, f))
         cs = spacing * f
         c = (p - lo) / f - 0.5 + 0.5 / f  # the click on the coarse grid (block centres at integer indices)
         ci = np.clip(np.round(c).astype(int), 0, n - 1)

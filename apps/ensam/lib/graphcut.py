@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from .geometry import mask_bbox
 
-__all__ = ["BoundaryCut", "balls", "click_seeds", "equalise", "histogram_probability", "impose_clicks",
+__all__ = ["BoundaryCut", "balls", "block_mean", "click_seeds", "equalise", "histogram_probability", "impose_clicks",
            "keep_seeded"]
 
 
@@ -45,6 +45,13 @@ def equalise(x: np.ndarray, bins: int = 256, clip: float = 4.0) -> np.ndarray:
     cdf = np.concatenate([[0.0], np.cumsum(h)])
     cdf /= cdf[-1]
     return np.interp(x.ravel(), edges, cdf).astype(np.float32).reshape(x.shape)
+
+
+def block_mean(x: np.ndarray, factors) -> np.ndarray:
+    """Means of ``x`` (3D, each edge a multiple of its factor) over blocks of ``factors`` voxels (float32)."""
+    f = [int(k) for k in factors]
+    n = [int(s) // k for s, k in zip(x.shape, f)]
+    return np.asarray(x, dtype=np.float32).reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
 
 
 def balls(shape, centres, radius_mm, spacing) -> np.ndarray:
@@ -213,9 +220,8 @@ class BoundaryCut:
             out[sl] = self._cut(im, m, spacing, pts - lo, lab, b)
             return out
         pad = [(0, int(-n % k)) for n, k in zip(m.shape, f)]
-        blocks = tuple(x for n, k in zip(np.add(m.shape, [p[1] for p in pad]), f) for x in (n // k, k))
-        im_c = np.pad(im.astype(np.float32), pad, mode="edge").reshape(blocks).mean(axis=(1, 3, 5))
-        m_c = np.pad(m, pad, mode="edge").reshape(blocks).mean(axis=(1, 3, 5)) > 0.5
+        im_c = block_mean(np.pad(im.astype(np.float32), pad, mode="edge"), f)
+        m_c = block_mean(np.pad(m, pad, mode="edge"), f) > 0.5
         b_c = None if b is None else np.concatenate([[lo_ // k, hi_ // k] for lo_, hi_, k in
                                                      zip(b[0::2], b[1::2], f)])
         cut = self._cut(im_c, m_c, spacing * f, (pts - lo) // f, lab, b_c)
