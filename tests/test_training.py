@@ -317,3 +317,24 @@ def test_object_relative_lone_click_views():
     assert 0.015 <= shares["organ", True] <= 0.16 and 0.015 <= shares["nodule", True] <= 0.16
     # fixed view: the organ fills the whole 64 mm view, the nodule a small part of it
     assert shares["organ", False] > 0.95 and shares["nodule", False] < 0.1
+
+
+def test_part_of_lone_clicks_keep_the_contract_view():
+    """LoopConfig.p_click_view_object (recipe v9): only that share of lone-click samples takes the object-relative
+    view; the others keep the contract's fixed view, the one the engine opens around a lone click."""
+    spacing = np.array([2.0, 2.0, 2.0])
+    shape = (120, 120, 120)
+    mask = (((np.indices(shape) - 60) * 2.0) ** 2).sum(0) <= 75.0 ** 2  # a 150 mm organ: the 64 mm view is all inside
+    image = (mask * 100.0 + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+
+    def fixed_view_share(p):
+        cfg = LoopConfig(p_no_box=1.0, click_view_object=(1.5, 3.0), p_click_view_object=p)
+        cases = [prompted_case(image, mask, spacing, np.random.default_rng(s), cfg, use_box=False, roi_jitter=False)
+                 for s in range(40)]
+        # the contract's 64 mm view: the click is inside the organ, so it fills at least ~40 % of the view;
+        # the object-relative view (1.5..3 x its 150 mm extent) shows it at <= 16 %
+        return np.mean([c.gt.mean() > 0.3 for c in cases])
+
+    assert fixed_view_share(1.0) == 0.0
+    assert fixed_view_share(0.0) == 1.0
+    assert 0.25 <= fixed_view_share(0.5) <= 0.75

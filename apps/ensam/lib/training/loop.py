@@ -54,6 +54,8 @@ class LoopConfig:
     click_view_object: tuple = ()  # (lo, hi): the view around a lone first click = the object's largest extent x
                                    # log-U(lo, hi) instead (recipe v8: the answer to a click must be the object
                                    # under it, whatever share of the view it fills); () = the contract's view
+    p_click_view_object: float = 1.0  # share of lone-click samples that take the object-relative view (recipe v9:
+                                      # the rest keep the contract's view, the one the engine opens); 1.0 = all
     error_weight: float = 0.0      # extra BCE on the voxels the previous step got wrong (corrective steps only):
                                    # the click must flip them (recipe v3)
     p_refine: float = 0.0          # box cases turned into a native-resolution refinement window (the engine's
@@ -137,7 +139,7 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
         roi = choose_roi(shape, spacing, boxes=box[None], policy=policy)
     else:
         click = _fg_click(mask, rng)
-        if cfg.click_view_object:
+        if cfg.click_view_object and (cfg.p_click_view_object >= 1.0 or rng.random() < cfg.p_click_view_object):
             policy = replace(policy, click_extent_mm=object_relative_view(mask, spacing, cfg.click_view_object, rng,
                                                                           policy.min_extent_mm))
         roi = choose_roi(shape, spacing, fg_points=click[None].astype(float), policy=policy)
