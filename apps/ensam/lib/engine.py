@@ -29,9 +29,9 @@ except ImportError:  # pragma: no cover - cc3d is a dependency of the app
 from .cache import ByteLRU
 from .click_scale import LoneClickView
 from .contract import Contract, check_same, contract_for_network, read_contract
-from .geometry import (PromptError, Prompts, Roi, check_prompts, choose_roi, crop_to_model, flip_model_boxes,
-                       flip_model_points, logits_to_original, mask_bbox, mask_to_model, normalize_intensity,
-                       prompt_extent, spacing_from_affine)
+from .geometry import (PromptError, Prompts, Roi, bbox_edge_mm, check_prompts, choose_roi, crop_to_model,
+                       flip_model_boxes, flip_model_points, logits_to_original, mask_bbox, mask_to_model,
+                       normalize_intensity, prompt_extent, spacing_from_affine)
 from .graphcut import BoundaryCut
 from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
 from .weights import Artefact, load_artefact
@@ -82,9 +82,9 @@ class EngineConfig:
     ``lone_click_probe``: ``(probe_mm, scale[, rounds])`` or () (off): the view around a lone first click is sized
     by the network itself: a pass in a ``probe_mm`` view, then the answer's largest extent x ``scale`` (within the
     contract's minimum ROI edge and the previous view) is the next view, ``rounds`` times (default 1; a round whose
-    view would not shrink by 10 % ends them), then the real pass (AutoZoom as usual). For weights
-    trained on object-relative lone-click views (recipe v8, ``LoopConfig.click_view_object``), which answer a click
-    with the object under it at any share of the view; one more encoding on the first click only."""
+    view would not shrink by 10 % ends them), then the real pass (AutoZoom as usual). For weights trained on
+    object-relative lone-click views (recipe v8, ``LoopConfig.click_view_object``), which answer a click with the
+    object under it at any share of the view; one more encoding per round, on the first click only."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -433,7 +433,7 @@ class EnsamEngine:
             bb = mask_bbox((logits > self.config.threshold).cpu().numpy())
             if bb is None:
                 return (roi if r == 0 else cur), hits
-            edge = float(np.max((bb[1::2] - bb[0::2] + 1) * np.asarray(spacing, float) / cur.scale))
+            edge = bbox_edge_mm(bb, np.asarray(spacing, float) / cur.scale)  # model voxels of this ROI, in mm
             new_view = float(np.clip(edge * scale, policy.min_extent_mm, view))
             if r > 0 and new_view >= 0.9 * view:
                 break

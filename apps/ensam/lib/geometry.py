@@ -325,6 +325,13 @@ def flip_model_boxes(boxes, model_shape, axes) -> np.ndarray:
     return b
 
 
+def bbox_edge_mm(bb, voxel_mm) -> float:
+    """The largest edge (mm) of a :func:`mask_bbox` box ``bb`` on a grid of ``voxel_mm`` (per axis) voxels: how
+    large an object is (the training loop's object-relative view, the engine's lone-click probe)."""
+    bb = np.asarray(bb)
+    return float(np.max((bb[1::2] - bb[0::2] + 1) * np.asarray(voxel_mm, dtype=float)))
+
+
 def mask_bbox(mask: np.ndarray) -> Optional[np.ndarray]:
     """THE bounding box of a 3D mask's non-zero voxels: ``int64`` ``[i0, i1, j0, j1, k0, k1]`` (inclusive, the
     box prompt layout), or None when the mask is empty. ValueError for a mask that is not 3D.

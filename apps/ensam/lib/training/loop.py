@@ -30,8 +30,8 @@ from scipy import ndimage
 from ..contract import Contract
 from ..engine import bf16_ok
 from ..evaluation.metrics import dice as dice_np  # THE Dice, under its old name here
-from ..geometry import (Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original, mask_bbox, mask_to_model,
-                        normalize_intensity)
+from ..geometry import (Roi, RoiPolicy, bbox_edge_mm, choose_roi, crop_to_model, logits_to_original, mask_bbox,
+                        mask_to_model, normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click, next_stroke
 from ..prompts.strokes import stroke_points
@@ -118,8 +118,7 @@ def _fg_click(mask: np.ndarray, rng) -> np.ndarray:
 def object_relative_view(mask: np.ndarray, spacing, scale, rng, min_mm: float, max_mm: float = 320.0) -> float:
     """A lone click's view (mm) drawn relative to the object: its largest bounding-box edge (mm) x a log-uniform
     factor in ``scale`` = (lo, hi), within [``min_mm``, ``max_mm``]."""
-    bb = mask_bbox(mask)
-    edge = float(np.max((bb[1::2] - bb[0::2] + 1) * np.asarray(spacing, dtype=float)))
+    edge = bbox_edge_mm(mask_bbox(mask), spacing)
     lo, hi = (float(v) for v in scale)
     return float(np.clip(edge * np.exp(rng.uniform(np.log(lo), np.log(max(hi, lo)))), min_mm, max_mm))
 
