@@ -5,6 +5,10 @@ All prompt geometry goes through :mod:`lib.geometry`. Typical use::
     eng = EnsamEngine(weights="apps/ensam/model/pretrained_ensam.pt")
     mask = eng.segment(image, affine, boxes=[[10, 40, 20, 60, 5, 15]])
     mask = eng.segment(image, affine, boxes=[...], points=[[25, 40, 10]], point_labels=[0], prev_mask=mask)
+
+Weights with a refiner (``lib.weights``: a second set of weights of the same network and contract) answer the
+steps that start from a previous mask with the refiner and everything else (a first box or click, prompt-free
+segmentation, the lone-click probe) with the main weights; ``last_info["weights"]`` says which answered.
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ def load_network(weights: str | Artefact | None = None, config: NetworkConfig | 
     return net.to(device).eval()
 
 
+def load_refiner(art: Artefact | None, network: EnsamNet, device: str | torch.device = "cpu") -> EnsamNet | None:
+    """The corrective steps' network of ``art`` (``art.refiner``: same network as ``network``, possibly stored in
+    bf16, loaded as float32), or None when the artefact has none."""
+    if art is None or art.refiner is None:
+        return None
+    net = build_network(network.config)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in art.refiner.items()})
+    return net.to(device).eval()
+
+
 def image_fingerprint(image: np.ndarray, affine) -> str:
     """A cheap content key for an image: shape, dtype, affine and a strided sample of the voxels."""
     h = hashlib.blake2b(digest_size=16)
@@ -148,7 +162,9 @@ def image_fingerprint(image: np.ndarray, affine) -> str:
 
 
 class _EncodingCache(ByteLRU):
-    """LRU of encoder features keyed by (image key, ROI, weights version), bounded in bytes. Thread-safe."""
+    """LRU of encoder features keyed by (image key, ROI, weights version, flip, encoded by the refiner), bounded in
+    bytes. Thread-safe. :meth:`rois_for` lists the ROIs encoded unflipped, by either network (their geometry is
+    what a corrective step reuses)."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes=max_bytes, sizeof=lambda feats: sum(f.numel() * f.element_size() for f in feats))
@@ -207,12 +223,14 @@ class EnsamEngine:
         self.mtime_ns = None  # exact st_mtime_ns of the weights file read: names the weights in answers, reloads
         self._version = 0
         self._lock = threading.RLock()
+        self.refiner: EnsamNet | None = None  # the corrective steps' network (weights with a refiner), else None
         if network is not None:
             self.network = network.to(self.device).eval()
             self.contract = contract_for_network(self.network.config, contract)
         else:
             art = load_artefact(weights) if weights else None  # one read: weights and contract of the same file
             self.network = load_network(art, network_config, self.device)
+            self.refiner = load_refiner(art, self.network, self.device)
             self.mtime_ns = art.mtime_ns if art else None
             self.contract = read_contract(art, self.network.config)  # what these weights were trained under
             if contract is not None:
@@ -230,17 +248,17 @@ class EnsamEngine:
     def _timed(self, what: str, t0: float) -> None:
         self._times[what] = self._times.get(what, 0.0) + time.perf_counter() - t0
 
-    def _net_encode(self, x):
+    def _net_encode(self, x, net: EnsamNet | None = None):
         t0 = time.perf_counter()
         with self._autocast():
-            feats = self.network.encode(x)
+            feats = (net or self.network).encode(x)
         self._timed("encode_s", t0)
         return feats
 
-    def _net_decode(self, feats, p, t, dense, lab=None):
+    def _net_decode(self, feats, p, t, dense, lab=None, net: EnsamNet | None = None):
         t0 = time.perf_counter()
         with self._autocast():
-            out = self.network.decode(feats, p, t, dense, lab).float()
+            out = (net or self.network).decode(feats, p, t, dense, lab).float()
         self._timed("decode_s", t0)
         return out
 
@@ -253,30 +271,32 @@ class EnsamEngine:
             return False
         with self._lock:
             art = load_artefact(self.weights)
-            self.network = load_network(art, self._network_config, self.device)
-            self.contract = read_contract(art, self.network.config)
+            network = load_network(art, self._network_config, self.device)
+            self.contract = read_contract(art, network.config)
             self.mtime_ns = art.mtime_ns
-            self.set_network(self.network)
+            self.set_network(network, load_refiner(art, network, self.device))
         return True
 
-    def set_network(self, network: EnsamNet) -> None:
-        """Use another network (e.g. after training); the encoding cache is invalidated."""
+    def set_network(self, network: EnsamNet, refiner: EnsamNet | None = None) -> None:
+        """Use another network (e.g. after training; ``refiner``: its corrective steps' network, None = the same
+        network answers every step); the encoding cache is invalidated."""
         with self._lock:
             self.network = network.to(self.device).eval()
+            self.refiner = refiner.to(self.device).eval() if refiner is not None else None
             self._version += 1
             self.cache.clear()
 
     # ------------------------------------------------------------------ interactive
-    def _encode(self, image: np.ndarray, roi: Roi, key: str, flip: tuple = ()):
-        """Encoder features of the ROI (the model grid flipped along the model axes ``flip``), from the cache when
-        there. Returns (features, cache hit)."""
-        ck = (key, roi, self._version, flip)
+    def _encode(self, image: np.ndarray, roi: Roi, key: str, flip: tuple = (), net: EnsamNet | None = None):
+        """Encoder features of the ROI (the model grid flipped along the model axes ``flip``) by ``net`` (None: the
+        main network), from the cache when there. Returns (features, cache hit)."""
+        ck = (key, roi, self._version, flip, net is not None and net is self.refiner)
         feats = self.cache.get(ck)
         if feats is None:
             x = crop_to_model(image, roi).to(self.device)[None]
             if flip:
                 x = torch.flip(x, [2 + d for d in flip])
-            feats = self._net_encode(x)
+            feats = self._net_encode(x, net)
             self.cache.put(ck, feats)
             return feats, False
         return feats, True
@@ -374,6 +394,7 @@ class EnsamEngine:
         """Predict one object: (the region of the original grid its ROI covers, the uint8 mask there)."""
         shape = image.shape
         fg = pts[labels == 1]
+        net = self.refiner if prev_mask is not None and self.refiner is not None else self.network
         roi = self._pick_roi(shape, spacing, bxs, fg, prev_box, key, image)
         hits, zooms = 0, 0
         if self.config.lone_click_probe and prev_mask is None and not len(bxs):
@@ -382,7 +403,7 @@ class EnsamEngine:
             pm = None
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
-            logits, hit = self._predict(image, roi, key, pts, labels, bxs, pm)
+            logits, hit = self._predict(image, roi, key, pts, labels, bxs, pm, net)
             hits += hit
             model_mask = (logits > self.config.threshold).cpu().numpy()
             if zoom == self.config.max_zoom or len(bxs) or not roi.touches_border(model_mask, shape):
@@ -404,7 +425,7 @@ class EnsamEngine:
             prev_coarse = logits_to_original(pm[0, 0] - 0.5, local, rshape)  # the previous mask as the net saw it
             changed = new != prev_coarse
             new = np.where(changed, new, prev_r).astype(np.uint8)
-        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None)
+        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None, net=net)
         if pm is not None and self.config.local_edits and len(pts):
             new = _local_edit(prev_mask[region], new, np.asarray(pts[-1]) - a)
         if self.config.boundary_cut is not None and new.any():
@@ -415,7 +436,8 @@ class EnsamEngine:
                                                   box).astype(np.uint8)
             self._timed("cut_s", tc)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
-                          "zooms": zooms, "refine_windows": n_win}
+                          "zooms": zooms, "refine_windows": n_win,
+                          "weights": "refiner" if net is not self.network else "main"}
         return region, new
 
     def _probe_view(self, image, spacing, pts, labels, bxs, key, roi: Roi) -> tuple[Roi, int]:
@@ -441,19 +463,20 @@ class EnsamEngine:
             cur = choose_roi(image.shape, spacing, policy=replace(policy, click_extent_mm=view), extent=extent)
         return cur, hits
 
-    def _predict(self, image, roi: Roi, key, pts, labels, bxs, pm):
-        """Logits (*model_shape) of the ROI: the plain view, averaged with the ``tta_flips`` views when set.
-        Returns (logits, cache hits)."""
+    def _predict(self, image, roi: Roi, key, pts, labels, bxs, pm, net: EnsamNet | None = None):
+        """Logits (*model_shape) of the ROI by ``net`` (None: the main network): the plain view, averaged with the
+        ``tta_flips`` views when set. Returns (logits, cache hits)."""
         total, hits = None, 0
         views = ((),) + self.config.tta_flips
         for flip in views:
-            feats, hit = self._encode(image, roi, key, flip)
+            feats, hit = self._encode(image, roi, key, flip, net)
             hits += hit
-            lg = self._decode_in(roi, feats, pts, labels, bxs, pm, flip)
+            lg = self._decode_in(roi, feats, pts, labels, bxs, pm, flip, net)
             total = lg if total is None else total + lg
         return (total / len(views) if len(views) > 1 else total), hits
 
-    def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm, flip: tuple = ()) -> torch.Tensor:
+    def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm, flip: tuple = (),
+                   net: EnsamNet | None = None) -> torch.Tensor:
         """Logits (*model_shape) of the ROI for clicks ``pts`` (``labels`` 1/0), boxes ``bxs`` (original voxels)
         and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None. ``flip``: ``feats`` are of the grid
         flipped along these model axes; the prompts are flipped to match and the logits flipped back."""
@@ -468,11 +491,11 @@ class EnsamEngine:
         if flip and pm is not None:
             pm = torch.flip(pm, [2 + d for d in flip])
         dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
-        out = self._net_decode(feats, p, t, dense)[0, 0]
+        out = self._net_decode(feats, p, t, dense, net=net)[0, 0]
         return torch.flip(out, list(flip)) if flip else out
 
     def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key,
-                corrective: bool = False) -> int:
+                corrective: bool = False, net: EnsamNet | None = None) -> int:
         """Native-resolution refinement of ``new`` (the ROI's region of the original grid, starting at voxel
         ``a``; modified in place) around its boundary, see :class:`EngineConfig`; ``corrective``: a step with a
         previous mask (fewer windows, the latest click's first); ``changed``: where the coarse decision moved (the
@@ -512,10 +535,10 @@ class EnsamEngine:
             win = roi.finer_window(c + a, cfg.refine_zoom)
             win_r = win.shifted(a)  # region coordinates
             start_r = np.asarray(win_r.start)
-            feats, _ = self._encode(image, win, key)
+            feats, _ = self._encode(image, win, key, (), net)
             inside = np.all((pts >= win.start) & (pts <= np.asarray(win.start) + wsize - 1), axis=1)
             pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
-            logits = self._decode_in(win, feats, pts[inside], labels[inside], bxs, pm)
+            logits = self._decode_in(win, feats, pts[inside], labels[inside], bxs, pm, (), net)
             # write back inside the window, refine_margin fine voxels from faces that are not the region's faces
             m = np.round(cfg.refine_margin * fine_vox).astype(int)
             lo = np.maximum(start_r + np.where(start_r > 0, m, 0), 0)

@@ -629,7 +629,7 @@ def update_model_checked(
                                                         f"{meta.get('network')}: {type(e).__name__}: "
                                                         f"{str(e)[:500]}") from None
         meta["uploaded_as"] = os.path.basename(file.filename or "") or None
-        save_artefact(paths[-1], art.state_dict, meta)
+        save_artefact(paths[-1], art.state_dict, meta, refiner=art.refiner)  # a refiner is kept (same network)
     finally:
         remove_file(tmp)
     st = os.stat(paths[-1])

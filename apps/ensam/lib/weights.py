@@ -5,7 +5,13 @@ Layout (``FORMAT``), one ``torch.save`` of plain containers, so ``torch.load(pat
     {"format": "ensam-weights/1",
      "state_dict": {name: tensor},
      "meta": {"network": {...NetworkConfig...}, "contract": {...lib.contract...}, "vocabulary": {name: token id},
-              ... scores, step, provenance ...}}
+              ... scores, step, provenance ...},
+     "refiner_state_dict": {name: tensor}}          # optional
+
+``refiner_state_dict`` (optional): a second set of weights for the SAME network and contract, which the engine uses
+for the steps that start from a previous mask (corrective clicks), while ``state_dict`` answers the first prompt
+(a box, a lone click) and prompt-free segmentation (``lib.engine.EnsamEngine``). It may be stored in bf16 (the
+engine computes in float32 either way). Readers that do not know it use ``state_dict`` for every step.
 
 Writer: :func:`save_artefact` (pre-training's ``export_weights`` and the ``ensam`` train task). The file is written
 beside its destination under a temporary name, flushed and fsync'ed, checked by loading it back, then published with
@@ -39,7 +45,7 @@ FORMAT = "ensam-weights/1"
 FORMAT_FAMILY = "ensam-weights/"
 
 __all__ = ["FORMAT", "Artefact", "WeightsError", "load_artefact", "read_meta", "save_artefact", "side_paths",
-           "normalise_vocab"]
+           "normalise_vocab", "combine_with_refiner"]
 
 
 class WeightsError(ValueError):
@@ -58,6 +64,7 @@ class Artefact:
     layout: str = "artefact"
     mtime: float = 0.0
     identity: tuple = ()
+    refiner: Optional[Dict[str, Any]] = None  # weights for the corrective steps (same keys as state_dict), or None
 
     @property
     def mtime_ns(self) -> int:
@@ -130,6 +137,20 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _check_refiner(refiner: Any, state_dict: Dict[str, Any], where: str) -> None:
+    """A refiner must be a state_dict with exactly the keys and shapes of the main weights (the same network)."""
+    if not _is_state_dict(refiner):
+        raise WeightsError(f"{where}: 'refiner_state_dict' must be a state_dict (name -> tensor)")
+    if set(refiner) != set(state_dict):
+        diff = sorted(set(refiner) ^ set(state_dict))
+        raise WeightsError(f"{where}: the refiner's weights are not those of the same network ({len(diff)} names "
+                           f"differ, e.g. {diff[0]!r})")
+    bad = [k for k, v in refiner.items() if tuple(v.shape) != tuple(state_dict[k].shape)]
+    if bad:
+        raise WeightsError(f"{where}: the refiner's {bad[0]!r} has shape {list(refiner[bad[0]].shape)}, the main "
+                           f"weights' {list(state_dict[bad[0]].shape)}")
+
+
 def _interpret(path: str, obj: Any, identity: tuple, mtime: float) -> Artefact:
     if isinstance(obj, dict) and isinstance(obj.get("format"), str):
         fmt = obj["format"]
@@ -143,7 +164,10 @@ def _interpret(path: str, obj: Any, identity: tuple, mtime: float) -> Artefact:
         meta = dict(meta)
         if "vocabulary" in meta:
             meta["vocabulary"] = normalise_vocab(meta["vocabulary"], path)
-        return Artefact(path, sd, meta, "artefact", mtime, identity)
+        refiner = obj.get("refiner_state_dict")
+        if refiner is not None:
+            _check_refiner(refiner, sd, path)
+        return Artefact(path, sd, meta, "artefact", mtime, identity, refiner)
     if _is_state_dict(obj):
         return Artefact(path, obj, _legacy_meta(path), "legacy", mtime, identity)
     raise WeightsError(f"{path}: neither an ensam weights artefact ({FORMAT}) nor a plain state_dict")
@@ -239,10 +263,12 @@ def _atomic_json(obj: Any, path: str) -> None:
 
 
 def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str, Any]] = None,
-                  vocabulary: Optional[Dict[str, int]] = None, copies: bool = True) -> str:
-    """Publish ``state_dict`` + ``meta`` (+ ``vocabulary``, stored as ``meta["vocabulary"]``) at ``path``
-    atomically (see the module doc). ``copies``: also write the human-readable ``<base>.json`` /
-    ``<base>_labels.json`` afterwards. Returns ``path``."""
+                  vocabulary: Optional[Dict[str, int]] = None, copies: bool = True,
+                  refiner: Optional[Dict[str, Any]] = None) -> str:
+    """Publish ``state_dict`` + ``meta`` (+ ``vocabulary``, stored as ``meta["vocabulary"]``; + ``refiner``, the
+    corrective steps' weights of the same network, see the module doc) at ``path`` atomically (see the module doc).
+    ``copies``: also write the human-readable ``<base>.json`` / ``<base>_labels.json`` afterwards. Returns
+    ``path``."""
     import torch
 
     path = os.fspath(path)
@@ -255,12 +281,19 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
     if meta.get("vocabulary") is not None:
         meta["vocabulary"] = dict(sorted(normalise_vocab(meta["vocabulary"], "vocabulary").items(),
                                          key=lambda kv: (kv[1], kv[0])))
-    sd = {}
-    for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor):
-            raise WeightsError(f"state_dict entry {k!r} is a {type(v).__name__}, not a tensor")
-        sd[str(k)] = v.detach().cpu().contiguous().clone()
+    def tensors(d: Dict[str, Any], what: str) -> Dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if not isinstance(v, torch.Tensor):
+                raise WeightsError(f"{what} entry {k!r} is a {type(v).__name__}, not a tensor")
+            out[str(k)] = v.detach().cpu().contiguous().clone()
+        return out
+
+    sd = tensors(state_dict, "state_dict")
     obj = {"format": FORMAT, "state_dict": sd, "meta": meta}
+    if refiner is not None:
+        obj["refiner_state_dict"] = tensors(refiner, "refiner")
+        _check_refiner(obj["refiner_state_dict"], sd, path)
 
     for n in (name, *map(os.path.basename, side_paths(path))):
         _remove_stale_temps(d, n)
@@ -271,7 +304,7 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
             f.flush()
             os.fsync(f.fileno())
         check = load_artefact(tmp, _remember_meta=False)  # what a reader will get: refuse to publish anything else
-        if set(check.state_dict) != set(sd) or check.meta != meta:
+        if set(check.state_dict) != set(sd) or check.meta != meta or (check.refiner is None) != (refiner is None):
             raise WeightsError(f"{tmp}: the written artefact does not read back as written")
         os.replace(tmp, path)
         fsync_dir(d)
@@ -286,3 +319,49 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
         if meta.get("vocabulary") is not None:
             _atomic_json(meta["vocabulary"], vocab_copy)
     return path
+
+
+# ---- a main network and a refiner in one artefact --------------------------------------------------------------
+
+def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat16",
+                         note: Optional[Dict[str, Any]] = None) -> str:
+    """Publish at ``out`` the artefact ``main`` (its weights, meta and vocabulary) with the weights of ``refiner``
+    as its corrective steps' network (stored as ``dtype``: "bfloat16" halves its size; "float32" keeps it). Both
+    must be the same network under the same contract (refused otherwise). ``note`` is stored as ``meta["refiner"]``
+    (provenance), with the refiner's own run, step and validation scores. Returns ``out``."""
+    import torch
+
+    a, b = load_artefact(main), load_artefact(refiner)
+    for what in ("network", "contract"):
+        if a.meta.get(what) != b.meta.get(what):
+            raise WeightsError(f"{refiner}: its {what} differs from {main}'s: the refiner must be the same network "
+                               f"trained under the same contract")
+    if a.refiner is not None:
+        raise WeightsError(f"{main} already carries a refiner")
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    ref = {k: v.to(dt) if v.is_floating_point() else v for k, v in b.state_dict.items()}
+    meta = dict(a.meta)
+    meta["refiner"] = {"from": os.path.basename(refiner), "dtype": dtype,
+                       **{k: b.meta.get(k) for k in ("run", "step", "minutes_trained", "val_box_dsc",
+                                                     "val_click2_dsc") if k in b.meta}, **(note or {})}
+    return save_artefact(out, a.state_dict, meta, refiner=ref)
+
+
+def _main(argv: Optional[list] = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lib.weights", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("combine", help="MAIN's artefact with REFINER's weights as its corrective steps' network")
+    c.add_argument("main")
+    c.add_argument("refiner")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    c.add_argument("--note", default=None, help="JSON object stored in meta['refiner'] (provenance)")
+    a = p.parse_args(argv)
+    out = combine_with_refiner(a.main, a.refiner, a.out, a.dtype, json.loads(a.note) if a.note else None)
+    print(f"{out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    _main()

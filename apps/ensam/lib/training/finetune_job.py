@@ -206,7 +206,10 @@ class FinetuneJob:
         meta = {"network": plan["network_config"] or net.config.to_dict(), "contract": contract.to_dict(),
                 "trained_from": os.path.basename(plan["init_weights"] or "") or None,
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
-                "val_best": result.get("val_best"), "steps": result.get("steps")}
+                "val_best": result.get("val_best"), "steps": result.get("steps"),
+                # the tuned network answers every step: a refiner of the initial weights (corrective steps) was not
+                # tuned on these labels and is not carried over
+                "refiner_dropped": bool(init is not None and init.refiner is not None)}
         # one artefact (weights + network + contract + vocabulary), published by one rename (lib.weights)
         save_artefact(publish_path, net.state_dict(), meta, vocabulary=vocab)
         logger.info(f"ensam train: published {publish_path} (validation score {before} -> {best})")
