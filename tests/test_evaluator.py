@@ -379,3 +379,37 @@ def test_lone_click_views_follow_the_view_setting(tmp_path):
     assert row["answer_mm"] == [8.0, 16.0, 32.0]
     assert row["dsc"][1] == max(row["dsc"])  # the 16 mm cube fits the 8-voxel-radius sphere best
     assert eng.contract.roi.click_extent_mm == legacy_contract().roi.click_extent_mm
+
+
+def test_runs_merge_into_one_report_with_renames_and_the_tail_kept(tmp_path):
+    """lib.evaluation.merge: two runs (one renamed) become one report, box-start rows first; a method given twice,
+    or runs of another protocol, are refused; --keep-tail keeps the hand-written sections after the report."""
+    from lib.evaluation.evaluator import evaluate
+    from lib.evaluation.merge import main as merge_main
+    from lib.evaluation.merge import merge_results
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _one_sphere_dataset(data, (28, 26, 20), (14, 13, 10), 6)
+    quiet = dict(progress=False, log=lambda m: None)
+    a = evaluate([RegionGrowing()], data, starts=("box", "click"), **quiet)
+    b = evaluate([BoxFill()], data, starts=("box",), **quiet)
+    for name, res in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(res, default=float))
+    out = tmp_path / "EVALUATION.md"
+    out.write_text("# old report\n\nMachine: old.\n\n## Hand-written section\n\nkept text\n")
+    merge_main([str(out), str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:box_fill=box fill, renamed",
+                "--keep-tail"])
+    text = out.read_text()
+    rows = [line.split("|")[1].strip() for line in text.split("## Per image")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["region_growing", "box fill, renamed", "region_growing (click start)"]
+    assert text.rstrip().endswith("## Hand-written section\n\nkept text") and "# old report" not in text
+    box_fill_dsc = b["methods"]["box_fill"]["overall"]["box_dsc"]
+    assert f"| box fill, renamed | 1 | {box_fill_dsc:.3f} |" in text
+    with pytest.raises(ValueError, match="given twice"):
+        merge_results([(a, {}), (a, {})])
+    other = json.loads(json.dumps(b, default=float))
+    other["protocol"]["seed"] = 1
+    with pytest.raises(ValueError, match="seed"):
+        merge_results([(a, {}), (other, {})])
