@@ -130,3 +130,19 @@ def test_weights_published_without_a_refiner_take_every_step(files, volume, tmp_
     assert eng.reload_if_changed() and eng.refiner is None
     eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1])
     assert eng.last_info["weights"] == "main"
+
+
+def test_pretraining_can_start_from_the_refiner(files):
+    """``init_refiner``: a run continues the refiner's weights (as float32), not the main ones; weights without a
+    refiner are refused for it."""
+    from lib.training.pretrain import init_weights
+
+    net = build_network(CFG)
+    init_weights(net, files["both"], refiner=True)
+    want = _bf16(_state(1))
+    assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+    init_weights(net, files["both"])
+    main = _state(0)
+    assert all(torch.equal(v, main[k]) for k, v in net.state_dict().items())
+    with pytest.raises(SystemExit, match="no refiner"):
+        init_weights(net, files["a"], refiner=True)

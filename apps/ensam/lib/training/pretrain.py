@@ -85,6 +85,8 @@ class PretrainConfig:
     export: str = ""
     init: str = ""                         # weights to start from when the run has no last.pt (e.g. the shipped
                                            # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
+    init_refiner: bool = False             # start from the init artefact's refiner (its corrective steps' weights,
+                                           # lib.weights) instead of its main weights
 
     def contract_obj(self) -> Contract:
         """The training/inference contract of this run: the defaults on the network's grid, with ``contract``'s
@@ -233,11 +235,15 @@ def load_checkpoint(path, net, opt, rng) -> dict:
     return ck["state"]
 
 
-def init_weights(net, path) -> None:
-    """Load the weights of ``path`` (either layout, :func:`lib.weights.load_artefact`) into ``net``; parameters the
-    file lacks (a head added since) keep their fresh initialisation, and a parameter whose shape differs is an
-    error."""
-    sd = load_artefact(path).state_dict
+def init_weights(net, path, refiner: bool = False) -> None:
+    """Load the weights of ``path`` (either layout, :func:`lib.weights.load_artefact`; with ``refiner``, its
+    refiner's weights, as float32) into ``net``; parameters the file lacks (a head added since) keep their fresh
+    initialisation, and a parameter whose shape differs is an error."""
+    art = load_artefact(path)
+    if refiner and art.refiner is None:
+        raise SystemExit(f"--init {path}: init_refiner is set but these weights carry no refiner")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in art.refiner.items()} if refiner else \
+        art.state_dict
     own = net.state_dict()
     bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
@@ -361,8 +367,9 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             state["best"], state["best_step"] = -1.0, -1
             state["val_history"].append({"step": state["step"], "elapsed": state["elapsed"], "note": "new data"})
     elif cfg.init:
-        init_weights(net, cfg.init)
-        _log(out, f"no {ckpt}: starting from the weights {cfg.init} (fresh optimiser, step 0)")
+        init_weights(net, cfg.init, cfg.init_refiner)
+        _log(out, f"no {ckpt}: starting from the weights {cfg.init}{' (its refiner)' if cfg.init_refiner else ''} "
+                  f"(fresh optimiser, step 0)")
         try:
             check_same(read_contract(cfg.init, ncfg), lcfg.contract, f"--init {cfg.init}", "this run")
         except ValueError as e:  # allowed (the new weights carry the new contract), but say so
