@@ -89,7 +89,7 @@ def test_a_refiner_of_another_network_is_refused(files, tmp_path):
 
 def test_the_refiner_answers_corrective_steps_and_the_main_weights_the_first(files, volume):
     img, aff = volume
-    cfg = EngineConfig(max_zoom=0, boundary_cut=None)
+    cfg = EngineConfig(max_zoom=0, boundary_cut=None, refiner_warm=False)
     eng_a = EnsamEngine(weights=files["a"], config=cfg)
     eng_b = EnsamEngine(weights=files["b_bf16"], config=cfg)
     eng = EnsamEngine(weights=files["both"], config=cfg)
@@ -146,3 +146,16 @@ def test_pretraining_can_start_from_the_refiner(files):
     assert all(torch.equal(v, main[k]) for k, v in net.state_dict().items())
     with pytest.raises(SystemExit, match="no refiner"):
         init_weights(net, files["a"], refiner=True)
+
+
+def test_the_first_prompt_warms_the_refiner_so_corrections_only_decode(files, volume):
+    img, aff = volume
+    eng = EnsamEngine(weights=files["both"], config=EngineConfig(max_zoom=0, boundary_cut=None))
+    first = eng.segment(img, aff, boxes=BOX)
+    assert eng.cache.misses == 2  # the ROI by the main weights and by the refiner
+    second = eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1])
+    assert eng.cache.misses == 2 and eng.last_info["weights"] == "refiner" and "encode_s" not in eng.last_info
+    cold = EnsamEngine(weights=files["both"], config=EngineConfig(max_zoom=0, boundary_cut=None, refiner_warm=False))
+    cold.segment(img, aff, boxes=BOX)
+    assert np.array_equal(second, cold.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]],
+                                               point_labels=[1]))  # the same answer, the encoding paid earlier

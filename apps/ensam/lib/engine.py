@@ -88,7 +88,10 @@ class EngineConfig:
     contract's minimum ROI edge and the previous view) is the next view, ``rounds`` times (default 1; a round whose
     view would not shrink by 10 % ends them), then the real pass (AutoZoom as usual). For weights trained on
     object-relative lone-click views (recipe v8, ``LoopConfig.click_view_object``), which answer a click with the
-    object under it at any share of the view; one more encoding per round, on the first click only."""
+    object under it at any share of the view; one more encoding per round, on the first click only.
+    ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
+    (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
+    interaction pays one more encoding instead."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -108,6 +111,7 @@ class EngineConfig:
     boundary_cut: BoundaryCut | None = field(default_factory=BoundaryCut)
     lone_click_view: LoneClickView | None = None
     lone_click_probe: tuple = ()
+    refiner_warm: bool = True
 
     def __post_init__(self) -> None:
         # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
@@ -410,6 +414,9 @@ class EnsamEngine:
                 break  # a box bounds the object: AutoZoom is for prompts without one
             roi = roi.enlarged(self.config.zoom_factor)
             zooms += 1
+        if self.config.refiner_warm and self.refiner is not None and net is self.network and prev_mask is None:
+            for flip in ((),) + self.config.tta_flips:  # what the corrective clicks on this ROI will need
+                self._encode(image, roi, key, flip, self.refiner)
         # the ROI's part inside the image, as a region of the original grid (all further work is region-sized)
         st, sz = np.asarray(roi.start), np.asarray(roi.size)
         a, b = np.maximum(st, 0), np.minimum(st + sz, shape)
