@@ -413,3 +413,40 @@ def test_runs_merge_into_one_report_with_renames_and_the_tail_kept(tmp_path):
     other["protocol"]["seed"] = 1
     with pytest.raises(ValueError, match="seed"):
         merge_results([(a, {}), (other, {})])
+
+
+def test_each_protocol_run_starts_from_a_clean_method(tmp_path):
+    """new_run() is called before every (start, correction) run on every image, and the ensam adapter forgets its
+    engine's cached encodings and ROIs there: the click start must not reuse the ROIs that the box start fitted to
+    the same structure from its ground-truth box."""
+    pytest.importorskip("torch")
+    engine_mod = pytest.importorskip("lib.engine")
+    from lib.evaluation.evaluator import EnsamMethod, evaluate
+    from lib.network import NetworkConfig, build_network
+
+    class Recorder(RegionGrowing):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def new_run(self):
+            self.calls.append("new_run")
+
+        def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+            self.calls.append("box" if boxes else "click")
+            return super().predict(image, affine, boxes, points, point_labels, prev_mask)
+
+    _one_sphere_dataset(tmp_path, (28, 26, 20), (14, 13, 10), 6)
+    rec = Recorder()
+    evaluate([rec], tmp_path, n_clicks=1, progress=False, log=lambda m: None, starts=("box", "click"))
+    assert rec.calls[0] == "new_run" and rec.calls.count("new_run") == 2
+    second = rec.calls.index("new_run", 1)
+    assert "box" in rec.calls[:second] and "box" not in rec.calls[second:]  # the click run starts clean
+
+    cfg = NetworkConfig(filters=4, blocks=(1, 1, 1), heads=2, depth=1, roi_size=(24, 24, 24), num_labels=8)
+    method = EnsamMethod(engine=engine_mod.EnsamEngine(network=build_network(cfg)))
+    image, gt = _bright_sphere((30, 28, 20), (15, 14, 10), 5)
+    method.predict(image, AFF, [np.array([8, 22, 8, 21, 5, 15])], np.zeros((0, 3), int), np.zeros(0, int), None)
+    assert len(method.engine.cache) > 0
+    method.new_run()
+    assert len(method.engine.cache) == 0

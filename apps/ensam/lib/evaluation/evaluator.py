@@ -91,6 +91,10 @@ class Method(Protocol):
     * ``prev_mask``: ``(X, Y, Z)`` uint8 previous prediction, ``None`` at the box step.
 
     Optional ``reset()`` is called before each structure (drop per-structure state, keep image caches).
+    Optional ``new_run()`` is called before each run (one start protocol x one kind of correction) on each image:
+    drop everything earlier runs left, image caches included, so that a run scores the same whichever runs came
+    before it in the process (the engine's ROI cache once let the click-start protocol reuse the ROIs that the box
+    protocol had fitted to the same structures from their ground-truth boxes).
     """
 
     name: str
@@ -130,6 +134,10 @@ class EnsamMethod:
             prev_mask=prev_mask,
             image_key=self._key(image, affine),
         )
+
+    def new_run(self) -> None:
+        """A new protocol run: the engine's encodings and ROIs of earlier runs are forgotten."""
+        self.engine.cache.clear()
 
 
 def default_ensam_weights() -> Optional[str]:
@@ -408,6 +416,8 @@ def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitt
             f"{len(ids)} structures")
         for m, st, co in runs:
             key = run_name(m.name, st, co)
+            if hasattr(m, "new_run"):
+                m.new_run()
             it = ids
             if progress and tqdm is not None:
                 it = tqdm(ids, desc=f"{key} / {case.name}", leave=False)
