@@ -11,6 +11,7 @@ from lib.contract import contract_for_network
 from lib.engine import EngineConfig, EnsamEngine
 from lib.network import NetworkConfig, build_network
 from lib.weights import WeightsError, combine_with_refiner, load_artefact, save_artefact
+from test_engine import volume  # noqa: F401 - the engine tests' volume (a bright block in noise), a fixture
 
 torch.set_num_threads(1)
 CFG = NetworkConfig(filters=4, blocks=(1, 1, 1), heads=2, depth=1, roi_size=(24, 24, 24), num_labels=8)
@@ -29,14 +30,6 @@ def _meta(cfg: NetworkConfig = CFG) -> dict:
 def _bf16(sd: dict) -> dict:
     """The values a refiner stored in bf16 is computed with (float32 of the bf16 numbers)."""
     return {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-@pytest.fixture(scope="module")
-def volume():
-    rng = np.random.default_rng(0)
-    img = rng.normal(0, 20, (70, 60, 30)).astype(np.int16)
-    img[20:40, 20:45, 10:20] += 300
-    return img, np.diag([0.9, 0.9, 2.5, 1.0])
 
 
 @pytest.fixture(scope="module")
