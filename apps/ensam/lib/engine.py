@@ -151,7 +151,7 @@ def load_refiner(art: Artefact | None, network: EnsamNet, device: str | torch.de
     if art is None or art.refiner is None:
         return None
     net = build_network(network.config)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in art.refiner.items()})
+    net.load_state_dict(art.refiner_float32())
     return net.to(device).eval()
 
 

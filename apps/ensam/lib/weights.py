@@ -71,6 +71,12 @@ class Artefact:
         """Exact modification time (ns) of the file read; a float ``mtime`` loses the last digits."""
         return int(self.identity[3]) if len(self.identity) > 3 else int(round(self.mtime * 1e9))
 
+    def refiner_float32(self) -> Optional[Dict[str, Any]]:
+        """The refiner's weights with floating tensors as float32 (it may be stored in bf16), or None."""
+        if self.refiner is None:
+            return None
+        return {k: v.float() if v.is_floating_point() else v for k, v in self.refiner.items()}
+
     @property
     def network(self) -> Optional[dict]:
         n = self.meta.get("network")
@@ -281,6 +287,7 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
     if meta.get("vocabulary") is not None:
         meta["vocabulary"] = dict(sorted(normalise_vocab(meta["vocabulary"], "vocabulary").items(),
                                          key=lambda kv: (kv[1], kv[0])))
+
     def tensors(d: Dict[str, Any], what: str) -> Dict[str, Any]:
         out = {}
         for k, v in d.items():

@@ -24,7 +24,7 @@ PROTOCOL_KEYS = ("seed", "clicks", "jitter_voxels", "nsd_tolerance_mm", "nsd_min
 
 
 def _parse(arg: str) -> tuple:
-    """``PATH[:OLD=NEW[,OLD=NEW...]]`` -> (path, {old: new})."""
+    """``PATH[:OLD=NEW[;OLD=NEW...]]`` -> (path, {old: new})."""
     path, _, ren = arg.partition(".json:")
     if not ren:
         return arg, {}

@@ -242,8 +242,7 @@ def init_weights(net, path, refiner: bool = False) -> None:
     art = load_artefact(path)
     if refiner and art.refiner is None:
         raise SystemExit(f"--init {path}: init_refiner is set but these weights carry no refiner")
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in art.refiner.items()} if refiner else \
-        art.state_dict
+    sd = art.refiner_float32() if refiner else art.state_dict
     own = net.state_dict()
     bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
