@@ -338,3 +338,29 @@ def test_part_of_lone_clicks_keep_the_contract_view():
     assert fixed_view_share(1.0) == 0.0
     assert fixed_view_share(0.0) == 1.0
     assert 0.25 <= fixed_view_share(0.5) <= 0.75
+
+
+def test_a_refiner_learns_its_corrections_from_the_main_networks_first_answers():
+    """train_step(first_net=main): step 0 is the frozen main network's answer (its DSC first in the list), the
+    trained network makes >= 1 corrective step from it, the main network is not changed; evaluate pairs them the
+    same way (step 0 = main, so the box DSC is the main network's whatever the refiner)."""
+    from lib.evaluation.metrics import dice
+    from lib.training.loop import _first_answer, evaluate
+
+    cfg = LoopConfig.on_grid((16, 16, 16), max_clicks=2)
+    main, refiner = tiny_net(1), tiny_net(2)
+    frozen = {k: v.clone() for k, v in main.state_dict().items()}
+    case = fixed_case()
+    expect = dice(_first_answer(main, case, "cpu", cfg), case.gt)
+    assert expect < 1.0  # an untrained network leaves an error to correct
+    opt = build_optimizer(refiner, "adamw", lr=1e-3)
+    before = {k: v.clone() for k, v in refiner.state_dict().items()}
+    for seed in range(3):
+        loss, dices = train_step(refiner, opt, case, np.random.default_rng(seed), cfg, first_net=main)
+        assert np.isfinite(loss) and dices[0] == pytest.approx(expect) and len(dices) >= 2
+    assert all(torch.equal(frozen[k], v) for k, v in main.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in refiner.state_dict().items())
+    paired = evaluate(refiner, [case], n_clicks=1, cfg=cfg, first_net=main)
+    alone = evaluate(refiner, [case], n_clicks=1, cfg=cfg)
+    assert paired["val_box_dsc"] == pytest.approx(expect)
+    assert alone["val_box_dsc"] != pytest.approx(expect)

@@ -13,6 +13,12 @@ One prompted sample (same geometry as :class:`lib.engine.EnsamEngine`):
    (:func:`lib.prompts.simulation.next_stroke`, points along it by :func:`lib.prompts.strokes.stroke_points`);
 4. loss = mean over steps of (soft Dice + BCE).
 
+Training a refiner (``lib.weights``: the weights that answer the steps starting from a previous mask): with a
+``first_net`` (the frozen main weights the refiner will be paired with), step 0 is that network's answer (no
+gradient, no loss) and the trained network decodes K >= 1 corrective steps from it, so it learns to correct the
+first answers it will meet in the engine rather than its own (stop 22: a refiner trained on its own previous masks
+corrected another network's answers worse on some structures).
+
 A concept sample (probability ``p_concept``) has no prompts: a fixed-spacing window and the structure's label id
 (the prompt-free ``segment_label`` mode).
 """
@@ -236,9 +242,22 @@ def _decode(net, feats, pts, types, prev, label_id, device, sigma: float):
     return net.decode(feats, p, t, dense, lab)
 
 
+@torch.no_grad()
+def _first_answer(first_net, case: Case, device, cfg: LoopConfig) -> np.ndarray:
+    """``first_net``'s binary answer (model grid) to the case's first prompt."""
+    was = first_net.training
+    first_net.eval()
+    feats = first_net.encode(case.image.to(device))
+    logits = _decode(first_net, feats, case.points, case.types, None, case.label_id, device, cfg.contract.click_sigma)
+    first_net.train(was)
+    return (logits.float()[0, 0] > 0).cpu().numpy()
+
+
 def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopConfig(), device="cpu",
-                  amp: bool = False):
+                  amp: bool = False, first_net=None):
     """Encode once, decode 1 + ``n_clicks`` times (each click from the previous detached prediction).
+    With ``first_net`` (a prompted case without a previous mask and ``n_clicks`` >= 1), step 0 is ``first_net``'s
+    answer, which only supplies the first correction and the previous mask; the loss is over the corrective steps.
     Returns (mean loss tensor, per-step DSC list)."""
     x = case.image.to(device)
     target = torch.as_tensor(case.gt, dtype=torch.float32, device=device)[None, None]
@@ -250,9 +269,21 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     # training step (encode + 3 decodes + backward, 1 thread, AMD EPYC with avx512_bf16) took 2.0 s against 4.4 s
     # in fp32 (min of 3; runs/bench_step.py)
     dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    first = 0
     with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
+        if first_net is not None and case.label_id is None and case.prev is None and n_clicks >= 1:
+            pred = _first_answer(first_net, case, device, cfg)
+            dices.append(dice_np(pred, case.gt))
+            correction = _correction(pred, case.gt, rng, cfg)
+            if correction is not None:  # else the first answer is perfect: train the network's own step 0
+                pts, types = _add_correction(pts, types, correction)
+                prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
+                prev_error = torch.as_tensor(pred != case.gt, device=device)[None, None]
+                first = 1
+            else:
+                dices.clear()
         feats = net.encode(x)
-        for step in range(n_clicks + 1):
+        for step in range(first, n_clicks + 1):
             logits = _decode(net, feats, pts, types, prev, case.label_id, device, cfg.contract.click_sigma)
             losses.append(_loss(logits, target, cfg, prev_error))
             pred = (logits.detach()[0, 0] > 0).cpu().numpy()
@@ -263,11 +294,16 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
             correction = _correction(pred, case.gt, rng, cfg)
             if correction is None:
                 break
-            new_pts, is_fg = correction
-            pts = np.concatenate([pts, new_pts.astype(np.float32)])
-            types = np.concatenate([types, np.full(len(new_pts), FG if is_fg else BG)])
+            pts, types = _add_correction(pts, types, correction)
             prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
     return torch.stack(losses).mean(), dices
+
+
+def _add_correction(pts: np.ndarray, types: np.ndarray, correction):
+    """(points, types) with the corrective prompt of :func:`_correction` appended."""
+    new_pts, is_fg = correction
+    return (np.concatenate([pts, new_pts.astype(np.float32)]),
+            np.concatenate([types, np.full(len(new_pts), FG if is_fg else BG)]))
 
 
 def _correction(pred: np.ndarray, gt: np.ndarray, rng, cfg: LoopConfig):
@@ -286,11 +322,12 @@ def _correction(pred: np.ndarray, gt: np.ndarray, rng, cfg: LoopConfig):
 
 @torch.no_grad()
 def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
-             cfg: LoopConfig = LoopConfig()) -> Dict[str, float]:
+             cfg: LoopConfig = LoopConfig(), first_net=None) -> Dict[str, float]:
     """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases
     (model grid; click ties broken with each case's seed). Cases that start from one foreground click count their
     step 0 in ``val_oneclick_dsc`` (and their last step in the click average); prompt-free cases in
-    ``val_concept_dsc``."""
+    ``val_concept_dsc``. With ``first_net`` (training a refiner), step 0 of the prompted cases is that network's
+    answer and the corrective steps ``net``'s, as the engine pairs them."""
     was = net.training
     net.eval()
     first, last, concept, oneclick = [], [], [], []
@@ -303,8 +340,11 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
         rng = np.random.default_rng(c.seed)
         pts, types, prev = c.points.copy(), c.types.copy(), None
         for step in range(n_clicks + 1):
-            logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
-            pred = (logits[0, 0] > 0).cpu().numpy()
+            if step == 0 and first_net is not None and c.prev is None:
+                pred = _first_answer(first_net, c, device, cfg)
+            else:
+                logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
+                pred = (logits[0, 0] > 0).cpu().numpy()
             if step == 0:
                 (oneclick if c.types.tolist() == [FG] else first).append(dice_np(pred, c.gt))
             click = next_click(pred, c.gt, rng) if step < n_clicks else None
@@ -325,14 +365,15 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
 
 
 def train_step(net, opt, case: Case, rng, cfg: LoopConfig = LoopConfig(), device="cpu", amp: bool = False,
-               grad_clip: float = 1.0, grad_hook=None):
-    """One optimiser step on one case (K ~ U{0..max_clicks} clicks for prompted cases, none for concept cases).
+               grad_clip: float = 1.0, grad_hook=None, first_net=None):
+    """One optimiser step on one case (K ~ U{0..max_clicks} clicks for prompted cases, none for concept cases;
+    with ``first_net``, K ~ U{1..max_clicks} after that network's first answer, :func:`unrolled_loss`).
     ``grad_hook(net)`` runs after ``backward`` and before clipping (data-parallel gradient averaging).
     Returns (loss, per-step DSC list)."""
-    k = 0 if case.label_id is not None else int(rng.integers(0, cfg.max_clicks + 1))
+    k = 0 if case.label_id is not None else int(rng.integers(0 if first_net is None else 1, cfg.max_clicks + 1))
     net.train()
     opt.zero_grad()
-    loss, dices = unrolled_loss(net, case, k, rng, cfg, device, amp)
+    loss, dices = unrolled_loss(net, case, k, rng, cfg, device, amp, first_net)
     loss.backward()
     if grad_hook is not None:
         grad_hook(net)

@@ -87,6 +87,9 @@ class PretrainConfig:
                                            # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
     init_refiner: bool = False             # start from the init artefact's refiner (its corrective steps' weights,
                                            # lib.weights) instead of its main weights
+    first_answers: str = ""                # train a REFINER: the main weights of this artefact (frozen) answer every
+                                           # first prompt and this run learns the corrective steps from those
+                                           # answers (lib.training.loop.unrolled_loss); "" = the run's own answers
 
     def contract_obj(self) -> Contract:
         """The training/inference contract of this run: the defaults on the network's grid, with ``contract``'s
@@ -342,6 +345,13 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     rng = np.random.default_rng(cfg.seed)
 
     net = build_network(ncfg).to(device)
+    first_net = None
+    if cfg.first_answers:
+        first_net = build_network(ncfg).to(device)
+        init_weights(first_net, cfg.first_answers)
+        first_net.eval().requires_grad_(False)
+        check_same(read_contract(cfg.first_answers, ncfg), lcfg.contract, f"first_answers {cfg.first_answers}",
+                   "this run")
     opt = build_optimizer(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           muon_lr_scale=cfg.muon_lr_scale)
     n_params = sum(p.numel() for p in net.parameters())
@@ -403,7 +413,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     def validate():
         tv = time.time()
-        scores = evaluate(net, val_cases, n_clicks=2, device=device, cfg=lcfg)
+        scores = evaluate(net, val_cases, n_clicks=2, device=device, cfg=lcfg, first_net=first_net)
         parts = [scores["val_box_dsc"], scores["val_click2_dsc"]]
         if "val_oneclick_dsc" in scores:  # recipe v3: the one-click start counts as much as the box start
             parts.append(scores["val_oneclick_dsc"])
@@ -416,7 +426,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             export_weights(net, export, {"step": state["step"], "minutes_trained": state["elapsed"] / 60,
                                          "device": device, "network": ncfg.to_dict(),
                                          "contract": lcfg.contract.to_dict(), **scores,
-                                         "run": str(out), "optimizer": cfg.optimizer})
+                                         "run": str(out), "optimizer": cfg.optimizer,
+                                         **({"first_answers": cfg.first_answers} if first_net is not None else {})})
             msg += f"  -> new best, exported {export}"
         _log(out, f"[val] step {state['step']} ({time.time() - tv:.0f} s) {msg}")
         plot_curves(out, state["history"], state["val_history"])
@@ -440,7 +451,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
             opt.set_lr_factor(lr_factor(state["step"], state["elapsed"] / budget, cfg.warmup_steps,
                                         cfg.final_lr_fraction))
             case = draw_case(sampler, rng, lcfg)
-            loss, dices = train_step(net, opt, case, rng, lcfg, device, amp, cfg.grad_clip)
+            loss, dices = train_step(net, opt, case, rng, lcfg, device, amp, cfg.grad_clip, first_net=first_net)
             dt = charged_seconds(time.time() - ts, recent)
             recent.append(dt)
             state["elapsed"] += dt
@@ -501,6 +512,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--export", help="where the best weights go (default <out>/best.pt)")
     p.add_argument("--init", help="weights to start from when <out> has no last.pt (fresh optimiser)")
+    p.add_argument("--first-answers", dest="first_answers",
+                   help="train a refiner: these weights' main network (frozen) answers the first prompts")
     p.add_argument("--device", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -521,7 +534,7 @@ def config_from_args(a) -> PretrainConfig:
     if a.config:
         d.update(_load_config_file(a.config))
     for k in ("out", "minutes", "optimizer", "threads", "export", "device", "lr", "seed", "max_steps", "init",
-              "val_minutes", "ckpt_minutes", "data"):
+              "val_minutes", "ckpt_minutes", "data", "first_answers"):
         v = getattr(a, k)
         if v is not None:
             d[k] = v
