@@ -235,6 +235,14 @@ def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     assert (out / "curves.png").exists() and (out / "config.json").exists()
     sd = torch.load(out / "best.pt", weights_only=True)["state_dict"]
     assert "decoder.bias.weight" in sd
+    # a refiner run: the first run's weights answer the first prompts (frozen), recorded in the exported meta
+    ref = tmp_path / "refiner"
+    main(["--out", str(ref), "--minutes", "5", "--max-steps", "1", "--network", net, "--config", str(cfg),
+          "--no-progress", "--val-minutes", "100", "--init", str(out / "best.pt"), "--first-answers",
+          str(out / "best.pt")])
+    meta = torch.load(ref / "best.pt", weights_only=True)["meta"]
+    assert meta["first_answers"] == str(out / "best.pt")
+    assert torch.load(ref / "last.pt", weights_only=False)["state"]["step"] == 1
 
 
 def test_refinement_cases_are_finer_windows_on_the_coarse_boundary():
