@@ -273,15 +273,13 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
         if first_net is not None and case.label_id is None and case.prev is None and n_clicks >= 1:
             pred = _first_answer(first_net, case, device, cfg)
-            dices.append(dice_np(pred, case.gt))
             correction = _correction(pred, case.gt, rng, cfg)
             if correction is not None:  # else the first answer is perfect: train the network's own step 0
+                dices.append(dice_np(pred, case.gt))
                 pts, types = _add_correction(pts, types, correction)
                 prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
                 prev_error = torch.as_tensor(pred != case.gt, device=device)[None, None]
                 first = 1
-            else:
-                dices.clear()
         feats = net.encode(x)
         for step in range(first, n_clicks + 1):
             logits = _decode(net, feats, pts, types, prev, case.label_id, device, cfg.contract.click_sigma)

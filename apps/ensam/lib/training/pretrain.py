@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..contract import Contract, check_same, contract_for_network, legacy_contract, read_contract
+from ..engine import load_network
 from ..labels import vocabulary
 from ..network import NetworkConfig, build_network
 from ..weights import load_artefact, save_artefact
@@ -346,12 +347,10 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
 
     net = build_network(ncfg).to(device)
     first_net = None
-    if cfg.first_answers:
-        first_net = build_network(ncfg).to(device)
-        init_weights(first_net, cfg.first_answers)
-        first_net.eval().requires_grad_(False)
-        check_same(read_contract(cfg.first_answers, ncfg), lcfg.contract, f"first_answers {cfg.first_answers}",
-                   "this run")
+    if cfg.first_answers:  # the frozen main weights: read once, same contract, every parameter loaded (strict)
+        art = load_artefact(cfg.first_answers)
+        check_same(read_contract(art, ncfg), lcfg.contract, f"first_answers {cfg.first_answers}", "this run")
+        first_net = load_network(art, ncfg, device).requires_grad_(False)
     opt = build_optimizer(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           muon_lr_scale=cfg.muon_lr_scale)
     n_params = sum(p.numel() for p in net.parameters())
