@@ -374,11 +374,51 @@ def test_lone_click_views_follow_the_view_setting(tmp_path):
             return m
 
     eng = CubeEngine()
-    (row,) = lone_click_views(eng, str(tmp_path), views=(24, 48, 96))
+    (row,) = lone_click_views(eng, str(tmp_path), views=(24, 48, 96), features=True)
     assert row["structure"] == "sphere" and abs(row["size_mm"] - (gt.sum()) ** (1 / 3)) < 0.1
     assert row["answer_mm"] == [8.0, 16.0, 32.0]
+    fill = [f["fill"] for f in row["features"]]
+    assert np.allclose(fill, 1 / 3, atol=0.01)  # the stand-in answers a third of every view
+    assert row["features"][1]["agree_prev"] == pytest.approx(2 * 8 ** 3 / (8 ** 3 + 16 ** 3), abs=1e-6)
+    assert row["features"][0]["agree_prev"] == row["features"][0]["agree_next"]  # one neighbour at the ends
     assert row["dsc"][1] == max(row["dsc"])  # the 16 mm cube fits the 8-voxel-radius sphere best
     assert eng.contract.roi.click_extent_mm == legacy_contract().roi.click_extent_mm
+
+
+def test_answer_features_tell_an_answer_on_the_object_from_one_inside_it(tmp_path):
+    """diagnose views --select: an answer that is the bright sphere has a strong edge and contrast; a cube inside the
+    sphere (homogeneous on both sides of its border) has neither; fill and touch follow the view."""
+    from lib.evaluation.diagnose import answer_features
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(48)] * 3, indexing="ij"))
+    sphere = ((grid - 24) ** 2).sum(0) <= 10 ** 2
+    image = np.where(sphere, 200.0, 20.0) + rng.normal(0, 5, sphere.shape)
+    inner = np.zeros_like(sphere)
+    inner[20:29, 20:29, 20:29] = True
+    on, inside = (answer_features(image, m, (1, 1, 1), (24, 24, 24), 64.0) for m in (sphere, inner))
+    assert on["contrast"] > 3 * inside["contrast"] and on["edge"] > 2 * inside["edge"]
+    assert abs(on["fill"] - sphere.sum() ** (1 / 3) / 64) < 1e-6 and on["touch"] == 0.0
+    assert answer_features(image, sphere, (1, 1, 1), (24, 24, 24), 20.0)["touch"] == 1.0  # 10 mm >= 0.45 x 20
+    assert answer_features(image, np.zeros_like(sphere), (1, 1, 1), (24, 24, 24), 64.0)["fill"] == 0.0
+
+
+def test_view_selection_learns_from_the_other_images():
+    """select_views: when one feature tracks the DSC, the view it picks on each image (fitted on the others only)
+    is the best one; with one image there is nothing to fit on and the best view on average is taken."""
+    from lib.evaluation.diagnose import FEATURES, select_views
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for image in ("a", "b", "c"):
+        for _ in range(6):
+            d = rng.uniform(0, 1, 4)
+            feats = [dict.fromkeys(FEATURES, 0.5) | {"contrast": float(v), "edge": float(rng.uniform())} for v in d]
+            rows.append({"image": image, "dsc": d.tolist(), "features": feats})
+    picked = select_views(rows, alpha=0.01)
+    assert picked.tolist() == [int(np.argmax(r["dsc"])) for r in rows]
+    one = [dict(r, image="a") for r in rows]
+    assert set(select_views(one).tolist()) == {int(np.argmax(np.mean([r["dsc"] for r in one], 0)))}
 
 
 def test_runs_merge_into_one_report_with_renames_and_the_tail_kept(tmp_path):

@@ -10,7 +10,9 @@ ends up on the right side, how many voxels the step changed and how much DSC mov
 the grid and back; DSC / NSD at 2 mm): what a perfect network could reach without native-resolution refinement.
 ``views``: one lone foreground click at each structure's deepest voxel (the evaluator's click start), answered
 with the lone-click view (``Contract.roi.click_extent_mm``) set to each of ``--views`` mm: DSC and the answer's
-size against the view, by structure size (does the answer follow the object or the view?).
+size against the view, by structure size (does the answer follow the object or the view?). ``--select``: also
+image features of each view's answer (:func:`answer_features`) and a view chosen from them by a ridge score fitted
+on the other images (:func:`select_views`, leave one image out): can the answer's look pick the view?
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from scipy import ndimage
 
+from ..geometry import mask_bbox
 from ..prompts.simulation import box_from_mask, next_click
 from .evaluator import EnsamMethod, _load, _structure_seed, default_ensam_weights, load_dataset
 from .metrics import dice, protocol_nsd, spacing_from_affine
@@ -68,27 +72,95 @@ def grid_ceiling(data: str) -> list:
     return rows
 
 
-def lone_click_views(engine, data: str, views=(48, 64, 96, 128, 192, 256), cases=None, seed: int = 0) -> list:
+FEATURES = ("fill", "touch", "contrast", "in_std", "edge", "agree_prev", "agree_next")
+
+
+def answer_features(image: np.ndarray, mask: np.ndarray, spacing, click, view_mm: float) -> dict:
+    """How an answer to a lone click looks in the image, per :data:`FEATURES` (scale-free): ``fill`` its size
+    (cube root of its volume, mm) / the view; ``touch`` 1 when it reaches the view's border around the click;
+    ``contrast`` |mean inside - mean of a 2-voxel ring outside| / their joint std; ``in_std`` the std inside / the
+    std of the surroundings; ``edge`` the mean gradient magnitude (Gaussian, 1 voxel) on its surface / around it.
+    The cross-view agreements are added by :func:`lone_click_views`. An empty answer gets zeros."""
+    f = dict.fromkeys(FEATURES[:5], 0.0)
+    bb = mask_bbox(mask)
+    if bb is None:
+        return f
+    sp = np.asarray(spacing, float)
+    lo = np.maximum(bb[0::2] - 4, 0)
+    hi = np.minimum(bb[1::2] + 5, mask.shape)
+    reg = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    m, x = mask[reg] > 0, np.asarray(image[reg], np.float32)
+    ring = ndimage.binary_dilation(m, iterations=2) & ~m
+    both = m | ring
+    f["fill"] = float((m.sum() * np.prod(sp)) ** (1 / 3) / view_mm)
+    reach = np.maximum(np.abs(bb[0::2] - np.asarray(click)), np.abs(bb[1::2] - np.asarray(click))) * sp
+    f["touch"] = float(np.max(reach) >= 0.45 * view_mm)
+    if ring.any():
+        f["contrast"] = float(abs(x[m].mean() - x[ring].mean()) / (x[both].std() + 1e-6))
+    f["in_std"] = float(x[m].std() / (x.std() + 1e-6))
+    g = ndimage.gaussian_gradient_magnitude(x, 1.0)
+    surf = m & ~ndimage.binary_erosion(m)
+    f["edge"] = float(g[surf].mean() / (g.mean() + 1e-6))
+    return f
+
+
+def select_views(rows: list, alpha: float = 1.0) -> np.ndarray:
+    """The view index picked for each row of :func:`lone_click_views` (with features): a ridge regression of the
+    DSC on each view's :data:`FEATURES` and the view (one-hot), fitted on the rows of the OTHER images; the view
+    with the highest predicted DSC."""
+    n_views = len(rows[0]["dsc"])
+    x = np.array([[[f[k] for k in FEATURES] + list(np.eye(n_views)[i]) for i, f in enumerate(r["features"])]
+                  for r in rows])
+    x = np.concatenate([x, np.ones(x.shape[:2] + (1,))], axis=2)
+    y = np.array([r["dsc"] for r in rows])
+    images = np.array([r["image"] for r in rows])
+    picked = np.zeros(len(rows), dtype=int)
+    for im in np.unique(images):
+        test = images == im
+        a, b = x[~test].reshape(-1, x.shape[2]), y[~test].reshape(-1)
+        if not len(a):  # one image only: nothing to fit on
+            picked[test] = int(np.argmax(y.mean(0)))
+            continue
+        w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ b)
+        picked[test] = np.argmax(x[test] @ w, axis=1)
+    return picked
+
+
+def lone_click_views(engine, data: str, views=(48, 64, 96, 128, 192, 256), cases=None, seed: int = 0,
+                     features: bool = False, max_structures: int = 0) -> list:
     """Rows {image, structure, size_mm (cube root of its volume), dsc: [per view], answer_mm: [per view]} of one
-    lone click at each structure's deepest voxel, answered by ``engine`` with each lone-click view."""
+    lone click at each structure's deepest voxel, answered by ``engine`` with each lone-click view; with
+    ``features``, also ``features``: [per view] :func:`answer_features` plus the answer's Dice with the previous
+    and the next view's (``agree_prev`` / ``agree_next``; the one neighbour's at either end). ``max_structures``:
+    at most this many structures (of >= 50 voxels) per image, drawn with a fixed seed (0 = all)."""
     base = engine.contract
     rows = []
     try:
         for case in load_dataset(data, cases):
             image, affine, labels = _load(case)
-            vox = float(np.prod(spacing_from_affine(affine)))
-            for lid in sorted(set(np.unique(labels).tolist()) - {0}):
+            sp = spacing_from_affine(affine)
+            vox = float(np.prod(sp))
+            ids = [i for i in sorted(set(np.unique(labels).tolist()) - {0}) if (labels == i).sum() >= 50]
+            if 0 < max_structures < len(ids):
+                ids = sorted(np.random.default_rng(seed).choice(ids, max_structures, replace=False).tolist())
+            for lid in ids:
                 gt = labels == lid
-                if gt.sum() < 50:
-                    continue
                 click, _ = next_click(None, gt, _structure_seed(seed, case.name, int(lid)))
                 row = {"image": case.name, "structure": case.labels.get(int(lid), str(lid)),
                        "size_mm": round(float((gt.sum() * vox) ** (1 / 3)), 1), "dsc": [], "answer_mm": []}
+                masks = []
                 for v in views:
                     engine.contract = base.with_overrides({"roi": {"click_extent_mm": float(v)}})
                     m = engine.segment(image, affine, points=[click], point_labels=[1], image_key=case.name) > 0
                     row["dsc"].append(round(dice(m, gt), 3))
                     row["answer_mm"].append(round(float((m.sum() * vox) ** (1 / 3)), 1))
+                    if features:
+                        masks.append(m)
+                        row.setdefault("features", []).append(answer_features(image, m, sp, click, float(v)))
+                for i, f in enumerate(row.get("features", [])):
+                    nb = [masks[j] for j in (i - 1, i + 1) if 0 <= j < len(masks)]
+                    f["agree_prev"] = dice(masks[i], nb[0])
+                    f["agree_next"] = dice(masks[i], nb[-1])
                 rows.append(row)
     finally:
         engine.contract = base
@@ -101,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="sample-datasets/eval")
     ap.add_argument("--cases", default=None, help="comma-separated substrings of image names to keep")
     ap.add_argument("--views", default="48,64,96,128,192,256", help="lone-click views in mm (views only)")
+    ap.add_argument("--select", action="store_true", help="views: pick the view from the answer's image features")
+    ap.add_argument("--max-structures", type=int, default=0, help="views: at most this many structures per image")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -117,7 +191,8 @@ def main(argv=None) -> int:
     if a.what == "views":
         views = [float(v) for v in a.views.split(",")]
         method = EnsamMethod(weights=a.weights or default_ensam_weights())
-        rows = lone_click_views(method.engine, a.data, views, a.cases.split(",") if a.cases else None)
+        rows = lone_click_views(method.engine, a.data, views, a.cases.split(",") if a.cases else None,
+                                features=a.select, max_structures=a.max_structures)
         for r in rows:
             print(f"{r['image']:>18} {r['structure']:<28} {r['size_mm']:6.1f} mm  DSC {r['dsc']}  answer mm "
                   f"{r['answer_mm']}")
@@ -131,6 +206,10 @@ def main(argv=None) -> int:
                 print(f"structures {lo}-{hi} mm (n={k.sum()}): mean DSC per view {np.round(d[k].mean(0), 3).tolist()}")
         print(f"all {len(rows)}: mean DSC per view {np.round(d.mean(0), 3).tolist()}; best view per structure "
               f"(oracle) {d.max(1).mean():.3f}")
+        if a.select:
+            pick = select_views(rows)
+            print(f"view picked from the answer's features (leave one image out): {d[np.arange(len(rows)), pick].mean():.3f}"
+                  f"; views picked {np.bincount(pick, minlength=len(views)).tolist()}")
         return 0
     res = click_effects(EnsamMethod(weights=a.weights or default_ensam_weights()), a.data)
     for kind, rows in res.items():
