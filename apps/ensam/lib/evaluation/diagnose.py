@@ -25,7 +25,7 @@ from scipy import ndimage
 from ..geometry import mask_bbox
 from ..prompts.simulation import box_from_mask, next_click
 from .evaluator import EnsamMethod, _load, _structure_seed, default_ensam_weights, load_dataset
-from .metrics import dice, protocol_nsd, spacing_from_affine
+from .metrics import _surface, dice, protocol_nsd, spacing_from_affine
 
 
 def click_effects(method, data: str, clicks: int = 5, jitter: int = 3, seed: int = 0) -> dict:
@@ -99,8 +99,7 @@ def answer_features(image: np.ndarray, mask: np.ndarray, spacing, click, view_mm
         f["contrast"] = float(abs(x[m].mean() - x[ring].mean()) / (x[both].std() + 1e-6))
     f["in_std"] = float(x[m].std() / (x.std() + 1e-6))
     g = ndimage.gaussian_gradient_magnitude(x, 1.0)
-    surf = m & ~ndimage.binary_erosion(m)
-    f["edge"] = float(g[surf].mean() / (g.mean() + 1e-6))
+    f["edge"] = float(g[_surface(m)].mean() / (g.mean() + 1e-6))
     return f
 
 
@@ -140,7 +139,8 @@ def lone_click_views(engine, data: str, views=(48, 64, 96, 128, 192, 256), cases
             image, affine, labels = _load(case)
             sp = spacing_from_affine(affine)
             vox = float(np.prod(sp))
-            ids = [i for i in sorted(set(np.unique(labels).tolist()) - {0}) if (labels == i).sum() >= 50]
+            values, counts = np.unique(labels, return_counts=True)  # one pass, not one per structure
+            ids = [int(v) for v, c in zip(values, counts) if v != 0 and c >= 50]
             if 0 < max_structures < len(ids):
                 ids = sorted(np.random.default_rng(seed).choice(ids, max_structures, replace=False).tolist())
             for lid in ids:
