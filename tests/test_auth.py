@@ -19,7 +19,7 @@ import nibabel as nib
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from hostile_server import start_hostile_server
 
@@ -36,13 +36,16 @@ class Realm:
     def __init__(self):
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "ensam-test-key"
-        pub = self.key.public_key().public_numbers()
-        self.jwks = {"keys": [{"kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256", "n": _b64(pub.n),
-                               "e": _b64(pub.e)}]}
+        self.jwks = {"keys": []}
+        self.add_key(self.key, self.kid)
+        self.delay = 0.0  # seconds each answer waits (a slow identity server)
+        self.hits = 0  # requests answered
         realm = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                realm.hits += 1
+                time.sleep(realm.delay)
                 base = f"http://127.0.0.1:{realm.port}/realms/ensam"
                 docs = {"/realms/ensam": {"realm": "ensam"},
                         "/realms/ensam/.well-known/openid-configuration": {
@@ -66,6 +69,12 @@ class Realm:
         self.thread.start()
         self.uri = f"http://127.0.0.1:{self.port}/realms/ensam"
 
+    def add_key(self, key, kid):
+        """Publish ``key`` (RSA) in the realm's key set under ``kid`` (a key rotation)."""
+        pub = key.public_key().public_numbers()
+        self.jwks["keys"].append({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": _b64(pub.n),
+                                  "e": _b64(pub.e)})
+
     def token(self, roles, exp_in=600, key=None, alg="RS256", kid=None, username="alice"):
         claims = {"preferred_username": username, "email": f"{username}@example.org",
                   "realm_access": {"roles": list(roles)}, "exp": int(time.time()) + exp_in}
@@ -85,7 +94,8 @@ def realm():
 @pytest.fixture(scope="module")
 def auth_server(realm, tmp_path_factory):
     srv = start_hostile_server(str(tmp_path_factory.mktemp("auth")), n_images=2, env_extra={
-        "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.uri}, ready_path="/auth/")
+        "MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.uri,
+        "ENSAM_AUTH_KEYS_REFRESH_S": "1"}, ready_path="/auth/")
     try:
         yield srv
     finally:
@@ -172,6 +182,13 @@ def test_auth_matrix(auth_server, realm, tmp_path):
         "alg none": f"{header}.{claims.rstrip(b'=').decode()}.",
         "HS256 with the public key as secret": _hs256_with(pem, claims),
         "unknown kid": realm.token([USER, ANNOTATOR, ADMIN], kid="other-kid"),
+        # issue 25 (5): a header naming ES256 / EdDSA (the realm's key is RSA) was a 500 (PyJWT's InvalidKeyError)
+        "ES256 token": jwt.encode({"exp": int(time.time()) + 600, "realm_access": {"roles": [ADMIN]}},
+                                  ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                                  headers={"kid": realm.kid}),
+        "EdDSA token": jwt.encode({"exp": int(time.time()) + 600, "realm_access": {"roles": [ADMIN]}},
+                                  ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA",
+                                  headers={"kid": realm.kid}),
     }
     roles = {"user": [USER], "annotator": [ANNOTATOR], "admin": [ADMIN], "all": [USER, ANNOTATOR, ADMIN]}
     matrix = {}
@@ -198,11 +215,60 @@ def test_auth_matrix(auth_server, realm, tmp_path):
         print(f"| {name} | " + " | ".join(str(row[c]) for c in cols) + " |")
 
 
-def test_keycloak_style_realm_public_key(realm, monkeypatch):
-    """monailabel's own key source (a realm document with ``public_key``, as Keycloak publishes) works too."""
-    import lib.server as S
+def test_realm_keys_are_cached_and_a_slow_realm_stalls_no_one(auth_server, realm):
+    """Issue 25 (5): every request fetched the realm document and its OpenID configuration, synchronously on the event
+    loop (a realm answering in 1 s made a valid user's /info wait 22.6 s). Now the keys are cached (TTL), a new kid
+    refreshes them at most once per ENSAM_AUTH_KEYS_REFRESH_S (1 s here), and the fetch runs in the thread pool:
+    while one request waits for a slow realm (a key rotation), the others answer at once."""
+    import concurrent.futures
+
+    headers = {"Authorization": f"Bearer {realm.token([USER], username='carol')}"}
+    assert requests.get(f"{auth_server.url}/info/", headers=headers, timeout=60).status_code == 200  # keys cached
+    realm.hits, realm.delay = 0, 1.0
+    try:
+        t0 = time.time()
+        for _ in range(6):
+            assert requests.get(f"{auth_server.url}/info/", headers=headers, timeout=60).status_code == 200
+        warm = time.time() - t0
+        assert realm.hits == 0 and warm < 3.0, (realm.hits, warm)
+
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        realm.add_key(new_key, "rotated-key")
+        time.sleep(1.2)  # past the refresh bound
+        rotated = {"Authorization": f"Bearer {realm.token([USER], key=new_key, kid='rotated-key', username='dan')}"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(requests.get, f"{auth_server.url}/info/", headers=rotated, timeout=60)
+            time.sleep(0.3)  # the rotated token's request is now waiting for the realm
+            t0 = time.time()
+            r = requests.get(f"{auth_server.url}/info/", headers=headers, timeout=60)
+            meanwhile = time.time() - t0
+            assert r.status_code == 200
+            assert slow.result().status_code == 200, "a key published by the realm is used after a refresh"
+        print(f"\nslow realm (1 s an answer): 6 calls with cached keys {warm:.2f} s; a call during a key refresh "
+              f"{meanwhile:.2f} s; realm asked {realm.hits} times")
+        assert meanwhile < 1.0, meanwhile
+        hits = realm.hits
+        bogus = {"Authorization": f"Bearer {realm.token([USER], kid='made-up')}"}
+        for _ in range(5):  # unknown kids: refused, and the realm is asked at most once in the refresh bound
+            assert requests.get(f"{auth_server.url}/info/", headers=bogus, timeout=60).status_code == 401
+        assert realm.hits - hits <= 3, realm.hits - hits
+    finally:
+        realm.delay = 0.0
+
+
+@pytest.fixture
+def in_process_auth(monkeypatch):
+    """``lib.http.auth`` in this process with the authentication mode on and an empty key cache."""
+    import lib.http.auth as A
     from monailabel.config import settings
 
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
+    monkeypatch.setattr(A, "_realms", {})
+    return A
+
+
+def test_keycloak_style_realm_public_key(realm, in_process_auth, monkeypatch):
+    """monailabel's own key source (a realm document with ``public_key``, as Keycloak publishes) works too."""
     der = realm.key.public_key().public_bytes(serialization.Encoding.DER,
                                               serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -213,12 +279,33 @@ def test_keycloak_style_realm_public_key(realm, monkeypatch):
         def json(self):
             return {"realm": "kc", "public_key": base64.b64encode(der).decode()}
 
-    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
-    monkeypatch.setattr(S.requests, "get", lambda *a, **k: Resp())  # the realm document, without a server
-    user = S.token_user(realm.token([USER], username="bob"))
+    monkeypatch.setattr(in_process_auth.requests, "get", lambda *a, **k: Resp())  # the realm document, no server
+    user = in_process_auth.token_user(realm.token([USER], username="bob"))
     assert user.username == "bob" and user.roles == [USER]
     with pytest.raises(jwt.InvalidTokenError):
-        S.token_user(realm.token([USER], exp_in=-10))
+        in_process_auth.token_user(realm.token([USER], exp_in=-10))
+
+
+def test_audience_and_issuer_are_checked_when_set(realm, in_process_auth, monkeypatch):
+    """Issue 25 (5): ``aud`` and ``iss`` were never checked. ENSAM_AUTH_AUDIENCE / ENSAM_AUTH_ISSUER: when set, a token
+    must carry them; unset, they are not checked."""
+    from monailabel.config import settings
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", realm.uri)
+
+    def token(**claims):
+        body = {"preferred_username": "erin", "realm_access": {"roles": [USER]}, "exp": int(time.time()) + 600,
+                **claims}
+        return jwt.encode(body, realm.key, algorithm="RS256", headers={"kid": realm.kid})
+
+    assert in_process_auth.token_user(token()).username == "erin"  # nothing set: nothing checked
+    monkeypatch.setenv("ENSAM_AUTH_AUDIENCE", "ensam,other-app")
+    monkeypatch.setenv("ENSAM_AUTH_ISSUER", realm.uri)
+    assert in_process_auth.token_user(token(aud="ensam", iss=realm.uri)).username == "erin"
+    for bad in ({}, {"aud": "someone-else", "iss": realm.uri}, {"aud": "ensam"},
+                {"aud": "ensam", "iss": "http://evil.example/realms/ensam"}):
+        with pytest.raises(jwt.InvalidTokenError):
+            in_process_auth.token_user(token(**bad))
 
 
 def test_default_bind_is_loopback():

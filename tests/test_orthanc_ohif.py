@@ -263,6 +263,55 @@ def test_the_series_is_fetched_in_its_stored_transfer_syntax(server, series):
     assert fetched == stored, (fetched, stored)
 
 
+def _raw(url: str, method: str, path: str, body: bytes = b"") -> tuple:
+    """(status, body) of a request whose path is sent exactly as given (``curl --path-as-is``: no dot-segment
+    removal, no re-encoding), as an attacker would send it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request(method, path, body=body or None, headers={"Content-Type": "application/dicom"} if body else {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_the_dicomweb_proxy_reaches_only_dicomweb_reads(server, orthanc, series):
+    """Issue 25 (2): monailabel's proxy sent ``/proxy/dicom/wado/../../system`` (and ``/proxy/dicom/patients``, POSTs,
+    ...) to the PACS's whole REST API with the server's stored credentials; Orthanc answered 200. Only the viewer's
+    DICOMweb reads pass now; everything else is 404/405 and never reaches Orthanc."""
+    instances = requests.get(f"{orthanc.url}/instances", timeout=30).json()
+    assert instances, "Orthanc holds the series"
+    with open(series.files[0], "rb") as f:
+        dicom = f.read()
+    hostile = [("GET", "/proxy/dicom/wado/../../system"), ("GET", "/proxy/dicom/qido/../../patients"),
+               ("GET", "/proxy/dicom/wado/../../statistics"), ("GET", f"/proxy/dicom/wado/../../instances/{instances[0]}/file"),
+               ("GET", f"/proxy/dicom/wado/studies/{series.study_uid}/../../../system"),
+               ("GET", "/proxy/dicom/wado/%2e%2e/%2e%2e/system"), ("GET", "/proxy/dicom/wado/..%2f..%2fsystem"),
+               ("GET", "/proxy/dicom/system"), ("GET", "/proxy/dicom/patients"), ("GET", "/proxy/dicom/stow/studies"),
+               ("GET", f"/proxy/dicom/instances/{instances[0]}/file"), ("GET", "/proxy/dicom/wado/tools/now"),
+               ("POST", "/proxy/dicom/instances"), ("POST", "/proxy/dicom/stow/studies"),
+               ("POST", "/proxy/dicom/wado/../../instances"), ("DELETE", f"/proxy/dicom/wado/../../instances/{instances[0]}")]
+    answers = {}
+    for method, path in hostile:
+        status, body = _raw(server.url, method, path, dicom if method == "POST" else b"")
+        answers[f"{method} {path}"] = status
+        assert status in (404, 405), (method, path, status, body[:300])
+        assert b"ApiVersion" not in body and b"DicomAet" not in body and b"CountInstances" not in body, (path, body)
+    print("\nDICOMweb proxy, hostile paths:", answers)
+    assert sorted(requests.get(f"{orthanc.url}/instances", timeout=30).json()) == sorted(instances)
+    # the viewer's reads still pass, Accept and query string included
+    r = requests.get(f"{server.url}/proxy/dicom/qido/studies", params={"StudyInstanceUID": series.study_uid},
+                     headers={"Accept": "application/dicom+json"}, timeout=60)
+    assert r.status_code == 200 and series.study_uid in r.text, (r.status_code, r.text[:300])
+    r = requests.get(f"{server.url}/proxy/dicom/wado/studies/{series.study_uid}/series/{series.series_uid}/metadata",
+                     timeout=60)
+    assert r.status_code == 200 and series.sop_uids[0] in r.text, (r.status_code, r.text[:300])
+
+
 def test_saving_a_label_stores_a_dicom_seg_in_orthanc(server, orthanc, series):
     """PUT /datastore/label as Slicer sends it (a NIfTI + label_info) and as OHIF's client sends it (raw voxels,
     ``label.bin``): each becomes a DICOM SEG in Orthanc that decodes back to the same voxels."""

@@ -19,7 +19,10 @@ What is patched, and why:
    joins nested paths with ``os.pathsep`` (':'), so every ``/ohif/assets/...`` file came back as index.html. Served
    by Starlette's ``StaticFiles`` (index.html for the viewer's own routes), behind monailabel's user role.
 4. The token check (:func:`install_token_check`): ``monailabel.endpoints.user.auth.from_token`` replaced by
-   ``lib.server.token_user`` (asymmetric algorithms only, realm ``public_key`` or JWKS, expiry required).
+   ``lib.http.auth.token_user`` (asymmetric algorithms only, realm ``public_key`` or JWKS cached, expiry required,
+   audience / issuer when set), and monailabel's ``async`` ``get_current_user`` dependency overridden on the app by
+   a plain ``def`` one (run in the thread pool: a slow identity realm never stalls the event loop). Upstream:
+   monailabel's dependency should be a ``def`` and its key fetch cached.
 5. The local datastore class (:func:`local_datastore`): ``lib.datastore.AtomicLocalDatastore`` instead of
    ``LocalDatastore`` (it overrides the private ``_update_datastore_file`` and the copy steps of ``add_image`` /
    ``save_label``: a kill never leaves a truncated label or index), and :func:`reload_local_datastore` (the
@@ -131,12 +134,15 @@ async def ohif_file(request: Request, path: str = "",
 
 
 # ---------------------------------------------------------------------------------------------- 4: token check
-def install_token_check(token_user: Callable) -> None:
+def install_token_check(app, token_user: Callable, current_user: Callable) -> None:
     """monailabel's bearer-token check (``monailabel.endpoints.user.auth.from_token``, read by its ``get_current_user``
-    at each request) replaced by ``token_user`` (same contract: token -> ``User``, ``jwt.InvalidTokenError``)."""
+    at each request) replaced by ``token_user`` (same contract: token -> ``User``, ``jwt.InvalidTokenError``), and
+    its ``async`` dependency ``get_current_user`` (which every ``RBAC`` role check depends on) overridden on ``app``
+    by ``current_user`` (a plain ``def``, run in FastAPI's thread pool)."""
     import monailabel.endpoints.user.auth as ml_auth
 
     ml_auth.from_token = token_user
+    app.dependency_overrides[ml_auth.get_current_user] = current_user
 
 
 # ---------------------------------------------------------------------------------------------- 5: local datastore

@@ -9,11 +9,10 @@ clear message (monailabel itself answers 500 to any exception).
 ``POST /train/{model}`` is checked by the train task before monailabel starts the training process (monailabel
 accepts anything and the error only shows in the training log): a bad parameter is 400 with the reason.
 
-It also replaces the GET side of monailabel's DICOMweb proxy (``/proxy/dicom/{wado,qido}/...``, what OHIF reads
-through): monailabel's proxy drops the client's ``Accept`` header and query string and blocks the event loop.
-OHIF asks for frames with ``transfer-syntax=*`` (it decodes JPEG 2000 etc. itself); without that header Orthanc
-decodes each frame with its GDCM plugin, and Orthanc 1.10.1 + orthanc-gdcm 1.5 (Debian 12) crashes (segfault in
-libgdcmMSFF) after a few JPEG 2000 frames: the viewer then loses the rest of the series and Orthanc is gone.
+It also replaces monailabel's DICOMweb proxy (``/proxy/dicom/...``, what OHIF reads through) by
+``lib.http.proxy``: GET-only, confined to the DICOMweb reads a viewer makes (monailabel's forwarded any path, ``..``
+included, to the PACS's whole REST API with the stored credentials), the client's ``Accept`` header and query
+string forwarded, off the event loop. The token check of the authentication mode is ``lib.http.auth``.
 
 Request rules (monailabel 0.8.5 checks none of them; issue 10):
 
@@ -37,7 +36,8 @@ PYTHONPATH (the Makefile's ``serve`` target does both).
 Loading rule: monailabel's app loader unloads every ``lib.*`` module before it executes ``main.py``, so this module
 is imported once by uvicorn and then dropped from ``sys.modules`` while its objects stay alive. It therefore
 imports nothing from ``lib`` at import time but ``lib.monailabel_patches`` (stateless: every patch of monailabel's
-internals, with the monailabel version check) (the request handlers import the few helpers they need when they run,
+internals, with the monailabel version check) and ``lib.http`` (the token check and the proxy, which import no other
+``lib`` module) (the request handlers import the few helpers they need when they run,
 and so get the app's own modules): errors are recognised by module and class name, never by class identity (the
 classes are re-created by the loader).
 """
@@ -53,16 +53,13 @@ import tempfile
 from fnmatch import fnmatch
 from typing import Any, Dict, Optional
 
-import requests
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from monailabel.app import app
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
-from monailabel.endpoints.proxy import proxy_dicom
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
@@ -72,13 +69,15 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 
 # every monailabel internal that ensam patches is reached from this one module (stateless: safe to import here)
+from lib.http.auth import ASYMMETRIC_ALGORITHMS, make_current_user, token_user  # noqa: F401 (re-exported)
+from lib.http.proxy import dicomweb_proxy
 from lib.monailabel_patches import (OHIF_DIR, add_middleware_once, check_version, install_token_check, ohif_file,
                                     put_exception_handler, put_routes_first)
 
 logger = logging.getLogger("ensam.server")
 
 __all__ = ["app", "OHIF_DIR", "RequestGuard", "add_image_checked", "batch_infer_checked", "delete_model_checked",
-           "dicomweb_qido", "dicomweb_wado", "http_error_for", "id_problem", "next_sample_checked", "ohif_file",
+           "dicomweb_proxy", "http_error_for", "id_problem", "next_sample_checked", "ohif_file",
            "save_label_checked", "scoring_checked", "train_checked", "update_model_checked"]
 
 check_version()  # a warning naming the monailabel version the patches were written for, when another is installed
@@ -133,76 +132,9 @@ async def monailabel_exception_handler(request: Request, exc: MONAILabelExceptio
 
 
 # ---------------------------------------------------------------------------------------------------- auth
-# monailabel 0.8.5's authentication mode (MONAI_LABEL_AUTH_ENABLE=true) calls ``jwt.decode`` without ``algorithms``,
-# which PyJWT 2 refuses for every token: each call was 401, valid tokens included. ensam's token check, installed in
-# place of monailabel's ``from_token`` (its ``get_current_user`` / ``RBAC`` are unchanged and call it):
-# * the signing key: the realm's ``public_key`` (Keycloak's realm document, what monailabel reads), else the JWKS of
-#   the realm's OpenID configuration (``jwks_uri``), the key chosen by the token's ``kid``;
-# * only asymmetric signatures (RS*/PS*/ES*/EdDSA) are accepted: never ``none`` nor a shared-secret HS* token signed
-#   with the public key; the token must not be expired;
-# * the user's name, e-mail and roles are read from the claims monailabel's settings name.
-ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-_jwks_clients: Dict[str, Any] = {}
-
-
-def _signing_key(token: str):
-    import jwt
-
-    realm = settings.MONAI_LABEL_AUTH_REALM_URI
-    r = requests.get(realm, timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
-    r.raise_for_status()
-    doc = r.json()
-    if doc.get("public_key"):
-        return f"-----BEGIN PUBLIC KEY-----\n{doc['public_key']}\n-----END PUBLIC KEY-----"
-    jwks_uri = doc.get("jwks_uri")
-    if not jwks_uri:
-        conf = requests.get(f"{realm.rstrip('/')}/.well-known/openid-configuration",
-                            timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
-        conf.raise_for_status()
-        jwks_uri = conf.json().get("jwks_uri")
-    if not jwks_uri:
-        raise jwt.InvalidTokenError(f"the identity realm {realm} publishes neither a public_key nor a jwks_uri")
-    client = _jwks_clients.get(jwks_uri)
-    if client is None:
-        client = _jwks_clients[jwks_uri] = jwt.PyJWKClient(jwks_uri, cache_keys=True, lifespan=300,
-                                                           timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
-    return client.get_signing_key_from_jwt(token).key
-
-
-def token_user(token: str):
-    """The :class:`User` of a bearer token (monailabel's ``from_token`` contract); raises ``jwt.InvalidTokenError``
-    for a token that is not valid."""
-    import jwt
-    from monailabel.endpoints.user.auth import DEFAULT_USER
-
-    if not settings.MONAI_LABEL_AUTH_ENABLE:
-        return DEFAULT_USER
-    try:
-        alg = jwt.get_unverified_header(token).get("alg")
-    except jwt.PyJWTError as e:
-        raise jwt.InvalidTokenError(f"malformed token: {e}") from None
-    if alg not in ASYMMETRIC_ALGORITHMS:
-        raise jwt.InvalidTokenError(f"token signature algorithm {alg!r} is not accepted")
-    try:
-        key = _signing_key(token)
-    except (requests.RequestException, ValueError, jwt.PyJWKClientError) as e:
-        raise jwt.InvalidTokenError(f"no signing key for the token: {type(e).__name__}: {e}") from None
-    payload = jwt.decode(token, key, algorithms=[alg], options={"verify_signature": True, "verify_aud": False,
-                                                              "verify_exp": True, "require": ["exp"]})
-    roles: Any = payload
-    for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
-        roles = roles.get(part) if isinstance(roles, dict) else None
-    roles = [r for r in roles if isinstance(r, str)] if isinstance(roles, list) else []
-    def text(claim):
-        v = payload.get(claim)
-        return None if v is None else str(v)
-
-    return User(username=text(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
-                email=text(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL), name=text(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
-                roles=roles)
-
-
-install_token_check(token_user)
+# ensam's token check (lib/http/auth.py): asymmetric signatures only, realm keys cached with a bounded refresh,
+# audience / issuer when set, run in the thread pool (monailabel 0.8.5 refused every token with PyJWT 2).
+install_token_check(app, token_user, make_current_user())
 
 
 # ---------------------------------------------------------------------------------------------------- ids
@@ -832,50 +764,6 @@ async def batch_infer_checked(
         _raise_for(e, f"batch inference ({model})")
 
 
-_FORWARDED_REQUEST_HEADERS = ("accept",)
-_RETURNED_HEADERS = ("content-type", "content-location", "warning")
-
-
-def _dicomweb_get(op: str, path: str, request: Request) -> Response:
-    studies = (settings.MONAI_LABEL_STUDIES or "").rstrip("/")
-    if not studies.startswith(("http://", "https://")):
-        raise HTTPException(status_code=404, detail="the datastore is not a DICOMweb server: nothing to proxy")
-    prefix = settings.MONAI_LABEL_QIDO_PREFIX if op == "qido" else settings.MONAI_LABEL_WADO_PREFIX
-    if op == "qido" and path.endswith("metadata"):  # as monailabel's proxy: some OHIF versions ask QIDO for it
-        prefix = settings.MONAI_LABEL_WADO_PREFIX
-    url = "/".join(x.strip("/") for x in (studies, prefix or "", path) if x and x.strip("/"))
-    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_REQUEST_HEADERS}
-    user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
-    try:
-        r = requests.get(url, params=list(request.query_params.multi_items()), headers=headers,
-                         auth=(user, password) if user and password else None,
-                         timeout=settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT)
-    except requests.RequestException as e:
-        logger.warning(f"DICOMweb proxy: {url}: {type(e).__name__}: {e}")
-        raise HTTPException(status_code=502, detail=f"the DICOMweb server did not answer: {type(e).__name__}") from e
-    out = {k: v for k, v in r.headers.items() if k.lower() in _RETURNED_HEADERS}
-    return Response(content=r.content, status_code=r.status_code, headers=out)
-
-
-async def _proxy(op: str, path: str, request: Request) -> Response:
-    if "googleapis.com" in (settings.MONAI_LABEL_STUDIES or ""):  # token auth: monailabel's own proxy
-        return await proxy_dicom(request, op, path)
-    return await run_in_threadpool(_dicomweb_get, op, path, request)
-
-
-async def dicomweb_wado(request: Request, path: str,
-                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    """GET ``/proxy/dicom/wado/<path>`` -> ``<studies>/<wado prefix>/<path>?<query>`` with the client's ``Accept``
-    header, off the event loop. POST (STOW) stays with monailabel's proxy."""
-    return await _proxy("wado", path, request)
-
-
-async def dicomweb_qido(request: Request, path: str,
-                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    """GET ``/proxy/dicom/qido/<path>``: as ``dicomweb_wado``."""
-    return await _proxy("qido", path, request)
-
-
 def train_checked(
     model: str,
     params: Optional[dict] = None,
@@ -954,8 +842,9 @@ _routes = [
              summary=f"{RBAC_USER}Delete Session (ensam: 406 when sessions are off)", tags=["Session"]),
     APIRoute(f"{_API}/ohif/{{path:path}}", ohif_file, methods=["GET"], include_in_schema=False),
 ]
-_routes += [APIRoute(f"{_API}/proxy/dicom/{op}/{{path:path}}", endpoint, methods=["GET"],
-                     include_in_schema=False) for op, endpoint in (("wado", dicomweb_wado), ("qido", dicomweb_qido))]
+# every method under /proxy/dicom/ (monailabel's proxy forwarded any path, POST included, with the PACS credentials)
+_routes.append(APIRoute(f"{_API}/proxy/dicom/{{path:path}}", dicomweb_proxy,
+                        methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False))
 put_routes_first(app, _routes)  # they shadow monailabel's routes for the same paths
 add_middleware_once(app, Middleware(RequestGuard))
 put_exception_handler(app, MONAILabelException, monailabel_exception_handler)
