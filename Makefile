@@ -43,6 +43,7 @@ services:
 # `python -m monailabel.main`, not the `monailabel` wrapper script (it runs whatever `python` is first on PATH).
 # lib.server:app (the non-blocking infer route) is importable because PYTHONPATH holds apps/ensam (see above).
 serve: venv data
+	@if [ "$$(id -u)" = 0 ]; then echo "WARNING: make serve runs the server as root; deploy it as an unprivileged user (deploy/ensam.service, README 'Access')" >&2; fi
 	$(VPY) -m monailabel.main start_server --app apps/ensam --studies $(STUDIES) --conf models ensam \
 		--host $(HOST) --port $(PORT) --uvicorn_app lib.server:app $(SERVE_ARGS)
 
