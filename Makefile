@@ -26,7 +26,8 @@ sample-datasets/.fetched: $(VENV)/.installed scripts/fetch_sample_data.py
 data: sample-datasets/.fetched
 
 # System packages for tests/test_orthanc_ohif.py (a real Orthanc + a real headless browser on OHIF). Installed with
-# apt-get when missing and we are root; otherwise a warning, and those tests skip naming what is missing.
+# apt-get when missing and we are root; otherwise a warning, and those tests skip naming what is missing. In CI
+# (CI=true, .ci/run) a package that cannot be installed is an error: the run stops here.
 SERVICES_DEB := orthanc orthanc-dicomweb orthanc-gdcm chromium chromium-driver
 services:
 	@missing=""; for p in $(SERVICES_DEB); do \
@@ -34,11 +35,13 @@ services:
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 		echo "WARNING: make services: not installed:$$missing (needs root and apt-get); the Orthanc/OHIF tests will skip"; \
+		if [ "$(CI)" = true ]; then echo "make services: CI=true: every test must run" >&2; exit 1; fi; \
 		exit 0; fi; \
 	echo "make services: apt-get install$$missing"; export DEBIAN_FRONTEND=noninteractive; \
 	{ apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; } \
-	|| echo "WARNING: make services: apt-get failed for$$missing; the Orthanc/OHIF tests will skip"
+	|| { echo "WARNING: make services: apt-get failed for$$missing; the Orthanc/OHIF tests will skip"; \
+	     if [ "$(CI)" = true ]; then echo "make services: CI=true: every test must run" >&2; exit 1; fi; }
 
 # `python -m monailabel.main`, not the `monailabel` wrapper script (it runs whatever `python` is first on PATH).
 # lib.server:app (the non-blocking infer route) is importable because PYTHONPATH holds apps/ensam (see above).

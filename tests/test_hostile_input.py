@@ -124,10 +124,10 @@ def _cases():
         ("NRRD declaring 1000^3 voxels", "t.nrrd", _nrrd(np.zeros(4), sizes=[1000, 1000, 1000]), {400}),
         ("NRRD declaring 2^36 voxels", "t.nrrd", _nrrd(np.zeros(4), sizes=[4096, 4096, 4096]), {413}),
         ("zero-size dimension", "t.nii.gz", _nii(np.zeros((16, 0, 16), np.float32)), {400}),
-    ] + ([  # a real CT slice of the sample series (make data)
-        ("truncated DICOM", "t.dcm", _dicom_slice()[:4000], {400}),
-        ("one DICOM slice (2D)", "t.dcm", _dicom_slice(), {400}),
-    ] if _dicom_slice() else [])
+    ] + [  # a real CT slice of the sample series (make data); None when it is missing: the test fails, never vanishes
+        ("truncated DICOM", "t.dcm", _dicom_slice()[:4000] or None, {400}),
+        ("one DICOM slice (2D)", "t.dcm", _dicom_slice() or None, {400}),
+    ]
 
 
 CASES = _cases()
@@ -135,6 +135,7 @@ CASES = _cases()
 
 @pytest.mark.parametrize("name, filename, data, expected", CASES, ids=[c[0] for c in CASES])
 def test_hostile_uploads_are_refused_and_change_nothing(server, name, filename, data, expected):
+    assert data is not None, f"{name}: no sample DICOM series in {DICOM_DIR} (make data)"
     before = _state(server)
     r = requests.put(f"{server.url}/datastore/image", params={"image": "hostile"},
                      files={"file": (filename, data)}, timeout=TIMEOUT)
