@@ -1,0 +1,59 @@
+"""Issue 26: the quality gate. The evaluator (lib.evaluation, the challenge's protocol) on the whole sample evaluation
+set with the shipped weights and the shipped engine, box start and click start, every structure: each average
+(step-0 DSC, DSC_AUC, NSD_AUC, final DSC, final NSD) must be within a stated margin of the figures recorded in the
+weights' metadata (``meta["evaluation"]``, measured when the release was made) and above the best classical method
+on the same protocol (apps/ensam/model/classical_baselines.json). A change to the engine, the geometry, the prompt
+code or the weights that lowers quality fails here.
+
+Margins: 0.01 on the DSC / NSD averages (range 0..1) and 0.04 on the AUCs (range 0..4): the evaluation is
+deterministic (seeded boxes and click tie-breaks), so a faithful build reproduces the recorded figures to about
+0.001; a release that loses 0.02 on any average fails."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lib.evaluation.evaluator import EnsamMethod, evaluate, run_name
+from lib.weights import read_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "apps", "ensam", "model", "pretrained_ensam.pt")
+EVAL = os.path.join(ROOT, "sample-datasets", "eval")
+CLASSICAL = os.path.join(ROOT, "apps", "ensam", "model", "classical_baselines.json")
+KEYS = ("box_dsc", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
+MARGIN = {"box_dsc": 0.01, "final_dsc": 0.01, "final_nsd": 0.01, "dsc_auc": 0.04, "nsd_auc": 0.04}
+RECORDED = {"box": "engine (boundary cut on)", "click": "engine, click start"}  # meta["evaluation"] rows
+
+
+@pytest.fixture(scope="module")
+def measured():
+    assert os.path.exists(os.path.join(EVAL, "dataset.json")), "sample-datasets/eval missing (make data)"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = evaluate([EnsamMethod(weights=WEIGHTS)], EVAL, seed=0, n_clicks=5, jitter=3, starts=("box", "click"),
+                       progress=False, measure_memory=False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return {start: res["methods"][run_name("ensam", start)]["overall"] for start in RECORDED}
+
+
+@pytest.mark.parametrize("start", list(RECORDED))
+def test_shipped_quality_holds(measured, start):
+    recorded = read_meta(WEIGHTS)["evaluation"][RECORDED[start]]
+    classical = json.load(open(CLASSICAL))[start]
+    got = measured[start]
+    rows = []
+    for k in KEYS:
+        best_classical = max(m[k] for m in classical.values())
+        rows.append(f"{k:10s} measured {got[k]:.3f}  recorded {recorded[k]:.3f}  best classical {best_classical:.3f}")
+    print(f"\nquality gate, {start} start ({got['n_structures']} structures, {got['seconds_per_step']:.2f} s/step):\n"
+          + "\n".join(rows))
+    assert got["n_structures"] == 54 and got["n_errors"] == 0
+    for k in KEYS:
+        assert got[k] >= recorded[k] - MARGIN[k], (start, k, got[k], recorded[k])
+        assert got[k] > max(m[k] for m in classical.values()), (start, k, got[k], classical)
