@@ -325,8 +325,21 @@ def test_short_cpu_training_then_inference_uses_the_new_weights(ensam_server):
     assert stats["status"] == "DONE" and stats["train_images"] and stats["val_images"], stats
     assert set(stats["label_names"]) == {"blob_a"} and 0 < stats["steps"] <= 2
     assert "val_box_dsc" in stats["val_best"] and stats["best_metric"] is not None
+    # the validation of the fine-tuned label is recorded before and after, and the published weights are not worse
+    before, best = stats["val_before"], stats["val_best"]
+    assert 0.0 <= before["val_box_dsc"] <= 1.0 and best["score"] >= before["score"], (before, best)
+    assert stats["best_metric_before"] == before["score"] and stats["best_metric"] == best["score"]
     art = torch.load(os.path.join(ensam_server.app_dir, "model", "ensam.pt"), weights_only=True)
     assert art["format"] == "ensam-weights/1"  # one artefact: weights, network, contract and vocabulary
+    shipped = torch.load(os.path.join(ensam_server.app_dir, "model", "pretrained_ensam.pt"), weights_only=True)
+    changed = [k for k, v in art["state_dict"].items()
+               if k in shipped["state_dict"] and not torch.equal(v.float(), shipped["state_dict"][k].float())]
+    # the optimiser moved the weights: the network after training scores differently from before (a training
+    # that steps nothing validates identically); the published ones differ from the shipped ones unless the best
+    # validation was the starting point, which is then what is published
+    assert stats["val_after"]["score"] != before["score"], (stats["val_after"], before)
+    assert changed or (stats["restored_best"] and best["score"] == before["score"]), (changed, stats)
+    assert art["meta"]["val_best"]["score"] == best["score"]
     assert set(BLOBS) <= set(art["meta"]["vocabulary"]) and "contract" in art["meta"] and art["meta"]["network"]
     r = _infer(ensam_server, "ensam", "vol2", {"foreground": [[14, 12, 8]], "reset_state": True}, output="json")
     assert r.status_code == 200 and r.json()["weights"] == "ensam.pt"
@@ -374,9 +387,18 @@ def test_scoring_then_next_sample_for_each_strategy(ensam_server):
         assert 0.0 <= info["novelty"] <= 2.0 and 0.0 <= info["uncertainty"] <= 1.0, (image_id, info)
         assert set(info["uncertainty_labels"]) == {"blob_a"} and len(info["ensam_embedding"]["vector"]) > 8
     client = MONAILabelClient(ensam_server.url, client_id="al")
-    for strategy in ("first", "random", "novelty", "uncertainty"):
+    for method in ("novelty", "uncertainty"):
+        scores = {i: ds[i]["image"]["info"][method] for i in unlabelled}
+        # images that differ score differently (a constant score orders nothing)
+        assert len({round(v, 6) for v in scores.values()}) > 1, (method, scores)
+        # the strategy's first pick is the image its score ranks first
+        res = client.next_sample(method, {})
+        assert res["id"] == max(unlabelled, key=lambda i: (scores[i], -unlabelled.index(i))), (method, res, scores)
+        assert abs(res[method] - scores[res["id"]]) < 1e-6, (method, res, scores)
+    for strategy in ("first", "random"):
         res = client.next_sample(strategy, {})
         assert res["id"] in unlabelled, (strategy, res)
+    assert client.next_sample("first", {})["id"] == unlabelled[0]
     # two annotators asking novelty in a row get different images (the first is pending)
     a = client.next_sample("novelty", {})["id"]
     b = client.next_sample("novelty", {})["id"]

@@ -105,6 +105,14 @@ def test_batch_inference_uses_the_atlas_route_with_progress(atlas_server):
     lines = "\n".join(task["details"])
     assert "ensam batch: 2/2" in lines and "finished 2 ok, 0 failed" in lines, lines
     assert "registered" in atlas_server.log_tail(400) or "registered" in lines
+    from lib.evaluation.metrics import dice
+
+    for image_id, (img, lab, _) in atlas_server.images.items():  # every written mask opened and scored
+        m = np.asarray(nib.load(os.path.join(atlas_server.studies, "labels", "original",
+                                             f"{image_id}.nii.gz")).dataobj)
+        got = dice(m > 0, lab == 1)
+        print(f"\nbatch prompt-free {image_id}: blob_a DSC {got:.3f}")
+        assert m.shape == img.shape and got > 0.5, (image_id, got)
 
 
 def test_uncertainty_score_is_the_atlas_disagreement(atlas_server):
