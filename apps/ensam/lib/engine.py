@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - cc3d is a dependency of the app
 
 from .cache import ByteLRU
 from .click_scale import LoneClickView
+from .correction import conservative_merge
 from .contract import Contract, check_same, contract_for_network, read_contract
 from .geometry import (PromptError, Prompts, Roi, bbox_edge_mm, check_prompts, choose_roi, crop_to_model,
                        flip_model_boxes, flip_model_points, logits_to_original, mask_bbox, mask_to_model,
@@ -91,7 +92,11 @@ class EngineConfig:
     object under it at any share of the view; one more encoding per round, on the first click only.
     ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
     (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
-    interaction pays one more encoding instead."""
+    interaction pays one more encoding instead.
+    ``correction_reach``: ``(k, margin_mm)`` or () (off): a corrective step changes the previous answer only inside
+    a ball around each click the previous answer contradicts, of radius k x the click's distance to the previous
+    answer's boundary + margin_mm (:func:`lib.correction.conservative_merge`, issue 27); applied last, after the
+    boundary cut."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5
@@ -112,6 +117,7 @@ class EngineConfig:
     lone_click_view: LoneClickView | None = None
     lone_click_probe: tuple = ()
     refiner_warm: bool = True
+    correction_reach: tuple = ()
 
     def __post_init__(self) -> None:
         # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
@@ -442,6 +448,10 @@ class EnsamEngine:
             new = self.config.boundary_cut.refine(image[region], new, spacing, pts[inside] - a, labels[inside],
                                                   box).astype(np.uint8)
             self._timed("cut_s", tc)
+        if pm is not None and self.config.correction_reach and len(pts):
+            k, margin = (float(v) for v in self.config.correction_reach)
+            inside = np.all((pts >= a) & (pts < b), axis=1)
+            new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, k, margin)
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win,
                           "weights": "refiner" if net is not self.network else "main"}

@@ -64,6 +64,9 @@ def build_methods(names, weights=None, device="cpu", log=print, engine_config=No
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.evaluation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--split", default=None, choices=["tune", "eval"],
+                    help="a named split (lib.evaluation.splits): 'tune' (training sources: where settings are "
+                         "decided) or 'eval' (reported only); sets --data, --cases and --max-structures")
     ap.add_argument("--data", default="sample-datasets/eval", help="folder with dataset.json (default: %(default)s)")
     ap.add_argument("--out", default="eval-results", help="output folder (default: %(default)s)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (default: %(default)s)")
@@ -88,6 +91,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="grid-search the baselines on --data (a training set!)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.split:
+        from .splits import SPLITS
+
+        split = SPLITS[args.split]
+        args.data = split.data
+        args.cases = ",".join(split.cases) if split.cases else args.cases
+        args.max_structures = split.max_structures or args.max_structures
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     _set_threads(args.threads, torch_needed="ensam" in names and not args.tune)
     cases = [c.strip() for c in args.cases.split(",")] if args.cases else None

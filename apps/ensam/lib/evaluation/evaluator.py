@@ -360,6 +360,24 @@ def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.nda
 
 
 SUMMARY_KEYS = ("box_dsc", "box_nsd", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
+HARM_DSC = (0.05, 0.2)  # a corrective step that lowers the DSC by more than these is harmful / destructive (issue 27)
+
+
+def correction_drops(structures: List[dict]) -> dict:
+    """How often a corrective step made the answer worse, pooled over every corrective step that was taken (a
+    step with no click, the answer being perfect, is not counted): ``harmful_steps`` (fraction lowering the DSC by
+    more than 0.05), ``destructive_steps`` (more than 0.2), ``worst_drop`` (largest DSC loss of one step) and
+    ``corrective_steps`` (how many)."""
+    drops = []
+    for s in structures:
+        skipped = set(s.get("no_click") or [])
+        d = s["dsc"]
+        drops += [d[i - 1] - d[i] for i in range(1, len(d)) if i not in skipped]
+    n = len(drops)
+    return {"corrective_steps": n,
+            "harmful_steps": float(sum(x > HARM_DSC[0] for x in drops) / n) if n else 0.0,
+            "destructive_steps": float(sum(x > HARM_DSC[1] for x in drops) / n) if n else 0.0,
+            "worst_drop": float(max([0.0] + drops))}
 
 
 def summarize(structures: List[dict]) -> dict:
@@ -373,6 +391,7 @@ def summarize(structures: List[dict]) -> dict:
     out["seconds_per_step"] = float(np.mean(times)) if times else 0.0
     mems = [s["peak_mb_max"] for s in structures if s.get("peak_mb_max") is not None]
     out["peak_mb"] = float(max(mems)) if mems else None
+    out.update(correction_drops(structures))
     out["n_structures"] = len(structures)
     out["n_errors"] = int(sum(len(s["errors"]) for s in structures))
     out["n_over_budget"] = int(sum(bool(s["over_budget"]) for s in structures))

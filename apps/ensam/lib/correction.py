@@ -1,0 +1,76 @@
+"""Conservative corrective steps (issue 27): a correction changes the previous answer only near the click that asks
+for the change.
+
+The previous answer is the user's accepted work: a corrective click says "this voxel is wrong", which is evidence
+about its neighbourhood, not about the whole object. After a click, the new answer replaces the previous one only
+inside a ball around each click that the previous answer contradicts (a foreground click outside it, a background
+click inside it: what a corrective click is); outside the balls the previous answer stands.
+
+The ball's radius comes from the data: ``k`` times the click's distance to the previous answer's boundary (in mm:
+how deep the click sits in the error it corrects, which is what the evaluator's and a user's click measure) plus
+``margin_mm``. A click deep inside a large leak may change a large region; a click near the boundary changes only
+its neighbourhood; a background click can never delete an object far beyond its own reach.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["contradicted_clicks", "click_depth_mm", "conservative_merge"]
+
+
+def contradicted_clicks(prev: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Indices of the clicks ``prev`` contradicts: foreground clicks outside it, background clicks inside it.
+    ``points``: (N, 3) voxel indices of ``prev``'s grid (clicks outside the grid are ignored)."""
+    pts = np.round(np.asarray(points, float).reshape(-1, 3)).astype(int)
+    labs = np.asarray(labels).reshape(-1)
+    inside = np.all((pts >= 0) & (pts < np.asarray(prev.shape)), axis=1)
+    out = []
+    for i in np.flatnonzero(inside):
+        value = bool(prev[tuple(pts[i])])
+        if value != bool(labs[i]):
+            out.append(i)
+    return np.asarray(out, dtype=int)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """(M, 3) voxel indices of the boundary voxels of ``mask`` (inside voxels with an outside 6-neighbour)."""
+    return np.argwhere(mask & ~ndimage.binary_erosion(mask, border_value=0))
+
+
+def click_depth_mm(prev: np.ndarray, point, spacing: Sequence[float], surface: Optional[np.ndarray] = None) -> float:
+    """Distance (mm) from ``point`` to the boundary of ``prev`` (inf when ``prev`` is empty)."""
+    surf = _surface(prev.astype(bool)) if surface is None else surface
+    if not len(surf):
+        return float("inf")
+    d = (surf - np.asarray(point, float)[None]) * np.asarray(spacing, float)[None]
+    return float(np.sqrt((d * d).sum(axis=1).min()))
+
+
+def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, labels: np.ndarray,
+                       spacing: Sequence[float], k: float = 3.0, margin_mm: float = 3.0) -> np.ndarray:
+    """``new`` inside the balls around the clicks ``prev`` contradicts, ``prev`` elsewhere (uint8, ``prev``'s
+    shape). Ball radius = ``k`` x the click's distance to ``prev``'s boundary + ``margin_mm``. When no click
+    contradicts ``prev`` (nothing asks for a change), or ``prev`` is empty, ``new`` is returned unchanged."""
+    prev_b, new_b = prev.astype(bool), new.astype(bool)
+    if prev_b.shape != new_b.shape:
+        raise ValueError(f"prev {prev_b.shape} and new {new_b.shape} differ")
+    idx = contradicted_clicks(prev_b, points, labels)
+    if not prev_b.any() or not len(idx):
+        return new_b.astype(np.uint8)
+    sp = np.asarray(spacing, float)
+    surf = _surface(prev_b)
+    allowed = np.zeros(prev_b.shape, dtype=bool)
+    pts = np.asarray(points, float).reshape(-1, 3)
+    for i in idx:
+        c = pts[i]
+        radius = k * click_depth_mm(prev_b, c, sp, surf) + margin_mm
+        lo = np.maximum(np.floor(c - radius / sp).astype(int), 0)
+        hi = np.minimum(np.ceil(c + radius / sp).astype(int) + 1, prev_b.shape)
+        grids = np.ogrid[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        d2 = sum(((g - c[ax]) * sp[ax]) ** 2 for ax, g in enumerate(grids))
+        allowed[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] |= d2 <= radius * radius
+    return np.where(allowed, new_b, prev_b).astype(np.uint8)

@@ -1,0 +1,64 @@
+"""lib.correction: a corrective step changes the previous answer only near the click that asks for it (issue 27)."""
+
+import numpy as np
+
+from lib.correction import click_depth_mm, conservative_merge, contradicted_clicks
+
+
+def _ball(shape, centre, r):
+    g = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum((x - c) ** 2 for x, c in zip(g, centre)) <= r * r
+
+
+def test_only_contradicted_clicks_count():
+    prev = _ball((40, 40, 40), (20, 20, 20), 8)
+    pts = np.array([[20, 20, 20], [2, 2, 2], [21, 20, 20], [30, 30, 30]])
+    labels = np.array([1, 1, 0, 0])  # fg inside (agrees), fg outside (contradicts), bg inside (contradicts), bg out
+    assert contradicted_clicks(prev, pts, labels).tolist() == [1, 2]
+
+
+def test_depth_is_the_distance_to_the_boundary_in_mm():
+    prev = _ball((40, 40, 40), (20, 20, 20), 8)
+    assert abs(click_depth_mm(prev, (20, 20, 20), (1, 1, 1)) - 8.0) <= 1.0
+    assert abs(click_depth_mm(prev, (20, 20, 20), (2, 2, 2)) - 16.0) <= 2.0
+    assert click_depth_mm(np.zeros((5, 5, 5), bool), (2, 2, 2), (1, 1, 1)) == float("inf")
+
+
+def test_a_background_click_cannot_delete_the_object_far_from_it():
+    """The catastrophic case: a background click near the edge, and a new answer that lost the whole object. Only
+    the click's neighbourhood may change; the rest of the object stays."""
+    prev = _ball((60, 60, 60), (30, 30, 30), 15)
+    click = np.array([[30, 30, 43]])  # 2 voxels inside the boundary
+    out = conservative_merge(prev, np.zeros_like(prev), click, np.array([0]), (1, 1, 1), k=3.0, margin_mm=2.0)
+    assert out[tuple(click[0])] == 0  # the click is answered
+    kept = out.astype(bool).sum() / prev.sum()
+    assert kept > 0.9, kept
+    far = _ball(prev.shape, (30, 30, 19), 5) & prev
+    assert far.sum() > 100 and out[far].all()  # the far side of the object is untouched
+
+
+def test_a_deep_click_may_change_a_large_region_and_new_wins_inside():
+    prev = _ball((60, 60, 60), (30, 30, 30), 15)
+    leak = _ball((60, 60, 60), (30, 30, 30), 6)
+    new = prev & ~leak  # the network removed the region around the click
+    out = conservative_merge(prev, new, np.array([[30, 30, 30]]), np.array([0]), (1, 1, 1), k=3.0, margin_mm=2.0)
+    assert np.array_equal(out.astype(bool), new)
+
+
+def test_nothing_to_correct_returns_the_new_answer():
+    prev = _ball((30, 30, 30), (15, 15, 15), 6)
+    new = _ball((30, 30, 30), (15, 15, 15), 7)
+    out = conservative_merge(prev, new, np.array([[15, 15, 15]]), np.array([1]), (1, 1, 1))
+    assert np.array_equal(out.astype(bool), new)  # the click agrees with prev: no restriction
+    out = conservative_merge(np.zeros_like(prev), new, np.array([[15, 15, 15]]), np.array([1]), (1, 1, 1))
+    assert np.array_equal(out.astype(bool), new)  # no previous answer
+
+
+def test_anisotropic_spacing_shapes_the_ball_in_mm():
+    prev = np.zeros((40, 40, 40), bool)
+    prev[5:35, 5:35, 5:35] = True
+    click = np.array([[20, 20, 32]])  # 2 voxels from the k boundary: 2 mm, or 6 mm with 3 mm voxels along k
+    for sp, kept in (((1, 1, 1), True), ((1, 1, 3), False)):
+        out = conservative_merge(prev, np.zeros_like(prev), click, np.array([0]), sp, k=1.0, margin_mm=0.0)
+        # 5 voxels (5 mm) away along i: outside a 2 mm ball (kept), inside a 6 mm one (changed)
+        assert bool(out[15, 20, 32]) == kept and out[20, 20, 32] == 0
