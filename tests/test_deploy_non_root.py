@@ -18,8 +18,7 @@ import nibabel as nib
 import pytest
 import requests
 
-from conftest import BLOBS, EnsamServer, _copy_app, free_port, launch, server_cmd, server_env, synthetic_volume, \
-    wait_ready
+from conftest import BLOBS, EnsamServer, _copy_app, free_port, server_cmd, server_env, synthetic_volume, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "deploy", "ensam.service")

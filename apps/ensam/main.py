@@ -186,3 +186,10 @@ class EnsamApp(MONAILabelApp):
         back a stale copy when datastore auto-reload is off."""
         monailabel_patches.reload_local_datastore(self._datastore)
         return self._datastore
+
+    def infer(self, request, datastore=None):
+        """monailabel's inference with the image id always resolved through the datastore: monailabel reads a file
+        of the server's working directory first when one has the id's name (an image stored as ``Makefile`` was a
+        500); see ``lib.monailabel_patches.infer_by_datastore_id``."""
+        return monailabel_patches.infer_by_datastore_id(super().infer, request,
+                                                        datastore if datastore is not None else self.datastore())

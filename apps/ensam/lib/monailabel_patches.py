@@ -27,7 +27,10 @@ What is patched, and why:
    ``LocalDatastore`` (it overrides the private ``_update_datastore_file`` and the copy steps of ``add_image`` /
    ``save_label``: a kill never leaves a truncated label or index), and :func:`reload_local_datastore` (the
    private ``_init_from_datastore_file``, so that a process does not write back a stale index another process
-   rewrote).
+   rewrote). It also overrides ``_init_from_datastore_file`` itself (an index entry pydantic cannot read is
+   skipped and logged instead of failing every start) and ``remove_image`` (every file of the id and its labels,
+   under the datastore's file lock), and reads the private ``_lock_file``, ``_extensions``, ``_to_id``,
+   ``_filename`` and ``_datastore`` (issue 25).
 6. The DICOMweb datastore (:func:`patch_dicomweb_datastore`, from ``main.EnsamApp._init_dicomweb_datastore``):
    the created object's class swapped to ``main.DICOMwebDatastoreWithPydicomSeg`` (same object and state: a
    second datastore would start a second file watcher; saved ``final`` labels become DICOM SEG with pydicom-seg
@@ -35,6 +38,11 @@ What is patched, and why:
    ``retrieve_series`` asked for the stored transfer syntax (:func:`retrieve_series_as_stored`).
 7. ``MONAILabelApp._download_dcmqi_tools`` (private) may fail offline without stopping the app
    (:func:`download_dcmqi_tools_or_warn`): ensam writes DICOM SEG with pydicom-seg and never needs dcmqi.
+8. Image ids at inference (:func:`infer_by_datastore_id`, from ``main.EnsamApp.infer``): monailabel's
+   ``MONAILabelApp.infer`` tests ``os.path.exists(image_id)`` first, relative to the server's working directory,
+   and reads that file instead of the datastore's image (an image stored as ``Makefile`` or ``apps`` was a 500,
+   and any file there could be read). ensam resolves an id through the datastore itself and hands monailabel the
+   image's path; the ``save_label`` step monailabel then skips (it does for paths) is done here.
 
 Loading rule: monailabel's app loader drops every ``lib.*`` module before it runs ``main.py`` (see ``lib.server``);
 this module holds no state and no class whose identity is compared, so the two copies that then exist (the one
@@ -63,7 +71,8 @@ WRITTEN_FOR = "0.8.5"
 
 __all__ = ["WRITTEN_FOR", "check_version", "put_routes_first", "add_middleware_once", "put_exception_handler",
            "OHIF_DIR", "ohif_file", "install_token_check", "local_datastore", "reload_local_datastore",
-           "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn"]
+           "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn",
+           "infer_by_datastore_id"]
 
 
 def check_version(installed: str = "") -> bool:
@@ -205,3 +214,31 @@ def download_dcmqi_tools_or_warn(download: Callable[[], Any]) -> None:
     except Exception as e:  # noqa: BLE001 - offline, proxy, ...
         logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
                        f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
+
+
+# ---------------------------------------------------------------------------------------------- 8: image ids
+def infer_by_datastore_id(infer: Callable[..., dict], request: dict, datastore) -> dict:
+    """Run monailabel's ``MONAILabelApp.infer`` (``infer``, bound) with the request's image id resolved through
+    ``datastore``, never against the working directory (see 8. above).
+
+    An ``image`` without a path separator is a datastore id: it becomes the image's path (an id the datastore does
+    not hold is ``ImageNotFoundException``, a 404); a path (an uploaded file's or a session's temporary file, which
+    the server names itself) is passed on unchanged. monailabel saves the result as a label only for an id
+    (``save_label``), so that step is done here once monailabel has run."""
+    from monailabel.interfaces.datastore import DefaultLabelTag
+    from monailabel.interfaces.exception import ImageNotFoundException
+
+    image = request.get("image") if isinstance(request, dict) else None
+    if not isinstance(image, str) or not image or os.sep in image or (os.altsep and os.altsep in image):
+        return infer(request, datastore)
+    uri = datastore.get_image_uri(image) if datastore is not None else ""
+    if not uri:
+        raise ImageNotFoundException(f"Image {image} not found")
+    save = request.get("save_label", False)
+    result = infer(dict(request, image=uri, save_label=False), datastore)
+    path = result.get("file") if isinstance(result, dict) else None
+    if save and path and os.path.exists(path):
+        tag = request.get("label_tag", DefaultLabelTag.ORIGINAL)
+        result["label"] = datastore.save_label(image, path, tag, {"model": request.get("model"),
+                                                                  "params": result.get("params")})
+    return result

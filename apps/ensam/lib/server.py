@@ -22,11 +22,17 @@ Request rules (monailabel 0.8.5 checks none of them; issue 10):
   route runs (``RequestGuard``), an id the datastore does not hold is 404. ``params`` of an inference may not name
   another image than ``?image=``. Only an uploaded file or a session gives an image from outside the datastore.
 * unknown infer / batch / scoring / strategy / train names are 404 listing the known ones.
-* uploads (``PUT /datastore/image``, ``PUT /datastore/label``, an inference's ``file``) must be readable 3D
-  volumes (a label: on its image's grid, 422 otherwise); anything else is 400 and nothing is stored.
+* uploads (``PUT /datastore/image``, ``PUT /datastore/label``, an inference's ``file``, ``PUT /session/``) must be
+  readable 3D volumes (a label: on its image's grid, 422 otherwise) within the bounds of
+  ``lib.io.imageio.UploadLimits`` (spacing, extent, geometry, NIfTI extensions, DICOM pixel data: checked from the
+  header); anything else is 400 / 413 and nothing is stored. Sessions: plain file names, archives unpacked member
+  by member by ``lib.io.archive`` (issue 25; monailabel's route wrote archive members outside its folder).
 * size: a request body is at most ``ENSAM_MAX_UPLOAD_MB`` (multipart uploads, default 1024) or
   ``ENSAM_MAX_BODY_MB`` (anything else, e.g. JSON, default 4) MiB, else 413 (``RequestGuard``); an uploaded
   volume at most ``ENSAM_MAX_VOXELS`` voxels (default 2**30); the prompt limits are in ``request_parsing``.
+* JSON (issue 25): every JSON form field (``params``, ``info``) and JSON body is at most 32 levels deep with finite
+  numbers only (``_json_value``, ``RequestGuard``; lib/io/json_bounds.py), ids at most ``MAX_ID_BYTES`` (200)
+  bytes in UTF-8; saves and deletes of one image id run one after the other (``_id_lock``).
 * errors: only the project's own validation errors (``RequestError``, ``PromptError``, monailabel's "not found" /
   invalid input) are 4xx, logged as one line; anything else is a 500 with its traceback in the log.
 
@@ -50,6 +56,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 from fnmatch import fnmatch
 from typing import Any, Dict, Optional
 
@@ -78,7 +85,8 @@ logger = logging.getLogger("ensam.server")
 
 __all__ = ["app", "OHIF_DIR", "RequestGuard", "add_image_checked", "batch_infer_checked", "delete_model_checked",
            "dicomweb_proxy", "http_error_for", "id_problem", "next_sample_checked", "ohif_file",
-           "save_label_checked", "scoring_checked", "train_checked", "update_model_checked"]
+           "save_label_checked", "scoring_checked", "train_checked", "update_model_checked", "delete_image_checked",
+           "train_all_checked", "create_session_checked"]
 
 check_version()  # a warning naming the monailabel version the patches were written for, when another is installed
 
@@ -140,9 +148,14 @@ install_token_check(app, token_user, make_current_user())
 # ---------------------------------------------------------------------------------------------------- ids
 ID_RULE = ("image and label ids name datastore entries (a file name without extension such as 'ct_small', or a "
            "DICOM SeriesInstanceUID), they are not a file path: no '/' or '\\', not '.' or '..', no leading '~', "
-           "no control characters")
+           "no control characters, at most 200 bytes in UTF-8")
 TAG_RULE = ("label tags are plain names such as 'final' or 'original', not a file path: no '/' or '\\', not '.' "
-            "or '..', no leading '~'")
+            "or '..', no leading '~', at most 200 bytes in UTF-8")
+# An id becomes a file name: id + extension (longest kept by the datastore: '.nii.gz', 7 bytes) and, while it is
+# written, the temporary name '.<name>.<pid>.<8 random>.ensam-tmp' (28 bytes more, lib/io/atomic.py): 200 + 7 + 28
+# = 235 bytes fit the file systems' 255-byte limit (ids of 220+ bytes were a 500: ENAMETOOLONG). Counted in bytes:
+# 110 two-byte characters are 220 bytes.
+MAX_ID_BYTES = 200
 _ID_QUERY_KEYS = {"image": "image id", "id": "image id", "label": "label id", "session_id": "session id",
                   "tag": "label tag", "label_tag": "label tag"}
 
@@ -152,8 +165,11 @@ def id_problem(value: Any, what: str = "image id") -> Optional[str]:
     if not isinstance(value, str):
         return f"{what} {value!r} must be a string"
     rule = TAG_RULE if what == "label tag" else ID_RULE
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        return f"{what} {value[:40]!r}... is not valid: {size} bytes in UTF-8, at most {MAX_ID_BYTES} bytes: {rule}"
     if (value in (".", "..") or value.startswith("~") or any(c in value for c in "/\\")
-            or any(ord(c) < 32 for c in value) or len(value) > 255):
+            or any(ord(c) < 32 for c in value)):
         return f"{what} {value!r} is not valid: {rule}"
     return None
 
@@ -162,6 +178,18 @@ def _check_id(value: Any, what: str = "image id") -> None:
     problem = id_problem(value, what)
     if problem:
         raise HTTPException(status_code=400, detail=problem)
+
+
+_ID_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def _id_lock(image_id: str) -> threading.Lock:
+    """The lock under which this server writes datastore image ``image_id`` (a label save from the image check to
+    the write, an image upload, a DELETE of the image and its labels), so that they run one after the other (issue
+    25 #11: a save racing a DELETE was a 500 or left an orphan label). 64 locks shared by all ids (striped); held by
+    thread-pool routes only, never nested. Across processes the datastore's file lock does the same
+    (lib/datastore.py)."""
+    return _ID_LOCKS[hash(image_id) % len(_ID_LOCKS)]
 
 
 def _datastore_image(image_id: str) -> str:
@@ -186,13 +214,26 @@ def _check_image_ids(images: Any, field: str = "images") -> None:
         raise HTTPException(status_code=404, detail=f"'{field}': not in the datastore: {missing}")
 
 
+def _json_value(text: Any, field: str) -> Any:
+    """``text`` parsed as JSON within the bounds of every JSON the server takes or stores (lib/io/json_bounds.py:
+    at most 32 levels deep, finite numbers; the datastore index, read by pydantic at start-up, stops at 200 levels):
+    400 naming the bound; 413 over the body limit."""
+    from lib.io.json_bounds import JSONBoundsError, loads_bounded  # the app's lib (see the module docstring)
+
+    if len(text) > MAX_BODY_BYTES:
+        raise HTTPException(status_code=413, detail=f"'{field}' is larger than {MAX_BODY_BYTES / 2**20:g} MiB "
+                                                    f"(server setting ENSAM_MAX_BODY_MB)")
+    try:
+        return loads_bounded(text, f"'{field}'")
+    except JSONBoundsError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
+
+
 def _json_object(text: Optional[str], field: str) -> Dict[str, Any]:
+    """A JSON object given as text (a form field: ``params``, ``info``), within the JSON bounds (``_json_value``)."""
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HTTPException(status_code=400, detail=f"'{field}' is not valid JSON: {e}") from None
+    value = _json_value(text, field)
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail=f"'{field}' must be a JSON object, got {type(value).__name__}")
     return value
@@ -224,7 +265,8 @@ class BodyTooLarge(HTTPException):
 
 class RequestGuard:
     """ASGI middleware (inside CORS, so that browsers read its answers): the id rule on the query and the
-    ``/session/{id}`` path (400), and the request body size (413, naming the limit)."""
+    ``/session/{id}`` path (400), the request body size (413, naming the limit) and the bounds of a JSON body
+    (depth, finite numbers: 400)."""
 
     def __init__(self, app):
         self.app = app
@@ -300,7 +342,52 @@ class RequestGuard:
                     raise BodyTooLarge(status_code=413, detail=detail)
             return message
 
+        if _is_json(headers.get("content-type", "")):
+            return await self._json_body(scope, limited_receive, send, detail)
         return await self.app(scope, limited_receive, send)
+
+    async def _json_body(self, scope, receive, send, too_large: str):
+        """A JSON body (train / batch / scoring / active learning requests, which FastAPI parses with Python's
+        JSON parser: NaN, Infinity and any depth up to a RecursionError) is read here and checked against the JSON
+        bounds (``_json_value``) before any route runs: 400 naming the bound. Text that is not JSON at all goes on
+        to FastAPI (its own 422)."""
+        from lib.io.json_bounds import JSONBoundsError, loads_bounded  # the app's lib (see the module docstring)
+
+        chunks = []
+        while True:
+            try:
+                message = await receive()
+            except BodyTooLarge:
+                return await self._answer(send, 413, too_large)
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body.strip():
+            try:
+                loads_bounded(body, "the JSON request body")
+            except JSONBoundsError as e:
+                if not e.invalid:
+                    logger.warning(f"rejected request (400): {scope.get('method')} {scope.get('path')}: {e}")
+                    return await self._answer(send, 400, str(e))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether a Content-Type is JSON as FastAPI reads it (``application/json``, ``application/*+json``)."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
@@ -383,7 +470,8 @@ def add_image_checked(
         _check_volume_upload(tmp, "image", name)
         if user.username:
             info["user"] = user.username
-        image_id = app_instance().datastore().add_image(image_id, tmp, info)
+        with _id_lock(image_id):  # replaces every file of the id (other extensions, old labels set aside)
+            image_id = app_instance().datastore().add_image(image_id, tmp, info)
     finally:
         remove_file(tmp)
     logger.info(f"image {image_id!r} added ({name})")
@@ -404,21 +492,23 @@ def save_label_checked(
 
     tag = tag or DefaultLabelTag.FINAL.value
     _check_id(tag, "label tag")
-    image_uri = _datastore_image(image)
+    _check_id(image)
     info = _json_object(params, "params")
     suffix = _upload_suffix(label.filename)
     tmp = _save_upload(label, suffix)
     try:
-        shape = tuple(volume_shape(image_uri))
-        if suffix.lower() == ".bin":
-            _check_raw_label(os.path.getsize(tmp), shape, image)
-        else:
-            got = tuple(_check_volume_upload(tmp, "label", label.filename))
-            if got != shape:
-                raise HTTPException(status_code=422, detail=f"the label's shape {list(got)} differs from the shape "
-                                                            f"{list(shape)} of image {image!r}")
-        instance = app_instance()
-        label_id = instance.datastore().save_label(image, tmp, tag, info)
+        with _id_lock(image):  # the image checked and the label written with no DELETE of the image between them
+            image_uri = _datastore_image(image)
+            shape = tuple(volume_shape(image_uri))
+            if suffix.lower() == ".bin":
+                _check_raw_label(os.path.getsize(tmp), shape, image)
+            else:
+                got = tuple(_check_volume_upload(tmp, "label", label.filename))
+                if got != shape:
+                    raise HTTPException(status_code=422, detail=f"the label's shape {list(got)} differs from the "
+                                                                f"shape {list(shape)} of image {image!r}")
+            instance = app_instance()
+            label_id = instance.datastore().save_label(image, tmp, tag, info)
         res = instance.on_save_label(image, label_id) or {}
     except Exception as e:  # noqa: BLE001
         _raise_for(e, f"saving the label of {image!r} (tag {tag!r})")
@@ -455,6 +545,21 @@ def update_label_info_checked(label: str, tag: str, info: str = Form("{}"),
         return app_instance().datastore().update_label_info(label, tag, i)
     except Exception as e:  # noqa: BLE001
         _raise_for(e, f"updating the info of label {label!r} (tag {tag!r})")
+
+
+def delete_image_checked(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    """DELETE ``/datastore/image`` (and the deprecated ``DELETE /datastore/``): the image, every file of its id and
+    its labels (every tag) go, under the id's lock (a label save of that id waits, then finds no image: 404);
+    unknown id: 404. monailabel's route ran on the event loop, outside any lock: a save racing it left an orphan
+    label, and a second file of the id (another extension) stayed listed (issue 25 #11, #12)."""
+    _check_id(id)
+    try:
+        with _id_lock(id):
+            app_instance().datastore().remove_image(id)
+    except Exception as e:  # noqa: BLE001
+        _raise_for(e, f"deleting image {id!r}")
+    logger.info(f"image {id!r} deleted with its labels by {user.username or 'anonymous'}")
+    return {}
 
 
 def download_dataset_checked(limit_cases: Optional[int] = None,
@@ -502,10 +607,17 @@ def _sessions_or_406():
 
 def get_session_checked(session_id: str, update_ts: bool = False, image: bool = False,
                         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    """GET ``/session/{id}``: 406 when sessions are off (monailabel: 500), else monailabel's answer."""
+    """GET ``/session/{id}``: 406 when sessions are off (monailabel: 500), else monailabel's answer; ``image=true``
+    of a session that is a DICOM series (a folder) is 409 (monailabel: 500, a folder is not one file)."""
     from monailabel.endpoints.session import get_session
 
-    _sessions_or_406()
+    sessions = _sessions_or_406()
+    if image:
+        info = sessions.get_session(session_id, update_ts=False)
+        if info and os.path.isdir(info.image):
+            raise HTTPException(status_code=409, detail=f"session {session_id!r} is a DICOM series (a folder of "
+                                                        f"files): image=true sends one file only; use the session "
+                                                        f"for inference (?session_id=)")
     return get_session(session_id, update_ts, image)
 
 
@@ -515,6 +627,82 @@ def remove_session_checked(session_id: str, user: User = Depends(RBAC(settings.M
 
     _sessions_or_406()
     return remove_session(session_id)
+
+
+UPLOAD_NAME_RULE = ("an uploaded file's name is a plain file name such as 'ct.nii.gz' or 'IM0001.dcm': no '/' or "
+                    "'\\', not '.' or '..', no control characters, at most 255 characters")
+
+
+def _session_image(folder: str, files: list, archive: str) -> str:
+    """What a session's unpacked archive holds: its one file, or the folder of its files (a DICOM series)."""
+    if not files:
+        raise HTTPException(status_code=400, detail=f"the archive {archive!r} holds no file")
+    if len(files) == 1:
+        return files[0]
+    folders = sorted({os.path.dirname(f) for f in files})
+    if len(folders) > 1:
+        shown = [os.path.relpath(d, folder) for d in folders[:5]]
+        raise HTTPException(status_code=400, detail=f"the archive {archive!r} holds files in {len(folders)} folders "
+                                                    f"({shown}): several files must be the DICOM files of one "
+                                                    f"series, in one folder")
+    return folders[0]
+
+
+def create_session_checked(
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: list[UploadFile] = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    """PUT ``/session/``: an image for inference that is not stored in the datastore (``?session_id=`` of
+    ``/infer``). monailabel unpacked an archive (``uncompress=true``) with ``shutil.unpack_archive``: members named
+    ``../../x`` or ``/abs/x``, or a link followed by a file of its name, were written outside the session folder;
+    and it checked nothing of the volume (NaN voxels, a header declaring gigabytes). Here: file names must be plain
+    names (400); an archive (tar, compressed or not, or zip) is unpacked member by member into a new folder by
+    ``lib.io.archive`` (only regular files and folders, no absolute path or '..', bounded member count and size:
+    400 / 413); the result (one file, or several files / an archive's files = one DICOM series) goes through the
+    same volume checks as every upload; only then is it handed to monailabel's sessions (``uncompress=False``).
+    Nothing is left behind on a refusal. The answer is monailabel's: ``{"session_id", "session_info"}``."""
+    from lib.io.archive import ArchiveError, extract_archive  # the app's lib (see the module docstring)
+
+    sessions = _sessions_or_406()
+    names = [f.filename or "" for f in files]
+    for name in names:
+        if (not name or name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 for c in name)
+                or len(name) > 255):
+            raise HTTPException(status_code=400, detail=f"uploaded file name {name[:300]!r} is not valid: "
+                                                        f"{UPLOAD_NAME_RULE}")
+    if len(set(names)) != len(names):
+        raise HTTPException(status_code=400, detail="two uploaded files have the same name")
+    if uncompress and len(files) != 1:
+        raise HTTPException(status_code=400, detail=f"uncompress=true takes one archive (tar, tar.gz or zip), got "
+                                                    f"{len(files)} files")
+    work = tempfile.mkdtemp(prefix="ensam_session_")
+    try:
+        received = os.path.join(work, "ensam-session-files")  # (folder names never met in a message)
+        os.mkdir(received)
+        paths = []
+        for f, name in zip(files, names):
+            paths.append(os.path.join(received, name))
+            with open(paths[-1], "xb") as out:
+                shutil.copyfileobj(f.file, out, 1 << 20)
+        if uncompress:
+            unpacked = os.path.join(work, "ensam-session-archive")
+            try:
+                image = _session_image(unpacked, extract_archive(paths[0], unpacked), names[0])
+            except ArchiveError as e:
+                logger.warning(f"rejected request ({e.status_code}): PUT /session/: {e}")
+                raise HTTPException(status_code=e.status_code, detail=str(e)) from None
+            shown = f"{names[0]}: {os.path.relpath(image, unpacked)}" if image != unpacked else names[0]
+        else:
+            image = paths[0] if len(paths) == 1 else received
+            shown = names[0] if len(paths) == 1 else f"{len(paths)} files"
+        _check_volume_upload(image, "session image", shown)
+        session_id, info = sessions.add_session(image, expiry, uncompress=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info(f"session {session_id} created ({shown})")
+    return {"session_id": session_id, "session_info": info.to_json()}
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -752,6 +940,8 @@ async def batch_infer_checked(
     if isinstance(manifest, str) and manifest.strip() and not manifest.strip().startswith(("{", "[")):
         raise HTTPException(status_code=400, detail="the manifest must be given inline (a JSON object or list), "
                                                     "not as a file path on the server")
+    if isinstance(manifest, str) and manifest.strip():  # JSON given as text: the same bounds as any JSON
+        manifest = _json_value(manifest.strip(), "manifest")
     try:
         checked = load_manifest(manifest)
     except Exception as e:  # noqa: BLE001
@@ -779,7 +969,19 @@ def train_checked(
     trainers = getattr(app_instance(), "_trainers", None) or {}
     if model not in trainers:
         raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {sorted(trainers)}")
-    check = getattr(trainers[model], "parse_request", None)
+    _check_train_request(model, trainers[model], params)
+    return _task_snapshot(run_model(model, params, run_sync, enqueue))
+
+
+def _check_train_request(model: str, task: Any, params: Optional[dict]) -> None:
+    """The train task's own request check (``parse_request``; its ValueError is a 400), after the JSON bounds (the
+    body was checked by ``RequestGuard``; this also covers a body FastAPI read another way)."""
+    from lib.io.json_bounds import json_problem  # the app's lib (see the module docstring)
+
+    problem = json_problem(params, "the train request")
+    if problem:
+        raise HTTPException(status_code=400, detail=problem)
+    check = getattr(task, "parse_request", None)
     if callable(check):
         try:
             check(params or {})
@@ -788,11 +990,51 @@ def train_checked(
             raise HTTPException(status_code=400, detail=str(e)) from None
         except Exception as e:  # noqa: BLE001
             _raise_for(e, f"train request check ({model})")
-    return run_model(model, params, run_sync, enqueue)
+
+
+def _task_snapshot(task: Any) -> Any:
+    """A copy of a background task's record as monailabel returns it: its thread updates the record (status, log
+    lines, the request's ``gpus``) while the answer is written, which failed ("dictionary changed size during
+    iteration") for a large request."""
+    if not isinstance(task, dict):
+        return task
+    out = dict(task)
+    if isinstance(out.get("request"), dict):
+        out["request"] = dict(out["request"])
+    if out.get("details") is not None and not isinstance(out["details"], (str, list)):
+        out["details"] = list(out["details"])
+    return out
+
+
+def train_all_checked(
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    """POST ``/train/`` (monailabel's deprecated "run every train task", ``params`` keyed by model name): each
+    task's request (monailabel merges ``params`` and ``params[model]``) is checked as in ``train_checked`` before
+    any starts."""
+    from monailabel.endpoints.train import run
+
+    trainers = getattr(app_instance(), "_trainers", None) or {}
+    for model, task in trainers.items():
+        sub = (params or {}).get(model)
+        if sub is not None and not isinstance(sub, dict):
+            raise HTTPException(status_code=400, detail=f"params.{model} must be a JSON object (the request of "
+                                                        f"train task {model!r}), got {type(sub).__name__}")
+        merged = {k: v for k, v in (params or {}).items() if k not in trainers}
+        _check_train_request(model, task, {**merged, **(sub or {})})
+    result = run(params, run_sync)
+    return {k: dict(v, result=_task_snapshot(v.get("result"))) if isinstance(v, dict) else v
+            for k, v in result.items()}
 
 
 _API = settings.MONAI_LABEL_API_STR
 _routes = [
+    APIRoute(f"{_API}/session/", create_session_checked, methods=["PUT"],
+             summary=f"{RBAC_USER}Create new session with Image (ensam: names, archive members and the volume "
+                     f"checked)", tags=["Session"]),
+    APIRoute(f"{_API}/train/", train_all_checked, methods=["POST"], include_in_schema=False),
     APIRoute(f"{_API}/train/{{model}}", train_checked, methods=["POST"],
              summary=f"{RBAC_USER}Run Training Task for specific model (ensam: request checked first)",
              tags=["Train"]),
@@ -814,6 +1056,10 @@ _routes = [
     APIRoute(f"{_API}/datastore/image", add_image_checked, methods=["PUT"],
              summary=f"{RBAC_ANNOTATOR}Upload new Image (ensam: only a readable 3D volume)", tags=["Datastore"]),
     APIRoute(f"{_API}/datastore/", add_image_checked, methods=["PUT"], include_in_schema=False),
+    APIRoute(f"{_API}/datastore/image", delete_image_checked, methods=["DELETE"],
+             summary=f"{RBAC_ADMIN}Remove Image and corresponding labels (ensam: every file of the id, under its "
+                     f"lock)", tags=["Datastore"]),
+    APIRoute(f"{_API}/datastore/", delete_image_checked, methods=["DELETE"], include_in_schema=False),
     APIRoute(f"{_API}/datastore/label", save_label_checked, methods=["PUT"],
              summary=f"{RBAC_ANNOTATOR}Save Finished Label (ensam: a 3D volume on its image's grid)",
              tags=["Datastore"]),

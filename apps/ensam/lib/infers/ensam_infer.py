@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
-from ..io.imageio import VolumeCache, write_mask
+from ..io.imageio import RESULT_EXTENSIONS, VolumeCache, write_mask
 from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
 from .session_store import SessionStore
 
@@ -61,7 +61,7 @@ def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
     ext = _first(request.get("result_extension")) or ".nii.gz"
     if not isinstance(ext, str) or not ext.strip():
         ext = ".nii.gz"
-    allowed = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
+    allowed = RESULT_EXTENSIONS  # one file each (.mhd is refused: its .raw voxel file was left in /tmp)
     ext = ext.strip() if ext.strip().startswith(".") else "." + ext.strip()
     if ext.lower() not in allowed:
         raise RequestError(f"result_extension {ext!r} is not supported; use one of {', '.join(allowed)}")

@@ -12,11 +12,17 @@ Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
 ``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting).
+Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
+[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split`` and ``rehearsal`` in
+[0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), at most 256 label names of at most 128
+characters, the request at most 64 KiB of JSON.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -29,6 +35,49 @@ from lib.training.finetune_job import FinetuneJob, cuda_available
 
 def _first(v: Any) -> Any:
     return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+# The numbers of a request: finite and within these bounds, else 400 naming the parameter and its range (issue 25:
+# {"max_seconds": "nan"} was accepted, the run failed and its NaN made /info a 500; "inf" ran without a limit).
+# key: (type, low, high, low excluded, high excluded)
+NUMBER_BOUNDS = {
+    "max_seconds": (float, 0.0, 7 * 24 * 3600.0, False, False),  # 0: no time budget (max_steps > 0 then)
+    "max_steps": (int, 0, 1_000_000, False, False),  # 0: no step limit (max_seconds > 0 then)
+    "val_every": (int, 0, 1_000_000, False, False),  # 0: about 5 validations in the budget
+    "val_split": (float, 0.0, 1.0, False, True),
+    "learning_rate": (float, 0.0, 1.0, True, False),
+    "seed": (int, 0, 2**32 - 1, False, False),
+    "rehearsal": (float, 0.0, 1.0, False, True),
+}
+MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
+MAX_LABEL_NAME_CHARS = 128
+MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)
+
+
+def _interval(key: str) -> str:
+    cast, low, high, low_open, high_open = NUMBER_BOUNDS[key]
+    return f"{'(' if low_open else '['}{cast(low)}, {cast(high)}{')' if high_open else ']'}"
+
+
+def _label_names(labels: Any) -> list:
+    """The request's ``labels`` (a comma-separated string or a list of names): at most :data:`MAX_LABEL_NAMES`
+    names of 1 to :data:`MAX_LABEL_NAME_CHARS` characters, else ValueError naming the bound."""
+    labels = labels or ""
+    if isinstance(labels, str):
+        labels = [s.strip() for s in labels.split(",") if s.strip()]
+    if not isinstance(labels, (list, tuple)):
+        raise ValueError(f"labels must be a comma-separated string or a list of label names, "
+                         f"got {type(labels).__name__}")
+    if len(labels) > MAX_LABEL_NAMES:
+        raise ValueError(f"at most {MAX_LABEL_NAMES} label names per train request, got {len(labels)}")
+    out = []
+    for s in labels:
+        if isinstance(s, bool) or not isinstance(s, (str, int)) or not str(s).strip() \
+                or len(str(s)) > MAX_LABEL_NAME_CHARS:
+            raise ValueError(f"a label name is a text of 1 to {MAX_LABEL_NAME_CHARS} characters, got "
+                             f"{str(s)[:60]!r}{'...' if len(str(s)) > 60 else ''}")
+        out.append(str(s).strip())
+    return out
 
 
 class EnsamTrain(TrainTask):
@@ -81,16 +130,17 @@ class EnsamTrain(TrainTask):
         req.update(copy.deepcopy(request or {}))
         out = dict(req)
         out["device"] = str(_first(req.get("device")) or "cpu")
-        for k, cast in (("max_seconds", float), ("max_steps", int), ("val_every", int), ("val_split", float),
-                        ("learning_rate", float), ("seed", int), ("rehearsal", float)):
+        for k, (cast, low, high, low_open, high_open) in NUMBER_BOUNDS.items():
+            v = _first(req.get(k))
             try:
-                out[k] = cast(_first(req.get(k)))
-            except (TypeError, ValueError):
-                raise ValueError(f"train parameter {k!r} must be a number, got {req.get(k)!r}") from None
-        if not 0.0 <= out["rehearsal"] < 1.0:
-            raise ValueError(f"rehearsal must be in [0, 1), got {out['rehearsal']}")
-        if not 0.0 <= out["val_split"] < 1.0:
-            raise ValueError(f"val_split must be in [0, 1), got {out['val_split']}")
+                out[k] = cast(v)
+            except (TypeError, ValueError, OverflowError):
+                out[k] = None
+            n = out[k]
+            if (n is None or not math.isfinite(n) or n < low or n > high or (low_open and n == low)
+                    or (high_open and n == high)):
+                raise ValueError(f"train parameter {k!r} must be a finite number in {_interval(k)}, got "
+                                 f"{str(v)[:60]!r}")
         if out["max_seconds"] <= 0 and out["max_steps"] <= 0:
             raise ValueError("give a positive max_seconds (time budget) or max_steps")
         if out["max_seconds"] <= 0:
@@ -99,20 +149,21 @@ class EnsamTrain(TrainTask):
         if out["optimizer"] not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
-        labels = req.get("labels") or ""
-        if isinstance(labels, str):
-            labels = [s.strip() for s in labels.split(",") if s.strip()]
-        out["labels"] = [str(s) for s in labels]
+        out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)
         out["multi_gpu"] = parse_bool(req.get("multi_gpu", False), "multi_gpu")
         out["gpus"] = str(_first(req.get("gpus")) or "all")
         try:
             out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)))
-        except (TypeError, ValueError):
-            raise ValueError(f"cpu_processes must be an integer, got {req.get('cpu_processes')!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"cpu_processes must be an integer, "
+                             f"got {str(req.get('cpu_processes'))[:60]!r}") from None
         if not 1 <= out["cpu_processes"] <= max(1, os.cpu_count() or 1):
             raise ValueError(f"cpu_processes must be between 1 and the number of CPU cores ({os.cpu_count()}), "
                              f"got {out['cpu_processes']}")
+        size = len(json.dumps(request or {}, default=str))
+        if size > MAX_REQUEST_BYTES:  # monailabel passes the request on the training process's command line
+            raise ValueError(f"the train request is {size} bytes of JSON, at most {MAX_REQUEST_BYTES // 1024} KiB")
         return out
 
     def __call__(self, request, datastore: Datastore):

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 
 from ..contract import read_contract
 from ..io.atomic import atomic_write_json, pid_alive
+from ..io.json_bounds import finite_or_none
 from ..io.label_vocab import canonical, extend_vocab, load_vocab
 from ..weights import load_artefact, read_meta, save_artefact
 from .datastore_cases import labelled_items, load_cases, split_items
@@ -59,15 +60,19 @@ class FinetuneJob:
 
     def stats(self) -> dict:
         """The training statistics (``train_stats.json``). A run recorded as RUNNING whose process is gone (killed,
-        or the machine restarted) is reported as ERROR: it will never write its result."""
+        or the machine restarted) is reported as ERROR: it will never write its result. Non-finite numbers (NaN,
+        Infinity: a diverged loss, or a NaN budget accepted before issue 25) read as None: a JSON answer cannot
+        carry them, and /info was a 500 for every client while such a file existed."""
         if not os.path.exists(self.stats_path):
             return {}
         try:
             with open(self.stats_path) as f:
-                stats = json.load(f)
-        except (OSError, ValueError):
+                stats = finite_or_none(json.load(f))
+        except (OSError, ValueError, RecursionError):
             return {}
-        pid = stats.get("pid") if isinstance(stats, dict) else None
+        if not isinstance(stats, dict):
+            return {}
+        pid = stats.get("pid")
         if stats.get("status") == "RUNNING" and isinstance(pid, int) and not pid_alive(pid):
             stats = dict(stats, status="ERROR",
                          error=f"the training process (pid {pid}) ended without finishing (killed?)")
