@@ -364,3 +364,132 @@ def test_fuzz_whole_api_never_5xx(server):
           f"{dict(sorted(counts.items()))}")
     assert not failures, "\n".join(map(str, failures))
     _alive(server)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 25 classes
+# The fuzzers gain the classes of the second attack round: deep JSON, non-finite numbers, byte-long ids (over HTTP,
+# every route that stores JSON or takes an id) and archives (lib.io.archive, the session route's unpacker).
+def _nested(depth: int, leaf, kind: str):
+    value = leaf
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+_JSON_TEXT = st.one_of(
+    st.builds(lambda d, k: json.dumps(_nested(d, 1, k)), st.integers(1, 400), st.sampled_from(["list", "dict"])),
+    st.builds(lambda bad, d: json.dumps(_nested(d, 0, "dict")).replace("0", bad, 1),
+              st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]), st.integers(0, 5)),
+    st.builds(lambda d: "[" * d + "]" * d, st.integers(1, 100000)),
+)
+_BYTE_LONG_ID = st.builds(lambda ch, n: ch * n, st.sampled_from(["a", "é", "€", "𝔸", "x-"]), st.integers(40, 260))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=_DERANDOMIZE, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(text=_JSON_TEXT, where=st.sampled_from(["image info", "label info", "infer params", "train", "scoring",
+                                               "batch"]))
+def test_fuzz_deep_and_non_finite_json_never_5xx(server, text, where):
+    """Property: deep or non-finite JSON anywhere a client can send JSON is refused (4xx) or, when within the
+    bounds, accepted; never a 5xx, and nothing it stores keeps the server from answering /info afterwards."""
+    if where == "image info":
+        r = requests.put(f"{server.url}/datastore/image/info", params={"image": "vol1"}, data={"info": text},
+                         timeout=TIMEOUT)
+    elif where == "label info":
+        r = requests.put(f"{server.url}/datastore/label/info", params={"label": "vol1", "tag": "final"},
+                         data={"info": text}, timeout=TIMEOUT)
+    elif where == "infer params":
+        r = requests.post(f"{server.url}/infer/ensam", params={"image": "vol0", "output": "json"},
+                          data={"params": text}, timeout=TIMEOUT)
+    else:
+        path = {"train": "/train/ensam", "scoring": "/scoring/novelty", "batch": "/batch/infer/ensam"}[where]
+        r = requests.post(f"{server.url}{path}", data=text, headers={"Content-Type": "application/json"},
+                          timeout=TIMEOUT)
+        if r.status_code == 200 and where == "train":  # within the bounds (e.g. 1 level deep): stop it at once
+            requests.delete(f"{server.url}/train/", timeout=TIMEOUT)
+    assert r.status_code < 500, (where, text[:80], r.status_code, r.text[:300])
+    assert requests.get(f"{server.url}/info/", timeout=TIMEOUT).status_code == 200
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=_DERANDOMIZE, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(image_id=_BYTE_LONG_ID, route=st.sampled_from(["get image", "put image", "infer", "image info"]))
+def test_fuzz_byte_long_ids_never_5xx(server, image_id, route):
+    """Property: ids of any length in bytes (multi-byte characters) are stored and read back, or refused with 400
+    naming the byte bound; never a 5xx (ENAMETOOLONG was a 500)."""
+    if route == "put image":
+        r = requests.put(f"{server.url}/datastore/image", params={"image": image_id},
+                         files={"file": ("x.nii.gz", _nii(_VOL))}, timeout=TIMEOUT)
+        if r.status_code == 200:
+            requests.delete(f"{server.url}/datastore/image", params={"id": image_id}, timeout=TIMEOUT)
+    elif route == "get image":
+        r = requests.get(f"{server.url}/datastore/image", params={"image": image_id}, timeout=TIMEOUT)
+    elif route == "infer":
+        r = requests.post(f"{server.url}/infer/ensam", params={"image": image_id, "output": "json"},
+                          data={"params": json.dumps({"foreground": [[1, 1, 1]]})}, timeout=TIMEOUT)
+    else:
+        r = requests.put(f"{server.url}/datastore/image/info", params={"image": image_id}, data={"info": "{}"},
+                         timeout=TIMEOUT)
+    assert r.status_code < 500, (route, len(image_id.encode()), r.status_code, r.text[:300])
+    if len(image_id.encode()) > 200:
+        assert r.status_code == 400 and "bytes" in r.json()["detail"], (route, r.text[:300])
+
+
+_MEMBER = st.tuples(
+    st.one_of(st.sampled_from(["a.nii.gz", "dir/b.dcm", "../x", "../../etc/x", "/tmp/ensam_fuzz_abs", "./c",
+                               "dir/../../y", "d\\e", "dir", "a.nii.gz", "sub/./f"]), st.text(min_size=1, max_size=8)),
+    st.sampled_from(["file", "file", "dir", "symlink", "hardlink", "fifo"]),
+    st.sampled_from(["a.nii.gz", "../outside", "/etc/passwd", "dir"]),
+)
+
+
+@settings(max_examples=max(FUZZ_EXAMPLES, 60), deadline=None, derandomize=_DERANDOMIZE, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(members=st.lists(_MEMBER, min_size=1, max_size=6), fmt=st.sampled_from(["tar", "tar.gz", "zip"]))
+def test_fuzz_archives_never_write_outside(tmp_path_factory, members, fmt):
+    """Property (lib.io.archive, the session route's unpacker): whatever the members (names with '..', absolute,
+    links, fifos, duplicates), extraction either refuses (ArchiveError, and the destination is gone) or writes only
+    regular files and folders inside the destination; nothing appears next to it."""
+    import io
+    import tarfile
+    import zipfile
+
+    from lib.io.archive import ArchiveError, extract_archive
+
+    work = tmp_path_factory.mktemp("arch")
+    src = work / f"in.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(src, "w") as z:
+            for name, kind, _ in members:
+                z.writestr(name + ("/" if kind == "dir" else ""), b"" if kind == "dir" else b"data")
+    else:
+        with tarfile.open(src, "w:gz" if fmt == "tar.gz" else "w") as t:
+            for name, kind, target in members:
+                info = tarfile.TarInfo(name)
+                data = b""
+                if kind == "file":
+                    data = b"data"
+                    info.size = len(data)
+                elif kind == "dir":
+                    info.type = tarfile.DIRTYPE
+                elif kind == "symlink":
+                    info.type, info.linkname = tarfile.SYMTYPE, target
+                elif kind == "hardlink":
+                    info.type, info.linkname = tarfile.LNKTYPE, target
+                else:
+                    info.type = tarfile.FIFOTYPE
+                t.addfile(info, io.BytesIO(data) if data else None)
+    dest = work / "out"
+    before = set(os.listdir(work)) | ({"ensam_fuzz_abs"} & set(os.listdir("/tmp")))
+    try:
+        extract_archive(str(src), str(dest))
+    except ArchiveError:
+        assert not dest.exists()
+    else:
+        for d, dirs, files in os.walk(dest):
+            for n in dirs + files:
+                p = os.path.join(d, n)
+                assert not os.path.islink(p) and os.path.realpath(p).startswith(str(dest.resolve()) + os.sep)
+                assert os.path.isdir(p) or os.path.isfile(p)
+    after = set(os.listdir(work)) | ({"ensam_fuzz_abs"} & set(os.listdir("/tmp")))
+    assert after - before <= {"out"}, after - before
