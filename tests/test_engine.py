@@ -82,8 +82,13 @@ def test_several_boxes_are_several_objects(volume):
     b1, b2 = [2, 10, 2, 10, 2, 8], [50, 65, 40, 55, 15, 25]
     one = eng.segment(img, aff, boxes=[b1])
     two = eng.segment(img, aff, boxes=[b2])
+    info_two = dict(eng.last_info)
     both = eng.segment(img, aff, boxes=[b1, b2])
     assert np.array_equal(both, one | two)
+    # the answer reports EVERY object's region (issue 28: only the last box's info was reported)
+    objects = eng.last_info["objects"]
+    assert len(objects) == 2 and objects[1]["roi_start"] == info_two["roi_start"]
+    assert objects[0]["roi_start"] != objects[1]["roi_start"] and eng.last_info["roi_start"] == objects[0]["roi_start"]
 
 
 def test_autozoom_grows_roi_when_mask_touches_border(volume):

@@ -15,7 +15,7 @@ import torch
 from lib.contract import Contract, ContractError, read_contract
 from lib.engine import EnsamEngine, load_network
 from lib.geometry import RoiPolicy
-from lib.io.label_vocab import load_vocab, read_vocab
+from lib.label_vocab import load_vocab, read_vocab
 from lib.network import NetworkConfig, build_network
 from lib.training.pretrain import export_weights, init_weights
 from lib.weights import FORMAT, WeightsError, load_artefact, read_meta, save_artefact, side_paths

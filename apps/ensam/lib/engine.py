@@ -385,7 +385,10 @@ class EnsamEngine:
                         if pm_box is not None:
                             pm_box = pm_box + np.repeat(b[0::2], 2)
                     groups.append((pts[inside], labels[inside], b[None], pm, pm_box))
-            parts = [self._segment_one(image, spacing, *g, key) for g in groups]
+            parts, objects = [], []
+            for g in groups:  # each object's ROI, cache hits, zooms, ... (the answer reports every object's)
+                parts.append(self._segment_one(image, spacing, *g, key))
+                objects.append(dict(self.last_info))
             tp = time.perf_counter()
             # the previous result outside the predicted regions is kept (nothing lost); inside them, replaced. In
             # Fortran order, the order NIfTI and NRRD store voxels in: the answer is written without a transpose
@@ -396,6 +399,10 @@ class EnsamEngine:
             for region, new in parts:
                 out[region] |= new
             self._timed("paste_s", tp)
+        # the first object's fields at the top (one object: as before), every object's under "objects"; the
+        # request's totals: cache hits and zooms summed over the objects
+        self.last_info = dict(objects[0], objects=objects, cache_hits=sum(o["cache_hits"] for o in objects),
+                              zooms=sum(o["zooms"] for o in objects))
         self.last_info["seconds"] = time.perf_counter() - t0
         self.last_info.update({k: round(v, 4) for k, v in self._times.items()})  # encode_s, decode_s, paste_s
         return out

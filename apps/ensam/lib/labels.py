@@ -3,7 +3,7 @@
 Ids index the network's learned label embeddings (``NetworkConfig.num_labels`` = 128), so they must never change
 once weights are trained with them. Order: the 117 TotalSegmentator v2 "total" structures (token id = the
 TotalSegmentator class id minus 1), then the brain tissue classes of the MNI152 training volume. New names (added
-by fine-tuning) take the next free ids (see ``lib.io.label_vocab.extend_vocab``).
+by fine-tuning) take the next free ids (see ``lib.label_vocab.extend_vocab``).
 """
 
 from __future__ import annotations

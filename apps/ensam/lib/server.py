@@ -94,7 +94,7 @@ check_version()  # a warning naming the monailabel version the patches were writ
 # ---------------------------------------------------------------------------------------------------- errors
 # The project's own request-validation errors, by (module, class name): the loader re-creates lib.* classes, so
 # class identity cannot be used (see the module docstring). Everything else is a server fault.
-_VALIDATION_ERRORS = {("lib.infers.request_parsing", "RequestError"): 400, ("lib.geometry", "PromptError"): 422}
+_VALIDATION_ERRORS = {("lib.errors", "RequestError"): 400, ("lib.geometry", "PromptError"): 422}
 
 
 def http_error_for(exc: BaseException) -> Optional[HTTPException]:

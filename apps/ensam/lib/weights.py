@@ -22,7 +22,7 @@ crash between the ``.pt`` and its copies cannot pair weights with another file's
 
 Reader: :func:`load_artefact` (weights + meta, for building a network) and :func:`read_meta` (meta only, cached by
 the file's identity, for ``/info``, the vocabulary and the contract). Every reader of weights in the app goes
-through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.io.label_vocab``,
+through them (``lib.engine.load_network``, ``lib.contract.read_contract``, ``lib.label_vocab``,
 ``lib.training.pretrain.init_weights``, the train task).
 
 Legacy layout (releases 1-3 of ``model/pretrained_ensam.pt``; release 4 on is one artefact): the ``.pt`` is a plain

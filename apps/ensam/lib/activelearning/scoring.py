@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.infers.engine_provider import EngineProvider
 from lib.io.imageio import VolumeCache, file_key
-from lib.io.label_vocab import canonical, load_vocab
+from lib.label_vocab import canonical, load_vocab
 from lib.infers.request_parsing import parse_bool
 
 from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding

@@ -44,7 +44,7 @@ def box_dsc(weights: Optional[str], cases: List[dict], jitter: int, seed: int, d
 
 def _eval_cases(folder: str, structure: str) -> List[dict]:
     from lib.io.imageio import load_volume
-    from lib.io.label_vocab import builtin_vocab, canonical
+    from lib.label_vocab import builtin_vocab, canonical
 
     vocab = builtin_vocab()
     with open(os.path.join(folder, "dataset.json")) as f:
@@ -127,7 +127,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
-    from lib.io.label_vocab import builtin_vocab
+    from lib.label_vocab import builtin_vocab
 
     value = a.train_value or builtin_vocab()[a.structure] + 1
     if a.threads:
@@ -138,7 +138,7 @@ def main(argv=None):
               a.rehearsal)
     print(json.dumps(res, indent=1))
     if a.out:
-        from lib.io.label_vocab import atomic_write_json
+        from lib.label_vocab import atomic_write_json
 
         atomic_write_json(res, a.out)
 

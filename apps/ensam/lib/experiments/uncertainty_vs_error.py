@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from lib.io.label_vocab import canonical, load_vocab
+from lib.label_vocab import canonical, load_vocab
 
 from ..evaluation.metrics import dice
 from ..activelearning.features import disagreement, flip_predictions
@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if k in res:
             print(f"{k}: rho = {res[k]['rho']:.3f} (p = {res[k]['p']:.3g}, n = {res[k]['n']})")
     if a.out:
-        from lib.io.label_vocab import atomic_write_json
+        from lib.label_vocab import atomic_write_json
 
         atomic_write_json(res, a.out)
 

@@ -19,15 +19,10 @@ from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import RequestError  # noqa: F401 (re-exported: the infer tasks raise it)
 from ..geometry import Prompts, PromptError, check_prompts  # noqa: F401 (Prompts re-exported)
 
 
-class RequestError(ValueError):
-    """A bad request: the server answers ``status_code`` with ``str(self)`` as the detail; nothing is changed."""
-
-    def __init__(self, message: str, status_code: int = 400):
-        super().__init__(message)
-        self.status_code = int(status_code)
 
 
 MAX_POINTS = 256  # clicks per request

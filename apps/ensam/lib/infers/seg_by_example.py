@@ -40,7 +40,7 @@ from lib.atlas.segment import Atlas, AtlasLibrary, SegmentByExample, best_route,
 from .engine_provider import EngineProvider, resolve_device
 from .ensam_infer import _first, _jsonable, _names, _result_format
 from ..io.imageio import VolumeCache, write_mask
-from ..io.label_vocab import canonical, load_vocab, output_ids, read_meta
+from ..label_vocab import canonical, load_vocab, output_ids, read_meta
 from .request_parsing import RequestError
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..cache import ByteLRU
+from ..errors import RequestError
 from ..geometry import spacing_from_affine
 from .volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
 
@@ -77,9 +78,8 @@ def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**
     small file declaring a huge or broken volume is refused before its voxels are decoded; then the whole file is
     read the way inference reads it, so a truncated or corrupt file is refused too.
 
-    Raises :class:`~lib.infers.request_parsing.RequestError` (400, or 413 over a bound) naming ``what`` and the
+    Raises :class:`~lib.errors.RequestError` (400, or 413 over a bound) naming ``what`` and the
     rule or setting."""
-    from lib.infers.request_parsing import RequestError  # (lib.infers imports monailabel: only here)
 
     limits = limits or UploadLimits.from_env(max_voxels=max_voxels)
     name = os.path.basename(path)

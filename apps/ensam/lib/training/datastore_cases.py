@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..io.label_vocab import canonical, output_ids
+from ..label_vocab import canonical, output_ids
 from ..io.volumes import load_volume
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from ..contract import read_contract
 from ..io.atomic import atomic_write_json, pid_alive
 from ..io.json_bounds import finite_or_none
-from ..io.label_vocab import canonical, extend_vocab, load_vocab
+from ..label_vocab import canonical, extend_vocab, load_vocab
 from ..weights import load_artefact, read_meta, save_artefact
 from .datastore_cases import labelled_items, load_cases, split_items
 
