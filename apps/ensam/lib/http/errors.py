@@ -1,0 +1,64 @@
+"""Which exceptions are the client's fault: the 4xx answer of a request error (ensam's RequestError and
+PromptError by module and class name, monailabel's own not-found / invalid-input errors), a 500 with its traceback
+for everything else. One place for the mapping: :func:`raise_for` in the routes, :func:`monailabel_exception_handler`
+for monailabel's own routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
+                                             MONAILabelException)
+
+logger = logging.getLogger("ensam.server")
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+# The project's own request-validation errors, by (module, class name): the loader re-creates lib.* classes, so
+# class identity cannot be used (see the module docstring). Everything else is a server fault.
+_VALIDATION_ERRORS = {("lib.errors", "RequestError"): 400, ("lib.geometry", "PromptError"): 422}
+
+
+def http_error_for(exc: BaseException) -> Optional[HTTPException]:
+    """The 4xx answer for a request error, or None for a server fault (-> 500 with the traceback logged).
+
+    4xx only for: HTTPException; ensam's RequestError (its ``status_code``) and PromptError (422); monailabel's
+    own "not found" (404) and INVALID_INPUT (400; 404 for "no model") errors. A ValueError, FileNotFoundError,
+    ... raised anywhere else is not the client's error."""
+    if isinstance(exc, HTTPException):
+        return exc
+    for cls in type(exc).__mro__:
+        default = _VALIDATION_ERRORS.get((cls.__module__, cls.__name__))
+        if default is not None:
+            code = getattr(exc, "status_code", default)
+            return HTTPException(status_code=code if isinstance(code, int) and 400 <= code < 500 else default,
+                                 detail=str(exc))
+    if isinstance(exc, (ImageNotFoundException, LabelNotFoundException)):
+        return HTTPException(status_code=404, detail=str(exc.msg))
+    if isinstance(exc, MONAILabelException) and exc.error == MONAILabelError.INVALID_INPUT:
+        code = 404 if "no model" in str(exc.msg).lower() else 400
+        return HTTPException(status_code=code, detail=exc.msg)
+    return None
+
+
+def _raise_for(exc: BaseException, what: str) -> None:
+    """Re-raise ``exc`` as its 4xx answer (one log line) or as a 500 (logged with its traceback)."""
+    err = http_error_for(exc)
+    if err is None:
+        logger.exception(f"{what} failed")
+        raise HTTPException(status_code=500, detail=f"{what} failed: {type(exc).__name__}: {exc}") from exc
+    logger.warning(f"rejected request ({err.status_code}): {what}: {err.detail}")
+    raise err from None
+
+
+async def monailabel_exception_handler(request: Request, exc: MONAILabelException):
+    """monailabel's own routes (datastore, sessions, ...) raise MONAILabelException for an unknown id: 404, not 500."""
+    err = http_error_for(exc)
+    if err is None:
+        logger.error(f"{request.method} {request.url.path} failed: {exc.error}: {exc.msg}", exc_info=exc)
+        return JSONResponse(status_code=500, content={"detail": f"{exc.error.value}: {exc.msg}"})
+    logger.warning(f"rejected request ({err.status_code}): {request.method} {request.url.path}: {err.detail}")
+    return JSONResponse(status_code=err.status_code, content={"detail": err.detail})
