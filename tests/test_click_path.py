@@ -195,7 +195,8 @@ def test_http_clicks_with_several_boxes_and_the_time_split(ensam_server):
     mask, params = _answer(r)
     assert params["prompts"] == {"foreground": 1, "background": 2, "boxes": 2}
     lat = params["latencies"]
-    assert {"load", "prompt", "encode", "decode", "paste", "write", "total"} <= set(lat)
+    assert {"load", "prompt", "encode", "decode", "paste", "cut", "write", "total"} <= set(lat)
+    assert lat["cut"] > 0  # the boundary cut runs on every answer and its time is reported
     assert lat["total"] >= lat["infer"] >= lat["encode"] > 0 and lat["write"] > 0
     # the server's answer is the engine's (the same prompts through the Python API, another process: float
     # reductions may flip a boundary voxel)

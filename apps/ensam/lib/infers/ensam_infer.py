@@ -211,10 +211,10 @@ class _Clock:
 
     def split(self, engine_info: Optional[dict] = None) -> Dict[str, float]:
         """The answer's ``latencies``: load, prompt, session, wait, infer (of which the engine's encode, decode,
-        paste), write, total; and the older pre / post (load; session + write after the engine)."""
+        paste, cut), write, total; and the older pre / post (load; session + write after the engine)."""
         lap = self.laps.get
         out = {k: round(lap(k, 0.0), 4) for k in ("load", "prompt", "session", "wait", "infer", "write")}
-        for k in ("encode", "decode", "paste"):
+        for k in ("encode", "decode", "paste", "cut"):  # "cut": the boundary cut, which runs on every answer
             out[k] = round(float((engine_info or {}).get(f"{k}_s", 0.0)), 4)
         out["pre"] = out["load"]
         out["post"] = round(lap("write", 0.0) + lap("session", 0.0), 4)
