@@ -62,3 +62,22 @@ def test_anisotropic_spacing_shapes_the_ball_in_mm():
         out = conservative_merge(prev, np.zeros_like(prev), click, np.array([0]), sp, k=1.0, margin_mm=0.0)
         # 5 voxels (5 mm) away along i: outside a 2 mm ball (kept), inside a 6 mm one (changed)
         assert bool(out[15, 20, 32]) == kept and out[20, 20, 32] == 0
+
+
+def test_asym_lets_a_foreground_click_grow_the_object_but_nothing_appears_elsewhere():
+    prev = _ball((60, 60, 60), (20, 30, 30), 6)
+    grown = _ball((60, 60, 60), (32, 30, 30), 12)  # the missed rest of the object, reached by the click
+    stray = _ball((60, 60, 60), (50, 50, 8), 3)  # a false positive far away
+    new = prev | grown | stray
+    click = np.array([[38, 30, 30]])  # deep in the missed part: 12 voxels from prev
+    ball = conservative_merge(prev, new, click, np.array([1]), (1, 1, 1), k=0.5, margin_mm=1.0, mode="ball")
+    asym = conservative_merge(prev, new, click, np.array([1]), (1, 1, 1), k=0.5, margin_mm=1.0, mode="asym")
+    assert asym[grown].all() and not asym[stray].any() and asym[prev].all()
+    assert ball[grown].sum() < 0.8 * grown.sum()  # the plain ball cut the growth short
+
+
+def test_asym_background_click_removes_only_near_it():
+    prev = _ball((60, 60, 60), (30, 30, 30), 15)
+    out = conservative_merge(prev, np.zeros_like(prev), np.array([[30, 30, 43]]), np.array([0]), (1, 1, 1), k=3.0,
+                             margin_mm=2.0, mode="asym")
+    assert out[30, 30, 43] == 0 and out.sum() > 0.9 * prev.sum()

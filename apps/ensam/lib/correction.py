@@ -50,27 +50,59 @@ def click_depth_mm(prev: np.ndarray, point, spacing: Sequence[float], surface: O
     return float(np.sqrt((d * d).sum(axis=1).min()))
 
 
+def _balls(shape, centres: np.ndarray, radii_mm: Sequence[float], spacing: np.ndarray) -> np.ndarray:
+    """Boolean mask of the union of balls (radii in mm) around ``centres`` (voxel indices)."""
+    out = np.zeros(shape, dtype=bool)
+    for c, radius in zip(centres, radii_mm):
+        lo = np.maximum(np.floor(c - radius / spacing).astype(int), 0)
+        hi = np.minimum(np.ceil(c + radius / spacing).astype(int) + 1, shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        grids = np.ogrid[sl]
+        d2 = sum(((g - c[ax]) * spacing[ax]) ** 2 for ax, g in enumerate(grids))
+        out[sl] |= d2 <= radius * radius
+    return out
+
+
+def _touching(mask: np.ndarray, centres: np.ndarray, reach: int = 2) -> np.ndarray:
+    """The 26-connected components of ``mask`` that come within ``reach`` voxels of any of ``centres``."""
+    if not mask.any() or not len(centres):
+        return np.zeros(mask.shape, dtype=bool)
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    ids = set()
+    for c in np.round(centres).astype(int):
+        near = tuple(slice(max(int(x) - reach, 0), int(x) + reach + 1) for x in c)
+        ids.update(int(v) for v in np.unique(lab[near]) if v)
+    return np.isin(lab, sorted(ids)) if ids else np.zeros(mask.shape, dtype=bool)
+
+
 def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, labels: np.ndarray,
-                       spacing: Sequence[float], k: float = 3.0, margin_mm: float = 3.0) -> np.ndarray:
-    """``new`` inside the balls around the clicks ``prev`` contradicts, ``prev`` elsewhere (uint8, ``prev``'s
-    shape). Ball radius = ``k`` x the click's distance to ``prev``'s boundary + ``margin_mm``. When no click
-    contradicts ``prev`` (nothing asks for a change), or ``prev`` is empty, ``new`` is returned unchanged."""
+                       spacing: Sequence[float], k: float = 3.0, margin_mm: float = 3.0,
+                       mode: str = "ball") -> np.ndarray:
+    """The new answer where the clicks ``prev`` contradicts ask for a change, ``prev`` elsewhere (uint8, ``prev``'s
+    shape). When no click contradicts ``prev`` (nothing asks for a change), or ``prev`` is empty, ``new`` is
+    returned unchanged. The ball of a click has radius ``k`` x its distance to ``prev``'s boundary + ``margin_mm``.
+
+    ``mode="ball"``: every change (addition or removal) only inside the balls of the contradicted clicks.
+    ``mode="asym"``: removals only inside the balls of the contradicted BACKGROUND clicks (a background click can
+    never delete an object far beyond its reach); additions only in the connected added regions that reach a
+    contradicted FOREGROUND click (a foreground click may grow the object as far as the image says, but nothing
+    appears elsewhere)."""
     prev_b, new_b = prev.astype(bool), new.astype(bool)
     if prev_b.shape != new_b.shape:
         raise ValueError(f"prev {prev_b.shape} and new {new_b.shape} differ")
+    if mode not in ("ball", "asym"):
+        raise ValueError(f"mode must be 'ball' or 'asym', got {mode!r}")
     idx = contradicted_clicks(prev_b, points, labels)
     if not prev_b.any() or not len(idx):
         return new_b.astype(np.uint8)
     sp = np.asarray(spacing, float)
     surf = _surface(prev_b)
-    allowed = np.zeros(prev_b.shape, dtype=bool)
-    pts = np.asarray(points, float).reshape(-1, 3)
-    for i in idx:
-        c = pts[i]
-        radius = k * click_depth_mm(prev_b, c, sp, surf) + margin_mm
-        lo = np.maximum(np.floor(c - radius / sp).astype(int), 0)
-        hi = np.minimum(np.ceil(c + radius / sp).astype(int) + 1, prev_b.shape)
-        grids = np.ogrid[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
-        d2 = sum(((g - c[ax]) * sp[ax]) ** 2 for ax, g in enumerate(grids))
-        allowed[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] |= d2 <= radius * radius
-    return np.where(allowed, new_b, prev_b).astype(np.uint8)
+    pts = np.asarray(points, float).reshape(-1, 3)[idx]
+    fg = np.asarray(labels).reshape(-1)[idx].astype(bool)
+    radii = [k * click_depth_mm(prev_b, c, sp, surf) + margin_mm for c in pts]
+    if mode == "ball":
+        allowed = _balls(prev_b.shape, pts, radii, sp)
+        return np.where(allowed, new_b, prev_b).astype(np.uint8)
+    removable = _balls(prev_b.shape, pts[~fg], [r for r, f in zip(radii, fg) if not f], sp)
+    addable = _touching(new_b & ~prev_b, pts[fg])
+    return ((prev_b & ~(removable & ~new_b)) | (addable & new_b)).astype(np.uint8)

@@ -93,9 +93,10 @@ class EngineConfig:
     ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
     (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
     interaction pays one more encoding instead.
-    ``correction_reach``: ``(k, margin_mm)`` or () (off): a corrective step changes the previous answer only inside
-    a ball around each click the previous answer contradicts, of radius k x the click's distance to the previous
-    answer's boundary + margin_mm (:func:`lib.correction.conservative_merge`, issue 27); applied last, after the
+    ``correction_reach``: ``(k, margin_mm[, mode])`` or () (off): a corrective step changes the previous answer only
+    near the clicks the previous answer contradicts, balls of radius k x the click's distance to the previous
+    answer's boundary + margin_mm (mode "ball": every change; "asym": removals near background clicks, additions
+    connected to foreground clicks; :func:`lib.correction.conservative_merge`, issue 27); applied last, after the
     boundary cut."""
 
     max_zoom: int = 2
@@ -456,9 +457,10 @@ class EnsamEngine:
                                                   box).astype(np.uint8)
             self._timed("cut_s", tc)
         if pm is not None and self.config.correction_reach and len(pts):
-            k, margin = (float(v) for v in self.config.correction_reach)
+            k, margin, *mode = self.config.correction_reach
             inside = np.all((pts >= a) & (pts < b), axis=1)
-            new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, k, margin)
+            new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, float(k),
+                                     float(margin), *(str(m) for m in mode))
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win,
                           "weights": "refiner" if net is not self.network else "main"}
