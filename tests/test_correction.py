@@ -81,3 +81,16 @@ def test_asym_background_click_removes_only_near_it():
     out = conservative_merge(prev, np.zeros_like(prev), np.array([[30, 30, 43]]), np.array([0]), (1, 1, 1), k=3.0,
                              margin_mm=2.0, mode="asym")
     assert out[30, 30, 43] == 0 and out.sum() > 0.9 * prev.sum()
+
+
+def test_remove_mode_keeps_additions_and_bounds_removals():
+    prev = _ball((60, 60, 60), (30, 30, 30), 10)
+    grown = _ball((60, 60, 60), (30, 30, 30), 13)
+    new = grown.copy()
+    new[:, :, 38:] = False  # the network also dropped the far side
+    new[:, :, :24] = False  # and the side of the click
+    out = conservative_merge(prev, new, np.array([[30, 30, 22]]), np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0,
+                             mode="remove")
+    assert out[new & ~prev].all() and (new & ~prev).sum() > 100  # additions anywhere
+    assert out[prev & ~new].sum() > 0  # the far-side removal is refused...
+    assert not out[30, 30, 22]  # ...the click's neighbourhood is answered

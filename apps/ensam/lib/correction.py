@@ -86,12 +86,12 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
     ``mode="asym"``: removals only inside the balls of the contradicted BACKGROUND clicks (a background click can
     never delete an object far beyond its reach); additions only in the connected added regions that reach a
     contradicted FOREGROUND click (a foreground click may grow the object as far as the image says, but nothing
-    appears elsewhere)."""
+    appears elsewhere). ``mode="remove"``: removals as in "asym", additions anywhere."""
     prev_b, new_b = prev.astype(bool), new.astype(bool)
     if prev_b.shape != new_b.shape:
         raise ValueError(f"prev {prev_b.shape} and new {new_b.shape} differ")
-    if mode not in ("ball", "asym"):
-        raise ValueError(f"mode must be 'ball' or 'asym', got {mode!r}")
+    if mode not in ("ball", "asym", "remove"):
+        raise ValueError(f"mode must be 'ball', 'asym' or 'remove', got {mode!r}")
     idx = contradicted_clicks(prev_b, points, labels)
     if not prev_b.any() or not len(idx):
         return new_b.astype(np.uint8)
@@ -104,5 +104,5 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
         allowed = _balls(prev_b.shape, pts, radii, sp)
         return np.where(allowed, new_b, prev_b).astype(np.uint8)
     removable = _balls(prev_b.shape, pts[~fg], [r for r, f in zip(radii, fg) if not f], sp)
-    addable = _touching(new_b & ~prev_b, pts[fg])
+    addable = _touching(new_b & ~prev_b, pts[fg]) if mode == "asym" else new_b & ~prev_b
     return ((prev_b & ~(removable & ~new_b)) | (addable & new_b)).astype(np.uint8)
