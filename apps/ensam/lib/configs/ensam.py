@@ -17,6 +17,9 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
                        ``true`` / ``false`` (default: the engine's, ``EngineConfig.boundary_cut``)
 ``lone_click_view``    size the view around a lone first click from the image (``lib.click_scale.LoneClickView``):
                        ``true`` / ``false`` (default: the engine's, ``EngineConfig.lone_click_view``)
+``conservative_corrections``  a corrective click changes the previous answer only near itself: removals within
+                       3 x its depth + 3 mm of a background click, additions connected to a foreground click
+                       (``lib.correction``; ``true`` / ``false``, default false: measured in the model card)
 =====================  ==============================================================================
 """
 
@@ -38,6 +41,10 @@ from lib.infers import EngineProvider, EnsamInteractive, SessionStore
 from lib.infers.request_parsing import parse_bool
 from lib.infers.seg_by_example import FLOOR, EnsamSegByExample
 from lib.infers.scribbles import EnsamScribbles
+
+# ``--conf conservative_corrections true``: EngineConfig.correction_reach (k, margin mm, mode), the setting measured
+# on the tuning split (model card, "Engine settings decided on the tuning split")
+CONSERVATIVE_CORRECTIONS = (3.0, 3.0, "asym")
 from lib.io.imageio import VolumeCache
 from lib.trainers import EnsamTrain
 
@@ -89,9 +96,11 @@ class EnsamConfig(TaskConfig):
 
         stages = {"boundary_cut": BoundaryCut, "lone_click_view": LoneClickView}  # on = the stage's defaults
         given = {k: parse_bool(conf[k], k) for k in stages if conf.get(k) is not None}
-        if not given:
-            return {}
-        return {"config": EngineConfig(**{k: stages[k]() if on else None for k, on in given.items()})}
+        settings = {k: stages[k]() if on else None for k, on in given.items()}
+        if conf.get("conservative_corrections") is not None:
+            on = parse_bool(conf["conservative_corrections"], "conservative_corrections")
+            settings["correction_reach"] = CONSERVATIVE_CORRECTIONS if on else ()
+        return {"config": EngineConfig(**settings)} if settings else {}
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:
         """An explicit network config (``--conf network file.json``), else None: the engine then reads the
