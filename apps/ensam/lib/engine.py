@@ -69,21 +69,18 @@ class EngineConfig:
     prompts inside them; each is written back inside, ``refine_margin`` fine voxels from its faces.
     ``keep_fine_prev``: with a previous mask, the coarse pass changes it only where the network's coarse decision
     changed (where the new coarse mask differs from the previous mask seen on the model grid), so boundary detail
-    already refined, or drawn by the user, survives corrective clicks elsewhere. Off by default: with release 3 it
-    lowered final DSC (box start 0.734 -> 0.727, click start 0.693 -> 0.651 on the evaluation set): it also keeps
-    small errors the coarse grid cannot address, which the corrective clicks then keep pointing at.
+    already refined, or drawn by the user, survives corrective clicks elsewhere. Off: on the tuning split
+    (``lib.evaluation.splits``, release 6) every average within +0.021 / -0.001 of off, inside the noise.
 
     ``boundary_cut``: a :class:`lib.graphcut.BoundaryCut` (or its settings as a dict; None = off) run on each
     answer after the network, on the scan's own grid: the network's mask as a soft prior, an intensity model, the
-    clicks as hard seeds, the box as a bound. On by default: on the evaluation set it raised every average of
-    both protocols (release 4, box start: box DSC 0.613 -> 0.627, DSC_AUC 2.856 -> 2.929, final DSC 0.743 ->
-    0.767, final NSD 0.681 -> 0.727; model card "Boundary cut"), settings chosen on training volumes.
+    clicks as hard seeds, the box as a bound. On: without it the tuning split is lower on all ten averages of the
+    two protocols (release 6, box start: DSC_AUC 2.527 -> 2.490, final NSD 0.699 -> 0.642).
     ``lone_click_view``: a :class:`lib.click_scale.LoneClickView` (or its settings as a dict; None = off) that sizes
     the view around a lone first click (no box, no previous mask) from how far the tissue under it extends, in
-    place of the contract's fixed ``click_extent_mm``. Off by default: on training volumes release 5 never saw it
-    raised the first click's DSC from 0.302 to 0.421 (the chest CT's liver 0.05 -> 0.76), but on the evaluation set
-    it lowered it (0.532 -> 0.511: the liver and spleen gain, a humerus and the back muscles are given views far
-    too large); model card, "Lone-click view from the image".
+    place of the contract's fixed ``click_extent_mm``. Off: on the tuning split it raises the first click's DSC
+    (0.340 -> 0.430) but lowers NSD_AUC (2.337 -> 2.303) and the final DSC (0.670 -> 0.663).
+    (Every setting's figures, both sets: model card, "Engine settings decided on the tuning split".)
     ``lone_click_probe``: ``(probe_mm, scale[, rounds])`` or () (off): the view around a lone first click is sized
     by the network itself: a pass in a ``probe_mm`` view, then the answer's largest extent x ``scale`` (within the
     contract's minimum ROI edge and the previous view) is the next view, ``rounds`` times (default 1; a round whose
