@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.geometry import (PromptError, Roi, RoiPolicy, choose_roi, crop_to_model, logits_to_original,
-                          mask_to_model, normalize_boxes, spacing_from_affine, validate_points)
+from lib.geometry import (PromptError, Roi, RoiPolicy, check_prompts, choose_roi, crop_to_model, logits_to_original,
+                          mask_to_model, spacing_from_affine)
 
 
 def _oblique_affine(spacing, flip=(1, -1, 1), angle=0.3):
@@ -50,7 +50,7 @@ def test_bright_voxel_is_found_at_its_model_coordinate(affine):
     img = np.zeros(shape, np.float32)
     v = np.array([37, 12, 20])
     img[tuple(v)] = 1000
-    box = normalize_boxes([[45, 30, 5, 20, 25, 15]], shape)  # reversed pairs are sorted
+    box = check_prompts(None, None, [[45, 30, 5, 20, 25, 15]], shape).box_array  # reversed pairs are sorted
     assert box.tolist() == [[30, 45, 5, 20, 15, 25]]
     roi = choose_roi(shape, spacing_from_affine(affine), boxes=box)
     x = crop_to_model(img, roi)[0].numpy()
@@ -72,7 +72,7 @@ def test_mask_round_trip_through_model_grid():
 
 def test_roi_contains_prompts_with_margin_and_respects_aspect():
     shape, spacing = (512, 512, 20), np.array([0.8, 0.8, 2.0])
-    box = normalize_boxes([[100, 150, 200, 300, 5, 10]], shape)
+    box = check_prompts(None, None, [[100, 150, 200, 300, 5, 10]], shape).box_array
     roi = choose_roi(shape, spacing, boxes=box, policy=RoiPolicy(margin=0.25, max_aspect=2.0))
     assert roi.contains(box[0, 0::2], box[0, 1::2])
     mm = np.asarray(roi.size) * spacing
@@ -82,14 +82,14 @@ def test_roi_contains_prompts_with_margin_and_respects_aspect():
 
 def test_bad_prompts_are_clear_errors():
     with pytest.raises(PromptError, match="outside the image"):
-        validate_points([[10, 10, 99]], (20, 20, 20))
+        check_prompts([[10, 10, 99]], [1], None, (20, 20, 20))
     with pytest.raises(PromptError, match=r"\[i0, i1, j0, j1, k0, k1\]"):
-        normalize_boxes([[1, 2, 3, 4]], (20, 20, 20))
+        check_prompts(None, None, [[1, 2, 3, 4]], (20, 20, 20)).box_array
     with pytest.raises(PromptError, match="outside the image"):
-        normalize_boxes([[30, 40, 1, 2, 1, 2]], (20, 20, 20))
+        check_prompts(None, None, [[30, 40, 1, 2, 1, 2]], (20, 20, 20)).box_array
     with pytest.raises(PromptError, match="no prompt"):
         choose_roi((20, 20, 20), (1, 1, 1))
-    assert normalize_boxes([[-5, 25, 1, 2, 3, 4]], (20, 20, 20)).tolist() == [[0, 19, 1, 2, 3, 4]]
+    assert check_prompts(None, None, [[-5, 25, 1, 2, 3, 4]], (20, 20, 20)).box_array.tolist() == [[0, 19, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("size,model", [((50, 37, 21), (16, 24, 32)), ((9, 40, 64), (32, 32, 32))])

@@ -23,7 +23,7 @@ from nibabel.affines import voxel_sizes
 from monai.transforms import ScaleIntensity, ScaleIntensityRange
 
 __all__ = ["PromptError", "Prompts", "Roi", "mask_bbox", "RoiPolicy", "spacing_from_affine", "check_prompts",
-           "voxel_index", "normalize_boxes", "validate_points", "prompt_extent", "choose_roi", "crop_to_model",
+           "voxel_index", "prompt_extent", "choose_roi", "crop_to_model",
            "mask_to_model", "logits_to_original", "normalize_intensity", "flip_model_points", "flip_model_boxes"]
 
 
@@ -114,18 +114,6 @@ def check_prompts(points=None, point_labels=None, boxes=None, shape=None) -> Pro
     out = np.empty((len(b), 6), dtype=np.int64)
     out[:, 0::2], out[:, 1::2] = np.clip(lo, 0, shp - 1), np.clip(hi, 0, shp - 1)
     return Prompts(points=q, point_labels=lab.astype(np.int64), boxes=out.tolist(), shape=shape)
-
-
-def validate_points(points, shape) -> np.ndarray:
-    """(N, 3) voxel indices -> int64 array by :func:`check_prompts`' rule; PromptError outside the image."""
-    n = 0 if points is None else np.asarray(points, dtype=float).size // 3
-    return check_prompts(points, np.ones(n, np.int64), None, shape).points
-
-
-def normalize_boxes(boxes, shape) -> np.ndarray:
-    """List of ``[i0, i1, j0, j1, k0, k1]`` (inclusive, any order within a pair) -> (K, 6) int64 array with
-    sorted pairs, clipped to the image, by :func:`check_prompts`' rule (PromptError for a box missing the image)."""
-    return check_prompts(None, None, boxes, shape).box_array
 
 
 def prompt_extent(boxes=None, fg_points=None, mask_box=None):

@@ -109,6 +109,3 @@ class EngineProvider:
             )
             return engine
 
-    def clear(self):
-        with self._build_lock:
-            self._engines.clear()
