@@ -9,6 +9,8 @@ Selected with ``--conf models ensam``. Settings (``--conf key value``):
 ``seg_labels``         names that auto segmentation / uncertainty use by default (comma-separated)
 ``session_history``    undo steps kept per (client, image, label) (default 10)
 ``session_mb``         memory for kept results, MiB (default 256)
+``sessions``           (client, image, label) sessions kept (default 64)
+``image_cache``        decoded images kept in memory (default 2)
 ``preload``            build the engine at start-up (default false; first request otherwise)
 ``atlases``            folder (dataset.json) of the reference atlases of ``ensam_seg`` (default: sample-datasets/train)
 ``seg_floor``          validation DSC a name's route must reach to be offered by ``ensam_seg`` (default 0.35)
