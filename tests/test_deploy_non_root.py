@@ -75,8 +75,9 @@ def unprivileged_server():
     # the interpreter must be reachable by the service user (a system Python is; this machine's lies under /root,
     # 0700): folders on its path get "others may traverse" (not list) for the test, restored after
     restore = []
-    for real in {os.path.realpath(sys.executable), os.path.realpath(os.path.join(sys.prefix, "bin", "python"))}:
-        d = os.path.dirname(real)
+    needed = {os.path.dirname(os.path.realpath(sys.executable)), os.path.realpath(sys.prefix),
+              os.path.join(ROOT, "apps", "ensam", "model")}  # the interpreter, the venv, the shipped weights
+    for d in needed:
         while d and d != "/":
             mode = os.stat(d).st_mode
             if not mode & stat.S_IXOTH:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -61,7 +62,11 @@ def test_make_services_fails_in_ci_when_it_cannot_install():
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    base = ["make", "-s", "-C", ROOT, "services", "SERVICES_DEB=ensam-no-such-package"]
+    work = tempfile.mkdtemp(prefix="ensam_make_")  # the Makefile where the unprivileged user can read it
+    os.chmod(work, 0o755)
+    shutil.copy(os.path.join(ROOT, "Makefile"), os.path.join(work, "Makefile"))
+    os.chmod(os.path.join(work, "Makefile"), 0o644)
+    base = ["make", "-s", "-C", work, "services", "SERVICES_DEB=ensam-no-such-package"]
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     local = subprocess.run(base, env=env, capture_output=True, text=True, user=nobody.pw_uid, group=nobody.pw_gid,
                            extra_groups=[], timeout=120)
