@@ -150,35 +150,34 @@ class AtomicLocalDatastore(LocalDatastore):
     def _exts(self):
         return [e.replace("*", "") for e in self._extensions]
 
+    def _id_files(self, folder: str, image_id: str, known: set) -> list:
+        """The files of ``image_id`` in ``folder``: under the extensions ``known`` (its entry's) and any other the
+        datastore keeps whose name maps back to that id."""
+        out = []
+        for ext in dict.fromkeys([*known, *self._exts()]):
+            name = self._filename(image_id, ext)
+            p = os.path.join(folder, name)
+            if os.path.lexists(p) and not os.path.isdir(p) and (ext in known or self._to_id(name)[0] == image_id):
+                out.append(p)
+        return out
+
+    def _tag_folders(self) -> list:
+        """The label folders on disk, one per tag (hidden ones, such as the set-aside labels, excluded)."""
+        root = self._datastore.label_path(None)
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        return [os.path.join(root, t) for t in names if not t.startswith(".") and os.path.isdir(os.path.join(root, t))]
+
     def _image_files(self, image_id: str) -> list:
         """Every image file of ``image_id`` on disk (any extension the datastore keeps, and the one its entry
         names)."""
         obj = self._datastore.objects.get(image_id)
-        known = {obj.image.ext} if obj else set()
-        out = []
-        for ext in dict.fromkeys([*known, *self._exts()]):
-            name = self._filename(image_id, ext)
-            p = os.path.join(self._datastore.image_path(), name)
-            if os.path.lexists(p) and not os.path.isdir(p) and (ext in known or self._to_id(name)[0] == image_id):
-                out.append(p)
-        return out
+        return self._id_files(self._datastore.image_path(), image_id, {obj.image.ext} if obj else set())
 
     def _label_files(self, image_id: str) -> list:
         """Every label file of ``image_id`` on disk, under every tag folder."""
         obj = self._datastore.objects.get(image_id)
         known = {lab.ext for lab in obj.labels.values()} if obj else set()
-        root = self._datastore.label_path(None)
-        out = []
-        for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            folder = os.path.join(root, tag)
-            if not os.path.isdir(folder) or tag.startswith("."):
-                continue
-            for ext in dict.fromkeys([*known, *self._exts()]):
-                name = self._filename(image_id, ext)
-                p = os.path.join(folder, name)
-                if os.path.lexists(p) and not os.path.isdir(p) and (ext in known or self._to_id(name)[0] == image_id):
-                    out.append(p)
-        return out
+        return [p for folder in self._tag_folders() for p in self._id_files(folder, image_id, known)]
 
     def _set_aside(self, path: str, why: str) -> str:
         """Move a label file to ``<studies>/.orphan-labels/<tag>/<name>.<time>`` (out of every folder the
@@ -194,13 +193,9 @@ class AtomicLocalDatastore(LocalDatastore):
     def _set_aside_orphan_labels(self) -> int:
         """At start-up: label files whose image is not on disk are set aside (a label never outlives its image:
         one left by a delete race attached itself to the next image uploaded under that id)."""
-        root = self._datastore.label_path(None)
         n = 0
         with FileLock(self._lock_file):
-            for tag in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-                folder = os.path.join(root, tag)
-                if not os.path.isdir(folder) or tag.startswith("."):
-                    continue
+            for folder in self._tag_folders():
                 for name in sorted(os.listdir(folder)):
                     p = os.path.join(folder, name)
                     if name.startswith(".") or os.path.isdir(p) or \

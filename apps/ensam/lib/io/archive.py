@@ -25,18 +25,16 @@ import tarfile
 import zipfile
 from typing import Iterator, List, Optional, Tuple
 
+from ..errors import RequestError
+
 __all__ = ["ArchiveError", "archive_kind", "extract_archive", "max_archive_members", "max_archive_bytes"]
 
 _CHUNK = 1 << 20
 
 
-class ArchiveError(ValueError):
+class ArchiveError(RequestError):
     """An archive that is refused: ``status_code`` 400 (not an archive, a member breaking a rule) or 413 (over a
     bound); the message names the member and the rule."""
-
-    def __init__(self, message: str, status_code: int = 400):
-        super().__init__(message)
-        self.status_code = int(status_code)
 
 
 def _env_number(name: str, default: float) -> float:

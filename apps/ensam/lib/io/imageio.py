@@ -20,7 +20,7 @@ import numpy as np
 from ..cache import ByteLRU
 from ..errors import RequestError
 from ..geometry import spacing_from_affine
-from .volumes import _LPS_RAS, Volume, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
+from .volumes import _LPS_RAS, Volume, _sitk_affine, file_key, is_nifti, load_volume  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def volume_shape_of_upload(path: str, what: str = "image", max_voxels: int = 2**
             reader.ReadImageInformation()
             dims = tuple(int(d) for d in reader.GetSize()) + (
                 (reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
-            affine = _affine_of(reader.GetSpacing(), reader.GetDirection(), reader.GetOrigin())
+            affine = _sitk_affine(reader)  # the header's geometry, as the loader reads it
             dicom = reader.GetImageIOFromFileName(path) == "GDCMImageIO"
     except MemoryError:
         raise
@@ -166,14 +166,6 @@ def _decoded_shape(path: str, refuse, limits: Optional[UploadLimits] = None) -> 
     elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         refuse(f"has voxels of type {arr.dtype}, not numbers")
     return vol.shape
-
-
-def _affine_of(spacing, direction, origin) -> np.ndarray:
-    """The RAS affine of a SimpleITK (LPS) spacing / direction / origin (as ``volumes._sitk_affine``)."""
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(spacing, dtype=np.float64)[None]
-    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
-    return _LPS_RAS @ lps
 
 
 def _geometry_problem(affine, dims, limits: UploadLimits) -> Optional[Tuple[str, int]]:
