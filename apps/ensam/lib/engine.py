@@ -90,6 +90,10 @@ class EngineConfig:
     ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
     (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
     interaction pays one more encoding instead.
+    ``multimask``: with weights whose network has a multi-mask head (``NetworkConfig.n_masks`` > 1,
+    :class:`lib.network.mask_head.MultiMaskHead`), a lone first click (no box, no previous mask) is answered by the
+    mask with the highest predicted DSC (AutoZoom then grows the view while that mask touches it); every other
+    prompt by mask 0, the network's own. ``last_info["mask"]`` reports the choice.
     ``correction_reach``: ``(k, margin_mm[, mode])`` or () (off): a corrective step changes the previous answer only
     near the clicks the previous answer contradicts, balls of radius k x the click's distance to the previous
     answer's boundary + margin_mm (mode "ball": every change; "asym": removals near background clicks, additions
@@ -116,6 +120,7 @@ class EngineConfig:
     lone_click_probe: tuple = ()
     refiner_warm: bool = True
     correction_reach: tuple = ()
+    multimask: bool = True
 
     def __post_init__(self) -> None:
         # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
@@ -154,7 +159,7 @@ def load_refiner(art: Artefact | None, network: EnsamNet, device: str | torch.de
     bf16, loaded as float32), or None when the artefact has none."""
     if art is None or art.refiner is None:
         return None
-    net = build_network(network.config)
+    net = build_network(replace(network.config, n_masks=1))  # the multi-mask head answers first clicks only
     net.load_state_dict(art.refiner_float32())
     return net.to(device).eval()
 
@@ -263,10 +268,16 @@ class EnsamEngine:
         self._timed("encode_s", t0)
         return feats
 
-    def _net_decode(self, feats, p, t, dense, lab=None, net: EnsamNet | None = None):
+    def _net_decode(self, feats, p, t, dense, lab=None, net: EnsamNet | None = None, multimask: bool = False):
+        """Logits (B, 1, *s); with ``multimask`` (a network with a mask head), (logits (B, K, *s), quality (B, K))."""
         t0 = time.perf_counter()
         with self._autocast():
-            out = (net or self.network).decode(feats, p, t, dense, lab).float()
+            net = net or self.network
+            if multimask:
+                logits, quality = net.decode_masks(feats, p, t, dense, lab)
+                out = (logits.float(), quality.float())
+            else:
+                out = net.decode(feats, p, t, dense, lab).float()
         self._timed("decode_s", t0)
         return out
 
@@ -412,13 +423,15 @@ class EnsamEngine:
         net = self.refiner if prev_mask is not None and self.refiner is not None else self.network
         roi = self._pick_roi(shape, spacing, bxs, fg, prev_box, key, image)
         hits, zooms = 0, 0
+        multimask = (self.config.multimask and prev_mask is None and not len(bxs) and net is self.network
+                     and net.mask_head is not None)
         if self.config.lone_click_probe and prev_mask is None and not len(bxs):
-            roi, hits = self._probe_view(image, spacing, pts, labels, bxs, key, roi)
+            roi, hits = self._probe_view(image, spacing, pts, labels, bxs, key, roi, multimask)
         for zoom in range(self.config.max_zoom + 1):
             pm = None
             if prev_mask is not None:
                 pm = (mask_to_model(prev_mask, roi) > 0.5).float().to(self.device)[None]
-            logits, hit = self._predict(image, roi, key, pts, labels, bxs, pm, net)
+            logits, hit, pick = self._predict(image, roi, key, pts, labels, bxs, pm, net, multimask)
             hits += hit
             model_mask = (logits > self.config.threshold).cpu().numpy()
             if zoom == self.config.max_zoom or len(bxs) or not roi.touches_border(model_mask, shape):
@@ -461,9 +474,12 @@ class EnsamEngine:
         self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
                           "zooms": zooms, "refine_windows": n_win,
                           "weights": "refiner" if net is not self.network else "main"}
+        if pick is not None:
+            self.last_info["mask"] = pick
         return region, new
 
-    def _probe_view(self, image, spacing, pts, labels, bxs, key, roi: Roi) -> tuple[Roi, int]:
+    def _probe_view(self, image, spacing, pts, labels, bxs, key, roi: Roi,
+                    multimask: bool = False) -> tuple[Roi, int]:
         """``lone_click_probe``: (the ROI sized from the network's answers, cache hits): a pass in the probe view,
         then ``rounds`` times the view = the answer's largest extent x scale (a view that would not shrink ends
         the rounds); the given ``roi`` when the probe answers nothing."""
@@ -473,7 +489,7 @@ class EnsamEngine:
         extent = prompt_extent(bxs, pts[labels == 1], None)
         cur, view, hits = choose_roi(image.shape, spacing, policy=policy, extent=extent), probe_mm, 0
         for r in range(rounds):
-            logits, hit = self._predict(image, cur, key, pts, labels, bxs, None)
+            logits, hit, _ = self._predict(image, cur, key, pts, labels, bxs, None, None, multimask)
             hits += hit
             bb = mask_bbox((logits > self.config.threshold).cpu().numpy())
             if bb is None:
@@ -486,22 +502,35 @@ class EnsamEngine:
             cur = choose_roi(image.shape, spacing, policy=replace(policy, click_extent_mm=view), extent=extent)
         return cur, hits
 
-    def _predict(self, image, roi: Roi, key, pts, labels, bxs, pm, net: EnsamNet | None = None):
+    def _predict(self, image, roi: Roi, key, pts, labels, bxs, pm, net: EnsamNet | None = None,
+                 multimask: bool = False):
         """Logits (*model_shape) of the ROI by ``net`` (None: the main network): the plain view, averaged with the
-        ``tta_flips`` views when set. Returns (logits, cache hits)."""
-        total, hits = None, 0
+        ``tta_flips`` views when set; with ``multimask``, every mask and its predicted DSC averaged over the views,
+        then the mask with the highest. Returns (logits, cache hits, the choice {"index", "quality", "qualities"}
+        or None)."""
+        total, quality, hits = None, None, 0
         views = ((),) + self.config.tta_flips
         for flip in views:
             feats, hit = self._encode(image, roi, key, flip, net)
             hits += hit
-            lg = self._decode_in(roi, feats, pts, labels, bxs, pm, flip, net)
+            lg, q = self._decode_in(roi, feats, pts, labels, bxs, pm, flip, net, multimask)
             total = lg if total is None else total + lg
-        return (total / len(views) if len(views) > 1 else total), hits
+            quality = q if quality is None else quality + q
+        if len(views) > 1:
+            total = total / len(views)
+            quality = quality / len(views) if quality is not None else None
+        if quality is None:
+            return total, hits, None
+        qs = torch.sigmoid(quality)
+        k = int(torch.argmax(qs))
+        pick = {"index": k, "quality": round(float(qs[k]), 4), "qualities": [round(float(v), 4) for v in qs]}
+        return total[k], hits, pick
 
     def _decode_in(self, roi: Roi, feats, pts, labels, bxs, pm, flip: tuple = (),
-                   net: EnsamNet | None = None) -> torch.Tensor:
-        """Logits (*model_shape) of the ROI for clicks ``pts`` (``labels`` 1/0), boxes ``bxs`` (original voxels)
-        and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None. ``flip``: ``feats`` are of the grid
+                   net: EnsamNet | None = None, multimask: bool = False):
+        """(logits (*model_shape), None) of the ROI for clicks ``pts`` (``labels`` 1/0), boxes ``bxs`` (original
+        voxels) and the model-grid previous mask ``pm`` (1, 1, *model_shape) or None; with ``multimask``, (every
+        mask's logits (K, *model_shape), their predicted DSC logits (K,)). ``flip``: ``feats`` are of the grid
         flipped along these model axes; the prompts are flipped to match and the logits flipped back."""
         model_pts = [flip_model_points(roi.to_model(pts), roi.model_shape, flip)]
         types = [np.where(labels == 1, FG, BG)]
@@ -514,8 +543,12 @@ class EnsamEngine:
         if flip and pm is not None:
             pm = torch.flip(pm, [2 + d for d in flip])
         dense = dense_prompt_maps(p, t, roi.model_shape, pm, sigma=self.contract.click_sigma)
+        if multimask:
+            logits, quality = self._net_decode(feats, p, t, dense, net=net, multimask=True)
+            out, quality = logits[0], quality[0]
+            return (torch.flip(out, [1 + d for d in flip]) if flip else out), quality
         out = self._net_decode(feats, p, t, dense, net=net)[0, 0]
-        return torch.flip(out, list(flip)) if flip else out
+        return (torch.flip(out, list(flip)) if flip else out), None
 
     def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key,
                 corrective: bool = False, net: EnsamNet | None = None) -> int:
@@ -561,7 +594,7 @@ class EnsamEngine:
             feats, _ = self._encode(image, win, key, (), net)
             inside = np.all((pts >= win.start) & (pts <= np.asarray(win.start) + wsize - 1), axis=1)
             pm = (mask_to_model(new, win_r) > 0.5).float().to(self.device)[None]
-            logits = self._decode_in(win, feats, pts[inside], labels[inside], bxs, pm, (), net)
+            logits, _ = self._decode_in(win, feats, pts[inside], labels[inside], bxs, pm, (), net)
             # write back inside the window, refine_margin fine voxels from faces that are not the region's faces
             m = np.round(cfg.refine_margin * fine_vox).astype(int)
             lo = np.maximum(start_r + np.where(start_r > 0, m, 0), 0)

@@ -143,10 +143,17 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+HEAD_PREFIX = "mask_head."  # the multi-mask head (lib/network/mask_head.py): answers first prompts only
+
+
 def _check_refiner(refiner: Any, state_dict: Dict[str, Any], where: str) -> None:
-    """A refiner must be a state_dict with exactly the keys and shapes of the main weights (the same network)."""
+    """A refiner must be a state_dict with exactly the keys and shapes of the main weights (the same network),
+    except the main weights' multi-mask head (``mask_head.*``), which answers lone first clicks only: a refiner
+    never needs it."""
     if not _is_state_dict(refiner):
         raise WeightsError(f"{where}: 'refiner_state_dict' must be a state_dict (name -> tensor)")
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIX)}
+    refiner = {k: v for k, v in refiner.items() if not k.startswith(HEAD_PREFIX)}
     if set(refiner) != set(state_dict):
         diff = sorted(set(refiner) ^ set(state_dict))
         raise WeightsError(f"{where}: the refiner's weights are not those of the same network ({len(diff)} names "
@@ -340,13 +347,17 @@ def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat
 
     a, b = load_artefact(main), load_artefact(refiner)
     for what in ("network", "contract"):
-        if a.meta.get(what) != b.meta.get(what):
+        ours, theirs = a.meta.get(what), b.meta.get(what)
+        if what == "network" and ours and theirs:  # the main weights' mask head is theirs alone
+            ours, theirs = ({k: v for k, v in d.items() if k != "n_masks"} for d in (ours, theirs))
+        if ours != theirs:
             raise WeightsError(f"{refiner}: its {what} differs from {main}'s: the refiner must be the same network "
                                f"trained under the same contract")
     if a.refiner is not None:
         raise WeightsError(f"{main} already carries a refiner")
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    ref = {k: v.to(dt) if v.is_floating_point() else v for k, v in b.state_dict.items()}
+    ref = {k: v.to(dt) if v.is_floating_point() else v for k, v in b.state_dict.items()
+           if not k.startswith(HEAD_PREFIX)}
     meta = dict(a.meta)
     meta["refiner"] = {"from": os.path.basename(refiner), "dtype": dtype,
                        **{k: b.meta.get(k) for k in ("run", "step", "minutes_trained", "val_box_dsc",

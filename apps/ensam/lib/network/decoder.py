@@ -32,7 +32,8 @@ class UNetDecoder(nn.Module):
         attention_levels: levels (0 = finest .. len-2) where voxel features cross-attend to the prompt tokens
             (SAMU); empty for ENSAM.
     forward(feats (list, finest first; feats[-1] already prompt-conditioned), dense (B, 4, D, H, W),
-            tokens (B, T, token_dim), t_pos (B, T, 3), t_mask (B, T), model_shape, stride) -> logits (B, 1, D, H, W)
+            tokens (B, T, token_dim), t_pos (B, T, 3), t_mask (B, T), model_shape, stride) -> logits (B, 1, D, H, W);
+            with ``features=True``, (logits, the full-resolution features (B, C0, D, H, W) they are read from)
     """
 
     def __init__(self, channels: list[int], token_dim: int, heads: int = 2, norm: str = "instance",
@@ -54,7 +55,7 @@ class UNetDecoder(nn.Module):
         self.hyper = nn.Sequential(nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, channels[0]))
         self.bias = nn.Conv3d(channels[0], 1, 1)
 
-    def forward(self, feats, dense, tokens, t_pos, t_mask, model_shape, stride):
+    def forward(self, feats, dense, tokens, t_pos, t_mask, model_shape, stride, features: bool = False):
         n = len(feats)
         x = feats[-1]
         for i, lvl in enumerate(range(n - 2, -1, -1)):
@@ -72,4 +73,5 @@ class UNetDecoder(nn.Module):
                 x = flat.transpose(1, 2).reshape(b, c, *shp)
         x = self.out_norm(x)
         w = self.hyper(tokens[:, 0])  # (B, C0)
-        return torch.einsum("bc,bcdhw->bdhw", w, x).unsqueeze(1) + self.bias(x)
+        logits = torch.einsum("bc,bcdhw->bdhw", w, x).unsqueeze(1) + self.bias(x)
+        return (logits, x) if features else logits

@@ -2,7 +2,8 @@
 
 image -> ImageEncoder (cacheable) -> latent + dense prompts -> TwoWayTransformer with prompt tokens (rotary
 relative positions, QK-normalised attention) -> UNetDecoder (skips, dense prompts at every scale; SAMU adds
-prompt cross-attention at every decoder scale) -> one logit map.
+prompt cross-attention at every decoder scale) -> one logit map; with ``n_masks`` > 1 also a MultiMaskHead (several
+answers to an ambiguous prompt and a predicted DSC for each, lib/network/mask_head.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from torch import nn
 from .attention import TwoWayTransformer
 from .decoder import UNetDecoder, grid_positions
 from .encoder import ImageEncoder
+from .mask_head import MultiMaskHead
 from .prompt_encoder import N_DENSE, FourierPositions, PromptEncoder
 from .xlstm import XLSTMEncoder
 
-__all__ = ["NetworkConfig", "EnsamNet", "build_network"]
+__all__ = ["NetworkConfig", "EnsamNet", "build_network", "add_mask_head"]
 
 
 @dataclass
@@ -32,7 +34,10 @@ class NetworkConfig:
     ~1000 voxels) or 'neutral' (only +s on the foreground blobs and -s on the background blobs).
     ``encoder``: 'segresnet' (residual conv blocks) or 'xlstm' (per level conv, norm, LeakyReLU, then bidirectional
     mLSTM blocks, lib/network/xlstm.py; same levels, channels and outputs); ``xlstm_head_dim`` (channels per mLSTM
-    head) and ``xlstm_chunk`` (mLSTM chunk length; compute only, no effect on weights or results) are its sizes."""
+    head) and ``xlstm_chunk`` (mLSTM chunk length; compute only, no effect on weights or results) are its sizes.
+    ``n_masks``: answers per prompt (1: the decoder's one; K > 1 adds a :class:`MultiMaskHead` with K - 1 more masks
+    and a predicted DSC for each, :meth:`EnsamNet.decode_masks`; :meth:`EnsamNet.decode` answers mask 0 either
+    way)."""
 
     in_channels: int = 1
     filters: int = 16
@@ -51,6 +56,7 @@ class NetworkConfig:
     encoder: str = "segresnet"
     xlstm_head_dim: int = 16
     xlstm_chunk: int = 32
+    n_masks: int = 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -96,6 +102,9 @@ class EnsamNet(nn.Module):
         # starts from "fill the box / keep the previous mask" and learns the correction (no collapse to empty
         # masks early in training, when objects fill a few % of the ROI). ``s`` is learned.
         self.prior_scale = nn.Parameter(torch.tensor(float(cfg.prompt_prior))) if cfg.prompt_prior else None
+        if cfg.n_masks > 1 and cfg.n_output_tokens < 2:
+            raise ValueError("n_masks > 1 needs n_output_tokens >= 2 (token 1 drives the quality prediction)")
+        self.mask_head = MultiMaskHead(dim, ch[0], cfg.n_masks) if cfg.n_masks > 1 else None
 
     @property
     def stride(self) -> int:
@@ -117,7 +126,27 @@ class EnsamNet(nn.Module):
     def decode(self, feats: list[torch.Tensor], points: torch.Tensor, point_types: torch.Tensor,
                dense: torch.Tensor, label_ids: torch.Tensor | None = None) -> torch.Tensor:
         """feats from :meth:`encode`; points (B, N, 3) model-grid voxels; point_types (B, N) (-1 = padding);
-        dense (B, 4, D, H, W); label_ids (B,) or None. Returns logits (B, 1, D, H, W)."""
+        dense (B, 4, D, H, W); label_ids (B,) or None. Returns logits (B, 1, D, H, W) (mask 0)."""
+        logits, _, _, offset, out_shape = self._decode(feats, points, point_types, dense, label_ids)
+        return self._finish(logits, offset, out_shape)
+
+    def decode_masks(self, feats: list[torch.Tensor], points: torch.Tensor, point_types: torch.Tensor,
+                     dense: torch.Tensor, label_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every answer of a network with ``n_masks`` > 1: (logits (B, K, D, H, W), predicted DSC logits (B, K)).
+        Mask 0 is :meth:`decode`'s answer. The quality is read on the padded grid the network works on."""
+        if self.mask_head is None:
+            raise ValueError("this network has one mask (n_masks = 1): use decode()")
+        logits, x, tokens, offset, out_shape = self._decode(feats, points, point_types, dense, label_ids)
+        logits = torch.cat([logits, self.mask_head.masks(x, tokens)], dim=1)
+        if offset is not None:
+            logits = logits + self.prior_scale * offset
+        quality = self.mask_head.score(x, tokens, logits)
+        return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]], quality
+
+    def _decode(self, feats, points, point_types, dense, label_ids):
+        """The shared part of :meth:`decode` and :meth:`decode_masks`: (mask 0's logits before the prompt prior,
+        the decoder's full-resolution features, the output tokens, the prior's offset map or None, the unpadded
+        shape), all on the padded grid."""
         out_shape = tuple(dense.shape[2:])
         dense = self._pad(dense, "constant")
         model_shape = tuple(dense.shape[2:])
@@ -134,7 +163,8 @@ class EnsamNet(nn.Module):
             tokens = tokens + self.abs_pos(t_pos) * t_mask[..., None].to(tokens.dtype)
         tokens, img = self.transformer(tokens, img, t_pos, i_pos, t_mask)
         latent = img.transpose(1, 2).reshape(b, c, *lshape)
-        logits = self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s)
+        logits, x = self.decoder([*feats[:-1], latent], dense, tokens, t_pos, t_mask, model_shape, s, features=True)
+        offset = None
         if self.prior_scale is not None:
             prior = (dense[:, 0:3].amax(dim=1, keepdim=True) - dense[:, 3:4]).clamp(0, 1)
             offset = 2 * prior - 1
@@ -143,6 +173,10 @@ class EnsamNet(nn.Module):
                 region = dense[:, 0:2].flatten(1).amax(dim=1) > 0  # (B,)
                 clicks = dense[:, 2:3] - dense[:, 3:4]
                 offset = torch.where(region[:, None, None, None, None], offset, clicks)
+        return logits, x, tokens, offset, out_shape
+
+    def _finish(self, logits, offset, out_shape):
+        if offset is not None:
             logits = logits + self.prior_scale * offset
         return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]]
 
@@ -154,3 +188,18 @@ def build_network(config: NetworkConfig | dict | None = None) -> EnsamNet:
     if isinstance(config, dict):
         config = NetworkConfig.from_dict(config)
     return EnsamNet(config)
+
+
+def add_mask_head(net: EnsamNet, n_masks: int = 3, shifts=None) -> EnsamNet:
+    """A network with ``n_masks`` answers whose mask 0 is ``net`` unchanged: the same weights in a network with a
+    :class:`MultiMaskHead`, warm-started from ``net``'s readout (:meth:`MultiMaskHead.init_from`, one logit shift per
+    extra mask; default evenly from -1.5 to +1.5). Returns the new network (on ``net``'s device); ``net`` is left as it is."""
+    cfg = NetworkConfig.from_dict({**net.config.to_dict(), "n_masks": int(n_masks)})
+    out = EnsamNet(cfg).to(next(net.parameters()).device)
+    missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("mask_head.") for k in missing):
+        raise ValueError(f"cannot add a mask head: unexpected {unexpected}, missing {missing}")
+    if shifts is None:
+        shifts = torch.linspace(-1.5, 1.5, int(n_masks) - 1).tolist()
+    out.mask_head.init_from(out.decoder.hyper, out.decoder.bias, list(shifts))
+    return out
