@@ -32,27 +32,10 @@ def _infer(server, model, image, params, output="all", **kw):
 
 def _mask_from_multipart(resp):
     """(mask array, affine, params) from an ``output=all`` multipart answer."""
-    from requests_toolbelt.multipart import decoder
+    from lib.io.infer_answer import read_answer
 
-    parts = decoder.MultipartDecoder.from_response(resp)
-    params, data = None, None
-    for p in parts.parts:
-        disp = p.headers.get(b"Content-Disposition", b"").decode()
-        if 'name="params"' in disp:
-            params = json.loads(p.content)
-        elif 'name="image"' in disp:
-            data = p.content
-    assert data is not None, "no image part in the answer"
-    suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nrrd"
-    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
-        f.write(data)
-    try:
-        from lib.io.imageio import load_volume
-
-        vol = load_volume(f.name)
-        return np.asarray(vol.array), vol.affine, params
-    finally:
-        os.remove(f.name)
+    vol, params = read_answer(resp.content, resp.headers.get("content-type", ""))
+    return np.asarray(vol.array), vol.affine, params
 
 
 def _trained(server) -> bool:

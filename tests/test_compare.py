@@ -10,7 +10,7 @@ from lib.evaluation.compare import by_size, compare, main, paired, structures_of
 def _run(values, method="ensam (click start)"):
     recs = [{"case": "ct", "label": i, "voxels": 100 * (i + 1), "box_dsc": v, "dsc_auc": 4 * v, "nsd_auc": 4 * v,
              "final_dsc": v, "final_nsd": v} for i, v in enumerate(values)]
-    return {"methods": {method: {"structures": recs, "overall": {"harmful_fraction": 0.1, "worst_drop": 0.3}}}}
+    return {"methods": {method: {"structures": recs, "overall": {"harmful_steps": 0.1, "worst_drop": 0.3}}}}
 
 
 def test_a_candidate_better_on_every_structure_is_significant_and_counted():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -58,24 +57,11 @@ def gt_server(tmp_path_factory):
 
 def _answer(resp) -> tuple:
     """(mask, params) of an ``output=all`` answer."""
-    from requests_toolbelt.multipart import decoder
+    from lib.io.infer_answer import read_answer
 
     assert resp.status_code == 200, resp.text[:500]
-    params, data = None, None
-    for p in decoder.MultipartDecoder.from_response(resp).parts:
-        disp = p.headers.get(b"Content-Disposition", b"").decode()
-        if 'name="params"' in disp:
-            params = json.loads(p.content)
-        elif 'name="image"' in disp:
-            data = p.content
-    with tempfile.NamedTemporaryFile(suffix=".nii.gz" if data[:2] == b"\x1f\x8b" else ".nrrd", delete=False) as f:
-        f.write(data)
-    try:
-        from lib.io.imageio import load_volume
-
-        return np.asarray(load_volume(f.name).array), params
-    finally:
-        os.remove(f.name)
+    vol, params = read_answer(resp.content, resp.headers.get("content-type", ""))
+    return np.asarray(vol.array), params
 
 
 def _infer(server, image, params):

@@ -3,7 +3,6 @@ sees them: each loads, its labels fit its image and map to the right vocabulary 
 pseudo-label samples, and nothing of ``sample-datasets/eval`` is among them."""
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -160,13 +159,10 @@ def test_no_training_volume_comes_from_the_eval_folder():
 
 
 def test_spine_label_maps_merge_endplates_and_split_parts():
-    spec = importlib.util.spec_from_file_location("fetch_sample_data", ROOT / "scripts" / "fetch_sample_data.py")
-    fsd = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = fsd  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(fsd)
-    finally:
-        del sys.modules[spec.name]
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from sample_data import extra as fsd  # step 6 of scripts/fetch_sample_data.py
+
     vert = np.zeros((6, 6, 12), np.uint8)
     sub = np.zeros_like(vert)
     vert[..., 0:4], vert[..., 4] = 22, 222      # L3 and its endplate
@@ -191,7 +187,7 @@ def test_volume_weights_damp_or_exclude_a_volume_from_the_real_source(vols):
     plain = D.ObjectSampler(pick, holdout=())
     damped = D.ObjectSampler(pick, holdout=(), volume_weights={"antspy_mni_aal": 0.0})
     assert plain._p_volume[1] > 0.5  # 116 atlas regions vs 41 CT structures: sqrt count favours the atlas
-    names = {damped._real(rng).name for _ in range(40)}
+    names = {damped.draw("real", rng).name for _ in range(40)}
     assert names and names <= set(vols["ct_small"].names.values())
     half = D.ObjectSampler(pick, holdout=(), volume_weights={"antspy_mni_aal": 0.5})
     assert half._p_volume[1] < plain._p_volume[1]

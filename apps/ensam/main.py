@@ -14,11 +14,13 @@ import os
 import pathlib
 import shutil
 import sys
+import threading
+import time
 from typing import Any, Dict
 
 # first: in a background task process (scoring, batch inference, training) importing it lowers the CPU priority
 # before the imports below (18 s at start-up on 2 busy cores, during which a first click waited)
-from lib.background import yield_to_interactive
+from lib.background import in_background_task, yield_to_interactive
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -39,6 +41,7 @@ if _APP_DIR not in sys.path:  # lib.* is imported lazily later (engine, training
     sys.path.insert(0, _APP_DIR)
 
 from lib import monailabel_patches  # noqa: E402  (every patch of monailabel internals: see its docstring)
+from lib.activelearning.interactive_gate import GATE_ENV, gate, server_gate_path  # noqa: E402
 from lib.configs.ensam import EnsamConfig  # noqa: E402
 from lib.infers.batch import EnsamBatchInfer  # noqa: E402
 from lib.infers.dicom_seg import write_dicom_seg  # noqa: E402
@@ -47,6 +50,13 @@ logger = logging.getLogger(__name__)
 
 CONFIGS = {"ensam": EnsamConfig}
 DCMQI_TOOL = "itkimage2segimage"  # monailabel looks for it on PATH, which includes <app>/bin
+# start-up scoring waits until no inference has been in flight for this long (seconds; issue 30, item 4)
+STARTUP_IDLE_ENV = "ENSAM_STARTUP_IDLE_S"
+STARTUP_IDLE_S = 5.0
+
+
+def _first(v: Any) -> Any:
+    return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
 class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
@@ -104,6 +114,8 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
 class EnsamApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         yield_to_interactive()  # scoring / batch inference / training processes: interactive requests first
+        if not in_background_task():  # the server: its task processes inherit the gate their work pauses at
+            os.environ[GATE_ENV] = server_gate_path()
         monailabel_patches.check_version()
         conf = dict(conf or {})
         self.model_dir = os.path.join(app_dir, "model")
@@ -190,6 +202,98 @@ class EnsamApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """monailabel's inference with the image id always resolved through the datastore: monailabel reads a file
         of the server's working directory first when one has the id's name (an image stored as ``Makefile`` was a
-        500); see ``lib.monailabel_patches.infer_by_datastore_id``."""
-        return monailabel_patches.infer_by_datastore_id(super().infer, request,
-                                                        datastore if datastore is not None else self.datastore())
+        500); see ``lib.monailabel_patches.infer_by_datastore_id``.
+
+        Every inference of the server holds the interactive gate: background work (start-up scoring, scoring runs)
+        pauses while it is in flight (:mod:`lib.activelearning.interactive_gate`). In a task process (batch
+        inference) an inference is background work itself: it pauses for the server's."""
+        role = gate().background(f"inference {request.get('model') if isinstance(request, dict) else ''}") \
+            if in_background_task() else gate().interactive()
+        with role:
+            return monailabel_patches.infer_by_datastore_id(self._infer_resolved, request,
+                                                            datastore if datastore is not None else self.datastore())
+
+    def _infer_resolved(self, request, datastore):
+        self._check_session_step(request)
+        return super().infer(request, datastore)
+
+    def _check_session_step(self, request: dict) -> None:
+        """A request that continues a session (``session_step``: the ``session.step`` of the answer it builds on)
+        on a server that does not hold that session is a 409 saying so, never a mask computed without the previous
+        result: the session was evicted, expired, or lived on a replica that died (sessions are in memory, per
+        server; docs/SCALE_OUT.md). ``reset_state`` starts again and is never refused."""
+        from lib.errors import RequestError
+        from lib.infers.request_parsing import parse_bool
+
+        if not isinstance(request, dict) or request.get("session_step") in (None, ""):
+            return
+        task = self._infers.get(request.get("model"))
+        sessions = getattr(task, "sessions", None)
+        if sessions is None:
+            return
+        raw = _first(request.get("session_step"))
+        try:
+            step = int(raw)
+            if isinstance(raw, bool) or step < 0 or step != float(raw):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"session_step must be a whole number >= 0 (the session.step of the previous "
+                               f"answer), got {str(raw)[:40]!r}") from None
+        if step == 0 or parse_bool(request.get("reset_state"), "reset_state"):
+            return
+        client_id, label = _first(request.get("client_id")) or "", _first(request.get("label")) or ""
+        image = request.get("image")
+        if not isinstance(image, str) or not (client_id or label):
+            return
+        key = sessions.key(client_id, os.path.realpath(image), label)
+        if sessions.depth(key) == 0:
+            raise RequestError(
+                f"session unknown or expired on this server: client {str(client_id)[:80]!r}, label "
+                f"{str(label)[:80]!r} on this image is at step {step} for the client, but this server holds no step "
+                f"of it (evicted, expired, or the server that held it restarted). Nothing was computed; send the "
+                f"prompts again with reset_state=true to start a new session", status_code=409)
+
+    # ---- start-up work yields to users (issue 30, item 4) --------------------------------------------------------
+    def on_init_complete(self):
+        """As monailabel's, except that the start-up scoring of every image is deferred until the server has been
+        idle (no inference in flight, none for ``ENSAM_STARTUP_IDLE_S`` seconds, default 5): the first click right
+        after start-up never shares the cores with it; once started it pauses for every later inference (the
+        interactive gate)."""
+        startup_scoring = bool(self._auto_update_scoring and self._scoring_methods) and not in_background_task()
+        auto = self._auto_update_scoring
+        if startup_scoring:
+            self._auto_update_scoring = False
+        try:
+            super().on_init_complete()
+        finally:
+            self._auto_update_scoring = auto
+        if startup_scoring:
+            threading.Thread(target=self._startup_scoring_when_idle, name="ensam-startup-scoring",
+                             daemon=True).start()
+
+    def _startup_scoring_when_idle(self) -> None:
+        try:
+            idle = float(os.environ.get(STARTUP_IDLE_ENV, STARTUP_IDLE_S))
+        except ValueError:
+            idle = STARTUP_IDLE_S
+        gate().wait_idle(max(0.0, idle))
+        gate().log(ev="startup_scoring", t=time.time())
+        logger.info(f"start-up scoring: the server was idle for {idle:.1f}s; scoring every image in the background")
+        try:
+            self.async_scoring(None)
+        except Exception:  # noqa: BLE001 - a failed start-up scoring must not take the server down
+            logger.exception("start-up scoring could not be started")
+
+    def info(self):
+        """monailabel's ``/info`` plus, per model, the weights the next request will be answered with (name, mtime
+        and ``weights_version``, a fingerprint of the file's bytes, the same on every replica that shares the model
+        folder) and the interactive gate's counters."""
+        meta = super().info()
+        weights = {}
+        for name, c in self.models.items():
+            provider = getattr(c, "provider", None)
+            if provider is not None:
+                weights[name] = provider.weights_info()
+        meta["weights"] = weights
+        meta["interactive_gate"] = gate().stats()
+        return meta

@@ -218,7 +218,7 @@ def _http_click(url: str, image_id: str, params: dict):
     """One Slicer-style inference (multipart ``output=all``): (seconds until the whole answer arrived, the answer's
     JSON, the mask file's bytes)."""
     import requests
-    from requests_toolbelt.multipart import decoder
+    from .io.infer_answer import split_answer
 
     t = time.perf_counter()
     r = requests.post(f"{url}/infer/ensam", params={"image": image_id, "output": "all"},
@@ -226,13 +226,8 @@ def _http_click(url: str, image_id: str, params: dict):
     dt = time.perf_counter() - t
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
-    info, data = {}, b""
-    for p in decoder.MultipartDecoder.from_response(r).parts:
-        if b'name="params"' in p.headers.get(b"Content-Disposition", b""):
-            info = json.loads(p.content)
-        else:
-            data = p.content
-    return dt, info, data
+    info, data = split_answer(r.content, r.headers.get("content-type", ""))
+    return dt, info, data or b""
 
 
 def _slicer_params(pr: dict, n: int, fg: list, bg: list, client: str) -> dict:

@@ -1,5 +1,5 @@
 """THE least-recently-used cache of the app, bounded in bytes and/or in entries. Its users: the engine's encoder
-features (``engine._EncodingCache``, bytes), the decoded volumes (``io.imageio.VolumeCache``, entries), the
+features (``engine_parts.EncodingCache``, bytes), the decoded volumes (``io.imageio.VolumeCache``, entries), the
 interactive sessions (``infers.session_store.SessionStore``, bytes and entries) and the atlas registrations of
 ``atlas.segment.SegmentByExample`` (entries).
 

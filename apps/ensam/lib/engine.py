@@ -13,208 +13,31 @@ segmentation, the lone-click probe) with the main weights; ``last_info["weights"
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-try:
-    import cc3d
-except ImportError:  # pragma: no cover - cc3d is a dependency of the app
-    cc3d = None
-
-from .cache import ByteLRU
-from .click_scale import LoneClickView
-from .correction import conservative_merge
 from .contract import Contract, check_same, contract_for_network, read_contract
+from .correction import conservative_merge
+from .engine_config import EngineConfig
+from .engine_parts import EncodingCache, bf16_ok, image_fingerprint, load_network, load_refiner
 from .geometry import (PromptError, Prompts, Roi, bbox_edge_mm, check_prompts, choose_roi, crop_to_model,
                        flip_model_boxes, flip_model_points, logits_to_original, mask_bbox, mask_to_model,
                        normalize_intensity, prompt_extent, spacing_from_affine)
-from .graphcut import BoundaryCut
-from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, build_network, dense_prompt_maps
-from .weights import Artefact, load_artefact
+from .network import BG, BOX_MAX, BOX_MIN, FG, EnsamNet, NetworkConfig, dense_prompt_maps
+from .weights import load_artefact
 
 __all__ = ["EngineConfig", "EnsamEngine", "PromptError", "load_network", "image_fingerprint", "bf16_ok"]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineConfig:
-    """Inference-only settings (what the network learned under, ROI policy, click maps, intensities, label
-    spacing, is the weights' :class:`lib.contract.Contract`, not a setting). ``max_zoom``: how many times the ROI
-    may grow by ``zoom_factor`` when the mask touches its border (AutoZoom; only without a box, which bounds the
-    object: with one, each zoom re-encoded a larger ROI for a mask leaking past the box's margin);
-    ``cache_bytes``: bound of the encoding cache; ``label_overlap``: sliding-window overlap of prompt-free
-    segmentation. ``bf16``: run the network under bf16 autocast: "auto" (where :func:`bf16_ok`: CUDA, CPUs with
-    AVX512-BF16/AMX), "on", "off".
-    ``local_edits``: a corrective step changes the previous mask only in the connected regions of change that
-    reach the latest click (VISTA3D's rule); elsewhere the previous mask stays.
-    ``tta_flips``: test-time augmentation of the interactive path: each entry is a set of model-grid axes, e.g.
-    ``((0,), (1,))``; the ROI is also encoded flipped along them (each view cached like the plain one), decoded
-    with the prompts flipped the same way, and the logits of all views (the plain one included) averaged.
-
-    Native-resolution refinement (AutoZoom's second half; only with weights whose contract says they were trained
-    for it, ``Contract.refine``): when one model voxel of the ROI spans more than
-    ``refine_factor`` scan voxels, up to ``refine_windows`` windows (``refine_windows_click`` for a corrective
-    step) of the model size, ``refine_zoom`` times finer than the ROI (never finer than the scan), are placed on
-    the new boundary (the latest click's first) and re-predicted with the coarse mask as the previous mask and the
-    prompts inside them; each is written back inside, ``refine_margin`` fine voxels from its faces.
-    ``keep_fine_prev``: with a previous mask, the coarse pass changes it only where the network's coarse decision
-    changed (where the new coarse mask differs from the previous mask seen on the model grid), so boundary detail
-    already refined, or drawn by the user, survives corrective clicks elsewhere. Off: on the tuning split
-    (``lib.evaluation.splits``, release 6) every average within +0.021 / -0.001 of off, inside the noise.
-
-    ``boundary_cut``: a :class:`lib.graphcut.BoundaryCut` (or its settings as a dict; None = off) run on each
-    answer after the network, on the scan's own grid: the network's mask as a soft prior, an intensity model, the
-    clicks as hard seeds, the box as a bound. On: without it the tuning split is lower on all ten averages of the
-    two protocols (release 6, box start: DSC_AUC 2.527 -> 2.490, final NSD 0.699 -> 0.642).
-    ``lone_click_view``: a :class:`lib.click_scale.LoneClickView` (or its settings as a dict; None = off) that sizes
-    the view around a lone first click (no box, no previous mask) from how far the tissue under it extends, in
-    place of the contract's fixed ``click_extent_mm``. Off: on the tuning split it raises the first click's DSC
-    (0.340 -> 0.430) but lowers NSD_AUC (2.337 -> 2.303) and the final DSC (0.670 -> 0.663).
-    (Every setting's figures, both sets: model card, "Engine settings decided on the tuning split".)
-    ``lone_click_probe``: ``(probe_mm, scale[, rounds])`` or () (off): the view around a lone first click is sized
-    by the network itself: a pass in a ``probe_mm`` view, then the answer's largest extent x ``scale`` (within the
-    contract's minimum ROI edge and the previous view) is the next view, ``rounds`` times (default 1; a round whose
-    view would not shrink by 10 % ends them), then the real pass (AutoZoom as usual). For weights trained on
-    object-relative lone-click views (recipe v8, ``LoopConfig.click_view_object``), which answer a click with the
-    object under it at any share of the view; one more encoding per round, on the first click only.
-    ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
-    (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
-    interaction pays one more encoding instead.
-    ``multimask``: with weights whose network has a multi-mask head (``NetworkConfig.n_masks`` > 1,
-    :class:`lib.network.mask_head.MultiMaskHead`), a lone first click (no box, no previous mask) is answered by the
-    mask with the highest predicted DSC (AutoZoom then grows the view while that mask touches it); every other
-    prompt by mask 0, the network's own. ``last_info["mask"]`` reports the choice.
-    ``correction_reach``: ``(k, margin_mm[, mode])`` or () (off): a corrective step changes the previous answer only
-    near the clicks the previous answer contradicts, balls of radius k x the click's distance to the previous
-    answer's boundary + margin_mm (mode "ball": every change; "asym": removals near background clicks, additions
-    connected to foreground clicks; :func:`lib.correction.conservative_merge`, issue 27); applied last, after the
-    boundary cut."""
-
-    max_zoom: int = 2
-    zoom_factor: float = 1.5
-    reuse_roi_growth: float = 1.6
-    cache_bytes: int = 512 * 2 ** 20
-    label_overlap: float = 0.25
-    threshold: float = 0.0
-    keep_fine_prev: bool = False
-    refine_factor: float = 2.0
-    refine_zoom: float = 3.0
-    refine_windows: int = 2
-    refine_windows_click: int = 1
-    refine_margin: int = 4
-    bf16: str = "auto"
-    local_edits: bool = False
-    tta_flips: tuple = ()
-    boundary_cut: BoundaryCut | None = field(default_factory=BoundaryCut)
-    lone_click_view: LoneClickView | None = None
-    lone_click_probe: tuple = ()
-    refiner_warm: bool = True
-    correction_reach: tuple = ()
-    multimask: bool = True
-
-    def __post_init__(self) -> None:
-        # one normal form (tuples of int axes: hashable cache keys), whether given as tuples or as JSON lists
-        self.tta_flips = tuple(tuple(int(d) for d in f) for f in self.tta_flips)
-        if isinstance(self.boundary_cut, dict):  # JSON settings (the evaluator's --engine, a config file)
-            self.boundary_cut = BoundaryCut(**self.boundary_cut)
-        if isinstance(self.lone_click_view, dict):
-            self.lone_click_view = LoneClickView(**self.lone_click_view)
-
-
-def bf16_ok(device) -> bool:
-    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with bf16 units (AVX512-BF16 or AMX)."""
-    if str(device).startswith("cuda"):
-        return True
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
-def load_network(weights: str | Artefact | None = None, config: NetworkConfig | dict | None = None,
-                 device: str | torch.device = "cpu") -> EnsamNet:
-    """Build the network (config from ``config``, else the weights' meta, else defaults) and load its weights.
-    ``weights``: a path (read with :func:`lib.weights.load_artefact`, either layout) or an artefact already read."""
-    art = load_artefact(weights) if isinstance(weights, (str, os.PathLike)) else weights
-    if config is None and art is not None:
-        config = art.network or {}
-    net = build_network(config)
-    if art is not None:
-        net.load_state_dict(art.state_dict)
-    return net.to(device).eval()
-
-
-def load_refiner(art: Artefact | None, network: EnsamNet, device: str | torch.device = "cpu") -> EnsamNet | None:
-    """The corrective steps' network of ``art`` (``art.refiner``: same network as ``network``, possibly stored in
-    bf16, loaded as float32), or None when the artefact has none."""
-    if art is None or art.refiner is None:
-        return None
-    net = build_network(replace(network.config, n_masks=1))  # the multi-mask head answers first clicks only
-    net.load_state_dict(art.refiner_float32())
-    return net.to(device).eval()
-
-
-def image_fingerprint(image: np.ndarray, affine) -> str:
-    """A cheap content key for an image: shape, dtype, affine and a strided sample of the voxels."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((image.shape, str(image.dtype))).encode())
-    h.update(np.asarray(affine, dtype=np.float64).tobytes())
-    step = [max(1, s // 64) for s in image.shape[:3]]
-    h.update(np.ascontiguousarray(image[::step[0], ::step[1], ::step[2]]).tobytes())
-    return h.hexdigest()
-
-
-class _EncodingCache(ByteLRU):
-    """LRU of encoder features keyed by (image key, ROI, weights version, flip, encoded by the refiner), bounded in
-    bytes. Thread-safe. :meth:`rois_for` lists the ROIs encoded unflipped, by either network (their geometry is
-    what a corrective step reuses)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(max_bytes=max_bytes, sizeof=lambda feats: sum(f.numel() * f.element_size() for f in feats))
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key, default=None):
-        with self._lock:
-            v = super().get(key)
-            if v is not None:
-                self.hits += 1
-            else:
-                self.misses += 1
-            return v if v is not None else default
-
-    def put(self, key, feats) -> None:  # type: ignore[override]
-        super().put(key, feats, replace=False)  # features of one key never change: the first stays
-
-    def rois_for(self, image_key, version):
-        return [k[1] for k in self.keys(newest_first=True) if k[0] == image_key and k[2] == version and not k[3]]
-
-
-def _local_edit(prev: np.ndarray, new: np.ndarray, click, reach: int = 2) -> np.ndarray:
-    """``prev`` changed only in the 26-connected regions of ``new != prev`` that come within ``reach`` voxels of
-    ``click`` (region coordinates). Returns uint8."""
-    diff = new.astype(bool) ^ prev.astype(bool)
-    c = np.clip(np.round(click).astype(int), 0, np.asarray(diff.shape) - 1)
-    near = tuple(slice(max(int(x) - reach, 0), int(x) + reach + 1) for x in c)
-    if not diff[near].any():
-        return prev.astype(np.uint8)
-    if cc3d is not None:
-        lab = cc3d.connected_components(diff.view(np.uint8), connectivity=26)
-    else:  # pragma: no cover
-        lab, _ = ndimage.label(diff, structure=np.ones((3, 3, 3), bool))
-    ids = np.unique(lab[near])
-    keep = np.isin(lab, ids[ids > 0])
-    return (prev.astype(bool) ^ keep).astype(np.uint8)
 
 
 class EnsamEngine:
@@ -248,7 +71,7 @@ class EnsamEngine:
             self.contract = read_contract(art, self.network.config)  # what these weights were trained under
             if contract is not None:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
-        self.cache = _EncodingCache(self.config.cache_bytes)
+        self.cache = EncodingCache(self.config.cache_bytes)
         self.last_info: dict = {}
         self._times: dict = {}
         if self.config.bf16 not in ("auto", "on", "off"):
@@ -450,15 +273,7 @@ class EnsamEngine:
         tp = time.perf_counter()
         new = logits_to_original(logits, local, rshape, threshold=self.config.threshold)
         self._timed("paste_s", tp)
-        changed = None
-        if pm is not None and self.config.keep_fine_prev:
-            prev_r = prev_mask[region]
-            prev_coarse = logits_to_original(pm[0, 0] - 0.5, local, rshape)  # the previous mask as the net saw it
-            changed = new != prev_coarse
-            new = np.where(changed, new, prev_r).astype(np.uint8)
-        n_win = self._refine(image, pts, labels, bxs, roi, a, new, changed, key, corrective=pm is not None, net=net)
-        if pm is not None and self.config.local_edits and len(pts):
-            new = _local_edit(prev_mask[region], new, np.asarray(pts[-1]) - a)
+        n_win = self._refine(image, pts, labels, bxs, roi, a, new, key, corrective=pm is not None, net=net)
         if self.config.boundary_cut is not None and new.any():
             tc = time.perf_counter()
             inside = np.all((pts >= a) & (pts < b), axis=1)
@@ -550,12 +365,11 @@ class EnsamEngine:
         out = self._net_decode(feats, p, t, dense, net=net)[0, 0]
         return (torch.flip(out, list(flip)) if flip else out), None
 
-    def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, changed, key,
+    def _refine(self, image, pts, labels, bxs, roi: Roi, a, new: np.ndarray, key,
                 corrective: bool = False, net: EnsamNet | None = None) -> int:
         """Native-resolution refinement of ``new`` (the ROI's region of the original grid, starting at voxel
         ``a``; modified in place) around its boundary, see :class:`EngineConfig`; ``corrective``: a step with a
-        previous mask (fewer windows, the latest click's first); ``changed``: where the coarse decision moved (the
-        band is restricted to it). Returns the windows run."""
+        previous mask (fewer windows, the latest click's first). Returns the windows run."""
         cfg = self.config
         n_max = cfg.refine_windows_click if corrective else cfg.refine_windows
         if (not self.contract.refine or n_max <= 0 or roi.voxels_per_model_voxel.max() <= cfg.refine_factor
@@ -569,8 +383,6 @@ class EnsamEngine:
             return np.all(np.abs(cand - c) <= reach, axis=1)
 
         band = new.astype(bool) ^ ndimage.binary_erosion(new.astype(bool))
-        if changed is not None:  # a corrective step: only where the coarse decision moved
-            band &= ndimage.binary_dilation(changed, iterations=2)
         centres = []
         if corrective and len(pts):  # the latest click first
             centres.append(np.asarray(pts[-1], float) - a)

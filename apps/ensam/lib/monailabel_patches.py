@@ -43,6 +43,12 @@ What is patched, and why:
    and reads that file instead of the datastore's image (an image stored as ``Makefile`` or ``apps`` was a 500,
    and any file there could be read). ensam resolves an id through the datastore itself and hands monailabel the
    image's path; the ``save_label`` step monailabel then skips (it does for paths) is done here.
+9. Private names that ensam's routes (``lib.http``) read, each behind one function here: the app's task tables
+   ``MONAILabelApp._infers`` / ``_trainers`` / ``_strategies`` / ``_scoring_methods`` (:func:`app_tasks`: an
+   unknown name is a 404 listing the known ones before anything runs; monailabel has no public lookup, only
+   ``info()``, which builds every task's info) and the DICOMweb datastore's local cache
+   ``DICOMWebDatastore._datastore`` (:func:`dicomweb_series_folder`: the folder of a downloaded series, which a DICOM
+   SEG references). Upstream: ``MONAILabelApp`` could expose its task tables, ``DICOMWebDatastore`` the series path.
 
 Loading rule: monailabel's app loader drops every ``lib.*`` module before it runs ``main.py`` (see ``lib.server``);
 this module holds no state and no class whose identity is compared, so the two copies that then exist (the one
@@ -72,7 +78,7 @@ WRITTEN_FOR = "0.8.5"
 __all__ = ["WRITTEN_FOR", "check_version", "put_routes_first", "add_middleware_once", "put_exception_handler",
            "OHIF_DIR", "ohif_file", "install_token_check", "local_datastore", "reload_local_datastore",
            "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn",
-           "infer_by_datastore_id"]
+           "infer_by_datastore_id", "app_tasks", "dicomweb_series_folder"]
 
 
 def check_version(installed: str = "") -> bool:
@@ -242,3 +248,19 @@ def infer_by_datastore_id(infer: Callable[..., dict], request: dict, datastore) 
         result["label"] = datastore.save_label(image, path, tag, {"model": request.get("model"),
                                                                   "params": result.get("params")})
     return result
+
+
+# ---------------------------------------------------------------------------------------------- 9: private reads
+_TASK_TABLES = {"infer": "_infers", "train": "_trainers", "strategy": "_strategies", "scoring": "_scoring_methods"}
+
+
+def app_tasks(instance, kind: str) -> dict:
+    """The app's tasks of ``kind`` (``infer``, ``train``, ``strategy`` or ``scoring``) by name: monailabel's private
+    ``MONAILabelApp._infers`` / ``_trainers`` / ``_strategies`` / ``_scoring_methods`` ({} when there are none)."""
+    return getattr(instance, _TASK_TABLES[kind], None) or {}
+
+
+def dicomweb_series_folder(datastore, series_id: str) -> str:
+    """The local folder of series ``series_id`` downloaded by monailabel's DICOMweb datastore (its private local
+    cache datastore ``DICOMWebDatastore._datastore``)."""
+    return os.path.realpath(os.path.join(datastore._datastore.image_path(), series_id))

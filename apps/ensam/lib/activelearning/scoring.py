@@ -14,6 +14,9 @@
 Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
 recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
 them. Run them with ``POST /scoring/novelty`` / ``POST /scoring/uncertainty``.
+
+Both are background work: they pause while an inference is in flight (between images, and in a task process before
+every layer of the network: :mod:`lib.activelearning.interactive_gate`), so scoring never delays a click.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lib.label_vocab import canonical, load_vocab
 from lib.infers.request_parsing import parse_bool
 
 from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding
+from .interactive_gate import gate
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class _EnsamScoring(ScoringMethod):
         dev = request.get("device")
         dev = dev[0] if isinstance(dev, list) and dev else dev
         device = resolve_device(dev)
+        # in a task process the provider makes every layer of the engine a pause point (never in the server: a
+        # pause there would hold the device lock the inference waits for)
         return self.provider.get(device), self.provider.device_lock(device)
 
 
@@ -85,6 +91,10 @@ class NoveltyScoring(_EnsamScoring):
         super().__init__(provider, volumes, "Core-set novelty: distance of the image's encoding to the labelled ones")
 
     def __call__(self, request, datastore: Datastore):
+        with gate().background(f"scoring {self.key}") as work:
+            return self._score(request, datastore, work)
+
+    def _score(self, request, datastore: Datastore, work):
         start = time.time()
         refresh(datastore)
         force = parse_bool(request.get("force"), "force")
@@ -93,6 +103,7 @@ class NoveltyScoring(_EnsamScoring):
         embeddings: Dict[str, np.ndarray] = {}
         computed = 0
         for image_id in ids:
+            work.checkpoint()
             uri = datastore.get_image_uri(image_id)
             info = datastore.get_image_info(image_id)
             stamp = _stamp(self.provider, uri)
@@ -164,15 +175,11 @@ class UncertaintyScoring(_EnsamScoring):
         self.default_labels = list(default_labels)
         self.num_labels = int(num_labels)
 
-    def _engine_at(self, request):
-        """The app's engine (same weights, reloaded when they change) and its device lock."""
-        from lib.infers.engine_provider import resolve_device
-
-        dev = request.get("device")
-        device = resolve_device(dev[0] if isinstance(dev, list) and dev else dev)
-        return self.provider.get(device), self.provider.device_lock(device)
-
     def __call__(self, request, datastore: Datastore):
+        with gate().background(f"scoring {self.key}") as work:
+            return self._score(request, datastore, work)
+
+    def _score(self, request, datastore: Datastore, work):
         start = time.time()
         refresh(datastore)
         force = parse_bool(request.get("force"), "force")
@@ -200,6 +207,7 @@ class UncertaintyScoring(_EnsamScoring):
         scores: Dict[str, float] = {}
         computed = 0
         for image_id in _images(request, datastore):
+            work.checkpoint()
             uri = datastore.get_image_uri(image_id)
             info = datastore.get_image_info(image_id)
             stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm, atlas=by_atlas)
@@ -208,7 +216,7 @@ class UncertaintyScoring(_EnsamScoring):
                 scores[image_id] = float(info[self.key])
                 continue
             if engine is None:
-                engine, lock = self._engine_at(request)
+                engine, lock = self._engine(request)
             vol = self.volumes.get(uri)
             per_label = {}
             if by_atlas:
@@ -216,6 +224,7 @@ class UncertaintyScoring(_EnsamScoring):
 
                 got = self.by_example.uncertainty(vol, by_atlas, LockedEngine(engine, lock))
                 per_label.update({n: round(u, 6) for n, u in got.items()})
+                work.checkpoint()
             if by_flips:
                 with lock:
                     masks = flip_predictions(engine, vol.array, vol.affine, list(by_flips.values()),

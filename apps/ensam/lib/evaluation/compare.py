@@ -22,7 +22,7 @@ from scipy import stats
 __all__ = ["structures_of", "paired", "by_size", "compare", "main"]
 
 KEYS = ("box_dsc", "dsc_auc", "nsd_auc", "final_dsc", "final_nsd")
-DROP_KEYS = ("harmful_fraction", "destructive_fraction", "worst_drop")
+DROP_KEYS = ("harmful_steps", "destructive_steps", "worst_drop")
 
 
 def structures_of(results: dict, method: Optional[str]) -> tuple:

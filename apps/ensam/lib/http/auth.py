@@ -20,11 +20,10 @@ on every request, and runs the check in an ``async`` dependency, i.e. on the eve
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import requests
 
@@ -32,19 +31,6 @@ logger = logging.getLogger("ensam.auth")
 
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}  # algorithm prefix -> JWK key type
-
-
-def _env_seconds(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        logger.warning(f"{name}={os.environ.get(name)!r} is not a number; using {default}")
-        return default
-    return value if value >= 0 and value == value and value != float("inf") else default
-
-
-def _env_list(name: str) -> List[str]:
-    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
 
 
 @dataclass
@@ -140,11 +126,13 @@ _realms_lock = threading.Lock()
 
 def realm_keys(realm: str, timeout: float) -> RealmKeys:
     """The one :class:`RealmKeys` of ``realm`` (made at first use, with the ``ENSAM_AUTH_KEYS_*`` settings)."""
+    from lib.settings import env_value  # the app's lib (lib.server's loading rule); checked at start-up (limits)
+
     with _realms_lock:
         keys = _realms.get(realm)
         if keys is None:
-            keys = _realms[realm] = RealmKeys(realm, timeout, ttl=_env_seconds("ENSAM_AUTH_KEYS_TTL_S", 300),
-                                              min_refresh=_env_seconds("ENSAM_AUTH_KEYS_REFRESH_S", 30))
+            keys = _realms[realm] = RealmKeys(realm, timeout, ttl=env_value("ENSAM_AUTH_KEYS_TTL_S"),
+                                              min_refresh=env_value("ENSAM_AUTH_KEYS_REFRESH_S"))
         return keys
 
 
@@ -154,6 +142,8 @@ def token_user(token: str):
     import jwt
     from monailabel.config import settings
     from monailabel.endpoints.user.auth import DEFAULT_USER, User
+
+    from lib.settings import env_value  # the app's lib (see lib.server's loading rule)
 
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         return DEFAULT_USER
@@ -173,7 +163,7 @@ def token_user(token: str):
         raise jwt.InvalidTokenError(f"no signing key for the token: {e}") from None
     if key_alg is not None and key_alg != alg:
         raise jwt.InvalidTokenError(f"token algorithm {alg} differs from its key's {key_alg}")
-    audience, issuer = _env_list("ENSAM_AUTH_AUDIENCE"), os.environ.get("ENSAM_AUTH_ISSUER", "").strip()
+    audience, issuer = env_value("ENSAM_AUTH_AUDIENCE"), env_value("ENSAM_AUTH_ISSUER")
     try:
         payload = jwt.decode(token, key, algorithms=[alg], audience=audience or None, issuer=issuer or None,
                              options={"verify_signature": True, "verify_aud": bool(audience),

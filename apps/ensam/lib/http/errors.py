@@ -1,12 +1,15 @@
 """Which exceptions are the client's fault: the 4xx answer of a request error (ensam's RequestError and
 PromptError by module and class name, monailabel's own not-found / invalid-input errors), a 500 with its traceback
-for everything else. One place for the mapping: :func:`raise_for` in the routes, :func:`monailabel_exception_handler`
-for monailabel's own routes."""
+for everything else. One mapping, :func:`http_error_for`, used in two places: ensam's routes are decorated with
+:func:`answers` (a route just raises: ``RequestError``, ``PromptError``, monailabel's errors, ``HTTPException``),
+monailabel's own routes get :func:`monailabel_exception_handler` (registered on the app by ``lib.server``)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -44,14 +47,54 @@ def http_error_for(exc: BaseException) -> Optional[HTTPException]:
     return None
 
 
-def _raise_for(exc: BaseException, what: str) -> None:
-    """Re-raise ``exc`` as its 4xx answer (one log line) or as a 500 (logged with its traceback)."""
+def as_http_error(exc: BaseException, what: str) -> HTTPException:
+    """``exc`` as its answer: its 4xx (one log line), or a 500 naming ``what`` (logged with the traceback)."""
     err = http_error_for(exc)
     if err is None:
-        logger.exception(f"{what} failed")
-        raise HTTPException(status_code=500, detail=f"{what} failed: {type(exc).__name__}: {exc}") from exc
-    logger.warning(f"rejected request ({err.status_code}): {what}: {err.detail}")
-    raise err from None
+        logger.error(f"{what} failed", exc_info=exc)
+        return HTTPException(status_code=500, detail=f"{what} failed: {type(exc).__name__}: {exc}")
+    if err.status_code < 500:
+        logger.warning(f"rejected request ({err.status_code}): {what}: {err.detail}")
+    return err
+
+
+def answers(what: str) -> Callable[[Callable], Callable]:
+    """Decorator of a route handler: whatever the handler raises becomes its answer through :func:`as_http_error`
+    (the one mapping), so the handler just raises. ``what`` names the request in the log and in a 500's detail; it is
+    formatted with the handler's arguments (``"scoring ({method})"``). The decorated handler keeps the handler's
+    signature (FastAPI reads its parameters) and kind (``async def`` or ``def``: FastAPI runs the latter in its
+    thread pool)."""
+    def decorate(handler: Callable) -> Callable:
+        signature = inspect.signature(handler, eval_str=True)  # annotations resolved in the handler's module
+
+        def reraise(e: Exception, args: tuple, kwargs: dict):
+            try:
+                described = what.format(**signature.bind_partial(*args, **kwargs).arguments)
+            except (KeyError, IndexError, TypeError, ValueError):
+                described = what
+            err = as_http_error(e, described)
+            if err is e:  # an HTTPException: as raised
+                raise e
+            raise err from (e if err.status_code >= 500 else None)
+
+        if inspect.iscoroutinefunction(handler):
+            @functools.wraps(handler)
+            async def route(*args, **kwargs):
+                try:
+                    return await handler(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+                    reraise(e, args, kwargs)
+        else:
+            @functools.wraps(handler)
+            def route(*args, **kwargs):
+                try:
+                    return handler(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
+                    reraise(e, args, kwargs)
+        route.__signature__ = signature
+        return route
+
+    return decorate
 
 
 async def monailabel_exception_handler(request: Request, exc: MONAILabelException):

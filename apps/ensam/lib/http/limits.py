@@ -1,22 +1,14 @@
-"""Size limits of requests and uploads, from the environment (README "Settings")."""
+"""Size limits of requests and uploads, from the environment (declared in ``lib.settings.ENV``; README "Settings").
+Every ``ENSAM_*`` environment setting of ``lib.settings.ENV`` is checked here, i.e. when the server starts: a bad
+value stops it, naming the variable. (``lib.settings`` is the one ``lib`` module ``lib.http`` imports when it is
+imported: it holds no state and no class compared by identity, like ``lib.monailabel_patches``.)"""
 
 from __future__ import annotations
 
-import logging
-import os
+from lib.settings import check_environment, env_value
 
-logger = logging.getLogger("ensam.server")
-
-
-def _mib_env(name: str, default: float) -> int:
-    try:
-        return int(float(os.environ.get(name, default)) * 2**20)
-    except ValueError:
-        logger.warning(f"{name}={os.environ.get(name)!r} is not a number; using {default}")
-        return int(default * 2**20)
-
-
-MAX_UPLOAD_BYTES = _mib_env("ENSAM_MAX_UPLOAD_MB", 1024)  # multipart bodies (image / label uploads)
-MAX_BODY_BYTES = _mib_env("ENSAM_MAX_BODY_MB", 4)  # any other body (JSON requests, forms)
-MAX_UPLOAD_VOXELS = int(float(os.environ.get("ENSAM_MAX_VOXELS", 2**30)))
+check_environment()
+MAX_UPLOAD_BYTES = int(env_value("ENSAM_MAX_UPLOAD_MB") * 2**20)  # multipart bodies (image / label uploads)
+MAX_BODY_BYTES = int(env_value("ENSAM_MAX_BODY_MB") * 2**20)  # any other body (JSON requests, forms)
+MAX_UPLOAD_VOXELS = env_value("ENSAM_MAX_VOXELS")
 _DRAIN_BYTES = 64 * 2**20  # an over-long body is read (and dropped) up to this much so that the client gets the 413

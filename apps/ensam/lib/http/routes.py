@@ -21,9 +21,8 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 
 
-from .errors import _raise_for
-from .rules import (ID_RULE, _check_id, _check_image_ids, _datastore_image, _id_lock, _json_object, _json_value,
-                    _known)
+from .errors import answers
+from .rules import ID_RULE, _check_id, _check_image_ids, _datastore_image, _id_lock, _json_object, _json_value, _task
 from .uploads import (_check_infer_raw_label, _check_volume_upload, _save_upload, _upload_suffix)
 
 logger = logging.getLogger("ensam.server")
@@ -31,6 +30,7 @@ logger = logging.getLogger("ensam.server")
 
 # ---------------------------------------------------------------------------------------------------- misc routes
 # monailabel routes that answered 500 to the schema-driven fuzz of the API (tests/test_hostile_input.py)
+@answers("updating the info of image {image!r}")
 def update_image_info_checked(image: str, info: str = Form("{}"),
                               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
     """PUT ``/datastore/image/info``: ``info`` must be a JSON object (400; monailabel: 500), the image known (404)."""
@@ -38,12 +38,10 @@ def update_image_info_checked(image: str, info: str = Form("{}"),
     i = _json_object(info, "info")
     if user.username:
         i["user"] = user.username
-    try:
-        return app_instance().datastore().update_image_info(image, i)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"updating the info of image {image!r}")
+    return app_instance().datastore().update_image_info(image, i)
 
 
+@answers("updating the info of label {label!r} (tag {tag!r})")
 def update_label_info_checked(label: str, tag: str, info: str = Form("{}"),
                               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
     """PUT ``/datastore/label/info``: ``info`` must be a JSON object (400; monailabel: 500), the label known (404)."""
@@ -52,27 +50,23 @@ def update_label_info_checked(label: str, tag: str, info: str = Form("{}"),
     i = _json_object(info, "info")
     if user.username:
         i["user"] = user.username
-    try:
-        return app_instance().datastore().update_label_info(label, tag, i)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"updating the info of label {label!r} (tag {tag!r})")
+    return app_instance().datastore().update_label_info(label, tag, i)
 
 
+@answers("deleting image {id!r}")
 def delete_image_checked(id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
     """DELETE ``/datastore/image`` (and the deprecated ``DELETE /datastore/``): the image, every file of its id and
     its labels (every tag) go, under the id's lock (a label save of that id waits, then finds no image: 404);
     unknown id: 404. monailabel's route ran on the event loop, outside any lock: a save racing it left an orphan
     label, and a second file of the id (another extension) stayed listed (issue 25 #11, #12)."""
     _check_id(id)
-    try:
-        with _id_lock(id):
-            app_instance().datastore().remove_image(id)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"deleting image {id!r}")
+    with _id_lock(id):
+        app_instance().datastore().remove_image(id)
     logger.info(f"image {id!r} deleted with its labels by {user.username or 'anonymous'}")
     return {}
 
 
+@answers("the dataset archive")
 def download_dataset_checked(limit_cases: Optional[int] = None,
                              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
     """GET ``/datastore/dataset``: 404 when no image has a final label (monailabel: 500 from an assertion)."""
@@ -81,10 +75,7 @@ def download_dataset_checked(limit_cases: Optional[int] = None,
     ds = app_instance().datastore()
     if not ds.get_labeled_images():
         raise HTTPException(status_code=404, detail="no image has a final label yet: the dataset archive is empty")
-    try:
-        path = ds.get_dataset_archive(limit_cases)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, "the dataset archive")
+    path = ds.get_dataset_archive(limit_cases)
     if not path or not os.path.isfile(path):
         raise HTTPException(status_code=404, detail="the dataset archive could not be made")
     return FileResponse(path, media_type="application/zip", filename="dataset.zip")
@@ -104,7 +95,7 @@ def gpu_info_checked(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_AD
 def wsi_infer_unsupported(model: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
     """POST ``/infer/wsi_v2/{model}``: whole-slide (pathology) inference, which ensam does not do (monailabel: 500
     for any request). 404 for an unknown model, else 400 pointing to ``/infer/{model}``."""
-    _known("infer task", model, getattr(app_instance(), "_infers", None) or {})
+    _task("infer", model)
     raise HTTPException(status_code=400, detail=f"{model!r} segments 3D volumes, not whole-slide images: use "
                                                 f"POST /infer/{model}")
 
@@ -113,9 +104,7 @@ def wsi_infer_unsupported(model: str, user: User = Depends(RBAC(settings.MONAI_L
 # ---------------------------------------------------------------------------------------------------- weights
 def _weights_paths(model: str) -> list:
     """``[pre-trained, fine-tuned]`` weights paths of infer task ``model`` (404 for an unknown one)."""
-    infers = getattr(app_instance(), "_infers", None) or {}
-    _known("model", model, infers)
-    provider = getattr(infers[model], "provider", None)
+    provider = getattr(_task("infer", model, "model"), "provider", None)
     paths = list(getattr(provider, "paths", None) or [])
     if not paths:
         raise HTTPException(status_code=404, detail=f"model {model!r} has no weights file")
@@ -177,6 +166,7 @@ def delete_model_checked(model: str, user: User = Depends(RBAC(settings.MONAI_LA
     return {}
 
 
+@answers("inference model={model} image={image}")
 def infer_threaded(
     background_tasks: BackgroundTasks,
     model: str,
@@ -191,7 +181,7 @@ def infer_threaded(
     """POST ``/infer/{model}`` in the thread pool. The image is a datastore id (``?image=``), an uploaded ``file``
     or a ``session_id``; never a path on the server, and ``params`` may not name another one."""
     instance = app_instance()
-    _known("infer task", model, getattr(instance, "_infers", None) or {})
+    _task("infer", model)
     _check_id(image)
     p = _json_object(params, "params")
     if "image" in p and p["image"] != image:
@@ -225,10 +215,7 @@ def infer_threaded(
     _check_infer_raw_label(label, image, file, session_id)
     if output == ResultType.dicom_seg:
         return infer_as_dicom_seg(background_tasks, model, image, session_id, params, file, label, p)
-    try:
-        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
-    except Exception as e:  # noqa: BLE001 - every error becomes an HTTP answer
-        _raise_for(e, f"inference model={model} image={image}")
+    return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
 
 def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, session_id: str, params: str,
@@ -242,6 +229,7 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     from requests_toolbelt.multipart.decoder import MultipartDecoder
 
     from lib.infers.dicom_seg import write_dicom_seg  # the app's lib (see the module docstring)
+    from lib.monailabel_patches import dicomweb_series_folder
 
     datastore = app_instance().datastore()
     if file or session_id or not image or not isinstance(datastore, DICOMWebDatastore):
@@ -251,10 +239,7 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     label_info = p.get("label_info")
     if label_info is not None and not (isinstance(label_info, list) and all(isinstance(e, dict) for e in label_info)):
         raise HTTPException(status_code=400, detail="'label_info' must be a list of {\"name\": ..., \"idx\": <value>}")
-    try:
-        res = run_inference(background_tasks, model, image, session_id, params, file, label, ResultType.all)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"inference model={model} image={image}")
+    res = run_inference(background_tasks, model, image, session_id, params, file, label, ResultType.all)
     if not isinstance(res, Response):
         raise HTTPException(status_code=500, detail=f"inference model={model} image={image} gave no result image")
     result, mask, name = {}, None, ""
@@ -268,10 +253,8 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     with os.fdopen(fd, "wb") as out:
         out.write(mask or b"")
     try:
-        series_dir = os.path.realpath(os.path.join(datastore._datastore.image_path(), image))
-        seg = write_dicom_seg(series_dir, mask_path, label_info, result.get("label_names"), series_description=model)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"DICOM SEG of the result of model={model} image={image}")
+        seg = write_dicom_seg(dicomweb_series_folder(datastore, image), mask_path, label_info,
+                              result.get("label_names"), series_description=model)
     finally:
         remove_file(mask_path)
     if not seg:
@@ -281,6 +264,7 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     return FileResponse(seg, media_type="application/dicom", filename=f"{model}_{image}.dcm")
 
 
+@answers("next sample ({strategy})")
 async def next_sample_checked(
     strategy: str,
     params: Optional[dict] = None,
@@ -291,13 +275,11 @@ async def next_sample_checked(
     strategies' "recently served" bookkeeping and the "task already running" checks expect."""
     from monailabel.endpoints.activelearning import sample
 
-    _known("strategy", strategy, getattr(app_instance(), "_strategies", None) or {})
-    try:
-        return sample(strategy, params, user.username)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"next sample ({strategy})")
+    _task("strategy", strategy)
+    return sample(strategy, params, user.username)
 
 
+@answers("scoring ({method})")
 async def scoring_checked(
     method: str,
     params: Optional[dict] = None,
@@ -308,16 +290,14 @@ async def scoring_checked(
     (monailabel starts the task anyway and the error only shows in its log)."""
     from monailabel.endpoints.scoring import run_method
 
-    _known("scoring method", method, getattr(app_instance(), "_scoring_methods", None) or {})
+    _task("scoring", method)
     images = (params or {}).get("images")
     if images not in (None, "", "all"):
         _check_image_ids(images)
-    try:
-        return run_method(method, params, run_sync)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"scoring ({method})")
+    return run_method(method, params, run_sync)
 
 
+@answers("batch inference ({model})")
 async def batch_infer_checked(
     model: str,
     images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
@@ -331,7 +311,7 @@ async def batch_infer_checked(
 
     from lib.infers.batch import load_manifest  # the app's lib (see the module docstring)
 
-    _known("infer task", model, getattr(app_instance(), "_infers", None) or {})
+    _task("infer", model)
     body = dict(params or {})
     if "label_tag" in body:
         _check_id(body["label_tag"], "label tag")
@@ -347,18 +327,13 @@ async def batch_infer_checked(
                                                     "not as a file path on the server")
     if isinstance(manifest, str) and manifest.strip():  # JSON given as text: the same bounds as any JSON
         manifest = _json_value(manifest.strip(), "manifest")
-    try:
-        checked = load_manifest(manifest)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"batch inference ({model}): manifest")
+    checked = load_manifest(manifest)
     if checked:
         _check_image_ids(list(checked), "manifest")
-    try:
-        return run(model, images, params, run_sync)
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"batch inference ({model})")
+    return run(model, images, params, run_sync)
 
 
+@answers("training ({model})")
 def train_checked(
     model: str,
     params: Optional[dict] = None,
@@ -371,10 +346,7 @@ def train_checked(
     model is 404, a bad parameter 400 with the reason; then monailabel's own handler runs it."""
     from monailabel.endpoints.train import run_model
 
-    trainers = getattr(app_instance(), "_trainers", None) or {}
-    if model not in trainers:
-        raise HTTPException(status_code=404, detail=f"no train task {model!r}; known: {sorted(trainers)}")
-    _check_train_request(model, trainers[model], params)
+    _check_train_request(model, _task("train", model), params)
     return _task_snapshot(run_model(model, params, run_sync, enqueue))
 
 
@@ -391,10 +363,7 @@ def _check_train_request(model: str, task: Any, params: Optional[dict]) -> None:
         try:
             check(params or {})
         except ValueError as e:  # parse_request is the train task's request validator: its ValueError is a 400
-            logger.warning(f"rejected request (400): train {model}: {e}")
             raise HTTPException(status_code=400, detail=str(e)) from None
-        except Exception as e:  # noqa: BLE001
-            _raise_for(e, f"train request check ({model})")
 
 
 def _task_snapshot(task: Any) -> Any:
@@ -411,6 +380,7 @@ def _task_snapshot(task: Any) -> Any:
     return out
 
 
+@answers("training (all train tasks)")
 def train_all_checked(
     params: Optional[dict] = None,
     run_sync: Optional[bool] = False,
@@ -421,7 +391,9 @@ def train_all_checked(
     any starts."""
     from monailabel.endpoints.train import run
 
-    trainers = getattr(app_instance(), "_trainers", None) or {}
+    from lib.monailabel_patches import app_tasks  # the app's lib (see the module docstring)
+
+    trainers = app_tasks(app_instance(), "train")
     for model, task in trainers.items():
         sub = (params or {}).get(model)
         if sub is not None and not isinstance(sub, dict):

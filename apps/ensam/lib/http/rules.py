@@ -110,6 +110,15 @@ def _json_object(text: Optional[str], field: str) -> Dict[str, Any]:
     return value
 
 
-def _known(kind: str, name: str, tasks: Dict[str, Any]) -> None:
+_TASK_WORDS = {"infer": "infer task", "train": "train task", "strategy": "strategy", "scoring": "scoring method"}
+
+
+def _task(kind: str, name: str, what: str = "") -> Any:
+    """The app's task ``name`` of ``kind`` (``infer``, ``train``, ``strategy``, ``scoring``); 404 naming ``what``
+    (default: the kind in words) and the known names when there is none."""
+    from lib.monailabel_patches import app_tasks  # the app's lib (see lib.server's loading rule)
+
+    tasks = app_tasks(app_instance(), kind)
     if name not in tasks:
-        raise HTTPException(status_code=404, detail=f"no {kind} {name!r}; known: {sorted(tasks)}")
+        raise HTTPException(status_code=404, detail=f"no {what or _TASK_WORDS[kind]} {name!r}; known: {sorted(tasks)}")
+    return tasks[name]

@@ -18,7 +18,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 
-from .errors import _raise_for, http_error_for
+from .errors import answers, http_error_for
 from .limits import MAX_UPLOAD_VOXELS
 from .rules import _check_id, _datastore_image, _id_lock, _json_object
 
@@ -113,6 +113,7 @@ def add_image_checked(
     return {"image": image_id}
 
 
+@answers("saving the label of {image!r} (tag {tag!r})")
 def save_label_checked(
     background_tasks: BackgroundTasks,
     image: str,
@@ -145,8 +146,6 @@ def save_label_checked(
             instance = app_instance()
             label_id = instance.datastore().save_label(image, tmp, tag, info)
         res = instance.on_save_label(image, label_id) or {}
-    except Exception as e:  # noqa: BLE001
-        _raise_for(e, f"saving the label of {image!r} (tag {tag!r})")
     finally:
         remove_file(tmp)
     res.update({"image": image, "label": label_id})

@@ -1,7 +1,9 @@
-"""Batch inference over the datastore, prompt-free (``ensam_seg``) or with a prompt manifest (``ensam``).
+"""Batch inference over the datastore, prompt-free (``ensam_seg``) or with a prompt manifest (``ensam``): the REST
+route's face of THE batch job, :mod:`lib.batch` (the command ``python -m lib.batch`` runs the same job).
 
-``POST /batch/infer/ensam_seg?images=unlabeled`` segments every selected image. ``POST /batch/infer/ensam`` with a
-JSON body ``{"manifest": {...}}`` runs the interactive model once per image with the prompts the manifest lists:
+``POST /batch/infer/ensam_seg?images=unlabeled`` segments every selected image (``labels``: the names, default
+``ensam_seg``'s default names). ``POST /batch/infer/ensam`` with a JSON body ``{"manifest": {...}}`` runs the
+interactive model once per object with the prompts the manifest lists:
 
     {"manifest": {"image_id": {"boxes": [[i0, i1, j0, j1, k0, k1]], "foreground": [[i, j, k]], "label": "liver"},
                   "other_id": [{"label": "liver", "roi": [...]}, {"label": "spleen", "points": [...],
@@ -10,30 +12,31 @@ JSON body ``{"manifest": {...}}`` runs the interactive model once per image with
 A list of objects gives one label map with values 1..N in list order (at most ``MAX_OBJECTS`` per image; each
 object's prompts are checked, with the per-request limits of an interactive click, when the manifest is loaded,
 before any image is processed). ``manifest`` may also be a list ``[{"image": id, ...}, ...]``, or, for callers
-inside the server only, a path to such a JSON file (the HTTP route accepts only an inline manifest). Results are
-saved in the datastore (tag ``label_tag``, default ``original``). Progress: each image logs ``ensam batch: k/N
-...``; monailabel shows the last lines in ``GET /batch/infer`` (``details``) while the task runs, and the returned
-summary when it is done. Prompt-free batches go through ``ensam_seg``, i.e. segmentation by example where a
-name's atlas route validates (``lib.infers.seg_by_example``): its progress lines (each atlas registered, each
-structure segmented) come between the image lines, and each image's summary carries the per-structure
-``structures`` (route, uncertainty).
+inside the server only, a path to such a JSON file (the HTTP route accepts only an inline manifest).
+
+Where the job runs: ``--conf batch_backend local|ray`` (default ``local``: in the batch task's process) and
+``--conf ray_address`` (Ray: empty = a new local Ray, ``auto``, ``host:port``, ``ray://host:port``); request keys
+``max_workers`` (Ray actors) and ``gpus_per_worker`` (> 0: GPU workers). The job keeps one result per (image,
+weights version, request) in its results folder (``--conf batch_results``, default ``<studies>/.ensam-batch``
+for a local datastore): a batch run again after a kill does only the images without a result. Each result is
+then saved in the datastore (tag ``label_tag``, default ``original``); for a DICOMweb datastore the job stores it
+as DICOM SEG in the DICOMweb server instead. Progress: each image logs ``ensam batch: k/N <id> ok|error ...``;
+monailabel shows the last lines in ``GET /batch/infer`` (``details``) while the task runs, and the returned summary
+when it is done. Prompt-free names are segmented by their learned label token (``EnsamEngine.segment_labels``);
+``ensam_seg``'s atlas routes are not used in batch (a name routed by atlas is logged as such).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchInferTask
-from monailabel.utils.others.generic import remove_file
 
-from ..io.imageio import load_volume, write_mask
 from .request_parsing import MAX_BOXES, RequestError, parse_prompts
 
 logger = logging.getLogger(__name__)
@@ -89,10 +92,49 @@ def load_manifest(value: Any) -> Optional[Dict[str, List[dict]]]:
     return out
 
 
+# the settings this task reads from the app's --conf (declared by the app's settings; defaults here)
+BATCH_SETTINGS = {
+    "batch_backend": ("local", "where batch inference runs: local (the batch task's process) or ray (a Ray cluster)"),
+    "ray_address": ("", "the Ray cluster of batch_backend=ray: empty = a new local Ray, auto, host:port, "
+                        "ray://host:port"),
+    "batch_results": ("", "folder of batch results (one per image, weights version and request; resumable): "
+                          "empty = <studies>/.ensam-batch for a local datastore, <app>/batch-results otherwise"),
+}
+
+
+def _setting(conf: Any, key: str) -> str:
+    """``key`` of the app's settings (``lib.settings.Settings``, or a dict of ``--conf`` pairs), else its default."""
+    value = conf.get(key) if isinstance(conf, dict) else getattr(conf, key, None)
+    return str(BATCH_SETTINGS[key][0] if value is None or value == "" else value).strip()
+
+
 class EnsamBatchInfer(BatchInferTask):
-    def __init__(self, infers: Optional[dict] = None):
+    """monailabel's batch task for ensam: the request checked, the images of the datastore turned into the studies
+    of a :mod:`lib.batch` job, the job run on ``batch_backend``, each result saved in the datastore."""
+
+    def __init__(self, infers: Optional[dict] = None, conf: Any = None):
         super().__init__()
         self.infers = infers or {}
+        self.conf = conf  # None: the server's --conf as monailabel hands it to every process (read per call)
+
+    def settings(self) -> Dict[str, str]:
+        conf = self.conf
+        if conf is None:
+            from monailabel.config import settings
+
+            conf = settings.MONAI_LABEL_APP_CONF or {}
+        if isinstance(conf, dict):
+            try:  # the typed settings (declared, checked) where this app has them
+                from lib.settings import parse_conf
+
+                conf = parse_conf(conf)
+            except ImportError:  # pragma: no cover - an app without lib.settings: the --conf strings as given
+                pass
+        values = {k: _setting(conf, k) for k in BATCH_SETTINGS}
+        if values["batch_backend"] not in ("local", "ray"):
+            raise RequestError(f"--conf batch_backend must be local or ray, got {values['batch_backend']!r}",
+                               status_code=500)
+        return values
 
     def get_images(self, request, datastore: Datastore):
         manifest = request.get("_manifest")
@@ -101,7 +143,10 @@ class EnsamBatchInfer(BatchInferTask):
             return list(manifest.keys())
         return super().get_images(request, datastore)
 
-    def __call__(self, request, datastore: Datastore, infer):
+    def __call__(self, request, datastore: Datastore, infer=None):
+        from lib.batch.job import BatchJob, run_job
+        from lib.batch.sources import dicomweb_ref, studies_from_datastore, with_manifest
+
         start = time.time()
         request = dict(request)
         manifest = load_manifest(request.pop("manifest", None))
@@ -111,86 +156,131 @@ class EnsamBatchInfer(BatchInferTask):
         if task is not None and getattr(task, "type", None) == "deepgrow" and manifest is None:
             raise RequestError(f"batch inference with the interactive model {model!r} needs a prompt 'manifest' "
                                f"(per-image boxes/points); use '{model}_seg' for prompt-free segmentation")
+        conf = self.settings()
         image_ids = sorted(self.get_images(request, datastore))
         request.pop("_manifest", None)
-        known = set(datastore.list_images())
-        if manifest is not None:
-            missing = sorted(set(manifest) - known)
-            if missing:
-                logger.warning(f"ensam batch: manifest images not in the datastore (skipped): {missing}")
         max_batch_size = int(request.get("max_batch_size", 0) or 0)
         if max_batch_size > 0:
             image_ids = image_ids[:max_batch_size]
         label_tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
         total = len(image_ids)
-        logger.info(f"ensam batch: {total} images; model={model}; manifest={'yes' if manifest else 'no'}")
+        logger.info(f"ensam batch: {total} images; model={model}; manifest={'yes' if manifest else 'no'}; "
+                    f"backend={conf['batch_backend']}")
 
         result: Dict[str, Any] = {}
-        done = failed = 0
-        for idx, image_id in enumerate(image_ids):
-            t0 = time.time()
+        studies = studies_from_datastore(datastore, image_ids)
+        names: List[str] = []
+        vocab: Dict[str, int] = {}
+        if manifest is not None:
+            for i in image_ids:
+                if not manifest.get(i):
+                    result[i] = {"error": f"no prompts for image {i!r} in the manifest"}
+            studies = with_manifest(studies, {i: manifest[i] for i in image_ids if manifest.get(i)})
+        else:
+            names, vocab = self._names(request, model)
+        provider = self._provider(task)
+        job = BatchJob(
+            out=conf["batch_results"] or self._results_folder(datastore, image_ids), weights=provider.weights_path(),
+            network_config=provider.network_config, engine_kwargs=dict(provider.engine_kwargs), names=names,
+            vocab=vocab, workers=int(request.get("max_workers") or 0),
+            gpus_per_worker=float(request.get("gpus_per_worker") or 0),
+            device="auto" if conf["batch_backend"] == "ray" else _device(request))  # Ray: the worker's GPU if any
+
+        def progress(rec: dict, n: int, of: int) -> None:
+            status = "ok" if rec.get("status") == "ok" else f"error: {rec.get('reason')}"
+            took = "done earlier" if rec.get("skipped") else f"{(rec.get('seconds') or {}).get('total', 0):.1f}s"
+            logger.info(f"ensam batch: {n}/{of} {rec.get('study')} {status} ({took})")
+
+        manifest_out = run_job(job, studies, backend=conf["batch_backend"], ray_address=conf["ray_address"] or None,
+                               progress=False, on_record=progress)
+        dicomweb = dicomweb_ref(datastore) is not None
+        for entry in manifest_out["studies"]:
+            i = entry["study"]
+            if entry["status"] != "ok":
+                result[i] = {"error": entry.get("reason") or entry["status"]}
+                continue
             try:
-                if image_id not in known:
-                    raise RequestError(f"image {image_id!r} is not in the datastore", status_code=404)
-                entries = manifest.get(image_id) if manifest is not None else None
-                if manifest is not None and not entries:
-                    raise RequestError(f"no prompts for image {image_id!r} in the manifest")
-                result[image_id] = self._run_one(request, image_id, entries, label_tag, datastore, infer)
-                done += 1
-                status = "ok"
-            except Exception as e:  # noqa: BLE001 - one bad image must not stop the batch
-                failed += 1
-                status = f"error: {e}"
-                result[image_id] = {"error": str(e)}
-                logger.warning(f"ensam batch: {image_id} failed: {e}", exc_info=not isinstance(e, ValueError))
-            logger.info(f"ensam batch: {idx + 1}/{total} {image_id} {status} ({time.time() - t0:.1f}s)")
-        logger.info(
-            f"ensam batch: finished {done} ok, {failed} failed of {total} in {time.time() - start:.1f}s"
-        )
+                result[i] = self._save(datastore, i, entry, job, model, label_tag, dicomweb)
+            except Exception as e:  # noqa: BLE001 - one image's failure must not stop the others
+                logger.warning(f"ensam batch: {i}: the result could not be saved in the datastore: {e}")
+                result[i] = {"error": f"the result could not be saved in the datastore: {e}", "key": entry["key"]}
+        ok = sum("error" not in r for r in result.values())
+        logger.info(f"ensam batch: finished {ok} ok, {len(result) - ok} failed of {total} in "
+                    f"{time.time() - start:.1f}s (results: {job.out})")
         return result
 
-    def _run_one(self, request, image_id, entries, label_tag, datastore, infer) -> dict:
-        base = {k: v for k, v in request.items() if k not in PROMPT_KEYS and k not in ("images",)}
-        base.update({"image": image_id, "label_tag": label_tag, "session_memory": False, "reset_state": True})
-        if not entries:  # prompt-free: one infer call, saved by monailabel
-            req = copy.deepcopy(base)
-            req["save_label"] = True
-            r = infer(req, datastore)
-            if r.get("file"):
-                remove_file(r.pop("file"))
-            return {"label": r.get("label"), "params": _brief(r.get("params"))}
+    # ---- pieces --------------------------------------------------------------------------------------------
+    def _provider(self, task):
+        """The engine provider of the model's task (the weights, network and engine settings the server uses)."""
+        for t in [task, *self.infers.values()]:
+            if t is not None and getattr(t, "provider", None) is not None:
+                return t.provider
+        raise RequestError("no ensam infer task with an engine is configured", status_code=500)
 
-        # prompted: one infer call per object, merged into one label map (values 1..N in manifest order)
-        merged = None
-        names: Dict[str, int] = {}
-        params = []
-        for n, entry in enumerate(entries):
-            req = copy.deepcopy(base)
-            req.update(entry)
-            req["save_label"] = False
-            r = infer(req, datastore)
-            f = r.get("file")
-            try:
-                m = load_volume(f).array > 0
-            finally:
-                remove_file(f)
-            if merged is None:
-                merged = np.zeros(m.shape, dtype=np.uint8)
-            merged[m] = n + 1
-            names[str(entry.get("label") or f"object_{n + 1}")] = n + 1
-            params.append(_brief(r.get("params")))
-        ref = load_volume(datastore.get_image_uri(image_id))
-        out = write_mask(merged, ref, extension=".nii.gz")
-        try:
-            label_id = datastore.save_label(
-                image_id, out, label_tag, {"model": request.get("model"), "params": {"label_names": names}}
-            )
-        finally:
-            remove_file(out)
-        return {"label": label_id, "label_names": names, "params": params}
+    def _names(self, request: dict, model: str) -> Tuple[List[str], Dict[str, int]]:
+        """The prompt-free names (request ``labels`` / ``label_names``, else ``ensam_seg``'s defaults) and the
+        vocabulary of the served weights; unknown names are a 422."""
+        from lib.label_vocab import canonical
+
+        from .ensam_infer import _names
+
+        seg = self.infers.get(model) if hasattr(self.infers.get(model), "vocab") else next(
+            (t for t in self.infers.values() if hasattr(t, "vocab") and hasattr(t, "default_labels")), None)
+        if seg is None:
+            raise RequestError(f"prompt-free batch inference needs ensam_seg (model {model!r} has no vocabulary)")
+        vocab = seg.vocab()
+        wanted = _names(request.get("labels") or request.get("label_names")) or list(seg.default_labels)
+        wanted = list(dict.fromkeys(canonical(w, vocab) for w in wanted))
+        unknown = [w for w in wanted if w not in vocab]
+        if unknown or not wanted:
+            raise RequestError(f"unknown label name(s) {unknown}" if unknown else "no label names to segment",
+                               status_code=422)
+        routes = seg.routes()[0] if hasattr(seg, "routes") else {}
+        by_atlas = [w for w in wanted if (routes.get(w) or {}).get("route", "token") != "token"]
+        if by_atlas:
+            logger.info(f"ensam batch: {by_atlas} are segmented by their label token (ensam_seg would use the "
+                        f"atlas route for them)")
+        return wanted, vocab
+
+    @staticmethod
+    def _results_folder(datastore: Datastore, image_ids: List[str]) -> str:
+        from lib.batch.sources import dicomweb_ref
+
+        if dicomweb_ref(datastore) is None:
+            known = set(datastore.list_images())
+            for i in image_ids:
+                uri = datastore.get_image_uri(i) if i in known else ""
+                if uri:
+                    return os.path.join(os.path.dirname(os.path.abspath(uri)), ".ensam-batch")
+        from monailabel.config import settings
+
+        return os.path.join(settings.MONAI_LABEL_APP_DIR or os.getcwd(), "batch-results")
+
+    @staticmethod
+    def _save(datastore: Datastore, image_id: str, entry: dict, job, model: str, label_tag: str,
+              dicomweb: bool) -> dict:
+        """The job's result of one image as the REST answer; saved as the image's label in a local datastore (a
+        DICOMweb one got it as DICOM SEG from the job)."""
+        from lib.batch.job import ResultStore
+
+        store = ResultStore(job.out)
+        rec = store.done(image_id, entry["key"]) or {}
+        names = rec.get("label_names") or entry.get("label_names") or {}
+        params = {"label_names": names, "voxels": rec.get("voxels"), "batch": {
+            "key": entry["key"], "weights": rec.get("weights"), "weights_sha256": rec.get("weights_sha256"),
+            "seconds": rec.get("seconds"), "node": rec.get("node")}}
+        out = {"label_names": names, "params": params, "key": entry["key"]}
+        if dicomweb:
+            out["dicom_seg"] = rec.get("dicom_seg")
+            return out
+        path = os.path.join(store.results, entry["file"])
+        out["label"] = datastore.save_label(image_id, path, label_tag, {"model": model, "params": params})
+        return out
 
 
-def _brief(params: Optional[dict]) -> dict:
-    params = params or {}
-    # structures: ensam_seg's per-structure route and confidence (atlas agreement / uncertainty; issue 12)
-    return {k: params[k] for k in ("label_names", "voxels", "structures", "latencies") if k in params}
+def _device(request: dict) -> str:
+    """The request's ``device`` (monailabel sends ``cuda`` by default): a GPU only where there is one."""
+    from .engine_provider import resolve_device
+
+    d = request.get("device")
+    return resolve_device(d[0] if isinstance(d, (list, tuple)) and d else d)

@@ -2,7 +2,12 @@
 
 Weights follow the MONAI Label convention ``[model/pretrained_ensam.pt, model/ensam.pt]``: the LAST file that
 exists wins, so weights published by fine-tuning replace the pre-trained ones without a restart. The file's
-mtime is checked on every request; a change rebuilds the engine (and so drops its encoding cache).
+identity (path, inode, size, mtime in ns) is checked on every request (one ``stat``); a change rebuilds the engine
+(and so drops its encoding cache). Publication is one ``os.replace`` (:mod:`lib.weights`): a new inode, so even a
+file system with coarse mtimes shows the change, and every server sharing the model folder (replicas behind a
+proxy, docs/SCALE_OUT.md) answers its next request with the new weights. ``weights_version`` (in each answer and in
+``/info``) is a fingerprint of the file's bytes (SHA-256, 16 hex digits), computed once per file identity: the same
+on every replica that serves the same weights.
 
 One lock per device guards the model: requests run in parallel threads (the non-blocking infer route) but one
 at a time touches a device. (There was an ``infer_concurrency`` option for more; it did nothing, since the engine
@@ -12,6 +17,7 @@ two inferences would also only share the same cores.) Waiting on it is the answe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -19,6 +25,12 @@ import time
 from typing import Dict, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
+
+
+def _in_background_task() -> bool:
+    from lib.background import in_background_task
+
+    return in_background_task()
 
 
 def resolve_device(name: Optional[str] = None) -> str:
@@ -44,7 +56,8 @@ class EngineProvider:
         self.paths = list(paths)
         self.network_config = network_config  # None: the engine reads <weights>.json beside the weights
         self.engine_kwargs = dict(engine_kwargs or {})
-        self._engines: Dict[str, Tuple[object, Optional[str], float]] = {}
+        self._engines: Dict[str, Tuple[object, Optional[str], tuple]] = {}  # device -> (engine, path, identity)
+        self._versions: Dict[tuple, str] = {}  # (path, identity) -> fingerprint of the bytes
         self._build_lock = threading.Lock()
         self._device_locks: Dict[str, threading.Lock] = {}
         self.loads = 0  # how many times an engine was (re)built: visible in results and tests
@@ -58,19 +71,66 @@ class EngineProvider:
         existing = self.existing_paths()
         return existing[-1] if existing else None
 
+    @staticmethod
+    def _identity(path: Optional[str]) -> tuple:
+        """What changes whenever the file is replaced or rewritten: (inode, size, mtime ns); () when absent."""
+        if not path:
+            return ()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return ()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def weights_version(self, path: Optional[str], identity: tuple) -> Optional[str]:
+        """Fingerprint (SHA-256 of the bytes, 16 hex digits) of ``path`` as it is at ``identity``; None when the
+        file changed meanwhile (the next request then rebuilds and fingerprints the new one)."""
+        if not path or not identity:
+            return None
+        key = (path, identity)
+        with self._build_lock:
+            known = self._versions.get(key)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                if self._identity_of_open(f) != identity:
+                    return None
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            return None
+        version = h.hexdigest()[:16]
+        with self._build_lock:
+            if len(self._versions) > 16:  # old publications
+                self._versions.clear()
+            self._versions[key] = version
+        return version
+
+    @staticmethod
+    def _identity_of_open(f) -> tuple:
+        st = os.fstat(f.fileno())
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
     def weights_info(self, engine=None) -> dict:
-        """Name and mtime of the weights: those ``engine`` was built from (what a result was computed with), else
-        the newest file on disk."""
+        """Name, mtime and version (fingerprint) of the weights: those ``engine`` was built from (what a result was
+        computed with), else the newest file on disk (what the next request will be answered with)."""
         if engine is not None:
             p, mtime_ns = getattr(engine, "weights", None), getattr(engine, "mtime_ns", None) or 0
             if not p:
                 return {"weights": None}
-            return {"weights": os.path.basename(p), "weights_mtime": mtime_ns // 10**9, "weights_mtime_ns": mtime_ns}
+            info = {"weights": os.path.basename(p), "weights_mtime": mtime_ns // 10**9, "weights_mtime_ns": mtime_ns}
+            version = getattr(engine, "_ensam_weights_version", None)
+            if version:
+                info["weights_version"] = version
+            return info
         p = self.weights_path()
-        if not p:
+        identity = self._identity(p)
+        if not identity:
             return {"weights": None}
-        st = os.stat(p)
-        return {"weights": os.path.basename(p), "weights_mtime": int(st.st_mtime)}
+        return {"weights": os.path.basename(p), "weights_mtime": identity[2] // 10**9,
+                "weights_version": self.weights_version(p, identity)}
 
     def is_valid(self) -> bool:
         return True  # the network can always be built; without weights it is untrained (logged at load)
@@ -84,28 +144,40 @@ class EngineProvider:
             return lock
 
     def get(self, device: Optional[str] = None):
-        """The engine for ``device`` with the newest weights (built or rebuilt as needed)."""
+        """The engine for ``device`` with the newest weights (built or rebuilt as needed): weights published since
+        the last request (by this server's training, another replica's, or an upload) are used from this one on."""
         device = resolve_device(device)
         path = self.weights_path()
-        mtime = os.stat(path).st_mtime_ns if path else 0
+        identity = self._identity(path)
         with self._build_lock:
             cached = self._engines.get(device)
-            if cached is not None and cached[1] == path and cached[2] == mtime:
+            if cached is not None and cached[1] == path and cached[2] == identity:
                 return cached[0]
-            from lib.engine import EnsamEngine  # imported late: the app loads even before the engine exists
+        from lib.engine import EnsamEngine  # imported late: the app loads even before the engine exists
 
+        with self._build_lock:
+            cached = self._engines.get(device)  # another thread may have built it meanwhile
+            if cached is not None and cached[1] == path and cached[2] == identity:
+                return cached[0]
             start = time.time()
             engine = EnsamEngine(
                 weights=path, device=device, network_config=self.network_config, **self.engine_kwargs
             )
-            # the mtime of the file the engine actually read (a publication between the stat above and the read
-            # would otherwise pair the new weights with the old mtime, and rebuild once more for nothing)
-            mtime = getattr(engine, "mtime_ns", None) or mtime
-            self._engines[device] = (engine, path, mtime)
+            self._engines[device] = (engine, path, identity)
             self.loads += 1
-            logger.info(
-                f"ensam engine ready on {device} with weights {path or '(none: untrained network)'} "
-                f"in {time.time() - start:.2f}s (load #{self.loads})"
-            )
-            return engine
+        if _in_background_task():  # scoring / batch processes: every layer is a pause point for the server's clicks
+            from lib.activelearning.interactive_gate import gate
+
+            gate().watch(getattr(engine, "network", None), getattr(engine, "refiner", None))
+        # the fingerprint of what the engine read: the file is unchanged since the stat before the read, so it
+        # still has that identity (when it changed, the version is unknown and the next request rebuilds anyway)
+        read_ns = getattr(engine, "mtime_ns", None)
+        if path and (read_ns is None or not identity or read_ns == identity[2]):
+            engine._ensam_weights_version = self.weights_version(path, identity)
+        logger.info(
+            f"ensam engine ready on {device} with weights {path or '(none: untrained network)'} "
+            f"(version {getattr(engine, '_ensam_weights_version', None)}) in {time.time() - start:.2f}s "
+            f"(load #{self.loads})"
+        )
+        return engine
 

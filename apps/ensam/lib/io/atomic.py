@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable, Optional
 
 __all__ = ["fsync_dir", "pid_alive", "atomic_write_bytes_from", "atomic_write_text", "atomic_write_json",
-           "TMP_SUFFIX"]
+           "atomic_write_via", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".ensam-tmp"
 
@@ -79,3 +79,46 @@ def atomic_write_text(text: str, dest: str, suffix: str = TMP_SUFFIX) -> None:
 
 def atomic_write_json(obj: Any, dest: str, suffix: str = TMP_SUFFIX) -> None:
     atomic_write_text(json.dumps(obj, indent=1, default=str), dest, suffix)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def atomic_write_via(dest: str, write: Callable[[str], Any], suffix: str = TMP_SUFFIX,
+                     verify: Optional[Callable[[str], Any]] = None, mode: Optional[int] = None) -> None:
+    """Publish ``dest`` atomically from a writer that wants a path: ``write(tmp)`` writes the whole new content
+    at ``tmp``, a temporary path beside ``dest`` ending in ``suffix`` (``".nii.gz"``: writers that choose the
+    format by the extension, such as nibabel or SimpleITK); then ``verify(tmp)``, when given, may raise to refuse
+    it. If ``write`` or ``verify`` raises, the temporary file is removed and ``dest`` is left as it was. The
+    published file gets ``mode``, by default the permissions a plain ``open(dest, "w")`` would give it (0o666
+    less the umask), not the 0o600 of a temporary file."""
+    d = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.{os.getpid()}.", suffix=suffix, dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        if verify is not None:
+            verify(tmp)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+        fsync_dir(d)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -14,7 +14,12 @@ monailabel import); the ``ensam`` train task (:mod:`lib.trainers.ensam_train`) p
 * statistics (``train_stats.json``), updated every few seconds while training runs;
 * CPU or GPU; several GPUs (one process per GPU, ``torch.distributed`` with NCCL) with ``multi_gpu`` and more than
   one GPU visible (``gpus``: "all" or a comma list of indices); on CPU, ``cpu_processes`` > 1 runs the same
-  data-parallel training over gloo (see :mod:`lib.training.distributed`).
+  data-parallel training over gloo (see :mod:`lib.training.distributed`);
+* several machines: the same plan as a file, run by every rank of a ``torchrun`` group (docs/SCALE_OUT.md)::
+
+    python -m lib.training.finetune_job plan --studies <shared folder> --out plan.json [--request '{...}']
+    torchrun --nnodes 2 --node_rank R --nproc-per-node 1 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \
+        -m lib.training.finetune_job run --plan plan.json
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from .datastore_cases import labelled_items, load_cases, split_items
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinetuneJob", "training_devices", "cuda_available"]
+__all__ = ["FinetuneJob", "training_devices", "cuda_available", "PLAN_FORMAT"]
+
+PLAN_FORMAT = "ensam-train-plan/1"
 
 
 @dataclass
@@ -78,10 +85,13 @@ class FinetuneJob:
                          error=f"the training process (pid {pid}) ended without finishing (killed?)")
         return stats
 
-    def run(self, req: dict, datastore) -> dict:
-        """Train on ``datastore``'s final labels as the checked request ``req`` says (the train task's
-        ``parse_request``); returns the final statistics. A failure is recorded in the statistics, then raised."""
+    def plan(self, req: dict, datastore) -> dict:
+        """The plan of one training run from the checked request ``req`` (the train task's ``parse_request``) and
+        ``datastore``'s final labels: items, split, vocabulary, initial weights, network config. Plain JSON data
+        (:meth:`save_plan`), so the same plan runs in this process, in processes spawned here, or in every rank of
+        a ``torchrun`` group on several machines (:func:`run_launched`). Nothing is written."""
         start = time.time()
+        req = dict(req)
         vocab0 = self.vocab()
         req["labels"] = [canonical(n, vocab0) for n in req["labels"]]
         items = labelled_items(datastore, vocab0, req["labels"])
@@ -115,9 +125,7 @@ class FinetuneJob:
             "status": "RUNNING",
             "pid": os.getpid(),
         }
-        atomic_write_json(base_stats, self.stats_path)
-
-        plan = {
+        return {
             "train_items": train_items,
             "val_items": val_items,
             "vocab": vocab,
@@ -128,16 +136,70 @@ class FinetuneJob:
             "base_stats": base_stats,
             "start": start,
         }
-        devices = training_devices(req)
+
+    def run(self, req: dict, datastore) -> dict:
+        """Train on ``datastore``'s final labels as the checked request ``req`` says (the train task's
+        ``parse_request``); returns the final statistics. A failure is recorded in the statistics, then raised."""
+        plan = self.plan(req, datastore)
+        atomic_write_json(plan["base_stats"], self.stats_path)
+        devices = training_devices(plan["request"])
         try:
             if len(devices) > 1:
                 return self._run_distributed(plan, devices)
             return self.run_plan(plan)
         except Exception as e:
-            failed = dict(base_stats, status="ERROR", error=f"{type(e).__name__}: {e}",
-                          total_time=_hms(time.time() - start))
-            atomic_write_json(failed, self.stats_path)
+            self._failed(plan, e)
             raise
+
+    def _failed(self, plan: dict, e: BaseException) -> None:
+        atomic_write_json(dict(plan["base_stats"], status="ERROR", error=f"{type(e).__name__}: {e}",
+                               total_time=_hms(time.time() - plan["start"])), self.stats_path)
+
+    # ---- a plan as a file: the same run on the ranks of a torchrun group ---------------------------------------
+    def save_plan(self, plan: dict, path: str) -> None:
+        """Write the job (where it reads and publishes) and ``plan`` as one JSON file (atomically)."""
+        job = {"weight_paths": self.weight_paths, "publish_path": self.publish_path, "stats_path": self.stats_path,
+               "network_config": self.network_config, "extra_names": self.extra_names,
+               "num_labels": self.num_labels}
+        atomic_write_json({"format": PLAN_FORMAT, "job": job, "plan": plan}, path)
+
+    @classmethod
+    def load_plan(cls, path: str) -> tuple:
+        """(job, plan) of a file written by :meth:`save_plan`."""
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"{path} is not an ensam training plan ({PLAN_FORMAT})")
+        return cls(**data["job"]), data["plan"]
+
+    def run_launched(self, plan: dict) -> dict:
+        """Run ``plan`` as one rank of a group started by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``;
+        NCCL on GPU ranks, gloo on CPU): every rank trains on its own samples with averaged gradients; rank 0 writes
+        the statistics and publishes, exactly as a spawned run does. Returns this rank's result."""
+        import torch
+        import torch.distributed as dist
+
+        from .distributed import init_from_launcher
+
+        env, device = init_from_launcher(training_device(plan["request"]["device"]))
+        if device == "cpu" and env.local_world_size > 1:  # the processes of one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        plan = dict(plan, start=time.time(),
+                    base_stats=dict(plan["base_stats"], start_ts=int(time.time()), pid=os.getpid(), status="RUNNING",
+                                    world_size=env.world_size, launcher="torchrun",
+                                    nodes=env.world_size // max(env.local_world_size, 1)))
+        logger.info(f"ensam train: rank {env.rank}/{env.world_size} (local {env.local_rank}) on {device}, "
+                    f"backend {dist.get_backend()}")
+        try:
+            if env.rank == 0:
+                atomic_write_json(plan["base_stats"], self.stats_path)
+            return self.run_plan(plan, rank=env.rank, world_size=env.world_size, device=device)
+        except Exception as e:
+            if env.rank == 0:
+                self._failed(plan, e)
+            raise
+        finally:
+            dist.destroy_process_group()
 
     def _run_distributed(self, plan: dict, devices: List[str]) -> dict:
         """One process per device (``torch.multiprocessing.spawn``); rank 0 publishes and writes the stats."""
@@ -309,3 +371,67 @@ def _jsonable(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def build_plan(studies: str, app_dir: str, request: dict, conf: Optional[Dict[str, str]] = None) -> tuple:
+    """(job, plan) exactly as ``POST /train/ensam`` with ``request`` would train on the local datastore ``studies``:
+    the app's own train task (its ``--conf`` settings ``conf``, its request check) and job."""
+    from monailabel.config import settings
+
+    from ..configs.ensam import EnsamConfig
+    from ..datastore import AtomicLocalDatastore
+
+    config = EnsamConfig()
+    config.init("ensam", os.path.join(app_dir, "model"), dict(conf or {}), None)
+    task = config.trainer()
+    datastore = AtomicLocalDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False,
+                                     read_only=True)
+    return task.job, task.job.plan(task.parse_request(request), datastore)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lib.training.finetune_job",
+        description="The ensam train task's plan as a file, and that plan run by every rank of a torchrun group "
+                    "(one or several machines; docs/SCALE_OUT.md).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="write the plan POST /train/ensam would run on a local (shared) datastore")
+    p.add_argument("--studies", required=True, help="the datastore folder (the same path on every node)")
+    p.add_argument("--app", default=os.path.join(os.path.dirname(__file__), "..", ".."),
+                   help="the app folder (its model/ folder: initial weights, publication, train_stats.json)")
+    p.add_argument("--request", default="{}", help="the train request as JSON (as POST /train/ensam takes it)")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="the server's --conf settings that shape training (e.g. labels, network)")
+    p.add_argument("--out", required=True, help="the plan file to write")
+    r = sub.add_parser("run", help="run a plan: under torchrun in every rank, or alone as one process")
+    r.add_argument("--plan", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)s] %(levelname)s %(message)s")
+
+    if args.command == "plan":
+        job, plan = build_plan(args.studies, os.path.abspath(args.app), json.loads(args.request), dict(args.conf))
+        job.save_plan(plan, args.out)
+        print(f"plan: {len(plan['train_items'])} train / {len(plan['val_items'])} val images, labels "
+              f"{plan['label_names']} -> {args.out}")
+        return 0
+
+    from .distributed import launch_env
+
+    job, plan = FinetuneJob.load_plan(args.plan)
+    if launch_env() is not None:
+        job.run_launched(plan)
+    else:  # one process, as the train task without multi_gpu / cpu_processes
+        atomic_write_json(dict(plan["base_stats"], pid=os.getpid()), job.stats_path)
+        try:
+            job.run_plan(dict(plan, start=time.time()))
+        except Exception as e:
+            job._failed(plan, e)
+            raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -199,6 +199,8 @@ def run(cfg: HeadConfig, resume: bool = False, progress: bool = True) -> dict:
         ck = torch.load(last, map_location="cpu", weights_only=False)
         net.mask_head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["opt"])
+        for g in opt.param_groups:  # the command line's learning rate wins over the checkpoint's
+            g["lr"] = cfg.lr
         state = {"feats": [], "dsc": [], **ck["state"]}
         rng.bit_generator.state = ck["rng"]
         _log(out, f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min)")
@@ -288,12 +290,15 @@ def parse_args(argv=None) -> tuple:
     for name in ("minutes", "lr"):
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name))
     ap.add_argument("--volumes", default="", help="comma-separated training volumes (default: all)")
+    ap.add_argument("--p-view-object", type=float, default=d.loop["p_click_view_object"],
+                    help="share of lone-click samples seen in an object-relative view (0: all in the engine's view)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = HeadConfig(**{k: getattr(a, k) for k in ("init", "out", "n_masks", "max_steps", "threads", "seed",
                                                    "val_cases", "val_every", "minutes", "lr")},
-                     volumes=[v for v in a.volumes.split(",") if v])
+                     volumes=[v for v in a.volumes.split(",") if v],
+                     loop={**d.loop, "p_click_view_object": a.p_view_object})
     return cfg, a.resume, not a.no_progress
 
 

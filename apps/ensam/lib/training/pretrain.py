@@ -17,6 +17,11 @@ human-readable copies ``best.json`` / ``best_labels.json`` beside it. ``--init W
 Validation: structures held out of training (``--holdout``, default kidney_left, vertebrae_L1, rib_left_9,
 iliopsoas_left of the training CT) plus held-out random pseudo-label / synthetic samples drawn with a separate
 seed; measured as box-only DSC and DSC after 2 corrective clicks (model grid), plus prompt-free DSC.
+
+This module is the run (cases, validation, the loop, the CLI); :mod:`lib.training.pretrain_config` holds
+:class:`PretrainConfig` and how it is read from ``config.json`` / ``--config`` / flags, and
+:mod:`lib.training.checkpoints` the files of weights (``last.pt``, the exported artefact, ``--init``). Their names
+are importable from here as before.
 """
 
 from __future__ import annotations
@@ -24,97 +29,32 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import platform
 import random
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-from ..contract import Contract, check_same, contract_for_network, legacy_contract, read_contract
+from ..contract import Contract, check_same, read_contract
 from ..engine import load_network
-from ..labels import vocabulary
-from ..network import NetworkConfig, build_network
-from ..weights import load_artefact, save_artefact
+from ..network import build_network
+from ..weights import load_artefact
 from . import data as D
+from .checkpoints import export_weights, init_weights, load_checkpoint, save_checkpoint
 from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
+from .pretrain_config import PretrainConfig, config_from_args, load_config_file
 
 __all__ = ["PretrainConfig", "run", "main", "build_validation", "draw_case", "save_checkpoint",
-           "load_checkpoint", "export_weights", "init_weights", "select_volumes"]
-
-
-@dataclass
-class PretrainConfig:
-    out: str = "runs/pretrain"
-    minutes: float = 100.0
-    max_steps: int = 0                     # 0 = no step limit (time budget only)
-    network: dict = field(default_factory=dict)
-    optimizer: str = "muon"
-    lr: float = 2e-3
-    muon_lr_scale: float = 1.0             # Muon lr = lr * this (adjust_lr_fn="match_rms_adamw"); recipe v2
-    weight_decay: float = 0.01
-    warmup_steps: int = 40
-    final_lr_fraction: float = 0.05
-    grad_clip: float = 1.0
-    threads: int = 1
-    device: str = "auto"
-    cpu_bf16: bool = False                 # bf16 autocast on the CPU too (about 2x faster where the CPU has bf16)
-    seed: int = 0
-    data: str = D.TRAIN_ROOT
-    cache: str = D.CACHE_DIR
-    holdout: List[str] = field(default_factory=lambda: list(D.DEFAULT_HOLDOUT))
-    source_weights: Dict[str, float] = field(default_factory=lambda: dict(D.SOURCE_WEIGHTS))
-    volume_weights: Dict[str, float] = field(default_factory=dict)  # volume name -> factor on its real share
-    volumes: List[str] = field(default_factory=list)  # train on these volumes of `data` only (empty: all of them)
-    loop: dict = field(default_factory=dict)
-    contract: dict = field(default_factory=dict)  # overrides of the training/inference contract (lib.contract)
-    val_minutes: float = 10.0
-    ckpt_minutes: float = 4.0
-    val_seed: int = 12345
-    val_per_structure: int = 2
-    val_synthetic: int = 8
-    val_concept: int = 2
-    val_click_start: int = 0               # per held-out structure: cases that start from one click (recipe v3: 1)
-    export: str = ""
-    init: str = ""                         # weights to start from when the run has no last.pt (e.g. the shipped
-                                           # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
-    init_refiner: bool = False             # start from the init artefact's refiner (its corrective steps' weights,
-                                           # lib.weights) instead of its main weights
-    first_answers: str = ""                # train a REFINER: the main weights of this artefact (frozen) answer every
-                                           # first prompt and this run learns the corrective steps from those
-                                           # answers (lib.training.loop.unrolled_loss); "" = the run's own answers
-
-    def contract_obj(self) -> Contract:
-        """The training/inference contract of this run: the defaults on the network's grid, with ``contract``'s
-        overrides; it is written into the exported weights' JSON."""
-        return contract_for_network(self.network_config(), legacy_contract(self.network_config()).with_overrides(
-            self.contract))
-
-    def loop_config(self) -> LoopConfig:
-        loop = dict(self.loop)
-        # run folders from before lib.contract: the ROI fields now live in the contract
-        loop.pop("roi_size", None)
-        if "click_extent_mm" in loop:
-            lo, hi = loop.pop("click_extent_mm")
-            base = self.contract_obj().roi.click_extent_mm
-            loop["click_extent_scale"] = (lo / base, hi / base)
-        aspect = loop.pop("roi_max_aspect", None)
-        contract = self.contract_obj()
-        if aspect is not None and aspect != contract.roi.max_aspect:
-            raise SystemExit(f"loop.roi_max_aspect {aspect} differs from the contract's {contract.roi.max_aspect}: "
-                             f"set it in 'contract: {{roi: {{max_aspect: ...}}}}' instead")
-        return LoopConfig(**loop, contract=contract)
-
-    def network_config(self) -> NetworkConfig:
-        return NetworkConfig.from_dict(self.network)
+           "load_checkpoint", "export_weights", "init_weights", "select_volumes", "parse_args", "config_from_args",
+           "load_config_file", "charged_seconds"]
 
 
 def _log(out: Path, msg: str) -> None:
@@ -181,7 +121,8 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
                 c = _heldout_case(volumes[vi], lab, name, rng, lcfg, use_box)
                 if c is not None:
                     cases.append(c)
-    train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights, volume_weights=cfg.volume_weights)
+    train_sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights,
+                                    volume_weights=cfg.volume_weights)
     synth = [s for s in train_sampler.sources if s != "real"]
     for i in range(cfg.val_synthetic):
         src = synth[i % len(synth)]
@@ -198,64 +139,6 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
                                               spacing_mm=lcfg.contract.label_spacing_mm)
         cases.append(concept_case(s.image, s.mask, vid, name=s.name))
     return cases
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-def _rng_state(rng: np.random.Generator) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(rng: np.random.Generator, st: dict) -> None:
-    rng.bit_generator.state = st["numpy"]
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(path, net, opt, state: dict, rng) -> None:
-    """Atomic: model + optimiser + training state + RNG states."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "state": state, "rng": _rng_state(rng),
-                "network": net.config.to_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, net, opt, rng) -> dict:
-    """Model, optimiser state, RNG states and the training state of ``path``. The optimiser's peak learning rates
-    stay those of ``opt`` (the configuration given now), so a resumed run can change ``lr``."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    net.load_state_dict(ck["model"])
-    bases = [g["base_lr"] for g in opt.param_groups]
-    opt.load_state_dict(ck["optimizer"])
-    for g, b in zip(opt.param_groups, bases):
-        g["base_lr"] = b
-    _set_rng_state(rng, ck["rng"])
-    return ck["state"]
-
-
-def init_weights(net, path, refiner: bool = False) -> None:
-    """Load the weights of ``path`` (either layout, :func:`lib.weights.load_artefact`; with ``refiner``, its
-    refiner's weights, as float32) into ``net``; parameters the file lacks (a head added since) keep their fresh
-    initialisation, and a parameter whose shape differs is an error."""
-    art = load_artefact(path)
-    if refiner and art.refiner is None:
-        raise SystemExit(f"--init {path}: init_refiner is set but these weights carry no refiner")
-    sd = art.refiner_float32() if refiner else art.state_dict
-    own = net.state_dict()
-    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if bad:
-        raise SystemExit(f"--init {path}: shapes differ for {bad[:5]}")
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise SystemExit(f"--init {path}: unknown parameters {unexpected[:5]}")
-    if missing:
-        print(f"--init {path}: new parameters keep their initialisation: {missing}", flush=True)
 
 
 def select_volumes(volumes: list, names: List[str]) -> list:
@@ -276,16 +159,6 @@ def charged_seconds(dt: float, recent, factor: float = 10.0, first_cap: float = 
     if len(recent) < 5:
         return float(min(dt, first_cap))
     return float(min(dt, factor * float(np.median(list(recent)))))
-
-
-def export_weights(net, path, meta: Optional[dict] = None) -> None:
-    """One artefact (:func:`lib.weights.save_artefact`, loadable with ``torch.load(..., weights_only=True)``): the
-    fp32 state_dict, ``meta`` (network config, contract, scores) and the label vocabulary, published atomically;
-    ``<base>.json`` and ``<base>_labels.json`` beside it are human-readable copies."""
-    sd = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in net.state_dict().items()}
-    meta = dict(meta or {})
-    meta.setdefault("network", net.config.to_dict())
-    save_artefact(str(path), sd, meta, vocabulary=vocabulary())
 
 
 def plot_curves(out: Path, history: list, val_history: list) -> None:
@@ -359,7 +232,8 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     volumes = select_volumes(D.load_volumes(cfg.data, seed=cfg.seed), cfg.volumes)
     if any(cfg.source_weights.get(k, 0) > 0 for k in ("slic", "watershed")):
         D.precompute(volumes, cfg.cache, log=lambda m: _log(out, m))
-    sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights, volume_weights=cfg.volume_weights)
+    sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights,
+                              volume_weights=cfg.volume_weights)
     val_cases = build_validation(volumes, cfg, lcfg)
     _log(out, f"data ready in {time.time() - t0:.1f} s: {[v.name for v in volumes]}, {len(sampler.structures)} "
               f"training structures, sources {sampler.sources}, {len(val_cases)} validation cases")
@@ -492,14 +366,6 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     return state
 
 
-def _load_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lib.training.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="run folder (default runs/pretrain)")
@@ -523,29 +389,6 @@ def parse_args(argv=None):
     p.add_argument("--loop", help="JSON object of LoopConfig fields, e.g. '{\"max_clicks\": 3}'")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-def config_from_args(a) -> PretrainConfig:
-    d = {}
-    saved = Path(a.out or PretrainConfig.out) / "config.json"
-    if a.resume and saved.exists():  # resume: the saved configuration, then the file / flags given now
-        d.update(json.loads(saved.read_text())["pretrain"])
-    if a.config:
-        d.update(_load_config_file(a.config))
-    for k in ("out", "minutes", "optimizer", "threads", "export", "device", "lr", "seed", "max_steps", "init",
-              "val_minutes", "ckpt_minutes", "data", "first_answers"):
-        v = getattr(a, k)
-        if v is not None:
-            d[k] = v
-    if a.network:
-        d["network"] = {**d.get("network", {}), **json.loads(a.network)}
-    if a.loop:
-        d["loop"] = {**d.get("loop", {}), **json.loads(a.loop)}
-    names = set(PretrainConfig.__dataclass_fields__)
-    unknown = set(d) - names
-    if unknown:
-        raise SystemExit(f"unknown config keys: {sorted(unknown)}")
-    return PretrainConfig(**d)
 
 
 def main(argv=None) -> None:

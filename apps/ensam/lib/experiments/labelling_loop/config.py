@@ -1,0 +1,52 @@
+"""The labelling loop's constants (paths, orders, families of instances, forgetting probe) and its configuration."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+# this file is apps/ensam/lib/experiments/labelling_loop/config.py
+APP_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(APP_DIR))
+ORDERS = ("first", "random", "novelty", "uncertainty")
+SCORED_ORDERS = ("novelty", "uncertainty")  # strategies that read a scoring method's stored scores
+
+# Families of instances within the training scans: the regular expression their label names match and the modality
+# of the scans they are taken from ("" = any). The family's name is the label name the annotator saves.
+FAMILIES = {
+    "vertebrae": {"name": "vertebra", "pattern": r"^vertebrae_[CTL]\d+$", "modality": "CT"},
+    "ribs": {"name": "rib", "pattern": r"^rib_(left|right)_\d+$", "modality": "CT"},
+    "brain_regions": {"name": "aal_region", "pattern": r"^(Frontal|Temporal|Parietal|Occipital)_\w+_[LR]$",
+                      "modality": "MR"},
+}
+# Forgetting probe: structures of the evaluation set (image name substring: names), box step only.
+EVAL_STRUCTURES = "ct_dicom:spleen,liver,aorta,stomach;mr:spleen,liver,kidney_left,kidney_right"
+
+
+@dataclass
+class LoopConfig:
+    family: str = "vertebrae"
+    label: str = "vertebra"
+    pattern: str = FAMILIES["vertebrae"]["pattern"]
+    modality: str = "CT"
+    data: str = os.path.join(REPO, "sample-datasets", "train")
+    eval_data: str = os.path.join(REPO, "sample-datasets", "eval")
+    eval_structures: str = EVAL_STRUCTURES
+    instances: int = 8
+    min_voxels: int = 200
+    margin_mm: float = 15.0
+    orders: Tuple[str, ...] = ("first", "random")
+    every: int = 3
+    rounds: int = 2
+    train_seconds: float = 180.0
+    train_steps: int = 0
+    val_split: float = 0.2
+    rehearsal: float = 0.3
+    target: float = 0.90
+    max_clicks: int = 10
+    jitter: int = 3
+    seed: int = 0
+    threads: int = 1
+    uncertainty: bool = True
+    saving_after: int = 5  # the click saving is measured on instances labelled after this many labels

@@ -1,0 +1,195 @@
+"""The monailabel server of one order (on a copy of the app) and the HTTP client the simulated annotator uses."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .config import APP_DIR
+
+
+def copy_app(dst: str) -> str:
+    """apps/ensam as the server runs it, in ``dst``: the code, and the shipped model files (weights linked, small
+    files copied); never a fine-tuned ``ensam.pt``, which the train task will write here."""
+    shutil.copytree(APP_DIR, dst, ignore=shutil.ignore_patterns("__pycache__", "logs", "bin", "model", "*.pyc"))
+    model = os.path.join(dst, "model")
+    os.makedirs(model, exist_ok=True)
+    src_model = os.path.join(APP_DIR, "model")
+    for f in sorted(os.listdir(src_model)) if os.path.isdir(src_model) else []:
+        if f.startswith("ensam") or not os.path.isfile(os.path.join(src_model, f)):
+            continue
+        if f.endswith(".pt"):
+            os.symlink(os.path.join(src_model, f), os.path.join(model, f))
+        else:
+            shutil.copyfile(os.path.join(src_model, f), os.path.join(model, f))
+    return dst
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopServer:
+    """A monailabel server process on an app copy and a studies folder (started like tests/conftest.py does)."""
+
+    def __init__(self, work: str, studies: str, family: str, threads: int = 1, start_timeout: float = 300.0):
+        self.work = work
+        self.app_dir = copy_app(os.path.join(work, "app"))
+        self.studies = studies
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(work, "server.log")
+        env = dict(os.environ)
+        env.update({
+            "PYTHONPATH": os.pathsep.join([self.app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "MONAI_LABEL_TRACKING_ENABLED": "false",
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "MONAI_LABEL_SESSIONS": "false",
+            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        })
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app_dir, "--studies", studies,
+               "--conf", "models", "ensam", "--conf", "labels", family, "--conf", "seg_floor", "0",
+               "--conf", "atlas_threads", str(threads), "--host", "127.0.0.1", "--port", str(self.port),
+               "--uvicorn_app", "lib.server:app"]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self._wait_ready(start_timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def _wait_ready(self, timeout: float) -> None:
+        import requests
+
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(1.0)
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    @property
+    def weights_dir(self) -> str:
+        return os.path.join(self.app_dir, "model")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP client
+class Client:
+    """The calls a 3D Slicer user's session makes, as plain HTTP (the same requests monailabel's client sends)."""
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        import requests
+
+        self.url = url
+        self.timeout = timeout
+        self.http = requests.Session()
+
+    def _ok(self, r, what: str):
+        if r.status_code != 200:
+            raise RuntimeError(f"{what}: HTTP {r.status_code}: {r.text[:500]}")
+        return r
+
+    def info(self) -> dict:
+        return self._ok(self.http.get(f"{self.url}/info/", timeout=self.timeout), "GET /info").json()
+
+    def datastore(self) -> dict:
+        return self._ok(self.http.get(f"{self.url}/datastore/", params={"output": "all"}, timeout=self.timeout),
+                        "GET /datastore").json()
+
+    def infer(self, model: str, image_id: str, params: dict) -> Tuple[Optional[np.ndarray], dict]:
+        """(mask as stored in the answer's file, the answer's JSON); ``(None, {"status", "detail"})`` for a 4xx."""
+        r = self.http.post(f"{self.url}/infer/{model}", params={"image": image_id, "output": "all"},
+                           data={"params": json.dumps(params)}, timeout=self.timeout)
+        if 400 <= r.status_code < 500:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text[:300]
+            return None, {"status": r.status_code, "detail": detail}
+        self._ok(r, f"POST /infer/{model} ({image_id})")
+        from lib.io.infer_answer import split_answer
+
+        meta, data = split_answer(r.content, r.headers.get("content-type", ""))
+        if data is None:
+            raise RuntimeError(f"POST /infer/{model} ({image_id}): no image in the answer")
+        return _nifti_array(data), meta
+
+    def save_label(self, image_id: str, mask_path: str, label_info: list) -> dict:
+        with open(mask_path, "rb") as f:
+            r = self.http.put(f"{self.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                              data={"params": json.dumps({"label_info": label_info, "client_id": "loop"})},
+                              files={"label": (os.path.basename(mask_path), f)}, timeout=self.timeout)
+        return self._ok(r, f"PUT /datastore/label ({image_id})").json()
+
+    def next_sample(self, strategy: str) -> Optional[str]:
+        r = self._ok(self.http.post(f"{self.url}/activelearning/{strategy}", json={}, timeout=self.timeout),
+                     f"POST /activelearning/{strategy}")
+        body = r.json() or {}
+        return body.get("id")
+
+    def scoring(self, method: str, params: dict) -> dict:
+        r = self.http.post(f"{self.url}/scoring/{method}", params={"run_sync": "true"}, json=params,
+                           timeout=self.timeout)
+        return self._ok(r, f"POST /scoring/{method}").json()
+
+    def train(self, params: dict, poll_s: float = 2.0, timeout: float = 3600.0) -> dict:
+        """Start the train task and wait for it; the task record as ``GET /train/`` gives it at the end."""
+        r = self.http.post(f"{self.url}/train/ensam", json=params, timeout=self.timeout)
+        self._ok(r, "POST /train/ensam")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            time.sleep(poll_s)
+            t = self.http.get(f"{self.url}/train/", timeout=self.timeout)
+            if t.status_code == 200 and (t.json() or {}).get("status") in ("DONE", "ERROR", "STOPPED"):
+                return t.json()
+        raise RuntimeError(f"the train task did not finish within {timeout:.0f} s")
+
+
+def _nifti_array(data: bytes) -> np.ndarray:
+    import nibabel as nib
+
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return np.asarray(nib.Nifti1Image.from_bytes(data).dataobj)
