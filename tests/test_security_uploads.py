@@ -343,7 +343,7 @@ def srv(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("security"))
     app_dir = _copy_app(os.path.join(work, "app"))
     studies, secret, tmp, sessions = (os.path.join(work, d) for d in ("studies", "secret", "tmp", "sessions"))
-    for d in (studies, secret, tmp, sessions, os.path.join(studies, "labels", "final")):
+    for d in (studies, secret, tmp, sessions, os.path.join(studies, "labels", "final"), os.path.join(work, "gate")):
         os.makedirs(d, exist_ok=True)
     images = {}
     for n in range(2):
@@ -362,7 +362,10 @@ def srv(tmp_path_factory):
     os.symlink("vol0.nii.gz", os.path.join(studies, "alias.nii.gz"))
     os.symlink(os.path.join(secret, "label.nii.gz"), os.path.join(studies, "labels", "final", "vol1.nii.gz"))
     env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", MONAI_LABEL_SESSIONS="true",
-                     MONAI_LABEL_SESSION_PATH=sessions, TMPDIR=tmp, ENSAM_MAX_ARCHIVE_MEMBERS="64")
+                     MONAI_LABEL_SESSION_PATH=sessions, TMPDIR=tmp, ENSAM_MAX_ARCHIVE_MEMBERS="64",
+                     # the interactive gate (the server's own runtime state, updated by every inference) outside the
+                     # TMPDIR these tests watch for leftovers of uploads
+                     ENSAM_INTERACTIVE_GATE=os.path.join(work, "gate", "ensam-gate.lock"))
     port = free_port()
     log_path = os.path.join(work, "server.log")
     server = EnsamServer(f"http://127.0.0.1:{port}",

@@ -22,8 +22,10 @@ for a local datastore): a batch run again after a kill does only the images with
 then saved in the datastore (tag ``label_tag``, default ``original``); for a DICOMweb datastore the job stores it
 as DICOM SEG in the DICOMweb server instead. Progress: each image logs ``ensam batch: k/N <id> ok|error ...``;
 monailabel shows the last lines in ``GET /batch/infer`` (``details``) while the task runs, and the returned summary
-when it is done. Prompt-free names are segmented by their learned label token (``EnsamEngine.segment_labels``);
-``ensam_seg``'s atlas routes are not used in batch (a name routed by atlas is logged as such).
+when it is done. Prompt-free names are segmented by the job by their learned label token
+(``EnsamEngine.segment_labels``), except on the local backend when ``ensam_seg`` routes a requested name by atlas:
+then each image goes through ``ensam_seg`` itself (segmentation by example; its per-structure ``structures`` in
+each summary). On Ray such names are segmented by token, and logged as such.
 """
 
 from __future__ import annotations
@@ -177,7 +179,18 @@ class EnsamBatchInfer(BatchInferTask):
                     result[i] = {"error": f"no prompts for image {i!r} in the manifest"}
             studies = with_manifest(studies, {i: manifest[i] for i in image_ids if manifest.get(i)})
         else:
-            names, vocab = self._names(request, model)
+            names, vocab, by_atlas = self._names(request, model)
+            if by_atlas and conf["batch_backend"] == "local" and infer is not None:
+                # names whose atlas route validates, on the server: each image through the ensam_seg task itself,
+                # so that they are segmented by example (the job's workers know only the label tokens)
+                result.update(self._through_task(request, image_ids, label_tag, datastore, infer))
+                ok = sum("error" not in r for r in result.values())
+                logger.info(f"ensam batch: finished {ok} ok, {len(result) - ok} failed of {total} in "
+                            f"{time.time() - start:.1f}s")
+                return result
+            if by_atlas:
+                logger.info(f"ensam batch: {by_atlas} are segmented by their label token on {conf['batch_backend']} "
+                            f"(ensam_seg in the server would use the atlas route for them)")
         provider = self._provider(task)
         job = BatchJob(
             out=conf["batch_results"] or self._results_folder(datastore, image_ids), weights=provider.weights_path(),
@@ -210,6 +223,34 @@ class EnsamBatchInfer(BatchInferTask):
         return result
 
     # ---- pieces --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _through_task(request: dict, image_ids: List[str], label_tag: str, datastore: Datastore, infer) -> dict:
+        """Prompt-free batch on the local backend: one ``infer`` call of the task per image (monailabel saves the
+        label); a failed image is recorded and the others go on; one progress line per image."""
+        from monailabel.utils.others.generic import remove_file
+
+        base = {k: v for k, v in request.items() if k not in PROMPT_KEYS and k not in ("images", "max_workers",
+                                                                                          "gpus_per_worker")}
+        known, out = set(datastore.list_images()), {}
+        for n, image_id in enumerate(image_ids):
+            t0 = time.time()
+            try:
+                if image_id not in known:
+                    raise RequestError(f"image {image_id!r} is not in the datastore", status_code=404)
+                r = infer({**base, "image": image_id, "label_tag": label_tag, "session_memory": False,
+                           "reset_state": True, "save_label": True}, datastore)
+                if r.get("file"):
+                    remove_file(r.pop("file"))
+                params = r.get("params") or {}
+                out[image_id] = {"label": r.get("label"), "params": {
+                    k: params[k] for k in ("label_names", "voxels", "structures", "latencies") if k in params}}
+                status = "ok"
+            except Exception as e:  # noqa: BLE001 - one bad image must not stop the batch
+                out[image_id] = {"error": str(e)}
+                status = f"error: {e}"
+            logger.info(f"ensam batch: {n + 1}/{len(image_ids)} {image_id} {status} ({time.time() - t0:.1f}s)")
+        return out
+
     def _provider(self, task):
         """The engine provider of the model's task (the weights, network and engine settings the server uses)."""
         for t in [task, *self.infers.values()]:
@@ -217,9 +258,9 @@ class EnsamBatchInfer(BatchInferTask):
                 return t.provider
         raise RequestError("no ensam infer task with an engine is configured", status_code=500)
 
-    def _names(self, request: dict, model: str) -> Tuple[List[str], Dict[str, int]]:
-        """The prompt-free names (request ``labels`` / ``label_names``, else ``ensam_seg``'s defaults) and the
-        vocabulary of the served weights; unknown names are a 422."""
+    def _names(self, request: dict, model: str) -> Tuple[List[str], Dict[str, int], List[str]]:
+        """The prompt-free names (request ``labels`` / ``label_names``, else ``ensam_seg``'s defaults), the
+        vocabulary of the served weights and the names ``ensam_seg`` routes by atlas; unknown names are a 422."""
         from lib.label_vocab import canonical
 
         from .ensam_infer import _names
@@ -237,10 +278,7 @@ class EnsamBatchInfer(BatchInferTask):
                                status_code=422)
         routes = seg.routes()[0] if hasattr(seg, "routes") else {}
         by_atlas = [w for w in wanted if (routes.get(w) or {}).get("route", "token") != "token"]
-        if by_atlas:
-            logger.info(f"ensam batch: {by_atlas} are segmented by their label token (ensam_seg would use the "
-                        f"atlas route for them)")
-        return wanted, vocab
+        return wanted, vocab, by_atlas
 
     @staticmethod
     def _results_folder(datastore: Datastore, image_ids: List[str]) -> str:
