@@ -116,14 +116,18 @@ def test_weights_file_is_reloaded_when_it_changes(tmp_path, volume):
         torch.nn.init.zeros_(net.decoder.hyper[-1].bias)
         return net
 
+    from lib.infers.engine_provider import EngineProvider  # the production reload path (the app's provider)
+
     torch.save(constant_net(100.0).state_dict(), path)
-    eng = EnsamEngine(weights=path, network_config=CFG)
+    provider = EngineProvider([path], network_config=CFG.to_dict())
+    eng = provider.get("cpu")
     a = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
-    assert not eng.reload_if_changed()
+    assert provider.get("cpu") is eng and provider.loads == 1  # unchanged weights: the same engine
     torch.save(constant_net(-100.0).state_dict(), path)
     os.utime(path, (time.time() + 5, time.time() + 5))
-    assert eng.reload_if_changed()
-    b = eng.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
+    eng2 = provider.get("cpu")
+    assert eng2 is not eng and provider.loads == 2
+    b = eng2.segment(img, aff, boxes=[[20, 39, 20, 44, 10, 19]])
     assert a.sum() > 0 and b.sum() == 0
 
 

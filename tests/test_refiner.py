@@ -113,14 +113,18 @@ def test_weights_published_without_a_refiner_take_every_step(files, volume, tmp_
     img, aff = volume
     path = str(tmp_path / "live.pt")
     combine_with_refiner(files["a"], files["b"], path)
-    eng = EnsamEngine(weights=path, config=EngineConfig(max_zoom=0, boundary_cut=None))
+    from lib.infers.engine_provider import EngineProvider  # the production reload path (the app's provider)
+
+    provider = EngineProvider([path], engine_kwargs={"config": EngineConfig(max_zoom=0, boundary_cut=None)})
+    eng = provider.get("cpu")
     first = eng.segment(img, aff, boxes=BOX)
     eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1])
     assert eng.last_info["weights"] == "refiner"
     art = load_artefact(files["b"])
     save_artefact(path, art.state_dict, art.meta)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
-    assert eng.reload_if_changed() and eng.refiner is None
+    eng = provider.get("cpu")
+    assert provider.loads == 2 and eng.refiner is None
     eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1])
     assert eng.last_info["weights"] == "main"
 

@@ -44,8 +44,9 @@ class EnsamEngine:
     """Interactive and prompt-free segmentation of whole volumes with an :class:`EnsamNet`.
 
     Args:
-        network: a built network (takes precedence), else ``weights`` (path of a plain state_dict; re-read when
-            the file's mtime changes, so published fine-tuned weights are picked up) with ``network_config``.
+        network: a built network (takes precedence), else ``weights`` (a weights file, :mod:`lib.weights`) with
+            ``network_config``. Published weights are picked up by building a new engine
+            (:class:`lib.infers.engine_provider.EngineProvider`) or by :meth:`set_network`.
         device: 'cpu', 'cuda', ... . config: :class:`EngineConfig`.
     """
 
@@ -105,20 +106,6 @@ class EnsamEngine:
         return out
 
     # ------------------------------------------------------------------ weights
-    def reload_if_changed(self) -> bool:
-        """Re-read the weights file if it changed on disk (invalidates the cache). Returns True if reloaded."""
-        if not self.weights or not os.path.exists(self.weights):
-            return False
-        if os.stat(self.weights).st_mtime_ns == self.mtime_ns:
-            return False
-        with self._lock:
-            art = load_artefact(self.weights)
-            network = load_network(art, self._network_config, self.device)
-            self.contract = read_contract(art, network.config)
-            self.mtime_ns = art.mtime_ns
-            self.set_network(network, load_refiner(art, network, self.device))
-        return True
-
     def set_network(self, network: EnsamNet, refiner: EnsamNet | None = None) -> None:
         """Use another network (e.g. after training; ``refiner``: its corrective steps' network, None = the same
         network answers every step); the encoding cache is invalidated."""
