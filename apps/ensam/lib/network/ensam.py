@@ -137,11 +137,16 @@ class EnsamNet(nn.Module):
         if self.mask_head is None:
             raise ValueError("this network has one mask (n_masks = 1): use decode()")
         logits, x, tokens, offset, out_shape = self._decode(feats, points, point_types, dense, label_ids)
-        logits = torch.cat([logits, self.mask_head.masks(x, tokens)], dim=1)
-        if offset is not None:
-            logits = logits + self.prior_scale * offset
+        logits = self.head_masks(logits, x, tokens, offset)
         quality = self.mask_head.score(x, tokens, logits)
         return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]], quality
+
+    def head_masks(self, logits0: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor,
+                   offset: torch.Tensor | None) -> torch.Tensor:
+        """Every mask's logits (B, K, *padded grid) from :meth:`_decode`'s parts: mask 0's, then the head's, each
+        with the prompt prior."""
+        logits = torch.cat([logits0, self.mask_head.masks(x, tokens)], dim=1)
+        return logits + self.prior_scale * offset if offset is not None else logits
 
     def _decode(self, feats, points, point_types, dense, label_ids):
         """The shared part of :meth:`decode` and :meth:`decode_masks`: (mask 0's logits before the prompt prior,

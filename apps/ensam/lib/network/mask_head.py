@@ -76,7 +76,10 @@ class MultiMaskHead(nn.Module):
         tok = tokens[:, :2].flatten(1).float()[:, None].expand(b, k, -1)
         return torch.cat([tok, inside, stats], dim=-1)
 
+    def quality_of(self, feats: torch.Tensor) -> torch.Tensor:
+        """Predicted DSC logits (B, K) from :meth:`features` (B, K, d)."""
+        return self.quality(feats.to(self.quality[0].weight.dtype))[..., 0]
+
     def score(self, x: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Predicted DSC logits (B, K) of every mask in ``logits`` (B, K, D, H, W)."""
-        feats = self.features(x, tokens, logits).to(self.quality[0].weight.dtype)
-        return self.quality(feats)[..., 0]
+        return self.quality_of(self.features(x, tokens, logits))

@@ -45,7 +45,7 @@ from ..weights import load_artefact, save_artefact
 from . import data as D
 from .pretrain import PretrainConfig, build_validation, draw_case, select_volumes
 
-__all__ = ["HeadConfig", "masks_and_quality", "head_loss", "quality_loss", "fit_quality", "validate", "run", "main"]
+__all__ = ["HeadConfig", "masks_and_features", "masks_and_quality", "head_loss", "quality_loss", "fit_quality", "validate", "run", "main"]
 
 
 @dataclass
@@ -79,15 +79,20 @@ def _frozen_trunk(net: EnsamNet, case, sigma: float, device="cpu"):
     return logits0, x, tokens, offset, out_shape
 
 
-def masks_and_quality(net: EnsamNet, trunk):
-    """The K masks' logits (1, K, *shape) and predicted DSC logits (1, K) from the frozen trunk's outputs; the head's
-    parameters carry gradient."""
+def masks_and_features(net: EnsamNet, trunk):
+    """The K masks' logits (1, K, *shape; the head's parameters carry gradient) and the quality head's input
+    features (1, K, d) of those masks, read on the padded grid as :meth:`EnsamNet.decode_masks` reads them, from the
+    frozen trunk's outputs."""
     logits0, x, tokens, offset, out_shape = trunk
-    logits = torch.cat([logits0, net.mask_head.masks(x, tokens)], dim=1)
-    if offset is not None:
-        logits = logits + net.prior_scale.detach() * offset
-    quality = net.mask_head.score(x, tokens, logits.detach())
-    return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]], quality
+    logits = net.head_masks(logits0, x, tokens, offset)
+    feats = net.mask_head.features(x, tokens, logits.detach())
+    return logits[:, :, : out_shape[0], : out_shape[1], : out_shape[2]], feats
+
+
+def masks_and_quality(net: EnsamNet, trunk):
+    """The K masks' logits (1, K, *shape) and their predicted DSC logits (1, K) from the frozen trunk's outputs."""
+    logits, feats = masks_and_features(net, trunk)
+    return logits, net.mask_head.quality_of(feats)
 
 
 def _per_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -243,11 +248,9 @@ def run(cfg: HeadConfig, resume: bool = False, progress: bool = True) -> dict:
             break
         case = draw_case(sampler, rng, lcfg, concept=False)
         trunk = _frozen_trunk(net, case, sigma)
-        logits, _ = masks_and_quality(net, trunk)
+        logits, feats = masks_and_features(net, trunk)
         loss, dsc = head_loss(logits, case.gt)
-        with torch.no_grad():
-            f = net.mask_head.features(trunk[1], trunk[2], logits.detach())[0]
-        state["feats"].append(f.numpy().astype(np.float32))
+        state["feats"].append(feats[0].detach().numpy().astype(np.float32))
         state["dsc"].append(dsc)
         del state["feats"][: -cfg.buffer], state["dsc"][: -cfg.buffer]
         opt.zero_grad()
