@@ -235,13 +235,6 @@ def test_a_rerun_after_a_killed_run_does_only_the_missing_studies(work, local_ru
             assert key == ref[sid][0] and np.array_equal(data, ref[sid][1]), sid
 
 
-def _declared(*keys: str) -> bool:
-    """Whether the app's settings declare ``keys`` (an undeclared --conf key stops the server at start)."""
-    from lib.settings import CONF
-
-    return set(keys) <= {c.name for c in CONF}
-
-
 def _rest_batch(work, tmp_path_factory, local_run, *conf: str, ray_node: bool = False) -> None:
     """``POST /batch/infer/ensam_seg`` of a real server started with ``conf``: its results folder holds the job's
     records with the keys ``lib.batch`` computes for the same files, the labels saved in the datastore equal the
@@ -291,8 +284,6 @@ def test_rest_batch_route_runs_the_same_job(work, tmp_path_factory, local_run):
 
 def test_rest_batch_route_on_ray_by_its_settings(work, tmp_path_factory, cluster, local_run):
     """``--conf batch_backend ray --conf ray_address <the cluster>``: the REST batch runs on the cluster."""
-    if not _declared("batch_backend", "ray_address"):
-        pytest.skip("lib.settings.CONF does not declare batch_backend / ray_address yet (the server refuses them)")
     c, _ = cluster
     _rest_batch(work, tmp_path_factory, local_run, "--conf", "batch_backend", "ray", "--conf", "ray_address",
                 c.address, ray_node=True)

@@ -94,20 +94,8 @@ def load_manifest(value: Any) -> Optional[Dict[str, List[dict]]]:
     return out
 
 
-# the settings this task reads from the app's --conf (declared by the app's settings; defaults here)
-BATCH_SETTINGS = {
-    "batch_backend": ("local", "where batch inference runs: local (the batch task's process) or ray (a Ray cluster)"),
-    "ray_address": ("", "the Ray cluster of batch_backend=ray: empty = a new local Ray, auto, host:port, "
-                        "ray://host:port"),
-    "batch_results": ("", "folder of batch results (one per image, weights version and request; resumable): "
-                          "empty = <studies>/.ensam-batch for a local datastore, <app>/batch-results otherwise"),
-}
-
-
-def _setting(conf: Any, key: str) -> str:
-    """``key`` of the app's settings (``lib.settings.Settings``, or a dict of ``--conf`` pairs), else its default."""
-    value = conf.get(key) if isinstance(conf, dict) else getattr(conf, key, None)
-    return str(BATCH_SETTINGS[key][0] if value is None or value == "" else value).strip()
+# the settings this task reads from the app's --conf (declared, with their defaults and checks, in lib.settings)
+BATCH_SETTINGS = ("batch_backend", "ray_address", "batch_results")
 
 
 class EnsamBatchInfer(BatchInferTask):
@@ -120,23 +108,18 @@ class EnsamBatchInfer(BatchInferTask):
         self.conf = conf  # None: the server's --conf as monailabel hands it to every process (read per call)
 
     def settings(self) -> Dict[str, str]:
+        """The batch settings of the app's ``--conf`` (a dict of ``--conf`` pairs, parsed and checked by
+        :func:`lib.settings.parse_conf`, or already parsed settings): {name: value, "" when unset}."""
+        from lib.settings import parse_conf
+
         conf = self.conf
         if conf is None:
             from monailabel.config import settings
 
             conf = settings.MONAI_LABEL_APP_CONF or {}
         if isinstance(conf, dict):
-            try:  # the typed settings (declared, checked) where this app has them
-                from lib.settings import parse_conf
-
-                conf = parse_conf(conf)
-            except ImportError:  # pragma: no cover - an app without lib.settings: the --conf strings as given
-                pass
-        values = {k: _setting(conf, k) for k in BATCH_SETTINGS}
-        if values["batch_backend"] not in ("local", "ray"):
-            raise RequestError(f"--conf batch_backend must be local or ray, got {values['batch_backend']!r}",
-                               status_code=500)
-        return values
+            conf = parse_conf(conf)
+        return {k: str(getattr(conf, k) or "").strip() for k in BATCH_SETTINGS}
 
     def get_images(self, request, datastore: Datastore):
         manifest = request.get("_manifest")
