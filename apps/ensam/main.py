@@ -55,10 +55,6 @@ STARTUP_IDLE_ENV = "ENSAM_STARTUP_IDLE_S"
 STARTUP_IDLE_S = 5.0
 
 
-def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, (list, tuple)) and v else v
-
-
 class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
     """monailabel's DICOMweb datastore whose final labels become DICOM SEG without dcmqi when it is missing (the
     created datastore's class is swapped to this one by ``lib.monailabel_patches.patch_dicomweb_datastore``).
@@ -223,7 +219,7 @@ class EnsamApp(MONAILabelApp):
         result: the session was evicted, expired, or lived on a replica that died (sessions are in memory, per
         server; docs/SCALE_OUT.md). ``reset_state`` starts again and is never refused."""
         from lib.errors import RequestError
-        from lib.infers.request_parsing import parse_bool
+        from lib.infers.request_parsing import first_value, parse_bool
 
         if not isinstance(request, dict) or request.get("session_step") in (None, ""):
             return
@@ -231,7 +227,7 @@ class EnsamApp(MONAILabelApp):
         sessions = getattr(task, "sessions", None)
         if sessions is None:
             return
-        raw = _first(request.get("session_step"))
+        raw = first_value(request.get("session_step"))
         try:
             step = int(raw)
             if isinstance(raw, bool) or step < 0 or step != float(raw):
@@ -241,7 +237,7 @@ class EnsamApp(MONAILabelApp):
                                f"answer), got {str(raw)[:40]!r}") from None
         if step == 0 or parse_bool(request.get("reset_state"), "reset_state"):
             return
-        client_id, label = _first(request.get("client_id")) or "", _first(request.get("label")) or ""
+        client_id, label = first_value(request.get("client_id")) or "", first_value(request.get("label")) or ""
         image = request.get("image")
         if not isinstance(image, str) or not (client_id or label):
             return

@@ -21,7 +21,7 @@ from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
 from ..io.imageio import RESULT_EXTENSIONS, VolumeCache, write_mask
-from .request_parsing import RequestError, parse_bool, parse_prompts, validate_prompts
+from .request_parsing import RequestError, first_value, parse_bool, parse_prompts, validate_prompts
 from .session_store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, (list, tuple)) and v else v
-
-
 def _load(volumes: VolumeCache, request: dict):
     """(image path, volume): the image's existence is checked here only, by the volume cache's stat (404)."""
     image = request.get("image")
@@ -58,14 +54,14 @@ def _load(volumes: VolumeCache, request: dict):
 
 
 def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
-    ext = _first(request.get("result_extension")) or ".nii.gz"
+    ext = first_value(request.get("result_extension")) or ".nii.gz"
     if not isinstance(ext, str) or not ext.strip():
         ext = ".nii.gz"
     allowed = RESULT_EXTENSIONS  # one file each (.mhd is refused: its .raw voxel file was left in /tmp)
     ext = ext.strip() if ext.strip().startswith(".") else "." + ext.strip()
     if ext.lower() not in allowed:
         raise RequestError(f"result_extension {ext!r} is not supported; use one of {', '.join(allowed)}")
-    dtype = _first(request.get("result_dtype")) or "uint8"
+    dtype = first_value(request.get("result_dtype")) or "uint8"
     compress = parse_bool(request.get("result_compress"), "result_compress", default=True)
     return ext, dtype, compress
 
@@ -86,7 +82,7 @@ class _EnsamTask(InferTask):
         return p if p or not validate else None
 
     def _device(self, request: dict) -> str:
-        return resolve_device(_first(request.get("device")))
+        return resolve_device(first_value(request.get("device")))
 
     @staticmethod
     def _write(mask: np.ndarray, vol, fmt: Tuple[str, Optional[str], bool]) -> str:
@@ -114,10 +110,10 @@ class EnsamInteractive(_EnsamTask):
         """The click path: request -> prompts (parsed here, checked once by ``geometry.check_prompts``) -> the
         session's previous mask (bool) -> ``engine.segment`` -> the answer file, with the time split in the JSON."""
         clock = _Clock()
-        label = _first(request.get("label")) or ""
+        label = first_value(request.get("label")) or ""
         if not isinstance(label, str):
             label = str(label)
-        client_id = _first(request.get("client_id")) or ""
+        client_id = first_value(request.get("client_id")) or ""
         undo = parse_bool(request.get("undo"), "undo")
         reset = parse_bool(request.get("reset_state"), "reset_state")
         # the previous result is only meaningful when the request says whose and which object it is: 3D Slicer

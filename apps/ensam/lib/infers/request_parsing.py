@@ -29,6 +29,12 @@ MAX_POINTS = 256  # clicks per request
 MAX_BOXES = 32  # boxes (= objects, one encoding each) per request
 
 
+def first_value(v: Any) -> Any:
+    """A request value that monailabel or a client may send as a one-element list (``client_id``, ``label``,
+    ``device``): its first element; anything else as it is."""
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
 def _check_count(n: int, limit: int, what: str) -> None:
     if n > limit:
         raise RequestError(f"too many {what}: at most {limit} {what} per request, got {n}", status_code=413)

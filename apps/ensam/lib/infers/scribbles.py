@@ -30,15 +30,11 @@ from ..geometry import spacing_from_affine
 from ..prompts.strokes import StrokeError, strokes_to_prompts, stroke_values
 from .ensam_infer import EnsamInteractive
 from ..io.imageio import load_volume, volume_shape, volume_shape_of_upload
-from .request_parsing import RequestError, parse_bool
+from .request_parsing import RequestError, first_value, parse_bool
 
 HOW = ("send the strokes as the multipart file 'label' of POST /infer/ensam_scribbles (a labelmap on the image's "
        "grid: background strokes 2, foreground strokes 3, or the values 'label_info' gives 'background_scribbles' "
        "and 'foreground_scribbles'), as 3D Slicer's Scribbles section does")
-
-
-def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
 def _label_info(value: Any) -> Optional[list]:
@@ -88,7 +84,7 @@ class EnsamScribbles(InferTask):
         return self.interactive.get_path(validate)
 
     def __call__(self, request) -> Tuple[Optional[str], Dict]:
-        segment = _first(request.get("selected_label_name")) or ""
+        segment = first_value(request.get("selected_label_name")) or ""
         if not isinstance(segment, str):
             raise RequestError(f"'selected_label_name' must be the name of the segment the strokes edit, got "
                                f"{segment!r}")
@@ -147,7 +143,7 @@ class EnsamScribbles(InferTask):
 
     def _has_previous(self, request: dict, image: str, segment: str) -> bool:
         """Whether the interactive task will see a previous result for this request (its session rule)."""
-        client_id = _first(request.get("client_id")) or ""
+        client_id = first_value(request.get("client_id")) or ""
         if parse_bool(request.get("reset_state"), "reset_state"):
             return False
         if not parse_bool(request.get("session_memory"), "session_memory", default=bool(segment or client_id)):

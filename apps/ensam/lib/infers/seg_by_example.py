@@ -38,10 +38,10 @@ from monailabel.utils.others.generic import device_list
 from lib.atlas.segment import Atlas, AtlasLibrary, SegmentByExample, best_route, canonical_name
 
 from .engine_provider import EngineProvider, resolve_device
-from .ensam_infer import _first, _jsonable, _names, _result_format
+from .ensam_infer import _jsonable, _names, _result_format
 from ..io.imageio import VolumeCache, write_mask
 from ..label_vocab import canonical, load_vocab, output_ids, read_meta
-from .request_parsing import RequestError
+from .request_parsing import RequestError, first_value
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class EnsamSegByExample(InferTask):
             raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404)
         vol = self.volumes.get(image)
         t_load = time.time()
-        device = resolve_device(_first(request.get("device")))
+        device = resolve_device(first_value(request.get("device")))
         engine = self.provider.get(device)
         lock = self.provider.device_lock(device)
         self.datastore_atlases()

@@ -29,12 +29,8 @@ from typing import Any, Optional, Sequence
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.infers.request_parsing import parse_bool
+from lib.infers.request_parsing import first_value, parse_bool
 from lib.training.finetune_job import FinetuneJob, cuda_available
-
-
-def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
 # The numbers of a request: finite and within these bounds, else 400 naming the parameter and its range (issue 25:
@@ -129,9 +125,9 @@ class EnsamTrain(TrainTask):
         req = copy.deepcopy(self._config)
         req.update(copy.deepcopy(request or {}))
         out = dict(req)
-        out["device"] = str(_first(req.get("device")) or "cpu")
+        out["device"] = str(first_value(req.get("device")) or "cpu")
         for k, (cast, low, high, low_open, high_open) in NUMBER_BOUNDS.items():
-            v = _first(req.get(k))
+            v = first_value(req.get(k))
             try:
                 out[k] = cast(v)
             except (TypeError, ValueError, OverflowError):
@@ -145,16 +141,16 @@ class EnsamTrain(TrainTask):
             raise ValueError("give a positive max_seconds (time budget) or max_steps")
         if out["max_seconds"] <= 0:
             out["max_seconds"] = float("inf")
-        out["optimizer"] = str(_first(req.get("optimizer")) or "muon").lower()
+        out["optimizer"] = str(first_value(req.get("optimizer")) or "muon").lower()
         if out["optimizer"] not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)
         out["multi_gpu"] = parse_bool(req.get("multi_gpu", False), "multi_gpu")
-        out["gpus"] = str(_first(req.get("gpus")) or "all")
+        out["gpus"] = str(first_value(req.get("gpus")) or "all")
         try:
-            out["cpu_processes"] = int(_first(req.get("cpu_processes", 1)))
+            out["cpu_processes"] = int(first_value(req.get("cpu_processes", 1)))
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"cpu_processes must be an integer, "
                              f"got {str(req.get('cpu_processes'))[:60]!r}") from None
