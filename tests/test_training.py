@@ -372,3 +372,47 @@ def test_a_refiner_learns_its_corrections_from_the_main_networks_first_answers()
     alone = evaluate(refiner, [case], n_clicks=1, cfg=cfg)
     assert paired["val_box_dsc"] == pytest.approx(expect)
     assert alone["val_box_dsc"] != pytest.approx(expect)
+
+
+def test_the_change_penalty_covers_only_right_voxels_far_from_the_new_prompt():
+    """kept_region: voxels the previous answer got right and farther than change_reach x the object's radius
+    (at least change_reach_min) from every point of the new prompt; the loss with change_weight is the plain loss
+    plus a term that is 0 when the step keeps the previous answer there and grows with what it changes there."""
+    from lib.training.loop import _loss, kept_region
+
+    cfg = LoopConfig.on_grid((16, 16, 16), change_weight=1.0, change_reach=1.0, change_reach_min=3.0)
+    gt = np.zeros((16, 16, 16), bool)
+    gt[4:12, 4:12, 4:12] = True                       # 512 voxels: radius ~4.96
+    prev = gt.copy()
+    prev[10:12] = False                               # the previous answer missed two slabs
+    click = np.array([[11.0, 8.0, 8.0]], np.float32)
+    kept = kept_region(prev, gt, click, cfg)
+    assert not (kept & (prev != gt)).any()            # wrong there: free to change
+    near = np.linalg.norm(np.indices(gt.shape).reshape(3, -1).T - click, axis=1).reshape(gt.shape) <= 4.96
+    assert not (kept & near).any()                    # near the click: free to change
+    assert kept[4, 4, 4] and kept[0, 0, 0] and kept.sum() > 0.8 * gt.size
+
+    target = torch.as_tensor(gt, dtype=torch.float32)[None, None]
+    p_prev = torch.as_tensor(prev, dtype=torch.float32)[None, None]
+    keep = (torch.as_tensor(kept)[None, None], p_prev)
+    same = (p_prev * 2 - 1) * 20                      # logits that repeat the previous answer
+    plain = _loss(same, target, cfg)
+    assert _loss(same, target, cfg, keep=keep).item() == pytest.approx(plain.item(), abs=1e-4)
+    flipped = same.clone()
+    flipped[..., 4:8, :, :] *= -1                     # drop the far half of the object and fill its background
+    off = LoopConfig.on_grid((16, 16, 16))
+    assert _loss(flipped, target, cfg, keep=keep).item() > _loss(flipped, target, off, keep=keep).item() + 0.5
+
+
+def test_training_with_the_change_penalty_runs_and_validation_counts_harmful_steps():
+    from lib.training.loop import evaluate
+
+    cfg = LoopConfig.on_grid((16, 16, 16), max_clicks=2, change_weight=1.0)
+    main, refiner = tiny_net(1), tiny_net(2)
+    opt = build_optimizer(refiner, "adamw", lr=1e-3)
+    case = fixed_case()
+    for seed in range(2):
+        loss, dices = train_step(refiner, opt, case, np.random.default_rng(seed), cfg, first_net=main)
+        assert np.isfinite(loss) and len(dices) >= 2
+    scores = evaluate(refiner, [case], n_clicks=2, cfg=cfg, first_net=main)
+    assert 0.0 <= scores["val_harmful"] <= 1.0

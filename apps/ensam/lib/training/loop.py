@@ -36,13 +36,14 @@ from scipy import ndimage
 from ..contract import Contract
 from ..engine import bf16_ok
 from ..evaluation.metrics import dice as dice_np  # THE Dice, under its old name here
+from ..evaluation.report import HARM_DSC
 from ..geometry import (Roi, RoiPolicy, bbox_edge_mm, choose_roi, crop_to_model, logits_to_original, mask_bbox,
                         mask_to_model, normalize_intensity)
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click, next_stroke
 from ..prompts.strokes import stroke_points
 
-__all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "refine_case", "concept_case", "unrolled_loss", "train_step", "evaluate", "dice_np"]
+__all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "refine_case", "concept_case", "kept_region", "unrolled_loss", "train_step", "evaluate", "dice_np"]
 
 
 @dataclass
@@ -73,6 +74,11 @@ class LoopConfig:
                                    # (at most stroke_points); 0 = clicks only, the recipe's rng draws unchanged
     stroke_step: float = 3.0
     stroke_points: int = 24
+    change_weight: float = 0.0     # issue 27: a corrective step pays for what it changes far from its prompt where
+                                   # the previous answer was right: change_weight x (soft voxels changed there) /
+                                   # (object + previous answer sizes); 0 = off, the loss unchanged
+    change_reach: float = 1.0      # "far" = beyond change_reach x the object's equivalent-sphere radius from every
+    change_reach_min: float = 4.0  # point of the new prompt, and at least change_reach_min model voxels
     contract: Contract = field(default_factory=Contract)  # shared with the engine (lib.contract): ROI policy,
                                                           # model grid, click maps, intensities
 
@@ -217,10 +223,23 @@ def concept_case(window: np.ndarray, mask: np.ndarray, label_id: int, kind: str 
                 np.zeros(0, np.int64), int(label_id), kind, name)
 
 
+def kept_region(prev: np.ndarray, gt: np.ndarray, new_points: np.ndarray, cfg: LoopConfig) -> np.ndarray:
+    """(D, H, W) bool: where a corrective step should leave the previous answer alone: the previous answer was
+    right there and every point of the new prompt (model grid, (n, 3)) is farther than ``cfg.change_reach`` x the
+    object's equivalent-sphere radius (at least ``cfg.change_reach_min`` voxels)."""
+    radius = (3.0 * float(gt.sum()) / (4.0 * np.pi)) ** (1.0 / 3.0)
+    reach = max(cfg.change_reach_min, cfg.change_reach * radius)
+    grid = np.indices(gt.shape, dtype=np.float32).reshape(3, -1).T          # (V, 3)
+    d2 = ((grid[:, None, :] - np.asarray(new_points, np.float32)[None]) ** 2).sum(-1).min(1)
+    return (prev == gt) & (d2.reshape(gt.shape) > reach * reach)
+
+
 def _loss(logits: torch.Tensor, target: torch.Tensor, cfg: LoopConfig,
-          prev_error: Optional[torch.Tensor] = None) -> torch.Tensor:
+          prev_error: Optional[torch.Tensor] = None, keep: Optional[tuple] = None) -> torch.Tensor:
     """Soft Dice + BCE; with ``prev_error`` (voxels the previous step got wrong) and ``cfg.error_weight``, plus
-    the mean BCE over those voxels (a corrective click that leaves them wrong costs more)."""
+    the mean BCE over those voxels (a corrective click that leaves them wrong costs more); with ``keep`` =
+    (kept voxels (1, 1, D, H, W) bool, previous answer (1, 1, D, H, W) float) and ``cfg.change_weight``, plus the
+    soft volume changed in the kept region over the object's and the previous answer's sizes (:func:`kept_region`)."""
     logits = logits.float()
     bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     bce = bce_map.mean()
@@ -230,6 +249,10 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, cfg: LoopConfig,
     loss = cfg.bce_weight * bce + cfg.dice_weight * dice
     if prev_error is not None and cfg.error_weight > 0 and prev_error.any():
         loss = loss + cfg.error_weight * bce_map[prev_error].mean()
+    if keep is not None and cfg.change_weight > 0:
+        kept, prev = keep
+        changed = ((p - prev).abs() * kept).sum()
+        loss = loss + cfg.change_weight * changed / (target.sum() + prev.sum() + 1.0)
     return loss
 
 
@@ -264,6 +287,7 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     pts, types = case.points.copy(), case.types.copy()
     prev = None if case.prev is None else torch.as_tensor(case.prev, dtype=torch.float32, device=device)[None, None]
     prev_error = None
+    keep = None
     losses, dices = [], []
     # bf16 autocast: on CUDA, and on CPUs with bf16 units (AVX512-BF16 / AMX; pretrain's ``cpu_bf16``): a 64^3
     # training step (encode + 3 decodes + backward, 1 thread, AMD EPYC with avx512_bf16) took 2.0 s against 4.4 s
@@ -279,11 +303,12 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
                 pts, types = _add_correction(pts, types, correction)
                 prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
                 prev_error = torch.as_tensor(pred != case.gt, device=device)[None, None]
+                keep = _keep(pred, case.gt, correction, prev, cfg)
                 first = 1
         feats = net.encode(x)
         for step in range(first, n_clicks + 1):
             logits = _decode(net, feats, pts, types, prev, case.label_id, device, cfg.contract.click_sigma)
-            losses.append(_loss(logits, target, cfg, prev_error))
+            losses.append(_loss(logits, target, cfg, prev_error, keep))
             pred = (logits.detach()[0, 0] > 0).cpu().numpy()
             prev_error = torch.as_tensor(pred != case.gt, device=device)[None, None]
             dices.append(dice_np(pred, case.gt))
@@ -294,7 +319,16 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
                 break
             pts, types = _add_correction(pts, types, correction)
             prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
+            keep = _keep(pred, case.gt, correction, prev, cfg)
     return torch.stack(losses).mean(), dices
+
+
+def _keep(pred: np.ndarray, gt: np.ndarray, correction, prev: torch.Tensor, cfg: LoopConfig):
+    """The ``keep`` argument of :func:`_loss` for the step answering ``correction`` (None when the penalty is off)."""
+    if cfg.change_weight <= 0:
+        return None
+    kept = torch.as_tensor(kept_region(pred, gt, correction[0], cfg), device=prev.device)[None, None]
+    return kept, prev
 
 
 def _add_correction(pts: np.ndarray, types: np.ndarray, correction):
@@ -321,7 +355,8 @@ def _correction(pred: np.ndarray, gt: np.ndarray, rng, cfg: LoopConfig):
 @torch.no_grad()
 def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
              cfg: LoopConfig = LoopConfig(), first_net=None) -> Dict[str, float]:
-    """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases
+    """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases, and the share
+    of corrective steps that lowered the DSC by more than ``HARM_DSC[0]`` (``val_harmful``)
     (model grid; click ties broken with each case's seed). Cases that start from one foreground click count their
     step 0 in ``val_oneclick_dsc`` (and their last step in the click average); prompt-free cases in
     ``val_concept_dsc``. With ``first_net`` (training a refiner), step 0 of the prompted cases is that network's
@@ -329,6 +364,7 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
     was = net.training
     net.eval()
     first, last, concept, oneclick = [], [], [], []
+    steps = harmful = 0
     for c in cases:
         feats = net.encode(c.image.to(device))
         if c.label_id is not None:
@@ -343,8 +379,13 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
             else:
                 logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
                 pred = (logits[0, 0] > 0).cpu().numpy()
+            dsc = dice_np(pred, c.gt)
             if step == 0:
-                (oneclick if c.types.tolist() == [FG] else first).append(dice_np(pred, c.gt))
+                (oneclick if c.types.tolist() == [FG] else first).append(dsc)
+            else:
+                steps += 1
+                harmful += int(dsc < before - HARM_DSC[0])
+            before = dsc
             click = next_click(pred, c.gt, rng) if step < n_clicks else None
             if click is None:
                 break
@@ -359,6 +400,8 @@ def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
         out["val_concept_dsc"] = float(np.mean(concept))
     if oneclick:
         out["val_oneclick_dsc"] = float(np.mean(oneclick))
+    if steps:
+        out["val_harmful"] = harmful / steps
     return out
 
 

@@ -290,7 +290,7 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         parts = [scores["val_box_dsc"], scores["val_click2_dsc"]]
         if "val_oneclick_dsc" in scores:  # recipe v3: the one-click start counts as much as the box start
             parts.append(scores["val_oneclick_dsc"])
-        score = float(np.mean(parts))
+        score = float(np.mean(parts)) - cfg.val_harmful_weight * scores.get("val_harmful", 0.0)
         rec = {"step": state["step"], "elapsed": state["elapsed"], "score": score, **scores}
         state["val_history"].append(rec)
         msg = " ".join(f"{k}={v:.3f}" for k, v in scores.items())

@@ -53,6 +53,8 @@ class PretrainConfig:
     val_synthetic: int = 8
     val_concept: int = 2
     val_click_start: int = 0               # per held-out structure: cases that start from one click (recipe v3: 1)
+    val_harmful_weight: float = 0.0        # the validation score (which weights are exported as best) minus this x
+                                           # the share of corrective steps lowering the DSC by > 0.05 (issue 27)
     export: str = ""
     init: str = ""                         # weights to start from when the run has no last.pt (e.g. the shipped
                                            # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
