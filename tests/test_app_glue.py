@@ -15,7 +15,7 @@ from lib.infers.engine_provider import EngineProvider
 from lib.infers.ensam_infer import EnsamInteractive
 from lib.io.imageio import VolumeCache, load_volume, write_mask
 from lib.infers.request_parsing import RequestError, parse_prompts, validate_prompts
-from lib.infers.session_store import SessionStore
+from lib.session import SessionRegistry as SessionStore
 
 
 class StubEngine:
@@ -39,6 +39,9 @@ class StubEngine:
         for b in boxes or []:
             out[b[0]:b[1] + 1, b[2]:b[3] + 1, b[4]:b[5] + 1] = 1
         return out
+
+    def segment_step(self, *args, **kwargs):  # the step the interactive sessions call: (mask, info)
+        return self.segment(*args, **kwargs), dict(self.last_info)
 
     blob_a_token = blob_b_token = None
 
@@ -159,7 +162,7 @@ def test_session_store_one_step_at_a_time():
     for t in threads:
         t.join()
     assert s.depth(k) == 4 and sorted(seen for _, seen in log) == [False, True, True, True]
-    assert not s._key_locks  # nothing left behind
+    assert not s._held  # nothing left behind
     mask, depth = s.peek_undo(k)
     assert depth == 3 and s.depth(k) == 4  # peek changes nothing
     assert s.push(k, np.zeros((2, 2, 2), np.uint8), reset=True) == 1
@@ -305,7 +308,7 @@ def test_train_request_and_label_names():
                               "device": ["cpu"]})
     assert req["max_seconds"] == 30.0 and req["labels"] == ["liver", "spleen"] and req["optimizer"] == "adamw"
     for bad in ({"val_split": 1.5}, {"max_seconds": "x"}, {"optimizer": "sgd"}, {"max_seconds": 0},
-                {"rehearsal": 1.0}, {"rehearsal": -0.1}, {"cpu_processes": 0}, {"cpu_processes": "two"},
+                {"rehearsal": 1.0}, {"rehearsal": -0.1}, {"anchor": 1.0}, {"cpu_processes": 0}, {"cpu_processes": "two"},
                 {"cpu_processes": (os.cpu_count() or 1) + 1}):
         with pytest.raises(ValueError):
             task.parse_request(bad)

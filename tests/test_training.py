@@ -216,6 +216,24 @@ def test_finetune_runs_and_reports():
     assert stats["steps"] == 3 and stats["samples_per_s"] > 0 and np.isfinite(stats["loss_last"])
 
 
+def test_the_anchor_pulls_fine_tuned_weights_back_toward_the_start():
+    """anchor a: after every step the weights move a fraction a back to where they started, so after the same
+    steps (same seed, same draws) they lie nearer the start than without it; an anchor outside [0, 1) is refused."""
+    vol = _toy_volume()
+    cases = [{"image": vol.image, "label": vol.labels, "affine": vol.affine}]
+    moved = {}
+    for anchor in (0.0, 0.5):
+        net = tiny_net(num_labels=8)
+        start = [p.detach().clone() for p in net.parameters()]
+        finetune(net, cases, max_seconds=60, max_steps=3, anchor=anchor, optimizer="adamw", lr=1e-2,
+                 loop=LoopConfig.on_grid((16, 16, 16), max_clicks=1))
+        moved[anchor] = sum(float((p.detach() - p0).norm()) for p, p0 in zip(net.parameters(), start))
+    assert 0 < moved[0.5] < 0.8 * moved[0.0]
+    with pytest.raises(ValueError, match="anchor"):
+        finetune(tiny_net(num_labels=8), cases, max_seconds=60, max_steps=1, anchor=1.0,
+                 loop=LoopConfig.on_grid((16, 16, 16), max_clicks=1))
+
+
 @pytest.mark.skipif(not (TRAIN / "dataset.json").exists(), reason="sample-datasets/train not fetched (make data)")
 def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     from lib.training.pretrain import main

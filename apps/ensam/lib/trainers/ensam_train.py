@@ -11,10 +11,12 @@ Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (
 ``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
 ``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
-``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting).
+``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
+``anchor`` (after every step the weights move this fraction back toward the starting weights, against forgetting;
+chosen on the tuning data by ``python -m lib.experiments.finetune_forgetting``).
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
-[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split`` and ``rehearsal`` in
-[0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), at most 256 label names of at most 128
+[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal`` and
+``anchor`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), at most 256 label names of at most 128
 characters, the request at most 64 KiB of JSON.
 """
 
@@ -44,6 +46,7 @@ NUMBER_BOUNDS = {
     "learning_rate": (float, 0.0, 1.0, True, False),
     "seed": (int, 0, 2**32 - 1, False, False),
     "rehearsal": (float, 0.0, 1.0, False, True),
+    "anchor": (float, 0.0, 1.0, False, True),
 }
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
@@ -110,6 +113,7 @@ class EnsamTrain(TrainTask):
             "gpus": "all",
             "cpu_processes": 1,
             "rehearsal": 0.3,
+            "anchor": 0.02,
         }
         self._config.update(config or {})
 

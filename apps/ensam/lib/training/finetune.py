@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..contract import Contract, check_same, contract_for_network
 from . import data as D
@@ -108,7 +109,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
              seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
-             rehearsal: float = 0.3, contract: Optional[Contract] = None) -> Dict:
+             rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -123,6 +124,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         progress: called with a dict (step, seconds, loss) after every step. should_stop: polled every step.
         rehearsal: fraction of the prompted steps spent on pre-training-style unnamed objects drawn on the same
             volumes (``REHEARSAL_SOURCES``), against forgetting; 0 = the labelled structures only.
+        anchor: against forgetting, after every optimiser step the weights move this fraction of the way back to
+            the starting weights (a decoupled L2-SP pull, the same whatever the optimiser does to gradients; 0 = off).
         contract: the training/inference contract of the weights being tuned (:func:`lib.contract.read_contract`;
             None = the defaults on the network's grid); the tuned weights keep it.
         rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
@@ -157,6 +160,9 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         grad_hook = lambda net: average_gradients(net.parameters(), world_size)  # noqa: E731
         if rank != 0:
             vcases = []  # rank 0 validates for everyone
+    if not 0.0 <= anchor < 1.0:
+        raise ValueError(f"anchor must be in [0, 1), got {anchor}")
+    start = [p.detach().clone() for p in network.parameters()] if anchor > 0 else None
 
     def score_now():
         s = evaluate(network, vcases, n_clicks=2, device=device, cfg=cfg)
@@ -184,6 +190,10 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         opt.set_lr_factor(lr_factor(stats["steps"], min(progress_frac, 1.0), warmup_steps=10, final=0.1))
         case = _draw_case(sampler, rng, cfg, bool(label_ids))
         loss, _ = train_step(network, opt, case, rng, cfg, device, amp, grad_hook=grad_hook)
+        if start is not None:  # identical on every rank: their weights are identical
+            with torch.no_grad():
+                for p, p0 in zip(network.parameters(), start):
+                    p.lerp_(p0, anchor)
         stats["steps"] += 1
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         if stats["loss_first"] is None:

