@@ -275,12 +275,14 @@ def test_pretraining_cases_are_those_of_the_single_module_at_the_same_seeds():
 def test_every_source_is_registered_once_by_name_in_its_family_module():
     from lib.training.data.sources import NEEDS
 
-    assert set(D.SOURCES) == set(SOURCE_ORDER) and set(D.SOURCE_WEIGHTS) < set(D.SOURCES)
-    assert "synth" not in D.SOURCE_WEIGHTS  # registered, drawn only when source_weights names it
+    # "hippocampus" (a committed multi-subject set, drawn apart from the volumes: tests/test_hippocampus_data.py)
+    assert set(D.SOURCES) == set(SOURCE_ORDER) | {"hippocampus"} and set(D.SOURCE_WEIGHTS) < set(D.SOURCES)
+    for name in ("synth", "hippocampus"):  # registered, drawn only when source_weights names it
+        assert name not in D.SOURCE_WEIGHTS
     family = {s.name: s.draw.__module__.rsplit(".", 1)[1] for s in D.SOURCES.values()}
     assert family == {"real": "labelled", "synth": "labelled", "slic": "pseudo", "watershed": "pseudo",
                       "window": "pseudo", "blob": "synthetic", "tube": "synthetic", "shell": "synthetic",
-                      "lesion": "synthetic"}
+                      "lesion": "synthetic", "hippocampus": "cohorts"}
     assert {s.needs for s in D.SOURCES.values()} <= set(NEEDS)
     with pytest.raises(ValueError, match="registered twice"):
         D.register_source("blob")(lambda sampler, rng: None)

@@ -64,9 +64,10 @@ def build_methods(names, weights=None, device="cpu", log=print, engine_config=No
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.evaluation", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--split", default=None, choices=["tune", "eval"],
+    ap.add_argument("--split", default=None, choices=["tune", "tune-hippocampus", "eval"],
                     help="a named split (lib.evaluation.splits): 'tune' (training sources: where settings are "
-                         "decided) or 'eval' (reported only); sets --data, --cases and --max-structures")
+                         "decided), 'tune-hippocampus' (12 subjects of the hippocampus set, 3 structures each) or "
+                         "'eval' (reported only); sets --data, --cases and --max-structures")
     ap.add_argument("--data", default="sample-datasets/eval", help="folder with dataset.json (default: %(default)s)")
     ap.add_argument("--out", default="eval-results", help="output folder (default: %(default)s)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated (default: %(default)s)")
@@ -92,11 +93,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.split:
-        from .splits import SPLITS
+        from .splits import SPLITS, split_cases
 
         split = SPLITS[args.split]
         args.data = split.data
-        args.cases = ",".join(split.cases) if split.cases else args.cases
+        kept = split_cases(args.split)
+        args.cases = ",".join(kept) if kept else args.cases
         args.max_structures = split.max_structures or args.max_structures
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     _set_threads(args.threads, torch_needed="ensam" in names and not args.tune)

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, runtime_c
 
 import numpy as np
 
+from ..cohorts import read_unions, structure_mask
 from ..prompts.simulation import box_from_mask, next_click, next_stroke
 from ..prompts.strokes import prompts_from_masks
 from .measure import _cuda_peak_reset, _PeakRSS, machine_info
@@ -164,13 +165,16 @@ class Case:
     label: Path
     modality: str = ""
     labels: Dict[int, str] = field(default_factory=dict)
+    unions: Dict[int, tuple] = field(default_factory=dict)  # value -> member values (lib.cohorts: a structure
+    #                                                           that is the union of labelled parts)
 
 
 def load_dataset(data_dir, cases: Optional[Sequence[str]] = None) -> List[Case]:
     """Cases of ``<data_dir>/dataset.json`` (its ``testing`` list, else ``training``). Each entry has ``image``,
     ``label`` (paths relative to data_dir), optional ``modality`` and ``labels`` (id -> name; if missing, the
-    non-zero ids present in the label file). ``cases``: keep only entries whose image name contains one of these
-    strings."""
+    non-zero ids present in the label file), optional ``unions`` (``{"3": [1, 2]}``: structure 3 is the union of
+    1 and 2, evaluated when all its members are present). ``cases``: keep only entries whose image name contains
+    one of these strings."""
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "dataset.json").read_text())
     entries = meta.get("testing") or meta.get("training") or []
@@ -183,7 +187,7 @@ def load_dataset(data_dir, cases: Optional[Sequence[str]] = None) -> List[Case]:
         if cases and not any(c in name for c in cases):
             continue
         labels = {int(k): str(v) for k, v in (e.get("labels") or {}).items()}
-        out.append(Case(name, img, data_dir / e["label"], e.get("modality", ""), labels))
+        out.append(Case(name, img, data_dir / e["label"], e.get("modality", ""), labels, read_unions(e)))
     if not out:
         raise ValueError(f"no cases with labels in {data_dir / 'dataset.json'}")
     return out
@@ -309,6 +313,7 @@ def evaluate_structure(method, image: np.ndarray, affine: np.ndarray, gt: np.nda
 
 def _structure_ids(case: Case, labels: np.ndarray, max_structures: Optional[int]) -> List[int]:
     present = set(int(v) for v in np.unique(labels) if v != 0)
+    present |= {u for u, members in case.unions.items() if members and set(members) <= present}
     ids = sorted(i for i in (case.labels or {i: "" for i in present}) if i in present)
     if max_structures is not None and max_structures > 0:
         ids = ids[:max_structures]
@@ -350,7 +355,7 @@ def evaluate(methods: Sequence, data_dir, seed: int = 0, n_clicks: int = 5, jitt
             if progress and tqdm is not None:
                 it = tqdm(ids, desc=f"{key} / {case.name}", leave=False)
             for lid in it:
-                gt = labels == lid
+                gt = structure_mask(labels, lid, case.unions)
                 rec = evaluate_structure(m, image, affine, gt, _structure_seed(seed, case.name, lid),
                                          n_clicks=n_clicks, jitter=jitter, measure_memory=measure_memory, start=st,
                                          corrections=co)

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from .config import EVAL_STRUCTURES, FAMILIES, ORDERS, REPO, LoopConfig
+from .config import EVAL_STRUCTURES, FAMILIES, ORDERS, REPO, LoopConfig, family_config
 from .loop import run_loop
 from .summary import plot, summarize
 
@@ -22,7 +22,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     p.add_argument("--label", default="", help="the label name saved (default: the preset's, else --family)")
     p.add_argument("--pattern", default="", help="regular expression of the instances' label names")
     p.add_argument("--modality", default=None, help="only scans of this modality (default: the preset's)")
-    p.add_argument("--data", default=LoopConfig.data, help="folder with dataset.json (training sources)")
+    p.add_argument("--data", default=None, help="folder with dataset.json (default: the preset's, else the "
+                                                "training sources)")
     p.add_argument("--eval-data", default=LoopConfig.eval_data)
     p.add_argument("--eval-structures", default=EVAL_STRUCTURES,
                    help="forgetting probe 'case:name,name;case:name' ('' = none)")
@@ -65,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
         print(json.dumps(result["summary"], indent=1))
         return result
 
-    preset = FAMILIES.get(a.family, {})
+    preset = family_config(a.family) if a.family in FAMILIES else {}
     if not preset and not a.pattern:
         p.error(f"--family {a.family!r} is not a preset ({', '.join(FAMILIES)}): give --pattern")
     orders = tuple(o.strip() for o in a.orders.split(",") if o.strip())
@@ -73,11 +74,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     cfg = LoopConfig(family=a.family, label=a.label or preset.get("name") or a.family,
                      pattern=a.pattern or preset["pattern"],
                      modality=preset.get("modality", "") if a.modality is None else a.modality,
-                     data=a.data, eval_data=a.eval_data, eval_structures=a.eval_structures, instances=a.instances,
+                     data=a.data or preset.get("data") or LoopConfig.data, eval_data=a.eval_data,
+                     eval_structures=a.eval_structures, instances=a.instances,
                      min_voxels=a.min_voxels, margin_mm=a.margin_mm, orders=orders, every=a.every, rounds=a.rounds,
                      train_seconds=a.train_seconds, train_steps=a.train_steps, rehearsal=a.rehearsal,
                      target=a.target, max_clicks=a.max_clicks, seed=a.seed, threads=a.threads,
-                     uncertainty=not a.no_uncertainty, saving_after=a.saving_after)
+                     uncertainty=not a.no_uncertainty, saving_after=a.saving_after,
+                     cases=tuple(preset.get("cases", ())) if a.data is None or (
+                         "data" in preset and os.path.samefile(a.data, preset["data"])) else ())
     if a.work:
         os.makedirs(a.work, exist_ok=True)
     from lib.io.atomic import atomic_write_json

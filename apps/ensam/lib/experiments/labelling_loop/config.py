@@ -19,6 +19,10 @@ FAMILIES = {
     "ribs": {"name": "rib", "pattern": r"^rib_(left|right)_\d+$", "modality": "CT"},
     "brain_regions": {"name": "aal_region", "pattern": r"^(Frontal|Temporal|Parietal|Occipital)_\w+_[LR]$",
                       "modality": "MR"},
+    # across subjects: the whole hippocampus (the union of the anterior and posterior labels) of the 20 loop
+    # subjects of the committed hippocampus set (lib.cohorts; never trained or tuned on), one instance per scan
+    "hippocampus": {"name": "hippocampus", "pattern": r"^hippocampus$", "modality": "MR",
+                    "data": os.path.join(REPO, "sample-datasets", "hippocampus"), "cases": "loop"},
 }
 # Forgetting probe: structures of the evaluation set (image name substring: names), box step only.
 EVAL_STRUCTURES = "ct_dicom:spleen,liver,aorta,stomach;mr:spleen,liver,kidney_left,kidney_right"
@@ -50,3 +54,19 @@ class LoopConfig:
     threads: int = 1
     uncertainty: bool = True
     saving_after: int = 5  # the click saving is measured on instances labelled after this many labels
+    cases: Tuple[str, ...] = ()  # only these scans of ``data`` (image names; () = all)
+
+
+def family_config(family: str) -> dict:
+    """A preset of :data:`FAMILIES` with its ``data`` (default: the training sources) and its ``cases`` resolved
+    (a subject split of ``lib.cohorts`` named by the preset -> that split's image names; none -> ())."""
+    preset = dict(FAMILIES[family])
+    preset.setdefault("data", LoopConfig.data)
+    split = preset.get("cases")
+    if split:
+        from lib.cohorts import subjects
+
+        preset["cases"] = tuple(subjects(split, preset["data"]))
+    else:
+        preset["cases"] = ()
+    return preset

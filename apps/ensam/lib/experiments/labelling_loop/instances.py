@@ -24,14 +24,20 @@ class Instance:
     gt_path: str = ""
 
 
-def find_instances(data_dir: str, pattern: str, modality: str = "", min_voxels: int = 200) -> List[dict]:
+def find_instances(data_dir: str, pattern: str, modality: str = "", min_voxels: int = 200,
+                   cases: Sequence[str] = ()) -> List[dict]:
     """Every (scan, label value) of ``data_dir``'s dataset.json whose label name matches ``pattern`` (and whose scan
-    has ``modality`` when given), sorted by scan and value: ``{"case", "value", "name"}`` (voxels checked later)."""
+    has ``modality`` when given; only the scans named in ``cases`` when given), sorted by scan and value:
+    ``{"case", "value", "name"}`` (voxels checked later). A value that the entry's ``unions`` defines (lib.cohorts)
+    is the union of its members."""
     from lib.evaluation.evaluator import load_dataset
 
     rx = re.compile(pattern)
     out = []
+    keep = set(cases)
     for case in load_dataset(data_dir):
+        if keep and case.name not in keep:
+            continue
         if modality and case.modality.upper() != modality.upper():
             continue
         for value, name in sorted(case.labels.items()):
@@ -67,6 +73,7 @@ def build_instances(chosen: List[dict], studies: str, gt_dir: str, margin_mm: fl
     ``gt_dir``; instances smaller than their ``min_voxels`` are left out."""
     import nibabel as nib
 
+    from lib.cohorts import structure_mask
     from lib.geometry import spacing_from_affine
     from lib.io.volumes import load_volume
 
@@ -84,7 +91,7 @@ def build_instances(chosen: List[dict], studies: str, gt_dir: str, margin_mm: fl
         arr = np.asarray(img.array)
         spacing = spacing_from_affine(img.affine)
         for d in items:
-            mask = lab == d["value"]
+            mask = structure_mask(lab, d["value"], case.unions)
             if int(mask.sum()) < d["min_voxels"]:
                 continue
             c = crop_bounds(mask, spacing, margin_mm)

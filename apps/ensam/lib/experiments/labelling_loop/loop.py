@@ -39,7 +39,8 @@ def run_loop(cfg: LoopConfig, work: Optional[str] = None, log: Callable[[str], N
     t_start = time.time()
     try:
         source = os.path.join(work, "instances")
-        chosen = select(find_instances(cfg.data, cfg.pattern, cfg.modality, cfg.min_voxels), cfg.instances, cfg.seed)
+        chosen = select(find_instances(cfg.data, cfg.pattern, cfg.modality, cfg.min_voxels, cfg.cases),
+                        cfg.instances, cfg.seed)
         insts = build_instances(chosen, os.path.join(source, "images"), os.path.join(source, "gt"), cfg.margin_mm)
         if len(insts) < 2:
             raise SystemExit(f"family {cfg.family!r}: only {len(insts)} instance(s) in {cfg.data}")

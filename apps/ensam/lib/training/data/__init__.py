@@ -12,6 +12,9 @@ in :data:`SOURCES` (:mod:`.sources`, one module per family) and drawn by ``Objec
 * ``window``: the connected component, around a random seed voxel, of a random intensity window.
 * ``blob`` / ``tube`` / ``shell`` / ``lesion``: synthetic objects with random contrast and texture pasted into a
   real volume.
+* ``hippocampus``: one of three structures (anterior, posterior, whole) of one of 136 training subjects of the
+  committed hippocampus MR set (``sample-datasets/hippocampus``, :mod:`lib.cohorts`; its tuning and loop subjects
+  are never read); not in :data:`SOURCE_WEIGHTS` (a recipe names it in ``source_weights``).
 
 Every sample is a small region around the object (with enough margin for the ROI that ``geometry.choose_roi``
 will draw around it), then strongly augmented: spacing change (incl. thick slices), axis flips and permutations,
