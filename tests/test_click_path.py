@@ -16,7 +16,7 @@ from conftest import BLOBS
 from lib.engine import EngineConfig, EnsamEngine
 from lib.geometry import PromptError, check_prompts, voxel_index
 from lib.infers.request_parsing import RequestError, validate_prompts
-from lib.infers.session_store import SessionStore
+from lib.session import SessionRegistry as SessionStore
 from lib.network import NetworkConfig, build_network
 
 torch.set_num_threads(1)

@@ -51,7 +51,7 @@ def test_declared_defaults_are_the_consumers_defaults():
     """A default shown in the tables is what the code behind it uses when the key is not given."""
     from lib.engine import EngineConfig
     from lib.infers.seg_by_example import FLOOR
-    from lib.infers.session_store import SessionStore
+    from lib.session import SessionRegistry as SessionStore
     from lib.io.imageio import VolumeCache
 
     d = parse_conf({})

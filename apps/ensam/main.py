@@ -78,7 +78,7 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
         if "".join(pathlib.Path(label_filename).suffixes) == ".bin":  # raw voxels, as OHIF's client sends them
             converted = label_filename = binary_to_image(image_uri, label_filename)
         try:
-            series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+            series_dir = monailabel_patches.dicomweb_series_folder(self, image_id)
             try:
                 seg_file = write_dicom_seg(series_dir, label_filename, label_info.get("label_info"))
             except Exception as e:  # noqa: BLE001 - e.g. a label not on the series' grid
@@ -87,7 +87,7 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
             if not seg_file:
                 raise HTTPException(status_code=400, detail="the label is empty: nothing to store as DICOM SEG")
             try:
-                seg_series = dicom_web_upload_dcm(seg_file, self._client)
+                seg_series = dicom_web_upload_dcm(seg_file, monailabel_patches.dicomweb_client_of(self))
             except Exception as e:  # noqa: BLE001 - the PACS refused it or is unreachable
                 raise HTTPException(status_code=502, detail=f"the DICOMweb server did not store the DICOM SEG: "
                                                             f"{type(e).__name__}: {e}") from e
@@ -133,7 +133,8 @@ class EnsamApp(MONAILabelApp):
             description="ENSAM: small, fast, promptable 3D segmentation (clicks, boxes, label names)",
             version="0.1.0",
         )
-        for task in self._infers.values():  # ensam_seg uses the datastore's final labels as atlases (issue 12)
+        # ensam_seg uses the datastore's final labels as atlases (issue 12)
+        for task in monailabel_patches.app_tasks(self, "infer").values():
             if hasattr(task, "datastore_atlases"):
                 task.datastore = self.datastore
 
@@ -169,7 +170,7 @@ class EnsamApp(MONAILabelApp):
         return methods
 
     def init_batch_infer(self):
-        return EnsamBatchInfer(self._infers)
+        return EnsamBatchInfer(monailabel_patches.app_tasks(self, "infer"))
 
     def init_datastore(self):
         """A local studies folder gets :class:`lib.datastore.AtomicLocalDatastore` (labels, images and the index
@@ -192,8 +193,9 @@ class EnsamApp(MONAILabelApp):
         """The datastore, re-read first if another process (batch inference, scoring, training run as
         subprocesses) rewrote a local datastore's file: cheap (one stat) and keeps this process from writing
         back a stale copy when datastore auto-reload is off."""
-        monailabel_patches.reload_local_datastore(self._datastore)
-        return self._datastore
+        datastore = monailabel_patches.app_datastore(self)
+        monailabel_patches.reload_local_datastore(datastore)
+        return datastore
 
     def infer(self, request, datastore=None):
         """monailabel's inference with the image id always resolved through the datastore: monailabel reads a file
@@ -223,7 +225,7 @@ class EnsamApp(MONAILabelApp):
 
         if not isinstance(request, dict) or request.get("session_step") in (None, ""):
             return
-        task = self._infers.get(request.get("model"))
+        task = monailabel_patches.app_tasks(self, "infer").get(request.get("model"))
         sessions = getattr(task, "sessions", None)
         if sessions is None:
             return
@@ -237,12 +239,13 @@ class EnsamApp(MONAILabelApp):
                                f"answer), got {str(raw)[:40]!r}") from None
         if step == 0 or parse_bool(request.get("reset_state"), "reset_state"):
             return
+        from lib.infers.ensam_infer import request_session_key
+
         client_id, label = first_value(request.get("client_id")) or "", first_value(request.get("label")) or ""
         image = request.get("image")
         if not isinstance(image, str) or not (client_id or label):
             return
-        key = sessions.key(client_id, os.path.realpath(image), label)
-        if sessions.depth(key) == 0:
+        if sessions.depth(request_session_key(request, image, label)) == 0:
             raise RequestError(
                 f"session unknown or expired on this server: client {str(client_id)[:80]!r}, label "
                 f"{str(label)[:80]!r} on this image is at step {step} for the client, but this server holds no step "
@@ -255,15 +258,10 @@ class EnsamApp(MONAILabelApp):
         idle (no inference in flight, none for ``ENSAM_STARTUP_IDLE_S`` seconds, default 5): the first click right
         after start-up never shares the cores with it; once started it pauses for every later inference (the
         interactive gate)."""
-        startup_scoring = bool(self._auto_update_scoring and self._scoring_methods) and not in_background_task()
-        auto = self._auto_update_scoring
-        if startup_scoring:
-            self._auto_update_scoring = False
-        try:
+        hold = not in_background_task()
+        with monailabel_patches.startup_scoring_held(self, hold) as would_score:
             super().on_init_complete()
-        finally:
-            self._auto_update_scoring = auto
-        if startup_scoring:
+        if hold and would_score:
             threading.Thread(target=self._startup_scoring_when_idle, name="ensam-startup-scoring",
                              daemon=True).start()
 

@@ -67,10 +67,9 @@ def part_ensam(args) -> dict:
     eng.cache.clear()
     sync()
     t = time.perf_counter()
-    mask = eng.segment(img, aff, boxes=[box])
+    mask, info_first = eng.segment_step(img, aff, boxes=[box])
     sync()
     first = time.perf_counter() - t
-    info_first = dict(eng.last_info)
     rng = np.random.default_rng(1)
     times, hits = [], 0
     for _ in range(args.clicks):
@@ -266,10 +265,10 @@ def part_click_path(args) -> dict:
         for n, (fg, bg) in enumerate(_steps(pr)):
             pts, labs = fg + bg, [1] * len(fg) + [0] * len(bg)
             t = time.perf_counter()
-            mask = eng.segment(vol.array, vol.affine, points=pts or None, point_labels=labs or None,
-                               boxes=[pr["box"]], prev_mask=mask, image_key=vol.key)
+            mask, e_info = eng.segment_step(vol.array, vol.affine, points=pts or None, point_labels=labs or None,
+                                            boxes=[pr["box"]], prev_mask=mask, image_key=vol.key)
             e_times.append(time.perf_counter() - t)
-            e_infos.append(dict(eng.last_info))
+            e_infos.append(e_info)
             dt, info, data = _http_click(url, "ct61", _slicer_params(pr, n, fg, bg, "bench"))
             h_times.append(dt)
             h_infos.append(info)

@@ -1,6 +1,6 @@
 """THE least-recently-used cache of the app, bounded in bytes and/or in entries. Its users: the engine's encoder
 features (``engine_parts.EncodingCache``, bytes), the decoded volumes (``io.imageio.VolumeCache``, entries), the
-interactive sessions (``infers.session_store.SessionStore``, bytes and entries) and the atlas registrations of
+interactive sessions (``session.SessionRegistry``, bytes and entries) and the atlas registrations of
 ``atlas.segment.SegmentByExample`` (entries).
 
 Ours rather than ``cachetools.LRUCache``: that one measures a value once when it is stored (a session's history

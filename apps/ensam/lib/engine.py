@@ -8,13 +8,12 @@ All prompt geometry goes through :mod:`lib.geometry`. Typical use::
 
 Weights with a refiner (``lib.weights``: a second set of weights of the same network and contract) answer the
 steps that start from a previous mask with the refiner and everything else (a first box or click, prompt-free
-segmentation, the lone-click probe) with the main weights; ``last_info["weights"]`` says which answered.
+segmentation, the lone-click probe) with the main weights; the step's info (``weights``) says which answered.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import replace
@@ -73,8 +72,8 @@ class EnsamEngine:
             if contract is not None:
                 check_same(contract, self.contract, "the engine's requested contract", f"the weights {weights}")
         self.cache = EncodingCache(self.config.cache_bytes)
-        self.last_info: dict = {}
-        self._times: dict = {}
+        self.last_info: dict = {}  # the info of the latest segment() call (segment_step returns it instead)
+        self._times: dict = {}  # the running call's time split, under self._lock (handed over and emptied at its end)
         if self.config.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {self.config.bf16!r}")
         self.bf16 = self.config.bf16 == "on" or (self.config.bf16 == "auto" and bf16_ok(self.device))
@@ -155,12 +154,25 @@ class EnsamEngine:
 
     def segment(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
                 image_key: str | None = None, prompts: Prompts | None = None) -> np.ndarray:
-        """Segment one object. image (X, Y, Z) as stored; affine 4x4; points (N, 3) voxel indices with
-        point_labels (N,) 1 = foreground / 0 = background; boxes [[i0, i1, j0, j1, k0, k1], ...]; prev_mask
-        (X, Y, Z) (non-zero = object). ``prompts``: the same already checked by :func:`lib.geometry.check_prompts`
-        for this image (the infer task's; then points/point_labels/boxes are ignored). Several boxes are several
+        """:meth:`segment_step`'s mask; its info is also left in ``last_info`` for single-threaded callers (the
+        evaluator, the benchmark, tests). The server never reads ``last_info``: its sessions
+        (:class:`lib.session.InteractiveSession`) take the info :meth:`segment_step` returns with the mask."""
+        mask, self.last_info = self.segment_step(image, affine, points, point_labels, boxes, prev_mask, image_key,
+                                                 prompts)
+        return mask
+
+    def segment_step(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
+                     image_key: str | None = None, prompts: Prompts | None = None) -> tuple[np.ndarray, dict]:
+        """Segment one object and say how: (mask, info). image (X, Y, Z) as stored; affine 4x4; points (N, 3) voxel
+        indices with point_labels (N,) 1 = foreground / 0 = background; boxes [[i0, i1, j0, j1, k0, k1], ...];
+        prev_mask (X, Y, Z) (non-zero = object). ``prompts``: the same already checked by
+        :func:`lib.geometry.check_prompts` for this image (the infer task's; then points/point_labels/boxes are
+        ignored). Several boxes are several
         objects: each is segmented (with the clicks inside it) and the results are united. Returns uint8 (X, Y, Z)
-        0/1 (Fortran-ordered). Raises PromptError for unusable prompts.
+        0/1 (Fortran-ordered) and the step's info: ROI, cache hits, zooms, refinement windows, which weights
+        answered, the multi-mask choice, times (``encode_s``, ``decode_s``, ``paste_s``, ``cut_s``, ``seconds``);
+        with several boxes, the first object's at the top and every object's under ``objects``. Nothing of the step
+        stays in the engine but its cached encodings. Raises PromptError for unusable prompts.
 
         Work on the whole volume: one bounding box of the previous mask and one copy of it into the answer; the
         rest (ROI crop, previous mask on the model grid, paste back) is region-sized."""
@@ -206,8 +218,9 @@ class EnsamEngine:
                     groups.append((pts[inside], labels[inside], b[None], pm, pm_box))
             parts, objects = [], []
             for g in groups:  # each object's ROI, cache hits, zooms, ... (the answer reports every object's)
-                parts.append(self._segment_one(image, spacing, *g, key))
-                objects.append(dict(self.last_info))
+                region, new, obj = self._segment_one(image, spacing, *g, key)
+                parts.append((region, new))
+                objects.append(obj)
             tp = time.perf_counter()
             # the previous result outside the predicted regions is kept (nothing lost); inside them, replaced. In
             # Fortran order, the order NIfTI and NRRD store voxels in: the answer is written without a transpose
@@ -218,16 +231,17 @@ class EnsamEngine:
             for region, new in parts:
                 out[region] |= new
             self._timed("paste_s", tp)
+            times, self._times = self._times, {}
         # the first object's fields at the top (one object: as before), every object's under "objects"; the
         # request's totals: cache hits and zooms summed over the objects
-        self.last_info = dict(objects[0], objects=objects, cache_hits=sum(o["cache_hits"] for o in objects),
-                              zooms=sum(o["zooms"] for o in objects))
-        self.last_info["seconds"] = time.perf_counter() - t0
-        self.last_info.update({k: round(v, 4) for k, v in self._times.items()})  # encode_s, decode_s, paste_s
-        return out
+        info = dict(objects[0], objects=objects, cache_hits=sum(o["cache_hits"] for o in objects),
+                    zooms=sum(o["zooms"] for o in objects))
+        info["seconds"] = time.perf_counter() - t0
+        info.update({k: round(v, 4) for k, v in times.items()})  # encode_s, decode_s, paste_s, cut_s
+        return out, info
 
     def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, prev_box, key):
-        """Predict one object: (the region of the original grid its ROI covers, the uint8 mask there)."""
+        """Predict one object: (the region of the original grid its ROI covers, the uint8 mask there, its info)."""
         shape = image.shape
         fg = pts[labels == 1]
         net = self.refiner if prev_mask is not None and self.refiner is not None else self.network
@@ -273,12 +287,11 @@ class EnsamEngine:
             inside = np.all((pts >= a) & (pts < b), axis=1)
             new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, float(k),
                                      float(margin), *(str(m) for m in mode))
-        self.last_info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits,
-                          "zooms": zooms, "refine_windows": n_win,
-                          "weights": "refiner" if net is not self.network else "main"}
+        info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits, "zooms": zooms,
+                "refine_windows": n_win, "weights": "refiner" if net is not self.network else "main"}
         if pick is not None:
-            self.last_info["mask"] = pick
-        return region, new
+            info["mask"] = pick
+        return region, new, info
 
     def _probe_view(self, image, spacing, pts, labels, bxs, key, roi: Roi,
                     multimask: bool = False) -> tuple[Roi, int]:

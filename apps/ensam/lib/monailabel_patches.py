@@ -49,6 +49,12 @@ What is patched, and why:
    ``info()``, which builds every task's info) and the DICOMweb datastore's local cache
    ``DICOMWebDatastore._datastore`` (:func:`dicomweb_series_folder`: the folder of a downloaded series, which a DICOM
    SEG references). Upstream: ``MONAILabelApp`` could expose its task tables, ``DICOMWebDatastore`` the series path.
+   ``main.EnsamApp`` reads the same task tables through :func:`app_tasks`, the DICOMweb datastore's cache folder
+   through :func:`dicomweb_series_folder` and its client ``DICOMWebDatastore._client`` through
+   :func:`dicomweb_client_of`, its own datastore ``MONAILabelApp._datastore`` through :func:`app_datastore`, and
+   ``MONAILabelApp._auto_update_scoring`` (the start-up scoring that
+   ``on_init_complete`` runs) through :func:`startup_scoring_held`. Upstream: a setting for when start-up scoring
+   runs.
 
 Loading rule: monailabel's app loader drops every ``lib.*`` module before it runs ``main.py`` (see ``lib.server``);
 this module holds no state and no class whose identity is compared, so the two copies that then exist (the one
@@ -57,6 +63,7 @@ this module holds no state and no class whose identity is compared, so the two c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mimetypes
 import os
@@ -78,7 +85,8 @@ WRITTEN_FOR = "0.8.5"
 __all__ = ["WRITTEN_FOR", "check_version", "put_routes_first", "add_middleware_once", "put_exception_handler",
            "OHIF_DIR", "ohif_file", "install_token_check", "local_datastore", "reload_local_datastore",
            "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn",
-           "infer_by_datastore_id", "app_tasks", "dicomweb_series_folder"]
+           "infer_by_datastore_id", "app_tasks", "dicomweb_series_folder", "startup_scoring_held",
+           "dicomweb_client_of", "app_datastore"]
 
 
 def check_version(installed: str = "") -> bool:
@@ -264,3 +272,29 @@ def dicomweb_series_folder(datastore, series_id: str) -> str:
     """The local folder of series ``series_id`` downloaded by monailabel's DICOMweb datastore (its private local
     cache datastore ``DICOMWebDatastore._datastore``)."""
     return os.path.realpath(os.path.join(datastore._datastore.image_path(), series_id))
+
+
+@contextlib.contextmanager
+def startup_scoring_held(instance, hold: bool):
+    """Around ``MONAILabelApp.on_init_complete``: whether it would score every image at start-up (the private
+    ``_auto_update_scoring`` set and a scoring method declared) is yielded, and with ``hold`` that scoring is held
+    off for the call (the flag cleared, then restored, so later datastore changes still trigger scoring)."""
+    auto = getattr(instance, "_auto_update_scoring", False)
+    would = bool(auto and app_tasks(instance, "scoring"))
+    if hold and would:
+        instance._auto_update_scoring = False
+    try:
+        yield would
+    finally:
+        instance._auto_update_scoring = auto
+
+
+def dicomweb_client_of(datastore):
+    """The DICOMweb client of monailabel's DICOMweb datastore (its private ``DICOMWebDatastore._client``)."""
+    return datastore._client
+
+
+def app_datastore(instance):
+    """The app's datastore as built at start-up (the private ``MONAILabelApp._datastore``; the public
+    ``datastore()`` is what ``main.EnsamApp`` overrides to re-read it first)."""
+    return instance._datastore

@@ -11,6 +11,7 @@ is the study's failure, recorded with its reason; the worker goes on with the ne
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -95,7 +96,8 @@ class Segmenter:
             return dict(done, status="ok", skipped=True)
         t0 = time.time()
         base = {"request": task.request, "weights_sha256": self.conf["weights_sha256"],
-                "weights": os.path.basename(self.conf.get("weights") or ""), "node": self.node, "ray_node": self.ray_node, "pid": os.getpid()}
+                "weights": os.path.basename(self.conf.get("weights") or ""), "node": self.node,
+                "ray_node": self.ray_node, "pid": os.getpid()}
         tmp = tempfile.mkdtemp(prefix="ensam-batch-")
         try:
             if self.engine is None:
@@ -132,14 +134,18 @@ class Segmenter:
         they overlap), or each name at its token id + 1 (a later name wins)."""
         req = task.request
         if req["kind"] == "prompts":
+            from lib.geometry import check_prompts
+            from lib.session import SessionRegistry
+
             out = np.zeros(vol.shape, dtype=np.uint8)
             names: Dict[str, int] = {}
-            for n, obj in enumerate(req["objects"]):
+            vol = dataclasses.replace(vol, key=f"batch:{task.key}")  # the study's encodings, whatever its path
+            for n, obj in enumerate(req["objects"]):  # each object: a one-step session of its own
                 pts = obj.get("points") or None
-                mask = self.engine.segment(vol.array, vol.affine, points=pts,
-                                           point_labels=obj.get("point_labels") if pts else None,
-                                           boxes=obj.get("boxes") or None, image_key=f"batch:{task.key}")
-                out[np.asarray(mask) > 0] = n + 1
+                prompts = check_prompts(pts, obj.get("point_labels") if pts else None, obj.get("boxes") or None,
+                                        vol.shape)
+                mask, _ = SessionRegistry.transient().add_prompts(self.engine, vol, prompts)
+                out[mask > 0] = n + 1
                 names[str(obj.get("label") or f"object_{n + 1}")] = n + 1
         else:
             ids = {name: int(i) for name, i in req["names"].items()}

@@ -19,10 +19,11 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
-from lib.infers import EngineProvider, EnsamInteractive, SessionStore
+from lib.infers import EngineProvider, EnsamInteractive
 from lib.infers.seg_by_example import EnsamSegByExample
 from lib.infers.scribbles import EnsamScribbles
 from lib.io.imageio import VolumeCache
+from lib.session import SessionRegistry
 from lib.settings import CONF, Settings, parse_conf, render_table
 from lib.trainers import EnsamTrain
 
@@ -46,8 +47,8 @@ class EnsamConfig(TaskConfig):
         self.provider = EngineProvider(self.path, network_config=self.network_config,
                                        engine_kwargs=self._engine_kwargs(s))
         self.volumes = VolumeCache(max_items=s.image_cache)
-        self.sessions = SessionStore(max_sessions=s.sessions, max_history=s.session_history,
-                                     max_bytes=int(s.session_mb * 2**20))
+        self.sessions = SessionRegistry(max_sessions=s.sessions, max_history=s.session_history,
+                                        max_bytes=int(s.session_mb * 2**20))
         from lib.atlas.segment import default_atlas_folder
 
         self.seg_task = EnsamSegByExample(  # issue 12: by example (atlases -> prompts -> ensam) or by token

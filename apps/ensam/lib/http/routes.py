@@ -4,7 +4,6 @@ training."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -226,7 +225,6 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     must be a series of the DICOMweb datastore (the SEG references its instances): 400 otherwise; an empty result
     is 422 (a SEG needs a segment)."""
     from monailabel.datastore.dicom import DICOMWebDatastore
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
 
     from lib.infers.dicom_seg import write_dicom_seg  # the app's lib (see the module docstring)
     from lib.monailabel_patches import dicomweb_series_folder
@@ -239,22 +237,13 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
     label_info = p.get("label_info")
     if label_info is not None and not (isinstance(label_info, list) and all(isinstance(e, dict) for e in label_info)):
         raise HTTPException(status_code=400, detail="'label_info' must be a list of {\"name\": ..., \"idx\": <value>}")
-    res = run_inference(background_tasks, model, image, session_id, params, file, label, ResultType.all)
-    if not isinstance(res, Response):
+    result = _inference_result(background_tasks, model, image, p, label)
+    mask_path = result.get("file") or ""
+    if not mask_path or not os.path.exists(mask_path):
         raise HTTPException(status_code=500, detail=f"inference model={model} image={image} gave no result image")
-    result, mask, name = {}, None, ""
-    for part in MultipartDecoder(res.body, res.media_type).parts:
-        disposition = part.headers.get(b"Content-Disposition", b"").decode("latin-1")
-        if 'name="params"' in disposition:
-            result = json.loads(part.content or b"{}")
-        elif 'name="image"' in disposition:
-            mask, name = part.content, disposition.split('filename="')[-1].rstrip('"')
-    fd, mask_path = tempfile.mkstemp(suffix=_upload_suffix(name), prefix="ensam_result_")
-    with os.fdopen(fd, "wb") as out:
-        out.write(mask or b"")
-    try:
+    try:  # the mask file the task wrote, as it is: no HTTP answer made of it and read back
         seg = write_dicom_seg(dicomweb_series_folder(datastore, image), mask_path, label_info,
-                              result.get("label_names"), series_description=model)
+                              (result.get("params") or {}).get("label_names"), series_description=model)
     finally:
         remove_file(mask_path)
     if not seg:
@@ -262,6 +251,36 @@ def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str
                                                     "least one segment; output=json gives the result's details")
     background_tasks.add_task(remove_file, seg)
     return FileResponse(seg, media_type="application/dicom", filename=f"{model}_{image}.dcm")
+
+
+def _inference_result(background_tasks: BackgroundTasks, model: str, image: str, params: Dict[str, Any],
+                      label: Optional[UploadFile]) -> dict:
+    """The infer task's own result for datastore image ``image`` (``{"file": the mask it wrote, "params": its
+    JSON}``), the request built as monailabel's ``run_inference`` builds it (the app's infer config, then
+    ``params``; an uploaded label in a temporary file, OHIF's raw ``.bin`` put on the image's grid) but not turned
+    into an HTTP answer."""
+    import pathlib
+
+    from monailabel.datastore.utils.convert import binary_to_image
+
+    instance = app_instance()
+    request: Dict[str, Any] = {"model": model, "image": image}
+    if label:
+        ext = "".join(pathlib.Path(label.filename).suffixes) if label.filename else ".nii.gz"
+        fd, label_file = tempfile.mkstemp(suffix=ext)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(label.file, out)
+        background_tasks.add_task(remove_file, label_file)
+        if ext == ".bin":
+            label_file = binary_to_image(instance.datastore().get_image_uri(image), label_file)
+            background_tasks.add_task(remove_file, label_file)
+        request["label"] = label_file
+    request.update(instance.info().get("config", {}).get("infer", {}))
+    request.update(params)
+    result = instance.infer(request)
+    if not isinstance(result, dict):
+        raise HTTPException(status_code=500, detail=f"inference model={model} image={image} failed")
+    return result
 
 
 @answers("next sample ({strategy})")

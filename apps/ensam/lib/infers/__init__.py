@@ -4,9 +4,8 @@ from .batch import EnsamBatchInfer, load_manifest
 from .engine_provider import EngineProvider, resolve_device
 from .ensam_infer import EnsamInteractive
 from .request_parsing import RequestError, parse_prompts, validate_prompts
-from .session_store import SessionStore
 
 __all__ = [
     "EnsamBatchInfer", "load_manifest", "EngineProvider", "resolve_device", "EnsamInteractive", "RequestError",
-    "parse_prompts", "validate_prompts", "SessionStore",
+    "parse_prompts", "validate_prompts",
 ]

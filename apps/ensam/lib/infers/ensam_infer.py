@@ -22,7 +22,7 @@ from monailabel.utils.others.generic import device_list
 from .engine_provider import EngineProvider, resolve_device
 from ..io.imageio import RESULT_EXTENSIONS, VolumeCache, write_mask
 from .request_parsing import RequestError, first_value, parse_bool, parse_prompts, validate_prompts
-from .session_store import SessionStore
+from ..session import SessionRegistry, session_key
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,20 @@ def _load(volumes: VolumeCache, request: dict):
         return image, volumes.get(image)
     except FileNotFoundError:
         raise RequestError(f"image not found: {request.get('_image_id') or image!r}", status_code=404) from None
+
+
+def keeps_session(request: dict, label: str) -> bool:
+    """THE session rule: whether a request reads and records its session. The previous result is only meaningful
+    when the request says whose and which object it is: 3D Slicer sends the segment name (label) and its client id;
+    OHIF sends neither (and re-sends every click of the current label each time), so its requests stand alone
+    instead of mixing labels. ``session_memory`` says it outright."""
+    client_id = first_value(request.get("client_id")) or ""
+    return parse_bool(request.get("session_memory"), "session_memory", default=bool(label or client_id))
+
+
+def request_session_key(request: dict, image_path: str, label: str) -> tuple:
+    """The session of a request on ``image_path`` (its real path: one session whatever the path's spelling)."""
+    return session_key(first_value(request.get("client_id")) or "", os.path.realpath(image_path), label)
 
 
 def _result_format(request: dict) -> Tuple[str, Optional[str], bool]:
@@ -97,7 +111,7 @@ class EnsamInteractive(_EnsamTask):
         self,
         provider: EngineProvider,
         volumes: VolumeCache,
-        sessions: SessionStore,
+        sessions: SessionRegistry,
         label_names: Sequence[str] = (),
         description: str = "ENSAM interactive 3D segmentation: clicks, boxes (ROI) and the previous result",
         config: Optional[dict] = None,
@@ -108,39 +122,35 @@ class EnsamInteractive(_EnsamTask):
 
     def __call__(self, request) -> Tuple[Optional[str], Dict]:
         """The click path: request -> prompts (parsed here, checked once by ``geometry.check_prompts``) -> the
-        session's previous mask (bool) -> ``engine.segment`` -> the answer file, with the time split in the JSON."""
+        session's step (:meth:`lib.session.InteractiveSession.add_prompts`: previous answer, engine, record) ->
+        the answer file, with the time split in the JSON."""
         clock = _Clock()
         label = first_value(request.get("label")) or ""
         if not isinstance(label, str):
             label = str(label)
-        client_id = first_value(request.get("client_id")) or ""
         undo = parse_bool(request.get("undo"), "undo")
         reset = parse_bool(request.get("reset_state"), "reset_state")
-        # the previous result is only meaningful when the request says whose and which object it is: 3D Slicer
-        # sends the segment name (label) and its client id; OHIF sends neither (and re-sends every click of the
-        # current label each time), so its requests stand alone instead of mixing labels
-        keep_session = parse_bool(request.get("session_memory"), "session_memory", default=bool(label or client_id))
+        keep_session = keeps_session(request, label)
         points, plabels, boxes = parse_prompts(request)  # malformed input fails before the image is read
         fmt = _result_format(request)
 
         image_path, vol = _load(self.volumes, request)
         clock.lap("load")
-        skey = self.sessions.key(client_id, os.path.realpath(image_path), label)
+        skey = request_session_key(request, image_path, label)
 
         if undo:
             if points or boxes:
                 raise RequestError("'undo' takes no prompts: send it alone to restore the previous result")
-            with self.sessions.locked(skey):  # after the session's click in flight, if any
+            with self.sessions.locked(skey) as session:  # after the session's click in flight, if any
                 try:
-                    mask, depth = self.sessions.peek_undo(skey)
+                    mask, depth = session.peek_undo()
                 except KeyError:
-                    raise RequestError(
-                        f"nothing to undo for client {client_id!r}, label {label!r} on this image", status_code=409
-                    ) from None
+                    raise RequestError(f"nothing to undo for client {skey[0]!r}, label {label!r} on this image",
+                                       status_code=409) from None
                 mask = mask if mask is not None else np.zeros(vol.shape, dtype=np.uint8)
                 out = self._write(mask, vol, fmt)
                 clock.lap("write")
-                self.sessions.undo(skey)  # only once the answer exists
+                session.undo()  # only once the answer exists
             return out, self._result(label, mask, clock, depth, {"undo": True})
 
         prompts = validate_prompts(points, plabels, boxes, vol.shape)
@@ -152,34 +162,27 @@ class EnsamInteractive(_EnsamTask):
         device = self._device(request)
         engine = self.provider.get(device)
         clock.lap("prompt")
-        # read the previous result, segment, record the result: one step per session at a time (a concurrent
-        # click of the same session waits and then builds on this one); reset_state applies only on success.
-        # Requests without session memory (OHIF's) read and write no session: they do not wait for each other.
-        with self.sessions.locked(skey) if keep_session else contextlib.nullcontext():
-            prev = self.sessions.last(skey, vol.shape) if keep_session and not reset else None
-            clock.lap("session")
-            with self.provider.device_lock(device):
-                clock.lap("wait")
-                mask = engine.segment(vol.array, vol.affine, prev_mask=prev, image_key=vol.key, prompts=prompts)
-                clock.lap("infer")
-                engine_info = _jsonable(getattr(engine, "last_info", None) or {})
-            mask = np.asarray(mask)
-            if mask.shape != vol.shape:
-                raise RuntimeError(f"engine returned shape {mask.shape} for an image of shape {vol.shape}")
-            if mask.dtype != np.uint8:  # the engine's answer is uint8 0/1 already: no copy then
-                mask = (mask > 0).astype(np.uint8)
-            out = self._write(mask, vol, fmt)
+        written = []
+
+        def write(mask: np.ndarray) -> None:  # the answer file, before the session records the step
+            written.append(self._write(mask, vol, fmt))
             clock.lap("write")
-            if keep_session:
-                depth = self.sessions.push(skey, mask, reset=reset)
-            else:
-                depth = 0
-                if reset:
-                    self.sessions.reset(skey)
+
+        # one step per session at a time (a concurrent click of the same session waits and then builds on this
+        # one); reset_state applies only on success. Requests without session memory (OHIF's) read and write no
+        # session: they do not wait for each other.
+        with self.sessions.locked(skey) if keep_session else \
+                contextlib.nullcontext(self.sessions.transient(skey)) as session:
+            mask, info = session.add_prompts(engine, vol, prompts, reset=reset, lap=clock.lap, before_record=write,
+                                             device_lock=self.provider.device_lock(device))
+            depth = session.depth
+            if reset and not keep_session:
+                self.sessions.reset(skey)
             clock.lap("session")
-        extra = {"prompts": prompts.summary(), "previous_mask": prev is not None, "reset_state": reset,
+        engine_info = _jsonable({k: v for k, v in info.items() if k != "previous_mask"})
+        extra = {"prompts": prompts.summary(), "previous_mask": info["previous_mask"], "reset_state": reset,
                  "engine": engine_info}
-        return out, self._result(label, mask, clock, depth, extra, engine)
+        return written[0], self._result(label, mask, clock, depth, extra, engine)
 
     def _result(self, label, mask, clock: "_Clock", depth, extra, engine=None) -> Dict:
         res = {

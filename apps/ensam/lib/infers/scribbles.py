@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..geometry import spacing_from_affine
 from ..prompts.strokes import StrokeError, strokes_to_prompts, stroke_values
-from .ensam_infer import EnsamInteractive
+from .ensam_infer import EnsamInteractive, keeps_session, request_session_key
 from ..io.imageio import load_volume, volume_shape, volume_shape_of_upload
 from .request_parsing import RequestError, first_value, parse_bool
 
@@ -143,10 +143,6 @@ class EnsamScribbles(InferTask):
 
     def _has_previous(self, request: dict, image: str, segment: str) -> bool:
         """Whether the interactive task will see a previous result for this request (its session rule)."""
-        client_id = first_value(request.get("client_id")) or ""
-        if parse_bool(request.get("reset_state"), "reset_state"):
+        if parse_bool(request.get("reset_state"), "reset_state") or not keeps_session(request, segment):
             return False
-        if not parse_bool(request.get("session_memory"), "session_memory", default=bool(segment or client_id)):
-            return False
-        sessions = self.interactive.sessions
-        return sessions.depth(sessions.key(client_id, os.path.realpath(image), segment)) > 0
+        return self.interactive.sessions.depth(request_session_key(request, image, segment)) > 0
