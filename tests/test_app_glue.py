@@ -14,7 +14,7 @@ from conftest import SHAPE, synthetic_volume
 from lib.infers.engine_provider import EngineProvider
 from lib.infers.ensam_infer import EnsamInteractive
 from lib.io.imageio import VolumeCache, load_volume, write_mask
-from lib.infers.request_parsing import RequestError, parse_prompts, validate_prompts
+from lib.request_parsing import RequestError, parse_prompts, validate_prompts
 from lib.session import SessionRegistry as SessionStore
 
 
@@ -128,7 +128,7 @@ def test_session_store_bounds_and_undo():
 
 
 def test_prompt_count_limits():
-    from lib.infers.request_parsing import MAX_BOXES, MAX_POINTS
+    from lib.request_parsing import MAX_BOXES, MAX_POINTS
 
     pts = [[1, 1, 1]] * MAX_POINTS
     assert len(parse_prompts({"foreground": pts})[0]) == MAX_POINTS
@@ -322,7 +322,7 @@ def test_train_request_and_label_names():
 
 def test_boolean_values_are_strict_in_train_infer_and_config():
     """One rule for booleans: a typo is a 400 naming the field in a train request as in an infer request."""
-    from lib.infers.request_parsing import parse_bool
+    from lib.request_parsing import parse_bool
     from lib.trainers.ensam_train import EnsamTrain
 
     task = EnsamTrain("/tmp/none", ["/tmp/none/pretrained_ensam.pt", "/tmp/none/ensam.pt"])
@@ -355,7 +355,7 @@ def test_train_cases_use_one_value_per_name(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- batch, AL
 def test_manifest_forms():
-    from lib.infers.batch import load_manifest
+    from lib.batch.sources import load_manifest
 
     m = load_manifest({"a": {"roi": [1, 2, 3, 4, 5, 6]}, "b": [{"label": "x", "foreground": [[1, 2, 3]]}, {}]})
     assert list(m) == ["a", "b"] and len(m["b"]) == 2

@@ -15,7 +15,7 @@ import torch
 from conftest import BLOBS
 from lib.engine import EngineConfig, EnsamEngine
 from lib.geometry import PromptError, check_prompts, voxel_index
-from lib.infers.request_parsing import RequestError, validate_prompts
+from lib.request_parsing import RequestError, validate_prompts
 from lib.session import SessionRegistry as SessionStore
 from lib.network import NetworkConfig, build_network
 

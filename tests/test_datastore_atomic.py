@@ -1,6 +1,6 @@
-"""lib.datastore.AtomicLocalDatastore: a crash in the middle of a label save or an index write leaves the old file
-whole (monailabel's LocalDatastore copied / rewrote in place: a SIGKILL left a 0-byte label that the restarted
-server then served, seen with scripts/faults.py on the stock datastore)."""
+"""lib.monailabel_patches.atomic_datastore.AtomicLocalDatastore: a crash in the middle of a label save or an index
+write leaves the old file whole (monailabel's LocalDatastore copied / rewrote in place: a SIGKILL left a 0-byte
+label that the restarted server then served, seen with scripts/faults.py on the stock datastore)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib import datastore as D
+from lib.monailabel_patches import atomic_datastore as D
 from lib.io import atomic
 
 
@@ -45,7 +45,7 @@ def test_crash_during_a_label_save_keeps_the_old_label(store, tmp_path, monkeypa
         store.save_label("img", _label(tmp_path, 2, "b.nii.gz"), "final", {})
     monkeypatch.undo()
     assert open(dest, "rb").read() == old and open(index).read() == old_index
-    assert not [f for f in os.listdir(os.path.dirname(dest)) if f.endswith(D.TMP_SUFFIX)]
+    assert not [f for f in os.listdir(os.path.dirname(dest)) if f.endswith(atomic.TMP_SUFFIX)]
     store.save_label("img", _label(tmp_path, 2, "b.nii.gz"), "final", {})
     assert nib.load(dest).get_fdata().max() == 2
 
@@ -67,7 +67,7 @@ def test_crash_during_an_index_write_keeps_the_old_index(store, tmp_path, monkey
 def test_dead_writers_temporary_files_are_removed_at_start(tmp_path):
     studies = tmp_path / "s"
     (studies / "labels" / "final").mkdir(parents=True)
-    stale = studies / "labels" / "final" / f".img.nii.gz.999999999.abc{D.TMP_SUFFIX}"
+    stale = studies / "labels" / "final" / f".img.nii.gz.999999999.abc{atomic.TMP_SUFFIX}"
     stale.write_bytes(b"half")
     D.AtomicLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     assert not stale.exists()

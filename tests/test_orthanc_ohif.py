@@ -252,8 +252,8 @@ def test_ohif_click_gives_nrrd_on_the_series_grid(server, series):
 
 def test_the_series_is_fetched_in_its_stored_transfer_syntax(server, series):
     """The server asks Orthanc for the series as stored (JPEG 2000 here): Orthanc 1.10 + GDCM crashes when it has to
-    transcode such frames (see apps/ensam/lib/monailabel_patches.py, retrieve_series_as_stored). Runs after the
-    click test."""
+    transcode such frames (see apps/ensam/lib/monailabel_patches/__init__.py, retrieve_series_as_stored). Runs after
+    the click test."""
     import pydicom
 
     cached = glob.glob(os.path.join(os.path.dirname(server.log_path), "dicomweb-cache", "**", "*.dcm"), recursive=True)

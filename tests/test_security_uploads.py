@@ -215,7 +215,6 @@ def test_archive_bounds(tmp_path):
 # ---------------------------------------------------------------------------------------------------- unit: uploads
 def _refused(tmp_path, data: bytes, name: str):
     """The RequestError the upload check raises for ``data`` saved as ``name`` (fails when it is accepted)."""
-    from lib.infers.request_parsing import RequestError  # noqa: F401 (imports monailabel: not timed)
     from lib.io.imageio import volume_shape_of_upload
 
     path = tmp_path / name

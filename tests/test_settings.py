@@ -152,8 +152,12 @@ def test_environment_settings_are_parsed_strictly():
     assert env_value("ENSAM_MAX_BODY_MB", {"ENSAM_MAX_BODY_MB": "  "}) == 4.0
     assert env_value("ENSAM_AUTH_AUDIENCE", {"ENSAM_AUTH_AUDIENCE": "ensam, other"}) == ["ensam", "other"]
     assert env_value("ENSAM_AUTH_ISSUER", {}) == ""
+    assert env_value("ENSAM_STARTUP_IDLE_S", {}) == 5.0
+    assert env_value("ENSAM_STARTUP_IDLE_S", {"ENSAM_STARTUP_IDLE_S": "15"}) == 15.0
+    # ENSAM_STARTUP_IDLE_S was read with a bare float() by main.py, a typo silently became the default
     for name, value in (("ENSAM_MAX_UPLOAD_MB", "1G"), ("ENSAM_AUTH_KEYS_TTL_S", "-1"),
-                        ("ENSAM_AUTH_KEYS_REFRESH_S", "nan"), ("ENSAM_MAX_VOXELS", "2.5")):
+                        ("ENSAM_AUTH_KEYS_REFRESH_S", "nan"), ("ENSAM_MAX_VOXELS", "2.5"),
+                        ("ENSAM_STARTUP_IDLE_S", "5s"), ("ENSAM_STARTUP_IDLE_S", "-1")):
         with pytest.raises(SettingError) as e:
             check_environment({name: value})
         assert str(e.value).startswith(f"environment variable {name}: expected ") and repr(value) in str(e.value)

@@ -4,7 +4,7 @@ each, gloo on CPU).
 
 * one training step of a tiny network, gradients averaged over the two nodes, equals one process's step on the
   combined batch (both nodes' samples, mean loss) within float tolerance;
-* the train task's plan (``python -m lib.training.finetune_job plan``, built as ``POST /train/ensam`` would) runs
+* the train task's plan (``python -m lib.configs.train_plan``, built as ``POST /train/ensam`` would) runs
   unchanged under torchrun: rank 0 publishes the artefact and writes the statistics.
 """
 
@@ -136,7 +136,7 @@ def _labelled_datastore(root):
     """A datastore folder with one real CT and its saved ``final`` label (one named structure)."""
     import nibabel as nib
 
-    from lib.datastore import AtomicLocalDatastore
+    from lib.monailabel_patches.atomic_datastore import AtomicLocalDatastore
 
     src = os.path.join(ROOT, "sample-datasets", "train")
     studies = os.path.join(root, "studies")
@@ -164,7 +164,7 @@ def test_the_train_tasks_plan_runs_unchanged_under_torchrun_on_two_nodes(tmp_pat
     request = {"max_steps": 2, "max_seconds": 0, "pretrained": False, "concept": False, "labels": "liver",
                "val_split": 0, "optimizer": "adamw", "device": "cpu", "rehearsal": 0}
     plan_file = tmp_path / "plan.json"
-    out = subprocess.run([sys.executable, "-m", "lib.training.finetune_job", "plan", "--studies", studies,
+    out = subprocess.run([sys.executable, "-m", "lib.configs.train_plan", "--studies", studies,
                           "--app", str(app), "--conf", "network", str(net_json), "--request", json.dumps(request),
                           "--out", str(plan_file)], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=TIMEOUT_S)

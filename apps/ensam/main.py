@@ -44,25 +44,23 @@ from lib import monailabel_patches  # noqa: E402  (every patch of monailabel int
 from lib.activelearning.interactive_gate import GATE_ENV, gate, server_gate_path  # noqa: E402
 from lib.configs.ensam import EnsamConfig  # noqa: E402
 from lib.infers.batch import EnsamBatchInfer  # noqa: E402
-from lib.infers.dicom_seg import write_dicom_seg  # noqa: E402
+from lib.dicom_seg import write_dicom_seg  # noqa: E402
+from lib.settings import env_value  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 CONFIGS = {"ensam": EnsamConfig}
 DCMQI_TOOL = "itkimage2segimage"  # monailabel looks for it on PATH, which includes <app>/bin
-# start-up scoring waits until no inference has been in flight for this long (seconds; issue 30, item 4)
-STARTUP_IDLE_ENV = "ENSAM_STARTUP_IDLE_S"
-STARTUP_IDLE_S = 5.0
 
 
 class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
     """monailabel's DICOMweb datastore whose final labels become DICOM SEG without dcmqi when it is missing (the
-    created datastore's class is swapped to this one by ``lib.monailabel_patches.patch_dicomweb_datastore``).
+    created datastore's class is swapped to this one by ``lib.monailabel_patches.AppPatches``).
 
     monailabel 0.8.5 converts a saved ``final`` label to DICOM SEG with dcmqi's ``itkimage2segimage`` only (it has
     no setting to choose its pydicom-seg writer); offline, dcmqi cannot be downloaded and every ``PUT
     /datastore/label`` failed with a bare 500 and nothing saved. Here, when the tool is not on PATH, the same steps
-    run with ``lib.infers.dicom_seg.write_dicom_seg`` (pydicom-seg, segments named by their label value): SEG ->
+    run with ``lib.dicom_seg.write_dicom_seg`` (pydicom-seg, segments named by their label value): SEG ->
     STOW to the DICOMweb server -> the label kept in the local cache with the SEG's SeriesInstanceUID; the cached
     list of labelled series is dropped so that ``/datastore`` counts the new label at once. An empty label or a
     failed conversion/upload answers a 4xx/502 JSON error instead of a 500. With dcmqi present, monailabel's own
@@ -107,7 +105,12 @@ class DICOMwebDatastoreWithPydicomSeg(DICOMWebDatastore):
                 os.unlink(converted)
 
 
-class EnsamApp(MONAILabelApp):
+class EnsamApp(monailabel_patches.AppPatches, MONAILabelApp):
+    """The ensam app; the private ``MONAILabelApp`` methods it overrides (the DICOMweb datastore's class, the
+    optional dcmqi download) are in :class:`lib.monailabel_patches.AppPatches`."""
+
+    dicomweb_datastore_class = DICOMwebDatastoreWithPydicomSeg  # a DICOMweb datastore becomes one (patch 6)
+
     def __init__(self, app_dir, studies, conf):
         yield_to_interactive()  # scoring / batch inference / training processes: interactive requests first
         if not in_background_task():  # the server: its task processes inherit the gate their work pauses at
@@ -173,21 +176,12 @@ class EnsamApp(MONAILabelApp):
         return EnsamBatchInfer(monailabel_patches.app_tasks(self, "infer"))
 
     def init_datastore(self):
-        """A local studies folder gets :class:`lib.datastore.AtomicLocalDatastore` (labels, images and the index
-        written atomically: a crash never leaves a truncated label or index); DICOMweb etc. as monailabel does."""
+        """A local studies folder gets ``lib.monailabel_patches.atomic_datastore.AtomicLocalDatastore`` (labels,
+        images and the index written atomically: a crash never leaves a truncated label or index); DICOMweb etc. as
+        monailabel does."""
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         return monailabel_patches.local_datastore(self.studies)
-
-    def _init_dicomweb_datastore(self):
-        return monailabel_patches.patch_dicomweb_datastore(super()._init_dicomweb_datastore(),
-                                                           DICOMwebDatastoreWithPydicomSeg)
-
-    def _download_dcmqi_tools(self):
-        """monailabel fetches dcmqi (DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
-        fails to start without internet access. ensam needs none of it: saved labels and ``output=dicom_seg``
-        results are written with pydicom-seg (``lib.infers.dicom_seg``)."""
-        monailabel_patches.download_dcmqi_tools_or_warn(super()._download_dcmqi_tools)
 
     def datastore(self):
         """The datastore, re-read first if another process (batch inference, scoring, training run as
@@ -221,7 +215,7 @@ class EnsamApp(MONAILabelApp):
         result: the session was evicted, expired, or lived on a replica that died (sessions are in memory, per
         server; docs/SCALE_OUT.md). ``reset_state`` starts again and is never refused."""
         from lib.errors import RequestError
-        from lib.infers.request_parsing import first_value, parse_bool
+        from lib.request_parsing import first_value, parse_bool
 
         if not isinstance(request, dict) or request.get("session_step") in (None, ""):
             return
@@ -262,15 +256,12 @@ class EnsamApp(MONAILabelApp):
         with monailabel_patches.startup_scoring_held(self, hold) as would_score:
             super().on_init_complete()
         if hold and would_score:
-            threading.Thread(target=self._startup_scoring_when_idle, name="ensam-startup-scoring",
+            idle = env_value("ENSAM_STARTUP_IDLE_S")  # lib.settings.ENV: a bad value stopped the start (lib.http)
+            threading.Thread(target=self._startup_scoring_when_idle, args=(idle,), name="ensam-startup-scoring",
                              daemon=True).start()
 
-    def _startup_scoring_when_idle(self) -> None:
-        try:
-            idle = float(os.environ.get(STARTUP_IDLE_ENV, STARTUP_IDLE_S))
-        except ValueError:
-            idle = STARTUP_IDLE_S
-        gate().wait_idle(max(0.0, idle))
+    def _startup_scoring_when_idle(self, idle: float) -> None:
+        gate().wait_idle(idle)
         gate().log(ev="startup_scoring", t=time.time())
         logger.info(f"start-up scoring: the server was idle for {idle:.1f}s; scoring every image in the background")
         try:

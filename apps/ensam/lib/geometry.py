@@ -154,11 +154,6 @@ class Roi:
         p = np.asarray(points, float).reshape(-1, 3)
         return (p - np.asarray(self.start) + 0.5) * self.scale - 0.5
 
-    def to_original(self, points) -> np.ndarray:
-        """(N, 3) model-grid coordinates -> (N, 3) original voxel indices (float)."""
-        p = np.asarray(points, float).reshape(-1, 3)
-        return (p + 0.5) / self.scale - 0.5 + np.asarray(self.start)
-
     def boxes_to_model(self, boxes) -> np.ndarray:
         """(K, 6) inclusive original boxes -> (K, 6) model-grid boxes (corner voxel centres mapped)."""
         b = np.asarray(boxes, float).reshape(-1, 6)

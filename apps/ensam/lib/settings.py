@@ -1,6 +1,6 @@
 """THE declaration of ensam's server settings: every ``--conf key value`` of the app (:data:`CONF`) and the ``ENSAM_*``
-environment settings of the HTTP layer (:data:`ENV`), each declared once with its name, type, default, bounds and
-a one-line description.
+environment settings of the server (:data:`ENV`: the HTTP layer's limits and token checks, the app's start-up), each
+declared once with its name, type, default, bounds and a one-line description.
 
 * :func:`parse_conf` reads a ``--conf`` dict into a :class:`Settings` (values as attributes), strictly: an unknown
   key, a boolean other than true/false/1/0/yes/no, a number that is not finite or outside its bounds, is a
@@ -208,6 +208,8 @@ ENV: Tuple[Setting, ...] = (
     Setting("ENSAM_AUTH_KEYS_TTL_S", "float", 300.0, "how long the realm's keys are kept, seconds", low=0),
     Setting("ENSAM_AUTH_KEYS_REFRESH_S", "float", 30.0, "the shortest time between two key refreshes for an "
             "unknown key id, seconds", low=0),
+    Setting("ENSAM_STARTUP_IDLE_S", "float", 5.0, "the start-up scoring of every image waits until no inference has "
+            "been in flight for this long, seconds", low=0),
 )
 
 

@@ -33,7 +33,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from lib.infers.engine_provider import EngineProvider
 from lib.io.imageio import VolumeCache, file_key
 from lib.label_vocab import canonical, load_vocab
-from lib.infers.request_parsing import parse_bool
+from lib.request_parsing import parse_bool
 
 from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding
 from .interactive_gate import gate

@@ -6,6 +6,7 @@ version, request), written atomically; see :mod:`lib.batch.job`. docs/SCALE_OUT.
 Plain Python + the engine: MONAI Label is imported only for a datastore or DICOMweb input and the DICOM SEG output.
 """
 
-from lib.batch.job import BACKENDS, BatchJob, ResultStore, Study, result_key, run_job, weights_sha256
+from lib.batch.job import BACKENDS, BatchJob, Study, result_key, run_job, weights_sha256
+from lib.batch.store import ResultStore
 
 __all__ = ["BACKENDS", "BatchJob", "ResultStore", "Study", "result_key", "run_job", "weights_sha256"]

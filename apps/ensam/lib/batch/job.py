@@ -3,11 +3,11 @@
 A job is a list of :class:`Study` (a local file or DICOM folder, or a DICOMweb series) and a :class:`BatchJob`
 (the weights, the engine settings, the prompt-free names, the output folder). Each study gets ONE result key, a
 hash of (the study's identity, the weights' sha256, the request: its prompts or names, the engine settings, the
-output format); :class:`ResultStore` keeps one result per key under ``<out>/results/`` (the label map, then its
-record, each written atomically by :mod:`lib.io.atomic`: the record is the "done" mark). Before anything runs the
-driver drops the studies whose key is already done, so a re-run after a kill does only the missing ones; the same
-check is made again by the worker right before it starts a study (a retried task after a lost node finds the
-result of the first attempt and does nothing).
+output format); :class:`lib.batch.store.ResultStore` keeps one result per key under ``<out>/results/`` (the label
+map, then its record, each written atomically by :mod:`lib.io.atomic`: the record is the "done" mark). Before
+anything runs the driver drops the studies whose key is already done, so a re-run after a kill does only the
+missing ones; the same check is made again by the worker right before it starts a study (a retried task after a
+lost node finds the result of the first attempt and does nothing).
 
 Backends, same worker code (:class:`lib.batch.worker.Segmenter`, which loads the weights once per worker):
 
@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from lib.batch.store import ResultStore, Task
+from lib.batch.worker import Segmenter
 from lib.io.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
-RECORD_FORMAT = "ensam-batch-result/1"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -131,95 +131,6 @@ def result_key(study: Study, weights_sha: str, request: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class ResultStore:
-    """The output folder of batch jobs: ``results/<stem>.<ext>`` + ``results/<stem>.json`` (the record, written
-    last), ``failed/<stem>.json``, ``manifest.json``; ``<stem>`` = the study id made file-safe + ``--`` + key."""
-
-    def __init__(self, out: str):
-        self.out = os.path.abspath(out)
-        self.results = os.path.join(self.out, "results")
-        self.failed = os.path.join(self.out, "failed")
-
-    @staticmethod
-    def stem(study_id: str, key: str) -> str:
-        return f"{_SAFE.sub('_', str(study_id))[:80]}--{key}"
-
-    def record_path(self, study_id: str, key: str) -> str:
-        return os.path.join(self.results, self.stem(study_id, key) + ".json")
-
-    def mask_path(self, study_id: str, key: str, extension: str) -> str:
-        return os.path.join(self.results, self.stem(study_id, key) + extension)
-
-    def failure_path(self, study_id: str, key: str) -> str:
-        return os.path.join(self.failed, self.stem(study_id, key) + ".json")
-
-    def done(self, study_id: str, key: str) -> Optional[dict]:
-        """The record of a finished result (None when there is none, or its label file is gone)."""
-        try:
-            with open(self.record_path(study_id, key)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if rec.get("key") != key or not os.path.exists(os.path.join(self.results, rec.get("file") or "")):
-            return None
-        return rec
-
-    def failure(self, study_id: str, key: str) -> Optional[dict]:
-        try:
-            with open(self.failure_path(study_id, key)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    def publish(self, study_id: str, key: str, label_file: str, extension: str, record: dict) -> dict:
-        """Publish a result: the label file copied in atomically, then its record (the "done" mark); a failure
-        recorded by an earlier attempt is removed."""
-        from lib.io.atomic import atomic_write_bytes_from
-
-        os.makedirs(self.results, exist_ok=True)
-        dest = self.mask_path(study_id, key, extension)
-        atomic_write_bytes_from(label_file, dest)
-        record = dict(record, format=RECORD_FORMAT, study=study_id, key=key, file=os.path.basename(dest))
-        atomic_write_json(record, self.record_path(study_id, key))
-        try:
-            os.remove(self.failure_path(study_id, key))
-        except OSError:
-            pass
-        return record
-
-    def record_failure(self, study_id: str, key: str, record: dict) -> dict:
-        record = dict(record, format=RECORD_FORMAT, study=study_id, key=key)
-        atomic_write_json(record, self.failure_path(study_id, key))
-        return record
-
-    def remove_dead_temporaries(self) -> int:
-        """Temporary files of writers that died (a node killed mid-write); called once the job's workers are
-        done."""
-        from lib.io.atomic import TMP_SUFFIX
-
-        if not any(f.endswith(TMP_SUFFIX) for _, _, files in os.walk(self.out) for f in files):
-            return 0  # the usual case: no need to import the datastore module (and monailabel) for the sweep
-        from lib.datastore import remove_dead_temps
-
-        return remove_dead_temps(self.out)
-
-
-@dataclass
-class Task:
-    """One study's unit of work, as it travels to a worker (JSON)."""
-
-    study: dict
-    key: str
-    request: dict
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), default=str)
-
-    @staticmethod
-    def from_json(text: str) -> "Task":
-        return Task(**json.loads(text))
-
-
 def plan(job: BatchJob, studies: Iterable[Study], weights_sha: str) -> List[Task]:
     """One task per study (the same id twice is an error: one result per study)."""
     tasks, seen = [], set()
@@ -309,8 +220,6 @@ def write_manifest(store: ResultStore, job: BatchJob, tasks: List[Task], sha: st
 
 # ------------------------------------------------------------------------------------------------------- backends
 def _run_local(job: BatchJob, sha: str, todo: List[Task], seen, ray_address=None) -> None:
-    from lib.batch.worker import Segmenter
-
     seg = Segmenter(job.worker_conf(sha, "local"))
     for t in todo:
         seen(seg.run(t))
@@ -320,8 +229,6 @@ def _run_ray(job: BatchJob, sha: str, todo: List[Task], seen, ray_address: Optio
     import numpy as np
     import ray
     import ray.data
-
-    from lib.batch.worker import Segmenter
 
     started = False
     remote_env: Dict[str, Any] = {}

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from lib.batch.job import ResultStore, Task
+from lib.batch.store import ResultStore, Task
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +230,12 @@ def uid_from(key: str, what: str) -> str:
 
 
 def _store_dicom_seg(ref: dict, series_dir: str, label_file: str, names: Dict[str, int], key: str) -> Optional[dict]:
-    """The label map as DICOM SEG (:func:`lib.infers.dicom_seg.write_dicom_seg`) with UIDs from ``key``, stored
+    """The label map as DICOM SEG (:func:`lib.dicom_seg.write_dicom_seg`) with UIDs from ``key``, stored
     with STOW-RS. None when the label map is empty (nothing to store)."""
     import pydicom
     from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 
-    from lib.infers.dicom_seg import write_dicom_seg
+    from lib.dicom_seg import write_dicom_seg
 
     seg_file = write_dicom_seg(series_dir, label_file, label_names=names, series_description="ensam batch")
     if not seg_file:

@@ -220,13 +220,13 @@ def infer_threaded(
 def infer_as_dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, session_id: str, params: str,
                        file: Optional[UploadFile], label: Optional[UploadFile], p: Dict[str, Any]) -> Response:
     """``output=dicom_seg``: the result as a DICOM SEG on the image's series, written with pydicom-seg by
-    ``lib.infers.dicom_seg`` (monailabel 0.8.5 needs dcmqi for it, which an offline server cannot download: 500).
+    ``lib.dicom_seg`` (monailabel 0.8.5 needs dcmqi for it, which an offline server cannot download: 500).
     Segments are named from the request's ``label_info`` if given, else from the result's ``label_names``. The image
     must be a series of the DICOMweb datastore (the SEG references its instances): 400 otherwise; an empty result
     is 422 (a SEG needs a segment)."""
     from monailabel.datastore.dicom import DICOMWebDatastore
 
-    from lib.infers.dicom_seg import write_dicom_seg  # the app's lib (see the module docstring)
+    from lib.dicom_seg import write_dicom_seg  # the app's lib (see the module docstring)
     from lib.monailabel_patches import dicomweb_series_folder
 
     datastore = app_instance().datastore()
@@ -328,7 +328,7 @@ async def batch_infer_checked(
     every entry within the per-request limits) are checked before the batch task starts."""
     from monailabel.endpoints.batch_infer import run
 
-    from lib.infers.batch import load_manifest  # the app's lib (see the module docstring)
+    from lib.batch.sources import load_manifest  # the app's lib (see the module docstring)
 
     _task("infer", model)
     body = dict(params or {})

@@ -59,7 +59,7 @@ def _id_lock(image_id: str) -> threading.Lock:
     the write, an image upload, a DELETE of the image and its labels), so that they run one after the other (issue
     25 #11: a save racing a DELETE was a 500 or left an orphan label). 64 locks shared by all ids (striped); held by
     thread-pool routes only, never nested. Across processes the datastore's file lock does the same
-    (lib/datastore.py)."""
+    (lib/monailabel_patches/atomic_datastore.py)."""
     return _ID_LOCKS[hash(image_id) % len(_ID_LOCKS)]
 
 

@@ -1,11 +1,8 @@
-"""MONAI Label infer glue for ensam (the model work happens in lib.engine; volumes and masks: lib.io)."""
+"""MONAI Label infer glue for ensam (the model work happens in lib.engine; volumes and masks: lib.io; requests:
+lib.request_parsing; batch manifests: lib.batch.sources)."""
 
-from .batch import EnsamBatchInfer, load_manifest
+from .batch import EnsamBatchInfer
 from .engine_provider import EngineProvider, resolve_device
 from .ensam_infer import EnsamInteractive
-from .request_parsing import RequestError, parse_prompts, validate_prompts
 
-__all__ = [
-    "EnsamBatchInfer", "load_manifest", "EngineProvider", "resolve_device", "EnsamInteractive", "RequestError",
-    "parse_prompts", "validate_prompts",
-]
+__all__ = ["EnsamBatchInfer", "EngineProvider", "resolve_device", "EnsamInteractive"]

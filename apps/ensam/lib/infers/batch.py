@@ -9,10 +9,11 @@ interactive model once per object with the prompts the manifest lists:
                   "other_id": [{"label": "liver", "roi": [...]}, {"label": "spleen", "points": [...],
                                 "point_labels": [1, 0]}]}}
 
-A list of objects gives one label map with values 1..N in list order (at most ``MAX_OBJECTS`` per image; each
-object's prompts are checked, with the per-request limits of an interactive click, when the manifest is loaded,
-before any image is processed). ``manifest`` may also be a list ``[{"image": id, ...}, ...]``, or, for callers
-inside the server only, a path to such a JSON file (the HTTP route accepts only an inline manifest).
+A list of objects gives one label map with values 1..N in list order (at most ``lib.batch.sources.MAX_OBJECTS``
+per image; each object's prompts are checked, with the per-request limits of an interactive click, when the manifest
+is loaded by ``lib.batch.sources.load_manifest``, before any image is processed). ``manifest`` may also be a list
+``[{"image": id, ...}, ...]``, or, for callers inside the server only, a path to such a JSON file (the HTTP route
+accepts only an inline manifest).
 
 Where the job runs: ``--conf batch_backend local|ray`` (default ``local``: in the batch task's process) and
 ``--conf ray_address`` (Ray: empty = a new local Ray, ``auto``, ``host:port``, ``ray://host:port``); request keys
@@ -30,7 +31,6 @@ each summary). On Ray such names are segmented by token, and logged as such.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -39,60 +39,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.batch_infer import BatchInferImageType, BatchInferTask
 
-from .request_parsing import MAX_BOXES, RequestError, parse_prompts
+from lib.batch.job import BatchJob, run_job
+from lib.batch.sources import PROMPT_KEYS, dicomweb_ref, load_manifest, studies_from_datastore, with_manifest
+from lib.batch.store import ResultStore
+from lib.request_parsing import RequestError
 
 logger = logging.getLogger(__name__)
-
-PROMPT_KEYS = ("foreground", "background", "points", "point_labels", "roi", "boxes", "label")
-MAX_OBJECTS = MAX_BOXES  # objects (one inference each) per image of a manifest
-
-
-def load_manifest(value: Any) -> Optional[Dict[str, List[dict]]]:
-    """Normalise a manifest to ``{image_id: [prompt dict, ...]}`` (None when there is none); every entry is checked
-    (known keys, prompts well-formed and within the per-request limits, at most ``MAX_OBJECTS`` per image)."""
-    if value is None or value == "" or value == {}:
-        return None
-    if isinstance(value, str):
-        s = value.strip()
-        try:
-            if s.startswith("{") or s.startswith("["):
-                value = json.loads(s)
-            else:
-                if not os.path.exists(s):
-                    raise RequestError(f"manifest file not found: {s!r}", status_code=404)
-                with open(s) as f:
-                    value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"manifest is not valid JSON: {e}") from None
-    out: Dict[str, List[dict]] = {}
-    if isinstance(value, list):
-        for n, item in enumerate(value):
-            if not isinstance(item, dict) or not item.get("image"):
-                raise RequestError(f"manifest[{n}] must be an object with an 'image' id and prompts, got {item!r}")
-            out.setdefault(str(item["image"]), []).append({k: v for k, v in item.items() if k != "image"})
-    elif isinstance(value, dict):
-        for image_id, entry in value.items():
-            entries = entry if isinstance(entry, list) else [entry]
-            for e in entries:
-                if not isinstance(e, dict):
-                    raise RequestError(f"manifest[{image_id!r}] must be an object of prompts (or a list of them)")
-            out[str(image_id)] = [dict(e) for e in entries]
-    else:
-        raise RequestError(f"manifest must be an object image_id -> prompts, got {type(value).__name__}")
-    for image_id, entries in out.items():
-        if len(entries) > MAX_OBJECTS:
-            raise RequestError(f"manifest[{image_id!r}]: too many objects: at most {MAX_OBJECTS} objects per image, "
-                               f"got {len(entries)}", status_code=413)
-        for n, e in enumerate(entries):
-            unknown = set(e) - set(PROMPT_KEYS)
-            if unknown:
-                raise RequestError(f"manifest[{image_id!r}]: unknown keys {sorted(unknown)}; use {PROMPT_KEYS}")
-            try:
-                parse_prompts(e)
-            except RequestError as err:
-                raise RequestError(f"manifest[{image_id!r}][{n}]: {err}", status_code=err.status_code) from None
-    return out
-
 
 # the settings this task reads from the app's --conf (declared, with their defaults and checks, in lib.settings)
 BATCH_SETTINGS = ("batch_backend", "ray_address", "batch_results")
@@ -129,9 +81,6 @@ class EnsamBatchInfer(BatchInferTask):
         return super().get_images(request, datastore)
 
     def __call__(self, request, datastore: Datastore, infer=None):
-        from lib.batch.job import BatchJob, run_job
-        from lib.batch.sources import dicomweb_ref, studies_from_datastore, with_manifest
-
         start = time.time()
         request = dict(request)
         manifest = load_manifest(request.pop("manifest", None))
@@ -265,8 +214,6 @@ class EnsamBatchInfer(BatchInferTask):
 
     @staticmethod
     def _results_folder(datastore: Datastore, image_ids: List[str]) -> str:
-        from lib.batch.sources import dicomweb_ref
-
         if dicomweb_ref(datastore) is None:
             known = set(datastore.list_images())
             for i in image_ids:
@@ -282,8 +229,6 @@ class EnsamBatchInfer(BatchInferTask):
               dicomweb: bool) -> dict:
         """The job's result of one image as the REST answer; saved as the image's label in a local datastore (a
         DICOMweb one got it as DICOM SEG from the job)."""
-        from lib.batch.job import ResultStore
-
         store = ResultStore(job.out)
         rec = store.done(image_id, entry["key"]) or {}
         names = rec.get("label_names") or entry.get("label_names") or {}

@@ -21,7 +21,7 @@ from monailabel.utils.others.generic import device_list
 
 from .engine_provider import EngineProvider, resolve_device
 from ..io.imageio import RESULT_EXTENSIONS, VolumeCache, write_mask
-from .request_parsing import RequestError, first_value, parse_bool, parse_prompts, validate_prompts
+from lib.request_parsing import RequestError, first_value, parse_bool, parse_prompts, validate_prompts
 from ..session import SessionRegistry, session_key
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class _EnsamTask(InferTask):
         self.volumes = volumes
 
     def is_valid(self) -> bool:
-        return self.provider.is_valid()
+        return True  # the network can always be built; without weights it is untrained (logged at load)
 
     def get_path(self, validate=True):
         p = self.provider.weights_path()

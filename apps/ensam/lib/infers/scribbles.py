@@ -30,7 +30,7 @@ from ..geometry import spacing_from_affine
 from ..prompts.strokes import StrokeError, strokes_to_prompts, stroke_values
 from .ensam_infer import EnsamInteractive, keeps_session, request_session_key
 from ..io.imageio import load_volume, volume_shape, volume_shape_of_upload
-from .request_parsing import RequestError, first_value, parse_bool
+from lib.request_parsing import RequestError, first_value, parse_bool
 
 HOW = ("send the strokes as the multipart file 'label' of POST /infer/ensam_scribbles (a labelmap on the image's "
        "grid: background strokes 2, foreground strokes 3, or the values 'label_info' gives 'background_scribbles' "

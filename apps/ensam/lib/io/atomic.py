@@ -49,6 +49,26 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def remove_dead_temps(root: str) -> int:
+    """Remove ``*.ensam-tmp`` files under ``root`` whose writer process is gone; returns how many (the datastore at
+    start-up, a batch job's results folder at its end)."""
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(TMP_SUFFIX):
+                continue
+            parts = f.split(".")
+            pid = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
+            if pid is not None and pid_alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            try:
+                os.remove(os.path.join(d, f))
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
 def _publish(dest: str, write, suffix: str, binary: bool) -> None:
     d = os.path.dirname(os.path.abspath(dest))
     os.makedirs(d, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.infers.request_parsing import first_value, parse_bool
+from lib.request_parsing import first_value, parse_bool
 from lib.training.finetune_job import FinetuneJob, cuda_available
 
 

@@ -17,7 +17,7 @@ monailabel import); the ``ensam`` train task (:mod:`lib.trainers.ensam_train`) p
   data-parallel training over gloo (see :mod:`lib.training.distributed`);
 * several machines: the same plan as a file, run by every rank of a ``torchrun`` group (docs/SCALE_OUT.md)::
 
-    python -m lib.training.finetune_job plan --studies <shared folder> --out plan.json [--request '{...}']
+    python -m lib.configs.train_plan --studies <shared folder> --out plan.json [--request '{...}']
     torchrun --nnodes 2 --node_rank R --nproc-per-node 1 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \
         -m lib.training.finetune_job run --plan plan.json
 """
@@ -375,49 +375,18 @@ def _jsonable(v: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- command line
-def build_plan(studies: str, app_dir: str, request: dict, conf: Optional[Dict[str, str]] = None) -> tuple:
-    """(job, plan) exactly as ``POST /train/ensam`` with ``request`` would train on the local datastore ``studies``:
-    the app's own train task (its ``--conf`` settings ``conf``, its request check) and job."""
-    from monailabel.config import settings
-
-    from ..configs.ensam import EnsamConfig
-    from ..datastore import AtomicLocalDatastore
-
-    config = EnsamConfig()
-    config.init("ensam", os.path.join(app_dir, "model"), dict(conf or {}), None)
-    task = config.trainer()
-    datastore = AtomicLocalDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False,
-                                     read_only=True)
-    return task.job, task.job.plan(task.parse_request(request), datastore)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m lib.training.finetune_job",
-        description="The ensam train task's plan as a file, and that plan run by every rank of a torchrun group "
-                    "(one or several machines; docs/SCALE_OUT.md).")
+        description="Run the ensam train task's plan (written by python -m lib.configs.train_plan) in every rank "
+                    "of a torchrun group (one or several machines; docs/SCALE_OUT.md), or alone as one process.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plan", help="write the plan POST /train/ensam would run on a local (shared) datastore")
-    p.add_argument("--studies", required=True, help="the datastore folder (the same path on every node)")
-    p.add_argument("--app", default=os.path.join(os.path.dirname(__file__), "..", ".."),
-                   help="the app folder (its model/ folder: initial weights, publication, train_stats.json)")
-    p.add_argument("--request", default="{}", help="the train request as JSON (as POST /train/ensam takes it)")
-    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="the server's --conf settings that shape training (e.g. labels, network)")
-    p.add_argument("--out", required=True, help="the plan file to write")
     r = sub.add_parser("run", help="run a plan: under torchrun in every rank, or alone as one process")
     r.add_argument("--plan", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(process)s] %(levelname)s %(message)s")
-
-    if args.command == "plan":
-        job, plan = build_plan(args.studies, os.path.abspath(args.app), json.loads(args.request), dict(args.conf))
-        job.save_plan(plan, args.out)
-        print(f"plan: {len(plan['train_items'])} train / {len(plan['val_items'])} val images, labels "
-              f"{plan['label_names']} -> {args.out}")
-        return 0
 
     from .distributed import launch_env
 

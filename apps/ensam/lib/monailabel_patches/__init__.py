@@ -1,4 +1,5 @@
-"""Every place where ensam reaches into monailabel's internals, in ONE module (written for monailabel 0.8.5).
+"""Every place where ensam reaches into monailabel's internals, in ONE package: this module and
+:mod:`.atomic_datastore` (the local datastore subclass, patch 5), written for monailabel 0.8.5.
 
 monailabel has no plug-in points for these; each one relies on a private name or on the shape of its FastAPI app,
 so a new monailabel may break them. :func:`check_version` (called when ``lib.server`` and ``main`` are imported)
@@ -23,7 +24,8 @@ What is patched, and why:
    audience / issuer when set), and monailabel's ``async`` ``get_current_user`` dependency overridden on the app by
    a plain ``def`` one (run in the thread pool: a slow identity realm never stalls the event loop). Upstream:
    monailabel's dependency should be a ``def`` and its key fetch cached.
-5. The local datastore class (:func:`local_datastore`): ``lib.datastore.AtomicLocalDatastore`` instead of
+5. The local datastore class (:func:`local_datastore`): :mod:`.atomic_datastore`'s ``AtomicLocalDatastore`` (in
+   this package: it subclasses monailabel's and lives on its private names) instead of
    ``LocalDatastore`` (it overrides the private ``_update_datastore_file`` and the copy steps of ``add_image`` /
    ``save_label``: a kill never leaves a truncated label or index), and :func:`reload_local_datastore` (the
    private ``_init_from_datastore_file``, so that a process does not write back a stale index another process
@@ -31,13 +33,14 @@ What is patched, and why:
    skipped and logged instead of failing every start) and ``remove_image`` (every file of the id and its labels,
    under the datastore's file lock), and reads the private ``_lock_file``, ``_extensions``, ``_to_id``,
    ``_filename`` and ``_datastore`` (issue 25).
-6. The DICOMweb datastore (:func:`patch_dicomweb_datastore`, from ``main.EnsamApp._init_dicomweb_datastore``):
+6. The DICOMweb datastore (:func:`patch_dicomweb_datastore`, from :class:`AppPatches`, which overrides the private
+   ``MONAILabelApp._init_dicomweb_datastore`` for ``main.EnsamApp``):
    the created object's class swapped to ``main.DICOMwebDatastoreWithPydicomSeg`` (same object and state: a
    second datastore would start a second file watcher; saved ``final`` labels become DICOM SEG with pydicom-seg
    when dcmqi is missing, and the cached ``get_labeled_images`` is cleared), and its private ``_client``'s
    ``retrieve_series`` asked for the stored transfer syntax (:func:`retrieve_series_as_stored`).
-7. ``MONAILabelApp._download_dcmqi_tools`` (private) may fail offline without stopping the app
-   (:func:`download_dcmqi_tools_or_warn`): ensam writes DICOM SEG with pydicom-seg and never needs dcmqi.
+7. ``MONAILabelApp._download_dcmqi_tools`` (private, overridden by :class:`AppPatches`) may fail offline without
+   stopping the app: ensam writes DICOM SEG with pydicom-seg and never needs dcmqi.
 8. Image ids at inference (:func:`infer_by_datastore_id`, from ``main.EnsamApp.infer``): monailabel's
    ``MONAILabelApp.infer`` tests ``os.path.exists(image_id)`` first, relative to the server's working directory,
    and reads that file instead of the datastore's image (an image stored as ``Makefile`` or ``apps`` was a 500,
@@ -57,8 +60,9 @@ What is patched, and why:
    runs.
 
 Loading rule: monailabel's app loader drops every ``lib.*`` module before it runs ``main.py`` (see ``lib.server``);
-this module holds no state and no class whose identity is compared, so the two copies that then exist (the one
-``lib.server`` imported, the one ``main`` imports) do the same thing.
+this package holds no state and no class whose identity is compared (:class:`AppPatches` is only inherited,
+``AtomicLocalDatastore`` only instantiated), so the two copies that then exist (the one ``lib.server`` imported, the
+one ``main`` imports) do the same thing.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ WRITTEN_FOR = "0.8.5"
 
 __all__ = ["WRITTEN_FOR", "check_version", "put_routes_first", "add_middleware_once", "put_exception_handler",
            "OHIF_DIR", "ohif_file", "install_token_check", "local_datastore", "reload_local_datastore",
-           "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "download_dcmqi_tools_or_warn",
+           "patch_dicomweb_datastore", "retrieve_series_as_stored", "AS_STORED", "AppPatches",
            "infer_by_datastore_id", "app_tasks", "dicomweb_series_folder", "startup_scoring_held",
            "dicomweb_client_of", "app_datastore"]
 
@@ -96,8 +100,8 @@ def check_version(installed: str = "") -> bool:
     if installed.split("+")[0] == WRITTEN_FOR:
         return True
     logger.warning(f"ensam patches monailabel internals written for monailabel {WRITTEN_FOR}, but monailabel "
-                   f"{installed} is installed: check every patch listed in lib/monailabel_patches.py (routes, "
-                   f"token check, datastores, OHIF files) before relying on this server")
+                   f"{installed} is installed: check every patch listed in lib/monailabel_patches/__init__.py "
+                   f"(routes, token check, datastores, OHIF files) before relying on this server")
     return False
 
 
@@ -169,10 +173,15 @@ def install_token_check(app, token_user: Callable, current_user: Callable) -> No
 
 
 # ---------------------------------------------------------------------------------------------- 5: local datastore
-def local_datastore(studies: str):
-    """``lib.datastore.AtomicLocalDatastore`` for a local studies folder, with monailabel's datastore settings."""
-    from lib.datastore import AtomicLocalDatastore
+def local_datastore(studies: str, read_only: bool = False):
+    """:class:`lib.monailabel_patches.atomic_datastore.AtomicLocalDatastore` for a local studies folder, with
+    monailabel's datastore settings (the server's); ``read_only``: read only, no file watcher (a batch job's or a
+    training plan's view of a datastore the server owns)."""
+    from .atomic_datastore import AtomicLocalDatastore
 
+    if read_only:
+        return AtomicLocalDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False,
+                                    read_only=True)
     return AtomicLocalDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
@@ -220,14 +229,26 @@ def patch_dicomweb_datastore(ds, cls):
     return ds
 
 
-def download_dcmqi_tools_or_warn(download: Callable[[], Any]) -> None:
-    """Run monailabel's dcmqi download (``MONAILabelApp._download_dcmqi_tools``); a failure (offline, proxy) is a
-    warning: saved labels and ``output=dicom_seg`` are written as DICOM SEG with pydicom-seg."""
-    try:
-        download()
-    except Exception as e:  # noqa: BLE001 - offline, proxy, ...
-        logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
-                       f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
+class AppPatches:
+    """The private methods of ``MONAILabelApp`` that the app overrides (patches 6 and 7), as a mixin put before
+    ``MONAILabelApp`` in the app's bases: ``class EnsamApp(AppPatches, MONAILabelApp)``, with
+    ``dicomweb_datastore_class`` the DICOMweb datastore class the created one becomes (None: unchanged)."""
+
+    dicomweb_datastore_class = None
+
+    def _init_dicomweb_datastore(self):
+        ds = super()._init_dicomweb_datastore()
+        return patch_dicomweb_datastore(ds, self.dicomweb_datastore_class) if self.dicomweb_datastore_class else ds
+
+    def _download_dcmqi_tools(self):
+        """monailabel fetches dcmqi (a DICOM SEG writer) from GitHub whenever the datastore is DICOMweb, and the app
+        fails to start without internet access. ensam needs none of it: saved labels and ``output=dicom_seg``
+        results are written with pydicom-seg (``lib.dicom_seg``); a failed download is a warning."""
+        try:
+            super()._download_dcmqi_tools()
+        except Exception as e:  # noqa: BLE001 - offline, proxy, ...
+            logger.warning(f"dcmqi tools not available ({type(e).__name__}: {e}); not needed: saved labels and "
+                           f"output=dicom_seg are written as DICOM SEG with pydicom-seg")
 
 
 # ---------------------------------------------------------------------------------------------- 8: image ids

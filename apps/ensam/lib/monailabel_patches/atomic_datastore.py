@@ -1,4 +1,5 @@
-"""monailabel's local datastore with crash-safe writes (issue 10: SIGKILL during label saves).
+"""monailabel's local datastore with crash-safe writes (issue 10: SIGKILL during label saves). Part of
+:mod:`lib.monailabel_patches` (its patch 5): it overrides and reads monailabel's private names.
 
 monailabel 0.8.5's :class:`LocalDatastore` copies a saved label (and an added image) over its destination in place
 (``shutil.copy``) and rewrites its index ``datastore_v2.json`` in place (``open(.., "w")``): a process killed in
@@ -38,7 +39,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException
 
-from lib.io.atomic import TMP_SUFFIX, atomic_write_bytes_from, atomic_write_text, pid_alive  # noqa: F401
+from lib.io.atomic import atomic_write_bytes_from, atomic_write_text, remove_dead_temps
 from lib.io.json_bounds import json_problem
 
 ORPHAN_DIR = ".orphan-labels"  # label files set aside (no image, or their image replaced), per tag
@@ -48,25 +49,6 @@ logger = logging.getLogger(__name__)
 
 # atomic writes: lib/io/atomic.py (one implementation for the datastore, the weights and the JSON files)
 atomic_copy = atomic_write_bytes_from
-
-
-def remove_dead_temps(root: str) -> int:
-    """Remove ``*.ensam-tmp`` files under ``root`` whose writer process is gone; returns how many."""
-    n = 0
-    for d, _, files in os.walk(root):
-        for f in files:
-            if not f.endswith(TMP_SUFFIX):
-                continue
-            parts = f.split(".")
-            pid = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
-            if pid is not None and pid_alive(int(pid)) and int(pid) != os.getpid():
-                continue
-            try:
-                os.remove(os.path.join(d, f))
-                n += 1
-            except OSError:
-                pass
-    return n
 
 
 class AtomicLocalDatastore(LocalDatastore):

@@ -1,10 +1,11 @@
 """A label map on a DICOM series' grid -> one DICOM SEG file, without dcmqi.
 
-THE one place where ensam writes DICOM SEG: a saved ``final`` label (``main.DICOMwebDatastoreWithPydicomSeg``) and an
-inference result asked for as ``output=dicom_seg`` (``server.infer_as_dicom_seg``) both come here. The writer is
-monailabel's own ``nifti_to_dicom_seg(..., use_itk=False)`` (pydicom-seg's ``MultiClassWriter``: one segment per
-label value, frames on the source slices, references to the source instances); dcmqi's ``itkimage2segimage``, which
-monailabel uses otherwise, cannot be downloaded on an offline server.
+THE one place where ensam writes DICOM SEG: a saved ``final`` label (``main.DICOMwebDatastoreWithPydicomSeg``), an
+inference result asked for as ``output=dicom_seg`` (``lib.http.routes.infer_as_dicom_seg``) and a batch job's result
+for a DICOMweb study (``lib.batch.worker``) all come here (below all three). The writer is monailabel's own
+``nifti_to_dicom_seg(..., use_itk=False)`` (pydicom-seg's ``MultiClassWriter``: one segment per label value, frames
+on the source slices, references to the source instances); dcmqi's ``itkimage2segimage``, which monailabel uses
+otherwise, cannot be downloaded on an offline server.
 
 What this module adds to monailabel's writer:
 
