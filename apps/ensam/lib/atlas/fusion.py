@@ -55,6 +55,37 @@ def fuse(masks: Sequence[np.ndarray], weights: Optional[Sequence[float]] = None,
     return Fused(prob, prob >= threshold - 1e-6, consensus, pairwise_agreement(list(masks)), len(masks))
 
 
+def local_weights(target: np.ndarray, warped: Sequence[np.ndarray], sigma_vox: float = 2.0,
+                  power: float = 1.0, eps: float = 1e-3) -> List[np.ndarray]:
+    """Per-voxel weight of each atlas: the inverse of its local intensity mismatch with the target,
+    ``(G_sigma * (target - atlas)^2 + eps) ** -power`` (locally weighted voting, Artaechevarria et al. 2009), for
+    intensities already on a common scale (``registration.robust_intensities``: 0..1)."""
+    from scipy import ndimage
+
+    t = np.asarray(target, dtype=np.float32)
+    out = []
+    for a in warped:
+        d = ndimage.gaussian_filter((t - np.asarray(a, dtype=np.float32)) ** 2, sigma_vox)
+        out.append((d + eps) ** -float(power))
+    return out
+
+
+def fuse_local(masks: Sequence[np.ndarray], weight_maps: Sequence[np.ndarray], threshold: float = 0.5) -> Fused:
+    """Vote of boolean masks with per-voxel weights (``local_weights``); otherwise as :func:`fuse`."""
+    if not masks or len(weight_maps) != len(masks):
+        raise ValueError("fuse_local needs one weight map per mask")
+    total = np.zeros(np.shape(masks[0]), dtype=np.float32)
+    prob = np.zeros_like(total)
+    consensus = np.ones(np.shape(masks[0]), dtype=bool)
+    for m, w in zip(masks, weight_maps):
+        m = np.asarray(m, dtype=bool)
+        total += w
+        prob += w * m
+        consensus &= m
+    prob /= np.maximum(total, 1e-12)
+    return Fused(prob, prob >= threshold - 1e-6, consensus, pairwise_agreement(list(masks)), len(masks))
+
+
 def staple(masks: Sequence[np.ndarray], threshold: float = 0.5) -> np.ndarray:
     """SimpleITK's STAPLE estimate of the true mask from several raters (float probability map)."""
     import SimpleITK as sitk

@@ -1,6 +1,7 @@
 """Registration of an atlas (a labelled image) onto a new image with SimpleITK, on a coarse grid.
 
-Steps (``register``): both images are resampled to an isotropic working grid (``grid_mm``, default 5 mm, after a
+Steps (``register``): both images are resampled to an isotropic working grid (``grid_mm``, default 5 mm; finer
+for a small image such as a 40 mm MR crop, ``working_grid``, which then also gets the B-spline stage, after a
 Gaussian pre-smoothing) and clipped to robust intensity bounds; the atlas is placed by a translation search (the
 new image may be a thin slab of a larger body region: the atlas is slid along each world axis and the position
 with the best Mattes mutual information wins), then an affine transform is fitted (multi-resolution, Mattes MI:
@@ -15,7 +16,7 @@ conversion is ``to_sitk``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -51,16 +52,20 @@ def guess_modality(array: np.ndarray) -> str:
     return "CT" if lo < -500 and hi > 0 and np.mean(sample < -900) > 0.02 else "MR"
 
 
-def _robust(img: sitk.Image, modality: str) -> sitk.Image:
-    """Intensities clipped to what registration should see: CT soft tissue and bone window (air stays -1000),
-    other images their 0.5-99.5 percentiles; rescaled to 0..1."""
+def robust_bounds(array: np.ndarray, modality: str) -> tuple:
+    """(lo, hi) intensities registration sees: CT soft tissue and bone window (air stays -1000), other images
+    their 0.5-99.5 percentiles."""
     if modality == "CT":
-        lo, hi = -1000.0, 1200.0
-    else:
-        a = sitk.GetArrayViewFromImage(img)
-        sample = a.ravel()[:: max(1, a.size // 200_000)]
-        lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-        hi = max(hi, lo + 1e-3)
+        return -1000.0, 1200.0
+    a = np.asarray(array)
+    sample = a.ravel()[:: max(1, a.size // 200_000)]
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    return lo, max(hi, lo + 1e-3)
+
+
+def robust_intensities(img: sitk.Image, modality: str, bounds: Optional[tuple] = None) -> sitk.Image:
+    """Intensities clipped to ``bounds`` (default :func:`robust_bounds` of the image), rescaled to 0..1."""
+    lo, hi = bounds or robust_bounds(sitk.GetArrayViewFromImage(img), modality)
     img = sitk.Clamp(sitk.Cast(img, sitk.sitkFloat32), sitk.sitkFloat32, lo, hi)
     return sitk.ShiftScale(img, -lo, 1.0 / (hi - lo))
 
@@ -94,7 +99,14 @@ class RegistrationConfig:
     bspline_iterations: int = 30
     sampling: float = 0.25  # fraction of the working-grid voxels the metric samples
     bins: int = 32
-    seed: int = 0
+    seed: int = 1  # the metric sampling's seed; SimpleITK reads 0 as "from the wall clock" (not reproducible)
+    # a small image (a crop around one structure: hippocampus MR, a loop instance) gets a finer working grid, so
+    # that it still spans about ``min_cells`` cells (geometric mean of its extents); never finer than its own
+    # voxels. Whole-body CT and MR (extents of 100+ mm) keep ``grid_mm``. 0: always ``grid_mm``.
+    min_cells: int = 32
+    # the deformable stage for such a small image when ``bspline_mm`` is 0 (hippocampus tuning subjects,
+    # leave-one-out: fused DSC 0.73 -> 0.79 with one atlas, 0.77 -> 0.83 with eight; lib.experiments.datastore_atlases)
+    small_bspline_mm: float = 10.0
 
 
 @dataclass
@@ -191,9 +203,19 @@ def _start_positions(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationCon
     return [(v, sitk.TranslationTransform(3, list(k))) for k, v in ranked]
 
 
+def working_grid(img: sitk.Image, cfg: RegistrationConfig) -> float:
+    """The working grid (mm) for ``img``: ``cfg.grid_mm``, or finer for a small image (see ``min_cells``)."""
+    if cfg.min_cells <= 0:
+        return float(cfg.grid_mm)
+    size = np.asarray(img.GetSize(), dtype=float)
+    spacing = np.asarray(img.GetSpacing(), dtype=float)
+    extent = float(np.exp(np.mean(np.log(np.maximum(size * spacing, 1e-3)))))
+    return float(min(cfg.grid_mm, max(float(spacing.min()), extent / cfg.min_cells)))
+
+
 def prepare(img: sitk.Image, modality: str, cfg: RegistrationConfig) -> sitk.Image:
     """What registration works on: robust intensities on the isotropic working grid (cache it per image)."""
-    return coarse(_robust(img, modality), cfg.grid_mm)
+    return coarse(robust_intensities(img, modality), working_grid(img, cfg))
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, cfg: Optional[RegistrationConfig] = None) -> Registration:
@@ -205,8 +227,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, cfg: Optional[RegistrationCo
     t0 = time.perf_counter()
     f, m = fixed, moving
     stages: Dict[str, float] = {}
+    grid = float(f.GetSpacing()[0])  # the fixed image's working grid (``prepare``)
+    if grid < cfg.grid_mm:  # a small image: the translation search steps shrink with its grid
+        cfg = replace(cfg, search_mm=cfg.search_mm * grid / cfg.grid_mm,
+                      bspline_mm=cfg.bspline_mm or cfg.small_bspline_mm)
     # the search runs on a grid twice as coarse: it only has to find the neighbourhood
-    starts = _start_positions(coarse(f, 2 * cfg.grid_mm), coarse(m, 2 * cfg.grid_mm), cfg)
+    starts = _start_positions(coarse(f, 2 * grid), coarse(m, 2 * grid), cfg)
     stages["search_s"] = time.perf_counter() - t0
     stages["starts"] = float(len(starts))
 

@@ -34,9 +34,10 @@ from lib.geometry import mask_bbox, spacing_from_affine
 from lib.io.volumes import load_volume
 from lib.labels import label_id, label_name
 
-from .fusion import fuse, pairwise_agreement
+from .fusion import fuse, fuse_local, local_weights, pairwise_agreement
 from .prompting import Prompts, deepest_points, prompts_from_fused
-from .registration import RegistrationConfig, guess_modality, prepare, propagate, register, to_sitk
+from .registration import (RegistrationConfig, from_sitk, guess_modality, prepare, propagate, register,
+                           robust_bounds, robust_intensities, to_sitk)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class AtlasLibrary:
         self.reg_cfg = reg_cfg or RegistrationConfig()
         self._prepared: Dict[str, tuple] = {}
         self._lock = threading.Lock()
+        self._intensity = ByteLRU(max_bytes=512 * 2**20, sizeof=lambda v: v[1].GetNumberOfPixels() * 4)
 
     @classmethod
     def from_dataset(cls, folder: str, reg_cfg: Optional[RegistrationConfig] = None,
@@ -105,6 +107,12 @@ class AtlasLibrary:
             self.atlases = [a for a in self.atlases if a.key != atlas.key] + [atlas]
             self._prepared.pop(atlas.key, None)
 
+    def subset(self, atlases: Sequence[Atlas]) -> "AtlasLibrary":
+        """A library of some of these atlases that shares this one's prepared images (loaded once for both)."""
+        out = AtlasLibrary(atlases, self.reg_cfg)
+        out._prepared, out._lock, out._intensity = self._prepared, self._lock, self._intensity
+        return out
+
     def names(self) -> Dict[str, List[str]]:
         """name -> keys of the atlases that carry it."""
         out: Dict[str, List[str]] = {}
@@ -133,6 +141,19 @@ class AtlasLibrary:
         value = (coarse_img, lab_img, modality)
         with self._lock:
             self._prepared[atlas.key] = (stamp, value)
+        return value
+
+
+    def intensity(self, atlas: Atlas) -> sitk.Image:
+        """The atlas image at full resolution on registration's intensity scale (0..1), for local fusion weights."""
+        stamp = os.path.getmtime(atlas.image_path)
+        hit = self._intensity.get(atlas.key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        img = load_volume(atlas.image_path)
+        modality = atlas.modality or guess_modality(img.array)
+        value = robust_intensities(to_sitk(img.array, img.affine), modality)
+        self._intensity.put(atlas.key, (stamp, value))
         return value
 
 
@@ -208,7 +229,11 @@ class SegmentByExample:
     MARGIN = 8  # voxels around the atlases' union in which a structure is fused and prompted
 
     def __init__(self, library: AtlasLibrary, engine=None, max_atlases: int = 4, n_fg: int = 2, n_bg: int = 2,
-                 use_prev_mask: bool = False, cache_images: int = 4, corrections: int = 2, leak_mm: float = 10.0):
+                 use_prev_mask: bool = False, cache_images: int = 4, corrections: int = 2, leak_mm: float = 10.0,
+                 fusion: str = "majority", fusion_sigma: float = 2.0, fusion_power: float = 1.0):
+        if fusion not in ("majority", "local"):
+            raise ValueError(f"fusion must be 'majority' or 'local', not {fusion!r}")
+        self.fusion, self.fusion_sigma, self.fusion_power = fusion, float(fusion_sigma), float(fusion_power)
         self.library = library
         self.engine = engine
         self.max_atlases = int(max_atlases)
@@ -290,7 +315,8 @@ class SegmentByExample:
                 missing[name] = "the registered atlases put this structure outside the image"
                 continue
             s = self._one(image, affine, spacing, name, carriers, [regs[a.key][1] for a in carriers],
-                          _union([b for _, b in found], image.shape, self.MARGIN), key, engine)
+                          _union([b for _, b in found], image.shape, self.MARGIN), key, engine,
+                          [regs[a.key][0].transform for a in carriers])
             structures[name] = s
             log(f"structure {n + 1}/{len(names)} {name}: {int(np.count_nonzero(s.mask))} voxels, "
                 f"uncertainty {s.uncertainty:.3f} ({len(carriers)} atlases)")
@@ -302,14 +328,19 @@ class SegmentByExample:
                        "total": round(t_end - t0, 2)})
 
     def _one(self, image, affine, spacing, name: str, carriers: Sequence[Atlas], label_maps, region: tuple,
-             image_key, engine) -> Structure:
+             image_key, engine, transforms: Sequence = ()) -> Structure:
         """Fuse, prompt and segment one structure; every array operation is on ``region`` (the atlases' union grown
         by ``MARGIN``, then grown to ensam's answer), never on the whole image."""
         def crops(sl):
             return [lm[sl] == a.names[name] for a, lm in zip(carriers, label_maps)]
 
+        def fusing(sl, masks):
+            if self.fusion != "local" or len(masks) < 2 or len(transforms) != len(masks):
+                return fuse(masks)
+            return fuse_local(masks, self._local_weights(image, affine, sl, carriers, transforms))
+
         masks = crops(region)
-        fused = fuse(masks)
+        fused = fusing(region, masks)
         prompts: Prompts = prompts_from_fused(fused, spacing, self.n_fg, self.n_bg)
         start = np.array([sl.start for sl in region])
         if not prompts.empty:
@@ -339,7 +370,7 @@ class SegmentByExample:
                                image.shape, 0)
                 if grown != region:  # ensam's answer reaches past the atlases' region: compare on the union
                     region, masks = grown, crops(grown)
-                    fused = fuse(masks)
+                    fused = fusing(region, masks)
                 mask, source = out[region], "atlas+ensam"
         raters = list(masks) + ([mask] if source != "atlas" else [])
         agreement = pairwise_agreement(raters)
@@ -347,6 +378,19 @@ class SegmentByExample:
         return Structure(name, image.shape, region, mask, fused.mask, [a.key for a in carriers], fused.agreement,
                          uncertainty, prompts.summary(), source)
 
+
+    def _local_weights(self, image, affine, region, carriers, transforms) -> List[np.ndarray]:
+        """Per-voxel weights of the atlases on ``region``: their intensities pulled onto it vs the image's."""
+        start = np.array([sl.start for sl in region], dtype=np.float64)
+        aff = np.asarray(affine, dtype=np.float64).copy()
+        aff[:3, 3] = aff[:3, :3] @ start + aff[:3, 3]
+        crop = np.asarray(image)[region]
+        bounds = robust_bounds(image, guess_modality(image))  # the whole image's scale, as its atlases'
+        target = from_sitk(robust_intensities(to_sitk(crop, aff), "", bounds))
+        ref = to_sitk(np.zeros(crop.shape, np.float32), aff)
+        warped = [from_sitk(sitk.Resample(self.library.intensity(a), ref, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+                  for a, t in zip(carriers, transforms)]
+        return local_weights(target, warped, self.fusion_sigma, self.fusion_power)
 
     def _correction(self, answer, fused, spacing):
         """(voxel in the region, 1 or 0) of the next corrective click the atlases give, or None."""
