@@ -129,7 +129,7 @@ def calls(server, tmp_path, realm):
                                                      "labels": "blob_a"}, headers=h, timeout=60)
         if r.status_code == 200:
             requests.delete(f"{url}/train/", headers=admin, timeout=60)
-            for _ in range(120):
+            for _ in range(600):  # the stopped job's process ends within seconds idle, up to minutes under load
                 if requests.get(f"{url}/train/", headers=admin, timeout=60).json().get("status") != "RUNNING":
                     break
                 time.sleep(0.5)
