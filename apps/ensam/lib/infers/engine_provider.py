@@ -132,9 +132,6 @@ class EngineProvider:
         return {"weights": os.path.basename(p), "weights_mtime": identity[2] // 10**9,
                 "weights_version": self.weights_version(p, identity)}
 
-    def is_valid(self) -> bool:
-        return True  # the network can always be built; without weights it is untrained (logged at load)
-
     # ---- engine ----------------------------------------------------------------------------------------------
     def device_lock(self, device: str) -> threading.Lock:
         with self._build_lock:
