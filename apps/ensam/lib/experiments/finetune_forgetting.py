@@ -35,10 +35,11 @@ WEIGHTS = os.path.join(REPO, "apps", "ensam", "model", "pretrained_ensam.pt")
 def family_instances(family: str, data: str, n: int, seed: int, margin_mm: float = 15.0) -> List[dict]:
     """``n`` instances of ``family`` (drawn with ``seed``), each ``{"name", "image", "label", "affine"}``: the
     structure's crop (``margin_mm`` around it) of its training volume, in the order drawn."""
+    from lib.cohorts import structure_mask
     from lib.geometry import spacing_from_affine
     from lib.io.volumes import load_volume
 
-    from .labelling_loop.instances import crop_bounds, find_instances, select
+    from .labelling_loop.instances import crop_instance, find_instances, select
 
     fam = FAMILIES[family]
     chosen = select(find_instances(data, fam["pattern"], fam.get("modality", "")), n, seed)
@@ -47,18 +48,13 @@ def family_instances(family: str, data: str, n: int, seed: int, margin_mm: float
         case = d["case"]
         if case.name not in loaded:
             img = load_volume(str(case.image))
-            loaded[case.name] = (np.asarray(img.array), np.asarray(img.affine, np.float64),
-                                 np.asarray(load_volume(str(case.label)).array))
+            loaded[case.name] = (np.asarray(img.array), img.affine, np.asarray(load_volume(str(case.label)).array))
         arr, affine, lab = loaded[case.name]
-        mask = lab == d["value"]
+        mask = structure_mask(lab, d["value"], case.unions)
         if int(mask.sum()) < d["min_voxels"]:
             continue
-        c = crop_bounds(mask, spacing_from_affine(affine), margin_mm)
-        sl = tuple(slice(c[2 * a], c[2 * a + 1]) for a in range(3))
-        aff = affine.copy()
-        aff[:3, 3] = affine[:3, :3] @ np.array([c[0], c[2], c[4]], np.float64) + affine[:3, 3]
-        out.append({"name": f"{case.name}:{d['name']}", "image": np.ascontiguousarray(arr[sl]),
-                    "label": mask[sl].astype(np.uint8), "affine": aff})
+        image, label, aff, _ = crop_instance(arr, affine, mask, spacing_from_affine(affine), margin_mm)
+        out.append({"name": f"{case.name}:{d['name']}", "image": image, "label": label, "affine": aff})
     return out
 
 

@@ -68,6 +68,16 @@ def crop_bounds(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) ->
     return out
 
 
+def crop_instance(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
+                  margin_mm: float):
+    """One instance cut out of its scan: ``(image crop, mask crop as uint8, the crop's affine, crop_bounds)``."""
+    c = crop_bounds(mask, spacing, margin_mm)
+    sl = tuple(slice(c[2 * a], c[2 * a + 1]) for a in range(3))
+    aff = np.array(affine, dtype=np.float64)
+    aff[:3, 3] = aff[:3, :3] @ np.array([c[0], c[2], c[4]], dtype=np.float64) + aff[:3, 3]
+    return np.ascontiguousarray(image[sl]), mask[sl].astype(np.uint8), aff, c
+
+
 def build_instances(chosen: List[dict], studies: str, gt_dir: str, margin_mm: float) -> List[Instance]:
     """Write each chosen instance's crop into ``studies`` (the datastore's image) and its reference mask into
     ``gt_dir``; instances smaller than their ``min_voxels`` are left out."""
@@ -94,16 +104,12 @@ def build_instances(chosen: List[dict], studies: str, gt_dir: str, margin_mm: fl
             mask = structure_mask(lab, d["value"], case.unions)
             if int(mask.sum()) < d["min_voxels"]:
                 continue
-            c = crop_bounds(mask, spacing, margin_mm)
-            sl = tuple(slice(c[2 * a], c[2 * a + 1]) for a in range(3))
-            affine = np.array(img.affine, dtype=np.float64)
-            affine[:3, 3] = affine[:3, :3] @ np.array([c[0], c[2], c[4]], dtype=np.float64) + affine[:3, 3]
+            image, gt, affine, c = crop_instance(arr, img.affine, mask, spacing, margin_mm)
             image_id = f"inst{n:02d}_{case.name}_{d['value']}"
             n += 1
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr[sl]), affine),
-                     os.path.join(studies, image_id + ".nii.gz"))
+            nib.save(nib.Nifti1Image(image, affine), os.path.join(studies, image_id + ".nii.gz"))
             gt_path = os.path.join(gt_dir, image_id + ".nii.gz")
-            nib.save(nib.Nifti1Image(mask[sl].astype(np.uint8), affine), gt_path)
+            nib.save(nib.Nifti1Image(gt, affine), gt_path)
             out.append(Instance(image_id, case.name, int(d["value"]), d["name"], int(mask.sum()), c, gt_path))
     return sorted(out, key=lambda i: i.image_id)
 
