@@ -94,3 +94,24 @@ def test_remove_mode_keeps_additions_and_bounds_removals():
     assert out[new & ~prev].all() and (new & ~prev).sum() > 100  # additions anywhere
     assert out[prev & ~new].sum() > 0  # the far-side removal is refused...
     assert not out[30, 30, 22]  # ...the click's neighbourhood is answered
+
+
+def test_guard_keeps_a_far_trim_but_refuses_a_deletion():
+    """mode "guard": the network's far changes stand while they are small against the previous answer (a trim of a
+    leak on the far side), the "asym" answer when they would delete the object."""
+    prev = _ball((60, 60, 60), (30, 30, 30), 12)
+    click = np.array([[30, 30, 40]])  # a background click 2 voxels inside the boundary
+    trimmed = prev.copy()
+    trimmed[:, :, :22] = False  # the far side trimmed too (a few % of the object)
+    trimmed[30, 30, 38:] = False
+    out = conservative_merge(prev, trimmed, click, np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0, mode="guard",
+                             guard=0.3)
+    assert np.array_equal(out.astype(bool), trimmed)  # kept whole, far trim included
+    asym = conservative_merge(prev, trimmed, click, np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0, mode="asym")
+    assert asym[:, :, :22].any()  # "asym" would have refused the trim
+    gone = conservative_merge(prev, np.zeros_like(prev), click, np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0,
+                              mode="guard", guard=0.3)
+    assert gone[30, 30, 40] == 0 and gone.sum() > 0.9 * prev.sum()  # the deletion is refused
+    strict = conservative_merge(prev, trimmed, click, np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0, mode="guard",
+                                guard=0.0)
+    assert np.array_equal(strict, asym)  # guard 0 is "asym"

@@ -77,7 +77,7 @@ def _touching(mask: np.ndarray, centres: np.ndarray, reach: int = 2) -> np.ndarr
 
 def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, labels: np.ndarray,
                        spacing: Sequence[float], k: float = 3.0, margin_mm: float = 3.0,
-                       mode: str = "ball") -> np.ndarray:
+                       mode: str = "ball", guard: float = 0.3) -> np.ndarray:
     """The new answer where the clicks ``prev`` contradicts ask for a change, ``prev`` elsewhere (uint8, ``prev``'s
     shape). When no click contradicts ``prev`` (nothing asks for a change), or ``prev`` is empty, ``new`` is
     returned unchanged. The ball of a click has radius ``k`` x its distance to ``prev``'s boundary + ``margin_mm``.
@@ -86,12 +86,16 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
     ``mode="asym"``: removals only inside the balls of the contradicted BACKGROUND clicks (a background click can
     never delete an object far beyond its reach); additions only in the connected added regions that reach a
     contradicted FOREGROUND click (a foreground click may grow the object as far as the image says, but nothing
-    appears elsewhere). ``mode="remove"``: removals as in "asym", additions anywhere."""
+    appears elsewhere). ``mode="remove"``: removals as in "asym", additions anywhere.
+    ``mode="guard"``: ``new`` as it is, unless the changes "asym" would refuse (removals away from the background
+    clicks, additions not connected to a foreground click) exceed ``guard`` x the previous answer's volume: then the
+    "asym" answer. The network's far changes are kept when they are trims or growths, refused when they delete or
+    flood the object (the steps that destroy a good answer)."""
     prev_b, new_b = prev.astype(bool), new.astype(bool)
     if prev_b.shape != new_b.shape:
         raise ValueError(f"prev {prev_b.shape} and new {new_b.shape} differ")
-    if mode not in ("ball", "asym", "remove"):
-        raise ValueError(f"mode must be 'ball', 'asym' or 'remove', got {mode!r}")
+    if mode not in ("ball", "asym", "remove", "guard"):
+        raise ValueError(f"mode must be 'ball', 'asym', 'remove' or 'guard', got {mode!r}")
     idx = contradicted_clicks(prev_b, points, labels)
     if not prev_b.any() or not len(idx):
         return new_b.astype(np.uint8)
@@ -104,5 +108,8 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
         allowed = _balls(prev_b.shape, pts, radii, sp)
         return np.where(allowed, new_b, prev_b).astype(np.uint8)
     removable = _balls(prev_b.shape, pts[~fg], [r for r, f in zip(radii, fg) if not f], sp)
-    addable = _touching(new_b & ~prev_b, pts[fg]) if mode == "asym" else new_b & ~prev_b
-    return ((prev_b & ~(removable & ~new_b)) | (addable & new_b)).astype(np.uint8)
+    addable = new_b & ~prev_b if mode == "remove" else _touching(new_b & ~prev_b, pts[fg])
+    merged = (prev_b & ~(removable & ~new_b)) | (addable & new_b)
+    if mode == "guard" and np.count_nonzero(merged != new_b) <= guard * np.count_nonzero(prev_b):
+        return new_b.astype(np.uint8)
+    return merged.astype(np.uint8)

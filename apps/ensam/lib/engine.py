@@ -283,10 +283,10 @@ class EnsamEngine:
                                                   box).astype(np.uint8)
             self._timed("cut_s", tc)
         if pm is not None and self.config.correction_reach and len(pts):
-            k, margin, *mode = self.config.correction_reach
+            k, margin, *rest = self.config.correction_reach
             inside = np.all((pts >= a) & (pts < b), axis=1)
             new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, float(k),
-                                     float(margin), *(str(m) for m in mode))
+                                     float(margin), *(str(m) for m in rest[:1]), *(float(g) for g in rest[1:2]))
         info = {"roi_start": list(roi.start), "roi_size": list(roi.size), "cache_hits": hits, "zooms": zooms,
                 "refine_windows": n_win, "weights": "refiner" if net is not self.network else "main"}
         if pick is not None:

@@ -55,10 +55,11 @@ class EngineConfig:
     :class:`lib.network.mask_head.MultiMaskHead`), a lone first click (no box, no previous mask) is answered by the
     mask with the highest predicted DSC (AutoZoom then grows the view while that mask touches it); every other
     prompt by mask 0, the network's own. ``last_info["mask"]`` reports the choice.
-    ``correction_reach``: ``(k, margin_mm[, mode])`` or () (off): a corrective step changes the previous answer only
+    ``correction_reach``: ``(k, margin_mm[, mode[, guard]])`` or () (off): a corrective step changes the previous answer only
     near the clicks the previous answer contradicts, balls of radius k x the click's distance to the previous
     answer's boundary + margin_mm (mode "ball": every change; "asym": removals near background clicks, additions
-    connected to foreground clicks; :func:`lib.correction.conservative_merge`, issue 27); applied last, after the
+    connected to foreground clicks; "guard": the network's answer unless what "asym" refuses exceeds guard x the
+    previous answer's volume; :func:`lib.correction.conservative_merge`, issue 27); applied last, after the
     boundary cut."""
 
     max_zoom: int = 2
