@@ -218,3 +218,22 @@ def test_refinement_windows_only_for_weights_trained_for_them(volume):
         eng.segment(img, aff, boxes=box, points=[[30, 30, 15]], point_labels=[0], prev_mask=m)
         assert eng.last_info["refine_windows"] == click
 
+
+
+def test_guarded_corrections_hold_the_previous_answer_only_with_a_box(volume):
+    """``correction_reach`` mode "guard" (issue 27): with a box, a background click may change the previous answer
+    only near itself (guard 0: every far change refused); a lone-click session is left to the network."""
+    img, aff = volume
+    plain = _engine(config=EngineConfig(max_zoom=0, boundary_cut=None))
+    guarded = _engine(config=EngineConfig(max_zoom=0, boundary_cut=None, correction_reach=(1.0, 1.0, "guard", 0.0)))
+    prev = np.zeros(img.shape, np.uint8)
+    prev[18:42, 18:47, 8:22] = 1
+    click = dict(points=[[21, 30, 15]], point_labels=[0], prev_mask=prev)  # 3 voxels inside prev's boundary
+    assert np.array_equal(plain.segment(img, aff, **click), guarded.segment(img, aff, **click))  # no box
+    box = [[20, 39, 20, 44, 10, 19]]
+    free, held = plain.segment(img, aff, boxes=box, **click), guarded.segment(img, aff, boxes=box, **click)
+    far = np.ones(img.shape, bool)
+    far[14:29, 22:39, 7:24] = False  # beyond the click's reach (1 x 3 mm + 1 mm, anisotropic voxels)
+    assert np.array_equal(held[far], prev[far])  # the previous answer stands away from the click
+    assert not np.array_equal(free[far], prev[far])  # where the network alone changed it
+    assert held[21, 30, 15] == free[21, 30, 15]  # the click's own voxel answered as the network does

@@ -63,7 +63,7 @@ def test_declared_defaults_are_the_consumers_defaults():
     shown = {s.name: s.default_text() for s in CONF}
     assert shown["boundary_cut"].startswith("true") == (EngineConfig().boundary_cut is not None)
     assert shown["lone_click_view"].startswith("false") == (EngineConfig().lone_click_view is None)
-    assert shown["conservative_corrections"].startswith("false") == (EngineConfig().correction_reach == ())
+    assert shown["conservative_corrections"].startswith("guarded") == (EngineConfig().correction_reach[2:3] == ("guard",))
 
 
 # ---------------------------------------------------------------------------------------------------- parsing

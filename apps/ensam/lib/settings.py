@@ -171,9 +171,11 @@ CONF: Tuple[Setting, ...] = (
             "(`lib.graphcut.BoundaryCut`)", shown=f"true ({_ENGINE})"),
     Setting("lone_click_view", "bool", None, "the view around a lone first click sized from the image "
             "(`lib.click_scale.LoneClickView`)", shown=f"false ({_ENGINE})"),
-    Setting("conservative_corrections", "bool", None, "a corrective click changes the previous answer only near "
-            "itself (removals near background clicks, additions connected to foreground clicks): fewer corrections "
-            "that make the answer worse, slightly lower final DSC (model card)", shown=f"false ({_ENGINE})"),
+    Setting("conservative_corrections", "bool", None, "how far a corrective click may change the previous answer: "
+            "unset, guarded (in a box session the network's answer stands unless it would delete or flood the "
+            "object away from the click); true, strict (removals only near background clicks, additions only "
+            "connected to foreground clicks: fewest harmful corrections, lower final DSC); false, the network's "
+            "answer as it is (model card)", shown=f"guarded ({_ENGINE})"),
     Setting("atlases", "path", None, "folder (with `dataset.json`) of `ensam_seg`'s reference atlases",
             shown="sample-datasets/train"),
     Setting("seg_floor", "float", 0.35, "validation DSC a name's route must reach to be offered by `ensam_seg`",

@@ -29,7 +29,8 @@ from lib.trainers import EnsamTrain
 
 __doc__ += "\n" + render_table(CONF)
 
-# ``--conf conservative_corrections true``: EngineConfig.correction_reach (k, margin mm, mode), the setting measured
+# ``--conf conservative_corrections true`` (strict; unset = the engine's guarded default, false = off):
+# EngineConfig.correction_reach (k, margin mm, mode), the setting measured
 # on the tuning split (model card, "Engine settings decided on the tuning split")
 CONSERVATIVE_CORRECTIONS = (3.0, 3.0, "asym")
 
