@@ -15,6 +15,24 @@ again, and that after the job every answer uses the published file.
     # or a running server whose datastore holds vol0..vol<k> synthetic volumes (see --start):
     .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --clients 8
 
+Several replicas behind nginx (docs/SCALE_OUT.md): ``--start --replicas 2`` starts two servers on ONE app (model)
+folder and ONE datastore, and nginx (from the distribution) with the repository's ``deploy/nginx/ensam.conf`` (only
+its addresses changed); the clients go through the proxy. ``--url`` may also name a proxy. Every answer names its
+replica (``X-Ensam-Replica``): the report adds, per replica, the requests it answered and their p50 / p95.
+``--threads`` is each server's ``OMP_NUM_THREADS`` (default: the cores divided among the replicas).
+
+    # 8 clients over 2 replicas of 1 thread each, then over 1 server of 2 threads (no training: figures of the proxy)
+    PYTHONPATH=apps/ensam .venv/bin/python scripts/loadtest.py --start --replicas 2 --clients 8 --train-seconds 0
+    PYTHONPATH=apps/ensam .venv/bin/python scripts/loadtest.py --start --replicas 1 --clients 8 --train-seconds 0
+
+Clicks while a fine-tuning round runs vs without (issue 29, item 3): ``--compare-training`` runs the clients twice on
+the same server, first with no training (the baseline; ``--baseline-requests`` per client), then while a training job
+runs (the clients stop ``--after-switch`` requests after it ended); the report's ``training_vs_baseline`` gives the
+clicks' p50 / p95 in both (only the clicks sent while the job ran count for the second) and their ratios. The two
+phases draw different boxes (no encoding of the first phase is reused by the second).
+
+    PYTHONPATH=apps/ensam .venv/bin/python scripts/loadtest.py --start --clients 1 --think 1 --compare-training
+
 Exit status 0 when every check passed (``--max-info-p95`` bounds /info too), 1 otherwise.
 """
 
@@ -23,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +58,7 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "ensam")
+NGINX_CONF = os.path.join(ROOT, "deploy", "nginx", "ensam.conf")
 
 # synthetic studies: two ellipsoid "organs" per volume (as tests/conftest.py), at a per-image offset
 SHAPE = (64, 56, 32)
@@ -122,36 +142,133 @@ def save_labels(url: str, work: str, count: int) -> None:
         r.raise_for_status()
 
 
-def start_server(work: str, n_images: int, labels_for: int = 2, env_extra: Optional[dict] = None,
-                 timeout: float = 240) -> Server:
-    app_dir, studies = prepare_app(work, n_images, labels_for)
+def launch_server(work: str, app_dir: str, studies: str, env_extra: Optional[dict] = None, name: str = "server",
+                  threads: Optional[int] = None) -> Server:
+    """One server process on ``app_dir`` / ``studies`` (not waited for: :func:`wait_server`)."""
     port = _free_port()
     env = dict(os.environ)
     env.update({"PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
                 "MONAI_LABEL_SESSIONS": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
            "--conf", "models", "ensam", "--conf", "labels", ",".join(OBJECTS), "--host", "127.0.0.1",
            "--port", str(port), "--uvicorn_app", "lib.server:app"]
-    log = os.path.join(work, "server.log")
+    log = os.path.join(work, f"{name}.log")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", proc, work, app_dir, studies, log)
+    return Server(f"http://127.0.0.1:{port}", proc, work, app_dir, studies, log)
+
+
+def wait_server(srv: Server, timeout: float = 240) -> Server:
     deadline = time.time() + timeout
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{srv.log}: the process exited with {srv.proc.returncode}")
         try:
             if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
-                save_labels(srv.url, work, labels_for)
                 return srv
         except requests.RequestException:
             pass
         if time.time() > deadline:
             srv.stop()
-            raise RuntimeError(f"server did not answer within {timeout} s; see {log}")
+            raise RuntimeError(f"no answer within {timeout} s; see {srv.log}")
         time.sleep(0.5)
+
+
+def start_server(work: str, n_images: int, labels_for: int = 2, env_extra: Optional[dict] = None,
+                 timeout: float = 240, threads: Optional[int] = None) -> Server:
+    app_dir, studies = prepare_app(work, n_images, labels_for)
+    srv = wait_server(launch_server(work, app_dir, studies, env_extra, threads=threads), timeout)
+    try:
+        save_labels(srv.url, work, labels_for)
+    except Exception:
+        srv.stop()
+        raise
+    return srv
+
+
+def _nginx() -> str:
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "")
+    if not path:
+        raise SystemExit("nginx is not installed (make services, or apt-get install nginx)")
+    return path
+
+
+def nginx_config(work: str, listen: int, ports: List[int]) -> str:
+    """deploy/nginx/ensam.conf with these replicas' loopback ports (one ``server`` line per replica in each upstream)
+    and ``listen`` port, inside a minimal main config of its own (pid, logs and temporary files in ``work``)."""
+    import pwd
+
+    with open(NGINX_CONF) as f:
+        text = f.read()
+
+    def upstream(m):  # the replica lines of an upstream block, one per port, with the block's own parameters
+        lines = m.group(0).splitlines(keepends=True)
+        servers = [ln for ln in lines if re.match(r"\s*server 127\.0\.0\.1:800\d\b", ln)]
+        first, others = servers[0], servers[1:]
+        out, done = [], False
+        for ln in lines:
+            if ln in servers:
+                if not done:
+                    for k, port in enumerate(ports):
+                        model = first if k == 0 else (others[0] if others else first)
+                        out.append(re.sub(r"127\.0\.0\.1:800\d", f"127.0.0.1:{port}", model))
+                    done = True
+                continue
+            out.append(ln)
+        return "".join(out)
+
+    text = re.sub(r"upstream \w+ \{.*?\}", upstream, text, flags=re.S)
+    text, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", text)
+    if n != 1:
+        raise RuntimeError(f"{NGINX_CONF}: one 'listen 8080;' expected")
+    site = os.path.join(work, "nginx-ensam.conf")
+    with open(site, "w") as f:
+        f.write(text)
+    tmp = os.path.join(work, "nginx-tmp")
+    os.makedirs(tmp, exist_ok=True)
+    user = f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    main_conf = os.path.join(work, "nginx.conf")
+    with open(main_conf, "w") as f:
+        f.write(f"{user}worker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/nginx-error.log info;\n"
+                f"events {{ worker_connections 256; }}\nhttp {{\n    access_log {work}/nginx-access.log;\n"
+                + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                         "scgi"))
+                + f"    include {site};\n}}\n")
+    return main_conf
+
+
+def start_cluster(work: str, n_images: int, replicas: int, labels_for: int = 2, threads: Optional[int] = None,
+                  timeout: float = 300) -> tuple:
+    """``replicas`` servers on ONE app folder and ONE datastore, behind nginx. Returns (proxy, [servers])."""
+    app_dir, studies = prepare_app(work, n_images, labels_for)
+    servers: List[Server] = []
+    try:
+        for k in range(replicas):
+            servers.append(launch_server(work, app_dir, studies, name=f"replica{k}", threads=threads))
+            time.sleep(3.0)  # the first creates the datastore index; the others read it
+        for srv in servers:
+            wait_server(srv, timeout)
+        nginx, listen = _nginx(), _free_port()
+        conf = nginx_config(work, listen, [int(srv.url.rsplit(":", 1)[1]) for srv in servers])
+        err = os.path.join(work, "nginx-error.log")
+        check = subprocess.run([nginx, "-t", "-c", conf, "-e", err], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t: {check.stderr}")
+        log = os.path.join(work, "nginx.log")
+        with open(log, "w") as f:
+            proc = subprocess.Popen([nginx, "-c", conf, "-e", err, "-g", "daemon off;"], cwd=work, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proxy = wait_server(Server(f"http://127.0.0.1:{listen}", proc, work, app_dir, studies, log), 30)
+        save_labels(proxy.url, work, labels_for)
+        return proxy, servers
+    except Exception:
+        for srv in servers:
+            srv.stop()
+        raise
 
 
 # ------------------------------------------------------------------------------------------------- the clients
@@ -164,6 +281,7 @@ class Record:
     status: int
     weights: Optional[tuple] = None
     error: str = ""
+    replica: str = ""  # the X-Ensam-Replica header (behind nginx): which replica answered
 
 
 @dataclass
@@ -182,9 +300,14 @@ def _infer(url, image, params, timeout):
                          data={"params": json.dumps(params)}, timeout=timeout)
 
 
+def _replica(resp) -> str:
+    addr = resp.headers.get("X-Ensam-Replica", "")
+    return addr.split(",")[-1].strip()  # after a retry nginx lists every replica it tried
+
+
 def client(url: str, k: int, n_images: int, clicks: int, shared: Shared, timeout: float, min_requests: int,
-           done_training: threading.Event, after_switch: int, think: float = 0.0):
-    rng = np.random.default_rng(100 + k)
+           done_training: threading.Event, after_switch: int, think: float = 0.0, seed: int = 0):
+    rng = np.random.default_rng(100 + k + 1000 * seed)
     image = f"vol{k % n_images}"
     _, _, _, objects = synthetic(k % n_images)
     names = list(objects)
@@ -218,7 +341,7 @@ def client(url: str, k: int, n_images: int, clicks: int, shared: Shared, timeout
                 j = resp.json()
                 w = (j.get("weights"), j.get("weights_mtime_ns") or j.get("weights_mtime"))
             shared.add(Record(kind, k, t0, lat, resp.status_code, w, "" if resp.status_code == 200 else
-                              resp.text[:300]))
+                              resp.text[:300], _replica(resp)))
         except requests.RequestException as e:
             shared.add(Record(kind, k, t0, time.time() - t0, 0, None, f"{type(e).__name__}: {e}"))
         n += 1
@@ -242,7 +365,7 @@ def monitor(url: str, shared: Shared, every: float, timeout: float):
 
 
 def train(url: str, body: dict, done: threading.Event, result: dict, deadline: float):
-    t0 = time.time()
+    t0 = result["t_start"] = time.time()
     r = requests.post(f"{url}/train/ensam", json=body, timeout=60)
     result["start_status"] = r.status_code
     result["start_answer"] = r.text[:300]
@@ -262,18 +385,30 @@ def train(url: str, body: dict, done: threading.Event, result: dict, deadline: f
             break
     else:
         result["status"] = "TIMEOUT"
+    result["t_end"] = time.time()
     done.set()
 
 
+def _stats(rs: List[Record]) -> dict:
+    ok = np.array([r.latency for r in rs if r.status == 200])
+    return {"requests": len(rs), "failed": sum(r.status != 200 for r in rs),
+            "p50_s": round(float(np.percentile(ok, 50)), 3) if len(ok) else None,
+            "p95_s": round(float(np.percentile(ok, 95)), 3) if len(ok) else None,
+            "max_s": round(float(ok.max()), 3) if len(ok) else None}
+
+
 def summarise(records: List[Record]) -> dict:
+    return {kind: _stats([r for r in records if r.kind == kind]) for kind in sorted({r.kind for r in records})}
+
+
+def by_replica(records: List[Record]) -> dict:
+    """Per replica (``X-Ensam-Replica``; empty without a proxy): the inferences (boxes and clicks) it answered,
+    their latencies, and the clients whose images it served."""
     out = {}
-    for kind in sorted({r.kind for r in records}):
-        rs = [r for r in records if r.kind == kind]
-        ok = np.array([r.latency for r in rs if r.status == 200])
-        out[kind] = {"requests": len(rs), "failed": sum(r.status != 200 for r in rs),
-                     "p50_s": round(float(np.percentile(ok, 50)), 3) if len(ok) else None,
-                     "p95_s": round(float(np.percentile(ok, 95)), 3) if len(ok) else None,
-                     "max_s": round(float(ok.max()), 3) if len(ok) else None}
+    infer = [r for r in records if r.kind in ("box", "click")]
+    for addr in sorted({r.replica for r in infer}):
+        rs = [r for r in infer if r.replica == addr]
+        out[addr or "(no header)"] = dict(_stats(rs), clients=sorted({r.client for r in rs}))
     return out
 
 
@@ -301,7 +436,7 @@ def check_switch(records: List[Record], published: Optional[tuple]) -> dict:
 
 def run(url: str, clients: int = 8, n_images: int = 8, clicks: int = 5, min_requests: int = 12,
         after_switch: int = 3, train_body: Optional[dict] = None, info_every: float = 0.25, timeout: float = 300,
-        deadline_s: float = 1800, app_dir: Optional[str] = None, think: float = 0.0) -> dict:
+        deadline_s: float = 1800, app_dir: Optional[str] = None, think: float = 0.0, seed: int = 0) -> dict:
     shared = Shared()
     done = threading.Event()
     train_result: dict = {}
@@ -316,7 +451,7 @@ def run(url: str, clients: int = 8, n_images: int = 8, clicks: int = 5, min_requ
         done.set()
     for k in range(clients):
         t = threading.Thread(target=client, args=(url, k, n_images, clicks, shared, timeout, min_requests, done,
-                                                  after_switch if train_body is not None else 0, think),
+                                                  after_switch if train_body is not None else 0, think, seed),
                              daemon=True)
         t.start()
         threads.append(t)
@@ -334,23 +469,61 @@ def run(url: str, clients: int = 8, n_images: int = 8, clicks: int = 5, min_requ
     switch = check_switch(records, published if train_body is not None else None)
     summary = summarise(records)
     failed = [r for r in records if r.status != 200]
-    return {"clients": clients, "images": n_images, "think_s": think, "wall_s": round(wall, 1), "by_kind": summary,
-            "failed_requests": len(failed), "failures": [(r.kind, r.status, r.error) for r in failed[:10]],
-            "training": train_result, "weights_switch": switch,
-            "threads_unfinished": sum(t.is_alive() for t in threads)}
+    out = {"clients": clients, "images": n_images, "think_s": think, "wall_s": round(wall, 1), "by_kind": summary,
+           "by_replica": by_replica(records), "failed_requests": len(failed),
+           "failures": [(r.kind, r.status, r.error) for r in failed[:10]], "training": train_result,
+           "weights_switch": switch, "threads_unfinished": sum(t.is_alive() for t in threads),
+           "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if train_result.get("t_start") and train_result.get("t_end"):  # the inferences sent while the job ran
+        t0_train, t1_train = train_result["t_start"], train_result["t_end"]
+        during = [r for r in records if r.kind in ("box", "click") and t0_train <= r.t_start < t1_train]
+        out["during_training"] = {kind: _stats([r for r in during if r.kind == kind]) for kind in ("box", "click")}
+    return out
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def compare_training(url: str, a, n_images: int, body: dict, app_dir: Optional[str]) -> dict:
+    """Issue 29, item 3: the same clients first with no training (baseline), then while a training job runs."""
+    base = run(url, a.clients, n_images, a.clicks, a.baseline_requests, 0, None, a.info_every,
+               deadline_s=a.deadline, app_dir=app_dir, think=a.think, seed=1)
+    loaded = run(url, a.clients, n_images, a.clicks, a.min_requests, a.after_switch, body, a.info_every,
+                 deadline_s=a.deadline, app_dir=app_dir, think=a.think, seed=2)
+    b, d = base["by_kind"].get("click", {}), loaded.get("during_training", {}).get("click", {})
+    bb, db = base["by_kind"].get("box", {}), loaded.get("during_training", {}).get("box", {})
+    summary = {"baseline_click": b, "during_training_click": d, "baseline_box": bb, "during_training_box": db,
+               "click_p50_ratio": _ratio(d.get("p50_s"), b.get("p50_s")),
+               "click_p95_ratio": _ratio(d.get("p95_s"), b.get("p95_s")),
+               "box_p50_ratio": _ratio(db.get("p50_s"), bb.get("p50_s")),
+               "training_seconds": loaded["training"].get("seconds"),
+               "training_status": loaded["training"].get("status")}
+    rep = dict(loaded, baseline=base, training_vs_baseline=summary)
+    rep["failed_requests"] = base["failed_requests"] + loaded["failed_requests"]
+    rep["threads_unfinished"] = base["threads_unfinished"] + loaded["threads_unfinished"]
+    return rep
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="a running server (its datastore must hold vol0.. as --start makes them)")
+    ap.add_argument("--url", help="a running server or proxy (its datastore must hold vol0.. as --start makes them)")
     ap.add_argument("--start", action="store_true", help="start a server of its own on synthetic volumes")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="with --start: this many servers behind nginx (deploy/nginx/ensam.conf); 0: one server, "
+                         "no proxy")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="with --start: OMP_NUM_THREADS of each server (default: the cores divided among them)")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--images", type=int, default=0, help="synthetic images (default: one per client)")
+    ap.add_argument("--images", type=int, default=0, help="synthetic images (default: one per client, 2 at least)")
     ap.add_argument("--clicks", type=int, default=5, help="clicks after each box")
     ap.add_argument("--min-requests", type=int, default=12, help="per client, at least")
     ap.add_argument("--after-switch", type=int, default=3, help="requests per client after training ended")
     ap.add_argument("--train-seconds", type=float, default=60, help="fine-tuning budget (0: no training)")
     ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--compare-training", action="store_true",
+                    help="first a baseline without training, then with it: the clicks' latency ratio")
+    ap.add_argument("--baseline-requests", type=int, default=12, help="per client, in the baseline phase")
     ap.add_argument("--think", type=float, default=0.0, help="mean pause (s) of a client between its requests")
     ap.add_argument("--info-every", type=float, default=0.25)
     ap.add_argument("--max-info-p95", type=float, default=0.5, help="fail when /info's p95 is above (s)")
@@ -358,13 +531,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the report (JSON) here")
     ap.add_argument("--keep", action="store_true", help="keep the --start work folder")
     a = ap.parse_args(argv)
-    n_images = a.images or a.clients
-    srv = None
+    n_images = a.images or max(a.clients, 2)  # two at least: --start labels two for the training job
+    if a.compare_training and a.train_seconds <= 0:
+        ap.error("--compare-training needs a training budget (--train-seconds > 0)")
+    servers: List[Server] = []
+    proxy = None
     work = None
+    threads = a.threads or max(1, (os.cpu_count() or 1) // max(1, a.replicas))
     if a.start:
         work = tempfile.mkdtemp(prefix="ensam_load_")
-        srv = start_server(work, n_images, labels_for=2)
-        url, app_dir = srv.url, srv.app_dir
+        if a.replicas > 0:
+            proxy, servers = start_cluster(work, n_images, a.replicas, labels_for=2, threads=threads)
+            url, app_dir = proxy.url, proxy.app_dir
+        else:
+            servers = [start_server(work, n_images, labels_for=2, threads=threads)]
+            url, app_dir = servers[0].url, servers[0].app_dir
     elif a.url:
         url, app_dir = a.url.rstrip("/"), None
     else:
@@ -374,14 +555,19 @@ def main(argv=None) -> int:
         body = {"device": "cpu", "max_seconds": a.train_seconds, "max_steps": a.train_steps, "val_split": 0.5,
                 "labels": "blob_a", "val_every": max(1, a.train_steps // 2) if a.train_steps else 0}
     try:
-        rep = run(url, a.clients, n_images, a.clicks, a.min_requests, a.after_switch, body, a.info_every,
-                  deadline_s=a.deadline, app_dir=app_dir, think=a.think)
+        if a.compare_training:
+            rep = compare_training(url, a, n_images, body, app_dir)
+        else:
+            rep = run(url, a.clients, n_images, a.clicks, a.min_requests, a.after_switch, body, a.info_every,
+                      deadline_s=a.deadline, app_dir=app_dir, think=a.think)
     finally:
-        if srv is not None:
+        for srv in ([proxy] if proxy else []) + servers:
             srv.stop()
-            if not a.keep:
-                shutil.rmtree(work, ignore_errors=True)
+        if work and not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
     rep["cpu_count"] = os.cpu_count()
+    if a.start:
+        rep["servers"] = {"replicas": a.replicas, "proxy": bool(proxy), "threads_per_server": threads}
     info = rep["by_kind"].get("info", {})
     ok = (rep["failed_requests"] == 0 and not rep["weights_switch"]["problems"] and not rep["threads_unfinished"]
           and (info.get("p95_s") is None or info["p95_s"] <= a.max_info_p95)

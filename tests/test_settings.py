@@ -75,9 +75,9 @@ def test_values_of_every_type_are_parsed():
     assert s.sessions == 12 and s.session_mb == 500.0 and s.seg_floor == 1.0 and s.atlas_threads == 4
     assert s.network == "net.json" and s.image_cache == 3 and isinstance(s.image_cache, int)
     d = parse_conf(None)  # nothing given: the defaults
-    assert d.labels == [] and d.preload is False and d.boundary_cut is None and d.atlases is None
+    assert d.labels == [] and d.preload is True and d.boundary_cut is None and d.atlases is None
     assert d.session_history == 10 and d.models == ["ensam"]
-    assert parse_conf({"preload": " ", "labels": ""}).preload is False  # blank = not given
+    assert parse_conf({"preload": " ", "labels": ""}).preload is True  # blank = not given: the default
     d.labels.append("x")
     assert parse_conf({}).labels == []  # a list default is never shared
 

@@ -6,14 +6,19 @@ scoring of every image on), on a datastore of 12 real volumes (copies of the sam
 * later clicks, sent while the scoring works, find it paused: no stretch of background work overlaps any inference
   (the gate's event log, written by the server and by the scoring process), and the scoring goes on afterwards.
 
+* the engine was built and warmed up (a click and a corrective step on a dummy volume, ``--conf preload``, on by
+  default) before ``/info`` first answered, once, by the server only (not by the scoring process, which re-creates
+  the app): the first click built no engine.
+
 Behaviour, not timing: the event log says what ran when. The first click's latency is printed (a figure for the
-issue, not asserted).
+issue, not asserted; ``scripts/bench_first_click.py`` measures it over fresh starts).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -73,6 +78,7 @@ def server(tmp_path_factory):
     svc.gate_log = gate_log
     try:
         wait_ready(svc, "/info/", TIMEOUT, "server", every=0.05)
+        svc.info_at = time.time()  # /info has just answered for the first time
         yield svc
     finally:
         svc.stop()
@@ -140,3 +146,22 @@ def test_clicks_during_background_scoring_pause_it(server):
         "the scoring did not go on after the clicks"
     stats = requests.get(f"{server.url}/info/", timeout=60).json()["interactive_gate"]
     assert stats["background_yielded"] >= 1 and stats["wait_timeouts"] == 0, stats
+
+
+def test_warm_up_ran_before_info_answered_once_and_only_in_the_server(server):
+    """After the two tests above (the scoring process has worked by then): one ``warm_up`` in the gate's log, by the
+    server's process, ended before ``/info`` first answered and before the first click began; the server built its
+    engine once (the first click used the warmed one)."""
+    events = _events(server.gate_log)
+    warm = [e for e in events if e["ev"].startswith("warm_up")]
+    assert [e["ev"] for e in warm] == ["warm_up"], warm
+    clicks = [e for e in events if e["ev"] == "interactive"]
+    assert clicks and {e["pid"] for e in clicks} == {warm[0]["pid"]}, "the warm-up was not the server's"
+    assert warm[0]["t1"] <= server.info_at, (warm[0], server.info_at)
+    assert warm[0]["t1"] <= min(e["t0"] for e in clicks)
+    assert warm[0]["click_s"] > 0 and warm[0]["corrective_s"] > 0
+    background = {e["pid"] for e in events if e["ev"] in ("work", "work_start")}
+    assert background and warm[0]["pid"] not in background  # the scoring process re-created the app: no warm-up
+    with open(server.log_path, errors="replace") as f:
+        builds = re.findall(rf"\[{warm[0]['pid']}\] .*ensam engine ready on \S+ .*\(load #(\d+)\)", f.read())
+    assert builds == ["1"], builds  # the server's: built at start-up, never again for a click (same weights)

@@ -166,7 +166,8 @@ CONF: Tuple[Setting, ...] = (
     Setting("sessions", "int", 64, "(client, image, label) sessions kept", low=1),
     Setting("session_mb", "float", 256.0, "memory for the sessions' kept results, MiB", low=1),
     Setting("image_cache", "int", 2, "decoded images kept in memory (0: none)", low=0),
-    Setting("preload", "bool", False, "build the model at start-up instead of at the first request"),
+    Setting("preload", "bool", True, "build the model and run it once on a dummy volume at start-up, before the "
+            "server answers (the first click then runs warm); false: both at the first request"),
     Setting("boundary_cut", "bool", None, "the graph cut that re-draws every answer on the scan's grid "
             "(`lib.graphcut.BoundaryCut`)", shown=f"true ({_ENGINE})"),
     Setting("lone_click_view", "bool", None, "the view around a lone first click sized from the image "

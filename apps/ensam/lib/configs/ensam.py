@@ -9,7 +9,9 @@ unknown key or a bad value stops the start naming the key. The table below is re
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from typing import Any, Dict, Optional, Union
 
 from monailabel.interfaces.config import TaskConfig
@@ -56,8 +58,33 @@ class EnsamConfig(TaskConfig):
             self.provider, self.volumes, s.atlases or default_atlas_folder(os.path.dirname(model_dir)),
             os.path.join(model_dir, "atlas_validation.json"), self.extra_names, self.seg_labels,
             num_labels=self.num_labels, floor=s.seg_floor, threads=s.atlas_threads)
-        if s.preload:  # --conf preload true
-            self.provider.get(None)
+        if s.preload:  # default; --conf preload false leaves both to the first request
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """The server builds its engine and runs it once on a dummy volume (``EngineProvider.warm_up``) while the
+        app is created: monailabel creates it before uvicorn accepts connections, so this is done before ``/info``
+        ever answers and never competes with a user's click (the start-up scoring is only started afterwards, when
+        the server has been idle). Only the server does it (``main.EnsamApp`` has set its interactive gate,
+        ``ENSAM_INTERACTIVE_GATE``, before it creates the config): background task processes (scoring, batch
+        inference, training re-create the app) and other users of the config (``lib.configs.train_plan``) build the
+        engine when their work needs it. The warm-up's stretch is written to the interactive gate's event log
+        (``ENSAM_GATE_LOG``) as ``warm_up`` (directly: creating the gate here would start its idle clock, which
+        defers the start-up scoring, before the datastore is even read)."""
+        from lib.activelearning.interactive_gate import GATE_ENV, LOG_ENV
+        from lib.background import in_background_task
+
+        if in_background_task() or not os.environ.get(GATE_ENV):
+            return
+        t0 = time.time()
+        try:
+            event = dict(ev="warm_up", **self.provider.warm_up(None))
+        except Exception as e:  # noqa: BLE001 - the server still starts; the first request meets the same problem
+            logging.getLogger(__name__).exception("ensam warm-up failed; the first request will build the engine")
+            event = dict(ev="warm_up_failed", error=f"{type(e).__name__}: {e}"[:300])
+        if os.environ.get(LOG_ENV):
+            with open(os.environ[LOG_ENV], "a") as f:
+                f.write(json.dumps(dict(event, t0=t0, t1=time.time(), pid=os.getpid())) + "\n")
 
     @staticmethod
     def _engine_kwargs(conf: Union[Settings, Dict[str, str]]) -> dict:
