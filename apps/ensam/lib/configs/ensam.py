@@ -125,6 +125,7 @@ class EnsamConfig(TaskConfig):
             network_config=self.network_config,
             extra_names=self.extra_names,
             num_labels=self.num_labels,
+            atlas_folder=self.settings.atlases or None,  # --conf atlases: also the reference volumes of rehearsal
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:

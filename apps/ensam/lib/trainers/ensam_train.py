@@ -12,12 +12,17 @@ Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
 ``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
-``anchor`` (after every step the weights move this fraction back toward the starting weights, against forgetting;
-chosen on the tuning data by ``python -m lib.experiments.finetune_forgetting``).
+``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting;
+chosen on the tuning data by ``python -m lib.experiments.finetune_forgetting``), ``anchor_to`` (``shipped``: the
+app's shipped weights, also when a round starts from an earlier round's weights, so that rounds do not drift;
+``start``: the round's starting weights), ``rehearsal_atlases`` (fraction of the steps on the labelled structures of
+the reference atlases that ``ensam_seg`` uses, CT and MR, so that a site's labels of one modality do not make the
+network forget the other; the atlases are subsampled and bounded in memory, see
+:func:`lib.training.finetune.atlas_volumes`).
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
-[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal`` and
-``anchor`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), at most 256 label names of at most 128
-characters, the request at most 64 KiB of JSON.
+[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``,
+``anchor`` and ``rehearsal_atlases`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
+one of :data:`ANCHOR_TO`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ NUMBER_BOUNDS = {
     "seed": (int, 0, 2**32 - 1, False, False),
     "rehearsal": (float, 0.0, 1.0, False, True),
     "anchor": (float, 0.0, 1.0, False, True),
+    "rehearsal_atlases": (float, 0.0, 1.0, False, True),
 }
+ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
 MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)
@@ -79,6 +86,20 @@ def _label_names(labels: Any) -> list:
     return out
 
 
+def default_rehearsal_folder(model_dir: str, weight_paths: Sequence[str] = ()) -> str:
+    """The reference atlases for ``rehearsal_atlases`` when none is given: ``ensam_seg``'s default folder
+    (:func:`lib.atlas.segment.default_atlas_folder` of the app), else the one beside the app that the shipped
+    weights (the first of ``weight_paths``) really live in, e.g. an app copy whose weights are links (the labelling
+    loop's); '' when neither exists."""
+    from lib.atlas.segment import default_atlas_folder
+
+    candidates = [default_atlas_folder(os.path.dirname(os.path.abspath(model_dir)))]
+    shipped = [p for p in weight_paths if os.path.exists(p)][:1]
+    if shipped:
+        candidates.append(default_atlas_folder(os.path.dirname(os.path.dirname(os.path.realpath(shipped[0])))))
+    return next((c for c in candidates if os.path.exists(os.path.join(c, "dataset.json"))), "")
+
+
 class EnsamTrain(TrainTask):
     def __init__(
         self,
@@ -90,13 +111,16 @@ class EnsamTrain(TrainTask):
         description: str = "Fine-tune ENSAM on the datastore's final labels (simulated boxes and clicks)",
         config: Optional[dict] = None,
         publish_path: Optional[str] = None,
+        atlas_folder: Optional[str] = None,
     ):
         super().__init__(description)
         self.model_dir = model_dir
+        if atlas_folder is None:
+            atlas_folder = default_rehearsal_folder(model_dir, weight_paths)
         self.job = FinetuneJob(weight_paths=list(weight_paths), publish_path=publish_path or list(weight_paths)[-1],
                                stats_path=os.path.join(model_dir, "train_stats.json"),
                                network_config=dict(network_config or {}), extra_names=list(extra_names),
-                               num_labels=int(num_labels))
+                               num_labels=int(num_labels), atlas_folder=atlas_folder or "")
         self._config = {
             "device": ["cuda", "cpu"] if cuda_available() else ["cpu"],
             "max_seconds": 600,
@@ -114,6 +138,8 @@ class EnsamTrain(TrainTask):
             "cpu_processes": 1,
             "rehearsal": 0.3,
             "anchor": 0.02,
+            "anchor_to": list(ANCHOR_TO),
+            "rehearsal_atlases": 0.5,
         }
         self._config.update(config or {})
 
@@ -148,6 +174,10 @@ class EnsamTrain(TrainTask):
         out["optimizer"] = str(first_value(req.get("optimizer")) or "muon").lower()
         if out["optimizer"] not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
+        out["anchor_to"] = str(first_value(req.get("anchor_to")) or ANCHOR_TO[0]).lower()
+        if out["anchor_to"] not in ANCHOR_TO:
+            raise ValueError(f"train parameter 'anchor_to' must be one of {list(ANCHOR_TO)}, "
+                             f"got {str(req.get('anchor_to'))[:60]!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)

@@ -12,14 +12,23 @@ of one case, augments its region (spacing, flips, permutations, intensity), simu
 ``label_ids`` ({label value: vocabulary token id}) a fraction of the steps trains the prompt-free mode of those
 labels. The network is updated in place; with ``val_cases`` it is validated periodically (box-only DSC and DSC
 after 2 clicks) and, with ``keep_best``, the best weights (including the starting ones) are restored at the end.
+
+Against forgetting (issue 29, item 2): ``anchor`` pulls the weights back toward ``anchor_weights`` after every step
+(the train task passes the SHIPPED weights, so that rounds of fine-tuning do not drift away from them one after the
+other), and ``rehearsal_atlases`` spends a fraction of the steps on the labelled structures of reference volumes
+(:func:`atlas_volumes`: the atlases ``ensam_seg`` uses, CT and MR, real labels), so that a site's MR-only labels do
+not make the network forget CT.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 from dataclasses import replace
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +39,9 @@ from .distributed import Sync, average_gradients, broadcast_parameters
 from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 
-__all__ = ["finetune", "as_volumes", "validation_cases"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["finetune", "as_volumes", "validation_cases", "atlas_volumes", "ATLAS_MAX_VOXELS", "ATLAS_VOLUME_VOXELS"]
 
 
 def _unpack(case, i: int):
@@ -71,6 +82,85 @@ def _sampler(vols, label_ids: Optional[Mapping[int, int]], rehearsal: float = 0.
     return s
 
 
+# Rehearsal on reference atlases: memory bound of the volumes held (image float32 + labels + body mask, about
+# 7 bytes a voxel: 24 M voxels ~ 170 MB). An atlas above ATLAS_VOLUME_VOXELS is subsampled by an integer stride
+# (the 512 x 512 x 133 chest CT at 2: 1.4 mm; the 1 mm brain MRs at 2), which every step resamples anyway.
+ATLAS_MAX_VOXELS = 24e6
+ATLAS_VOLUME_VOXELS = 6e6
+# the shipped main weights' recipe (v12, ``volume_weights``): brain parcellations (borders that are not image edges)
+# and the spine part maps damped, so about 60 % of the atlas draws are CT structures
+ATLAS_VOLUME_WEIGHTS = {"antspy_mni_aal": 0.15, "antspy_mni_oasis": 0.15, "tptbox_spine_ct_parts": 0.5,
+                        "tptbox_spine_mr_parts": 0.5}
+
+
+def atlas_volumes(folder: str, max_voxels: float = ATLAS_MAX_VOXELS, volume_voxels: float = ATLAS_VOLUME_VOXELS,
+                  seed: int = 0, exclude: Sequence[str] = ()) -> List["D.Volume"]:
+    """Training volumes of the labelled reference atlases in ``folder`` (a ``dataset.json`` folder, read as
+    ``ensam_seg`` reads it: :meth:`lib.atlas.segment.AtlasLibrary.from_dataset`; ``exclude``: atlas keys left out),
+    for ``finetune(rehearsal_atlases=...)``. Each is subsampled by an integer stride to at most ``volume_voxels``
+    voxels; atlases are taken in a ``seed``-shuffled order while their voxels total at most ``max_voxels``. An
+    evaluation folder is refused (ValueError), a missing folder gives []."""
+    from ..atlas.segment import AtlasLibrary
+    from ..io.volumes import load_volume
+    from .data.volumes import _check_not_eval
+
+    _check_not_eval(Path(folder))
+    library = AtlasLibrary.from_dataset(folder, exclude=exclude)
+    rng = np.random.default_rng(seed)
+    out, total = [], 0
+    for i in rng.permutation(len(library.atlases)):
+        a = library.atlases[int(i)]
+        for path in (a.image_path, a.label_path):
+            _check_not_eval(Path(path))
+        image = load_volume(a.image_path)  # the file's type (int16 for CT/MR): cast after subsampling
+        shape = np.asarray(image.array.shape[:3])
+        stride = max(1, math.ceil((float(np.prod(shape)) / volume_voxels) ** (1 / 3) - 1e-9))
+        n = int(np.prod(-(-shape // stride)))
+        if total + n > max_voxels:
+            continue
+        label = np.asarray(load_volume(a.label_path).array)
+        if label.shape != image.array.shape:
+            logger.warning(f"rehearsal atlas {a.key}: label shape {label.shape} != image {image.array.shape}; skipped")
+            continue
+        sub = (slice(None, None, stride),) * 3
+        affine = np.asarray(image.affine, float) @ np.diag([stride, stride, stride, 1.0])
+        out.append(D.make_volume(a.key, image.array[sub], affine, label[sub], {v: k for k, v in a.names.items()},
+                                 a.modality, rng=rng))
+        total += n
+    return out
+
+
+def _atlas_sampler(volumes, num_labels: int) -> "D.ObjectSampler":
+    """The atlases' labelled structures, drawn as pre-training drew them (its validation structures left out, its
+    volume weights); their built-in vocabulary ids (for prompt-free steps) only below the network's ``num_labels``."""
+    names = {v.name for v in volumes}
+    s = D.ObjectSampler(volumes, holdout=D.DEFAULT_HOLDOUT, weights={"real": 1.0},
+                        volume_weights={k: w for k, w in ATLAS_VOLUME_WEIGHTS.items() if k in names})
+    s.structures = [(vi, lab, name, vid if vid < num_labels else -1) for vi, lab, name, vid in s.structures]
+    if not s.structures:
+        raise ValueError("rehearsal_atlases: the rehearsal volumes hold no named labelled structure")
+    return s
+
+
+def _anchor_targets(network, anchor_weights: Optional[Mapping[str, torch.Tensor]]) -> List[torch.Tensor]:
+    """Per parameter of ``network``, the weights the anchor pulls it toward: ``anchor_weights[name]`` (e.g. the
+    shipped weights), or its starting value where ``anchor_weights`` is None or has no such name (a head the
+    shipped network lacks). A shape that differs, or no name in common, is a ValueError."""
+    out, matched = [], 0
+    for name, p in network.named_parameters():
+        t = None if anchor_weights is None else anchor_weights.get(name)
+        if t is None:
+            out.append(p.detach().clone())
+            continue
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"anchor_weights[{name!r}] has shape {list(t.shape)}, the network's {list(p.shape)}")
+        out.append(t.detach().to(device=p.device, dtype=p.dtype).clone())
+        matched += 1
+    if anchor_weights is not None and not matched:
+        raise ValueError("anchor_weights share no parameter name with the network")
+    return out
+
+
 def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     """Deterministic model-grid validation cases: one box-prompted case per structure of each case (no
     augmentation)."""
@@ -90,8 +180,21 @@ def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     return out
 
 
-def _draw_case(sampler, rng, cfg: LoopConfig, concept: bool, tries: int = 100):
-    """One training case (never None: a data-parallel step must not be skipped on one rank only)."""
+def _draw_case(sampler, rng, cfg: LoopConfig, concept: bool, tries: int = 100, atlases=None,
+               p_atlas: float = 0.0):
+    """One training case (never None: a data-parallel step must not be skipped on one rank only). With
+    ``atlases`` (a sampler of reference volumes), a fraction ``p_atlas`` of the draws comes from them (kind
+    ``atlas``), prompted or, with ``concept``, prompt-free at the same rate as the user's structures."""
+    if atlases is not None and p_atlas > 0 and rng.random() < p_atlas:
+        for _ in range(tries):
+            if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in atlases.structures):
+                s, vid = atlases.concept_window(rng, window=cfg.contract.model_shape[0],
+                                                spacing_mm=cfg.contract.label_spacing_mm)
+                return concept_case(s.image, s.mask, vid, kind="atlas")
+            s = atlases.sample(rng)
+            case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="atlas")
+            if case is not None:
+                return case
     for _ in range(tries):
         if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in sampler.structures):
             s, vid = sampler.concept_window(rng, window=cfg.contract.model_shape[0],
@@ -109,7 +212,9 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              optimizer: str = "muon", max_steps: int = 0, keep_best: bool = True, val_every: int = 0,
              seed: int = 0, loop: Optional[LoopConfig] = None, progress: Optional[Callable[[dict], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
-             rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0) -> Dict:
+             rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0,
+             anchor_weights: Optional[Mapping[str, torch.Tensor]] = None, rehearsal_atlases: float = 0.0,
+             rehearsal_volumes: Optional[Sequence] = None) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -125,7 +230,13 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         rehearsal: fraction of the prompted steps spent on pre-training-style unnamed objects drawn on the same
             volumes (``REHEARSAL_SOURCES``), against forgetting; 0 = the labelled structures only.
         anchor: against forgetting, after every optimiser step the weights move this fraction of the way back to
-            the starting weights (a decoupled L2-SP pull, the same whatever the optimiser does to gradients; 0 = off).
+            ``anchor_weights`` (a decoupled L2-SP pull, the same whatever the optimiser does to gradients; 0 = off).
+        anchor_weights: {parameter name: tensor} the anchor pulls toward (the train task: the shipped weights,
+            so that successive rounds do not drift); None = the starting weights. Names it lacks keep their
+            starting values as targets; a shape that differs is a ValueError.
+        rehearsal_atlases: fraction of ALL steps drawn from ``rehearsal_volumes`` (labelled reference volumes,
+            :func:`atlas_volumes`) instead of the user's cases: their named structures, box / click prompted, or
+            prompt-free at ``p_concept`` when ``label_ids`` trains that mode; 0 = off. In [0, 1).
         contract: the training/inference contract of the weights being tuned (:func:`lib.contract.read_contract`;
             None = the defaults on the network's grid); the tuned weights keep it.
         rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
@@ -137,8 +248,11 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         dict with steps, seconds, samples_per_s, loss_first / loss_last (EMA), val_before / val_after / val_best
         (dicts of val_box_dsc, val_click2_dsc, score), restored_best (bool).
     """
-    if not 0.0 <= rehearsal < 1.0:
-        raise ValueError(f"rehearsal must be in [0, 1), got {rehearsal}")
+    for key, value in (("rehearsal", rehearsal), ("anchor", anchor), ("rehearsal_atlases", rehearsal_atlases)):
+        if not 0.0 <= value < 1.0:  # also refuses NaN
+            raise ValueError(f"{key} must be in [0, 1), got {value}")
+    if rehearsal_atlases > 0 and not rehearsal_volumes:
+        raise ValueError("rehearsal_atlases > 0 needs rehearsal_volumes (labelled reference volumes)")
     rng = np.random.default_rng(seed)
     cfg = loop or LoopConfig(contract=contract_for_network(network.config, contract))
     if contract is not None:
@@ -149,6 +263,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     sampler = _sampler(vols, label_ids, rehearsal)
     if not sampler.structures:
         raise ValueError("finetune: no labelled structure in the cases")
+    atlases = _atlas_sampler(rehearsal_volumes, network.config.num_labels) if rehearsal_atlases > 0 else None
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
@@ -160,16 +275,15 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         grad_hook = lambda net: average_gradients(net.parameters(), world_size)  # noqa: E731
         if rank != 0:
             vcases = []  # rank 0 validates for everyone
-    if not 0.0 <= anchor < 1.0:
-        raise ValueError(f"anchor must be in [0, 1), got {anchor}")
-    start = [p.detach().clone() for p in network.parameters()] if anchor > 0 else None
+    start = _anchor_targets(network, anchor_weights) if anchor > 0 else None
 
     def score_now():
         s = evaluate(network, vcases, n_clicks=2, device=device, cfg=cfg)
         s["score"] = 0.5 * (s["val_box_dsc"] + s["val_click2_dsc"])
         return s
 
-    stats = {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None, "restored_best": False}
+    stats = {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None, "restored_best": False,
+             "atlas_steps": 0}
     best_sd, best = None, None
     if vcases:
         best = score_now()
@@ -188,7 +302,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         if stop:
             break
         opt.set_lr_factor(lr_factor(stats["steps"], min(progress_frac, 1.0), warmup_steps=10, final=0.1))
-        case = _draw_case(sampler, rng, cfg, bool(label_ids))
+        case = _draw_case(sampler, rng, cfg, bool(label_ids), atlases=atlases, p_atlas=rehearsal_atlases)
+        stats["atlas_steps"] += case.kind == "atlas"
         loss, _ = train_step(network, opt, case, rng, cfg, device, amp, grad_hook=grad_hook)
         if start is not None:  # identical on every rank: their weights are identical
             with torch.no_grad():

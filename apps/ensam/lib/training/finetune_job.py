@@ -8,6 +8,11 @@ monailabel import); the ``ensam`` train task (:mod:`lib.trainers.ensam_train`) p
   prompt-free mode of the trained names is trained too;
 * the loop: :func:`lib.training.finetune.finetune` (simulated boxes and clicks as the evaluator does,
   interaction-unrolled), validation before / during / after, the best validated weights kept;
+* against forgetting across rounds (issue 29, item 2): the ``anchor`` pulls toward the SHIPPED weights (the first
+  existing of ``weight_paths``, the app's pretrained artefact) even when a round starts from the previous round's
+  published weights (``anchor_to`` ``"start"``: toward the round's starting weights), and ``rehearsal_atlases`` mixes
+  the labelled reference volumes of ``atlas_folder`` (the atlases ``ensam_seg`` uses: CT and MR, real labels) into
+  the steps;
 * publication: those weights, with their network config, contract and vocabulary, go to ``publish_path`` as ONE
   artefact by atomic rename (:func:`lib.weights.save_artefact`), so the infer tasks (which watch the file's mtime)
   pick them up without a restart and never read half a file;
@@ -57,6 +62,7 @@ class FinetuneJob:
     network_config: Dict[str, Any] = field(default_factory=dict)
     extra_names: List[str] = field(default_factory=list)
     num_labels: int = 128
+    atlas_folder: str = ""  # labelled reference volumes for rehearsal_atlases ('' = none)
 
     def vocab(self) -> Dict[str, int]:
         return load_vocab(self.weight_paths, self.extra_names, self.num_labels)
@@ -64,6 +70,46 @@ class FinetuneJob:
     def init_weights(self) -> Optional[str]:
         existing = [p for p in self.weight_paths if os.path.exists(p)]
         return existing[-1] if existing else None
+
+    def shipped_weights(self) -> Optional[str]:
+        """The app's shipped artefact (the first of ``weight_paths`` that exists), which the anchor pulls toward."""
+        existing = [p for p in self.weight_paths if os.path.exists(p)]
+        return existing[0] if existing else None
+
+    def anchor_target(self, req: dict, init_path: Optional[str], init, net) -> tuple:
+        """(anchor weights {name: tensor} or None = the starting weights, a description for the statistics). The
+        shipped weights with ``anchor_to`` ``"shipped"`` when the run starts from weights; the starting weights
+        otherwise, and when the shipped network's parameters do not fit this one (another ``--conf network``)."""
+        if req.get("anchor", 0.0) <= 0:
+            return None, "off"
+        if req.get("anchor_to", "shipped") != "shipped":
+            return None, "start"
+        if init is None:
+            return None, "start (no initial weights: trained from scratch)"
+        shipped = self.shipped_weights()
+        if shipped is None:
+            return None, "start (no shipped weights)"
+        if init_path and os.path.abspath(shipped) == os.path.abspath(init_path):
+            return init.state_dict, os.path.basename(shipped)
+        sd = load_artefact(shipped).state_dict
+        own = dict(net.named_parameters())
+        if any(k in own and tuple(v.shape) != tuple(own[k].shape) for k, v in sd.items()) or not set(sd) & set(own):
+            logger.warning(f"ensam train: {shipped} does not fit the network; the anchor pulls toward the start")
+            return None, "start (the shipped weights do not fit the network)"
+        return sd, os.path.basename(shipped)
+
+    def rehearsal_volumes(self, req: dict) -> tuple:
+        """(atlas volumes for ``rehearsal_atlases``, their names); none when it is 0 or the folder holds no
+        labelled atlas (a warning; the run goes on without them)."""
+        from .finetune import atlas_volumes
+
+        if req.get("rehearsal_atlases", 0.0) <= 0:
+            return [], []
+        vols = atlas_volumes(self.atlas_folder, seed=req["seed"]) if self.atlas_folder else []
+        if not vols:
+            logger.warning(f"ensam train: rehearsal_atlases {req['rehearsal_atlases']} but no labelled atlas in "
+                           f"{self.atlas_folder or '(no atlas folder)'}; training without atlas rehearsal")
+        return vols, [v.name for v in vols]
 
     def stats(self) -> dict:
         """The training statistics (``train_stats.json``). A run recorded as RUNNING whose process is gone (killed,
@@ -160,7 +206,7 @@ class FinetuneJob:
         """Write the job (where it reads and publishes) and ``plan`` as one JSON file (atomically)."""
         job = {"weight_paths": self.weight_paths, "publish_path": self.publish_path, "stats_path": self.stats_path,
                "network_config": self.network_config, "extra_names": self.extra_names,
-               "num_labels": self.num_labels}
+               "num_labels": self.num_labels, "atlas_folder": self.atlas_folder}
         atomic_write_json({"format": PLAN_FORMAT, "job": job, "plan": plan}, path)
 
     @classmethod
@@ -245,6 +291,13 @@ class FinetuneJob:
         net = load_network(init, plan["network_config"] or None, device)
         contract = read_contract(init, net.config)  # the tuned weights keep their contract
         label_ids = {vocab[n] + 1: vocab[n] for n in plan["label_names"]} if req["concept"] else None
+        anchor_weights, anchor_target = self.anchor_target(req, plan["init_weights"], init, net)
+        atlases, atlas_names = self.rehearsal_volumes(req)
+        against_forgetting = {"anchor": req.get("anchor", 0.0), "anchor_target": anchor_target,
+                              "rehearsal": req["rehearsal"],
+                              "rehearsal_atlases": req.get("rehearsal_atlases", 0.0) if atlases else 0.0,
+                              "atlases": atlas_names}
+        base_stats = dict(base_stats, forgetting_guard=against_forgetting)
         last_write = [0.0]
 
         def progress(p: dict):
@@ -264,8 +317,10 @@ class FinetuneJob:
                           label_ids=label_ids, lr=req["learning_rate"], optimizer=req["optimizer"],
                           max_steps=req["max_steps"], val_every=req["val_every"], keep_best=True,
                           seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
-                          rehearsal=req["rehearsal"], contract=contract,
-                          anchor=req.get("anchor", 0.0))
+                          rehearsal=req["rehearsal"], contract=contract, anchor=req.get("anchor", 0.0),
+                          anchor_weights=anchor_weights,
+                          rehearsal_atlases=against_forgetting["rehearsal_atlases"], rehearsal_volumes=atlases)
+        del atlases, anchor_weights
         if rank != 0:
             return result
 
@@ -274,6 +329,7 @@ class FinetuneJob:
         meta = {"network": plan["network_config"] or net.config.to_dict(), "contract": contract.to_dict(),
                 "trained_from": os.path.basename(plan["init_weights"] or "") or None,
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
+                "forgetting_guard": against_forgetting,
                 "val_best": result.get("val_best"), "steps": result.get("steps"),
                 # the tuned network answers every step: a refiner of the initial weights (corrective steps) was not
                 # tuned on these labels and is not carried over
