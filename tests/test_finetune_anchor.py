@@ -138,7 +138,7 @@ def _datastore(root):
     return ds
 
 
-def _task(root, atlas_folder=None):
+def _task(root, atlas_folder=None, refiner=None):
     from lib.trainers.ensam_train import EnsamTrain
     from lib.weights import save_artefact
 
@@ -146,7 +146,7 @@ def _task(root, atlas_folder=None):
     os.makedirs(model, exist_ok=True)
     shipped = os.path.join(model, "pretrained_ensam.pt")
     net = tiny_net(1)
-    save_artefact(shipped, net.state_dict(), {"network": net.config.to_dict()}, copies=False)
+    save_artefact(shipped, net.state_dict(), {"network": net.config.to_dict()}, copies=False, refiner=refiner)
     return EnsamTrain(model, [shipped, os.path.join(model, "ensam.pt")], atlas_folder=atlas_folder), shipped
 
 
@@ -195,3 +195,27 @@ def test_the_train_task_rehearses_the_atlases_and_refuses_bad_values(tmp_path):
         task.parse_request({"anchor_to": "elsewhere"})
     req = task.parse_request({})
     assert req["anchor_to"] == "shipped" and 0 < req["rehearsal_atlases"] < 1
+
+
+def test_the_shipped_refiner_is_kept_beside_the_tuned_weights_unless_asked_not_to(tmp_path):
+    """Weights with a refiner (the network trained for corrective steps) keep it through a round, untuned, so the
+    corrections after fine-tuning are answered as before it (``keep_refiner``, default true); false drops it."""
+    from lib.weights import load_artefact
+
+    ds = _datastore(str(tmp_path))
+    refiner = {k: v + 0.01 for k, v in tiny_net(2).state_dict().items()}
+    for keep in (True, False):
+        task, shipped = _task(str(tmp_path / str(keep)), atlas_folder="", refiner=refiner)
+        assert task.parse_request({})["keep_refiner"] is True
+        stats = task(dict(ROUND, max_steps=2, keep_refiner=keep), ds)
+        assert stats["status"] == "DONE"
+        art = load_artefact(os.path.join(str(tmp_path / str(keep)), "model", "ensam.pt"))
+        assert art.meta["refiner"] == ("kept" if keep else "dropped")
+        if keep:
+            assert set(art.refiner) == set(refiner)
+            assert all(torch.allclose(art.refiner_float32()[k], refiner[k].float(), atol=1e-2) for k in refiner)
+            assert any(not torch.equal(art.state_dict[k], refiner[k]) for k in refiner)  # the main weights are not it
+        else:
+            assert art.refiner is None
+    with pytest.raises(ValueError, match="keep_refiner"):
+        task.parse_request({"keep_refiner": "perhaps"})

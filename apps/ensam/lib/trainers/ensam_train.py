@@ -10,7 +10,8 @@ writes the statistics that ``/info`` shows (``train_stats``).
 Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
 ``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
-``pretrained`` (start from the current weights), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
+``pretrained`` (start from the current weights), ``keep_refiner`` (weights with a refiner for corrective steps keep
+it, untuned, beside the tuned main weights; false: the tuned network answers every step), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
 ``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting;
 chosen on the tuning data by ``python -m lib.experiments.finetune_forgetting``), ``anchor_to`` (``shipped``: the
@@ -132,6 +133,7 @@ class EnsamTrain(TrainTask):
             "labels": "",
             "concept": True,
             "pretrained": True,
+            "keep_refiner": True,
             "seed": 0,
             "multi_gpu": False,
             "gpus": "all",
@@ -181,6 +183,7 @@ class EnsamTrain(TrainTask):
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)
+        out["keep_refiner"] = parse_bool(req.get("keep_refiner", True), "keep_refiner", default=True)
         out["multi_gpu"] = parse_bool(req.get("multi_gpu", False), "multi_gpu")
         out["gpus"] = str(first_value(req.get("gpus")) or "all")
         try:

@@ -331,11 +331,13 @@ class FinetuneJob:
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
                 "forgetting_guard": against_forgetting,
                 "val_best": result.get("val_best"), "steps": result.get("steps"),
-                # the tuned network answers every step: a refiner of the initial weights (corrective steps) was not
-                # tuned on these labels and is not carried over
-                "refiner_dropped": bool(init is not None and init.refiner is not None)}
-        # one artefact (weights + network + contract + vocabulary), published by one rename (lib.weights)
-        save_artefact(publish_path, net.state_dict(), meta, vocabulary=vocab)
+                # keep_refiner: the initial weights' refiner (trained for corrective steps) answers the corrections
+                # after the round as before it, untuned; else the tuned network answers every step
+                "refiner": ("kept" if req.get("keep_refiner", True) else "dropped")
+                if init is not None and init.refiner is not None else None}
+        refiner = init.refiner if meta["refiner"] == "kept" else None
+        # one artefact (weights + network + contract + vocabulary [+ refiner]), published by one rename (lib.weights)
+        save_artefact(publish_path, net.state_dict(), meta, vocabulary=vocab, refiner=refiner)
         logger.info(f"ensam train: published {publish_path} (validation score {before} -> {best})")
 
         stats = dict(base_stats)
