@@ -5,11 +5,16 @@
   how far it lies from what the model has already been taught. With nothing labelled yet, the distance to the mean
   embedding of all images is used (outliers first).
 * ``uncertainty``: for each of a few known label names (the auto-segmentation ones), a per-structure uncertainty;
-  the image's score is their mean. A name that ``ensam_seg`` segments by example (atlas route) gets the atlases'
-  disagreement: 1 - mean pairwise Dice of the registered atlases' masks and ensam's mask from their prompts
-  (``lib.atlas``; issue 12). A name on the learned-token route gets the disagreement of the prompt-free
-  predictions on the image as stored and mirrored along each axis (4 passes, at a coarse working spacing): 1 -
-  mean pairwise Dice between the 4 masks (a name found nowhere counts 1).
+  the image's score is their mean. A name that ``ensam_seg`` segments by example (atlas routes) gets the PREDICTED
+  ERROR of the very answer ``ensam_seg`` gives (same atlas pool, count, fusion and route;
+  :func:`lib.activelearning.features.atlas_answer_features`, :func:`~lib.activelearning.features.predicted_error`;
+  issue 29): the mean of how far that answer lies from each registered atlas's mask (1 - mean Dice) and how
+  badly the atlases fit the image after registration (exp(-mutual information)); the features are stored too
+  (``uncertainty_features``). The old score, the atlases' disagreement among themselves and with the engine's
+  mask (4 atlases, majority vote, whatever the route), measured the atlases, not the answer
+  (``python -m lib.experiments.uncertainty_rank`` compares both). A name on the learned-token route gets the
+  disagreement of the prompt-free predictions on the image as stored and mirrored along each axis (4 passes, at a
+  coarse working spacing): 1 - mean pairwise Dice between the 4 masks (a name found nowhere counts 1).
 
 Both skip images whose stored result was computed from the same image file and the same weights (``force=true``
 recomputes); new weights (after training) make every score stale, so the rescoring that follows training redoes
@@ -35,12 +40,14 @@ from lib.io.imageio import VolumeCache, file_key
 from lib.label_vocab import canonical, load_vocab
 from lib.request_parsing import parse_bool
 
-from .features import cosine_distance_matrix, disagreement, flip_predictions, image_embedding
+from .features import (WEIGHTS, atlas_answer_features, cosine_distance_matrix, disagreement, flip_predictions,
+                       image_embedding, label_volume_mm3, predicted_error)
 from .interactive_gate import gate
 
 logger = logging.getLogger(__name__)
 
 EMBED_KEY = "ensam_embedding"
+SCORE_VERSION = 2  # of the uncertainty score by example (2: the predicted error of ensam_seg's answer, issue 29)
 
 
 def refresh(datastore: Datastore) -> None:
@@ -168,12 +175,14 @@ class UncertaintyScoring(_EnsamScoring):
 
     def __init__(self, provider: EngineProvider, volumes: VolumeCache, extra_names: Sequence[str] = (),
                  default_labels: Sequence[str] = (), num_labels: int = 128, by_example=None):
-        super().__init__(provider, volumes, "Per-structure disagreement: of the registered atlases and ensam (names "
-                                            "segmented by example), else of prompt-free predictions under flips")
+        super().__init__(provider, volumes, "Per-structure predicted error of ensam_seg's answer by example (its "
+                                            "distance to the registered atlases, their registration's fit), else "
+                                            "disagreement of prompt-free predictions under flips")
         self.by_example = by_example  # lib.infers.seg_by_example.EnsamSegByExample or None
         self.extra_names = list(extra_names)
         self.default_labels = list(default_labels)
         self.num_labels = int(num_labels)
+        self._volumes_mm3: Dict[tuple, float] = {}  # (label file, mtime, value) -> volume of the structure
 
     def __call__(self, request, datastore: Datastore):
         with gate().background(f"scoring {self.key}") as work:
@@ -196,12 +205,13 @@ class UncertaintyScoring(_EnsamScoring):
             why = f"no known label name among {wanted_labels}" if wanted_labels else "ensam knows no label name yet"
             logger.info(f"uncertainty: skipped ({why})")
             return {"method": self.key, "scores": {}, "computed": 0, "skipped": why}
-        by_atlas = []
+        by_atlas, routes = [], {}
         if self.by_example is not None:
             from lib.infers.seg_by_example import ATLAS_ROUTES
 
             routes, _ = self.by_example.routes()
             by_atlas = sorted(n for n in labels if routes.get(n, {}).get("route") in ATLAS_ROUTES)
+        segs: Dict[str, object] = {}  # name -> its SegmentByExample, kept over the images of this call
         by_flips = {n: t for n, t in labels.items() if n not in by_atlas}
         engine = lock = None
         scores: Dict[str, float] = {}
@@ -210,7 +220,9 @@ class UncertaintyScoring(_EnsamScoring):
             work.checkpoint()
             uri = datastore.get_image_uri(image_id)
             info = datastore.get_image_info(image_id)
-            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm, atlas=by_atlas)
+            stamp = dict(_stamp(self.provider, uri), labels=sorted(labels), spacing_mm=spacing_mm, atlas=by_atlas,
+                         score=SCORE_VERSION, routes={n: [routes[n].get("route"), routes[n].get("pool"),
+                                                          routes[n].get("atlases")] for n in by_atlas})
             meta = info.get(f"{self.key}_meta")
             if not force and meta == stamp and self.key in info:
                 scores[image_id] = float(info[self.key])
@@ -218,13 +230,16 @@ class UncertaintyScoring(_EnsamScoring):
             if engine is None:
                 engine, lock = self._engine(request)
             vol = self.volumes.get(uri)
-            per_label = {}
+            per_label, features = {}, {}
             if by_atlas:
                 from lib.infers.seg_by_example import LockedEngine
 
-                got = self.by_example.uncertainty(vol, by_atlas, LockedEngine(engine, lock))
-                per_label.update({n: round(u, 6) for n, u in got.items()})
-                work.checkpoint()
+                locked = LockedEngine(engine, lock)
+                for n in by_atlas:
+                    err, feats = self._atlas_error(vol, n, routes[n], locked, segs)
+                    per_label[n] = round(err, 6)
+                    features[n] = {k: round(float(v), 5) for k, v in feats.items()}
+                    work.checkpoint()
             if by_flips:
                 with lock:
                     masks = flip_predictions(engine, vol.array, vol.affine, list(by_flips.values()),
@@ -234,9 +249,56 @@ class UncertaintyScoring(_EnsamScoring):
             scores[image_id] = score
             datastore.update_image_info(image_id, {
                 self.key: round(score, 6), f"{self.key}_labels": per_label, f"{self.key}_meta": stamp,
+                **({f"{self.key}_features": features} if features else {}),
                 f"{self.key}_ts": int(time.time()),
             })
             computed += 1
         logger.info(f"uncertainty: {len(scores)} images ({computed} computed) in {time.time() - start:.1f}s")
         return {"method": self.key, "scores": scores, "computed": computed,
                 "seconds": round(time.time() - start, 2)}
+
+    def _atlas_error(self, vol, name: str, route: dict, engine, segs: Dict[str, object]):
+        """(predicted error, its features) of ``ensam_seg``'s answer by example for ``name`` on ``vol``, the answer
+        made as ``ensam_seg`` makes it (the datastore's atlases of the name, up to ``DATASTORE_ATLASES``, local vote,
+        for a name of the datastore pool; the reference library as ``ensam_seg``'s own otherwise) and by its route
+        (the engine runs only for the ``atlas+ensam`` route or a weighted feature that needs it)."""
+        from lib.atlas.segment import SegmentByExample
+        from lib.infers.seg_by_example import DATASTORE_ATLASES, DATASTORE_FUSION
+
+        be = self.by_example
+        seg = segs.get(name)
+        if seg is None:
+            if route.get("pool") == "datastore":
+                carriers = sorted((a for a in be.library.atlases if a.source == "datastore" and name in a.names),
+                                  key=lambda a: a.key)
+                seg = SegmentByExample(be.library.subset(carriers), engine, max_atlases=DATASTORE_ATLASES,
+                                       cache_images=1, **DATASTORE_FUSION)
+            else:
+                seg = SegmentByExample(be.library, engine, max_atlases=be.seg.max_atlases, cache_images=1,
+                                       fusion=be.seg.fusion, fusion_sigma=be.seg.fusion_sigma,
+                                       fusion_power=be.seg.fusion_power)
+            segs[name] = seg
+        s, feats = atlas_answer_features(seg, vol.array, vol.affine, name, route.get("route", "atlas"), vol.key,
+                                         reference_mm3=(self._reference_volumes(seg, vol, name)
+                                                        if "volume" in WEIGHTS else []),
+                                         log=lambda m: logger.debug(f"uncertainty: {m}"))
+        return predicted_error(feats), feats
+
+    def _reference_volumes(self, seg, vol, name: str) -> List[float]:
+        """The volumes of ``name`` in the label files of the atlases ``seg`` selects for the image (cached)."""
+        import os
+
+        from lib.atlas.registration import guess_modality
+
+        out = []
+        for a in seg.select([name], guess_modality(np.asarray(vol.array))):
+            if name not in a.names:
+                continue
+            try:
+                key = (a.label_path, os.path.getmtime(a.label_path), a.names[name])
+            except OSError:
+                continue
+            if key not in self._volumes_mm3:
+                self._volumes_mm3[key] = label_volume_mm3(a.label_path, a.names[name])
+            out.append(self._volumes_mm3[key])
+        return out

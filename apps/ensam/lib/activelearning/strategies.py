@@ -4,7 +4,8 @@ Both choose among the unlabelled images (no ``final`` label), skip those served 
 ``reset_s`` seconds (unless every candidate was), and fall back to the first unscored image when the scoring
 method has not run yet. ``novelty`` is greedy core-set selection: the reference set is the labelled images PLUS
 the ones recently served (they are being labelled now), so two annotators asking in a row get different,
-mutually distant images. ``uncertainty`` takes the highest stored disagreement score.
+mutually distant images. ``uncertainty`` takes the highest stored ``uncertainty`` score (the predicted error of
+``ensam_seg``'s answer for names segmented by example, the flip disagreement for names on the token route).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class UncertaintyStrategy(_ScoreStrategy):
     key = "uncertainty"
 
     def __init__(self):
-        super().__init__("Most uncertain unlabelled image (test-time-flip disagreement)")
+        super().__init__("Most uncertain unlabelled image (highest predicted error of the prompt-free answer)")
 
     def __call__(self, request, datastore: Datastore):
         images, infos, recent = self._candidates(request, datastore)
