@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "ensam")
+sys.path.insert(0, APP)
+from lib.benchmark import stop_server  # noqa: E402 (the app's package, from this checkout)
 SAMPLE = os.path.join(ROOT, "sample-datasets")
 # (file, a foreground click inside the body, a second click near it): the first two are the clicked images
 SOURCES = [("studies/ct_dicom.nii.gz", [256, 200, 10], [250, 210, 10]),
@@ -124,13 +125,7 @@ def one_run(work: str, app_dir: str, studies: str, images: list, conf: list, thr
         s2, lat2 = _click(url, first, {"foreground": [p1, p2], "client_id": "bench", "label": "a"})
         s3, lat3 = _click(url, other, {"foreground": [q1], "client_id": "bench", "label": "b"})
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)
     with open(log, errors="replace") as f:
         text = f.read()
     warm = re.findall(r"ensam warm-up[^\n]*", text)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import importlib.util
 import os
-import pwd
-import re
+import sys
 import shutil
 import signal
 import subprocess
@@ -29,7 +29,6 @@ import requests
 from conftest import ROOT, Service, _copy_app, free_port, launch, server_cmd, server_env, wait_ready
 
 TIMEOUT = 180
-CONF = os.path.join(ROOT, "deploy", "nginx", "ensam.conf")
 SAMPLE = os.path.join(ROOT, "sample-datasets", "studies")
 N_IDS = 16  # copies of one small CT under as many ids: some hash to each replica
 CLICK = [[60, 50, 15]]
@@ -43,36 +42,12 @@ def _nginx() -> str:
 
 
 def _nginx_conf(work: str, listen: int, replicas: list) -> str:
-    """The repository's config with this test's ports, inside a minimal main config of its own."""
-    with open(CONF) as f:
-        text = f.read()
-    text = re.sub(r"127\.0\.0\.1:8001\b", f"127.0.0.1:{replicas[0]}", text)
-    text = re.sub(r"127\.0\.0\.1:8002\b", f"127.0.0.1:{replicas[1]}", text)
-    text, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", text)
-    assert n == 1, "deploy/nginx/ensam.conf: one 'listen 8080;' expected"
-    site = os.path.join(work, "ensam.conf")
-    with open(site, "w") as f:
-        f.write(text)
-    tmp = os.path.join(work, "nginx-tmp")
-    os.makedirs(tmp, exist_ok=True)
-    user = f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.geteuid() == 0 else ""
-    main = os.path.join(work, "nginx.conf")
-    with open(main, "w") as f:
-        f.write(f"""{user}worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {work}/nginx-access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {site};
-}}
-""")
-    return main
+    """The repository's config with this test's ports, inside a minimal main config of its own: the load
+    generator's renderer (``scripts/loadtest.py`` ``nginx_config``), one place for both."""
+    spec = importlib.util.spec_from_file_location("loadtest", os.path.join(ROOT, "scripts", "loadtest.py"))
+    loadtest = sys.modules.setdefault("loadtest", importlib.util.module_from_spec(spec))  # its dataclasses look
+    spec.loader.exec_module(loadtest)  # their module up
+    return loadtest.nginx_config(work, listen, list(replicas))
 
 
 class Cluster:

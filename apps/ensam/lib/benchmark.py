@@ -197,11 +197,11 @@ def _start_server(studies: str, threads: int, log_path: str, **env_extra):
         except requests.RequestException:
             pass
         time.sleep(0.3)
-    _stop_server(proc)
+    stop_server(proc)
     raise RuntimeError(f"the server did not answer in 300 s; see {log_path}")
 
 
-def _stop_server(proc) -> None:
+def stop_server(proc) -> None:
     import signal
 
     if proc.poll() is None:
@@ -273,7 +273,7 @@ def part_click_path(args) -> dict:
             h_times.append(dt)
             h_infos.append(info)
     finally:
-        _stop_server(proc)
+        stop_server(proc)
     with tempfile.NamedTemporaryFile(suffix=".nii.gz" if data[:2] == b"\x1f\x8b" else ".nrrd", delete=False) as f:
         f.write(data)
     last = np.asarray(load_volume(f.name).array) > 0
@@ -312,7 +312,7 @@ def part_click_scoring(args) -> dict:
                  for n, (fg, bg) in enumerate(_steps(pr)[:args.clicks + 1])]
         still = scoring_running()
     finally:
-        _stop_server(proc)
+        stop_server(proc)
     return {"part": "click-scoring", "nice": args.nice, "times": times, "scoring_at_first": during,
             "scoring_after_last": still, "clicks_s_after_ready": time.time() - t0}
 
