@@ -36,7 +36,6 @@ k = 6 (n 5, route ``atlas+ensam``, mean error 0.77): old -0.30, new 0.70 (p 0.19
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -45,6 +44,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..io.atomic import atomic_write_json
 from ..activelearning.features import FEATURES, atlas_answer_features, predicted_error
 
 SCORES = ("old",) + tuple(FEATURES) + ("new",)
@@ -259,11 +259,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="the answer's route (auto: by the leave-one-out over the labelled, as ensam_seg)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
     def partial(results):
         if a.out:
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out + ".partial", "w") as f:
-                json.dump(results, f, indent=1)
+            atomic_write_json(results, a.out + ".partial")
 
     res = run(a.family, [int(x) for x in a.ks.split(",") if x], a.draws, a.seed, a.cases, a.threads, a.limit,
               weights=a.weights, on_result=partial, old=not a.no_old, engine_features=not a.no_engine_features,
@@ -272,9 +273,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for k, v in res["pooled"].items():
         print(f"k={k}: mean rho over draws: " + ", ".join(f"{sc} {v[sc]['rho_mean']}" for sc in SCORES))
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        atomic_write_json(res, a.out)
         print(f"wrote {a.out}")
 
 
