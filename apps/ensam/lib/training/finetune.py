@@ -180,31 +180,35 @@ def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     return out
 
 
+def _draw_from(sampler, rng, cfg: LoopConfig, concept: bool, tries: int, prompted_kind: str,
+               concept_kind: str):
+    """A training case from ``sampler`` (prompt-free at ``p_concept`` with ``concept``, else box / click
+    prompted), or None when ``tries`` draws gave no usable sample."""
+    for _ in range(tries):
+        if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in sampler.structures):
+            s, vid = sampler.concept_window(rng, window=cfg.contract.model_shape[0],
+                                            spacing_mm=cfg.contract.label_spacing_mm)
+            return concept_case(s.image, s.mask, vid, kind=concept_kind)
+        s = sampler.sample(rng)
+        case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind=prompted_kind)
+        if case is not None:
+            return case
+    return None
+
+
 def _draw_case(sampler, rng, cfg: LoopConfig, concept: bool, tries: int = 100, atlases=None,
                p_atlas: float = 0.0):
     """One training case (never None: a data-parallel step must not be skipped on one rank only). With
     ``atlases`` (a sampler of reference volumes), a fraction ``p_atlas`` of the draws comes from them (kind
     ``atlas``), prompted or, with ``concept``, prompt-free at the same rate as the user's structures."""
+    case = None
     if atlases is not None and p_atlas > 0 and rng.random() < p_atlas:
-        for _ in range(tries):
-            if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in atlases.structures):
-                s, vid = atlases.concept_window(rng, window=cfg.contract.model_shape[0],
-                                                spacing_mm=cfg.contract.label_spacing_mm)
-                return concept_case(s.image, s.mask, vid, kind="atlas")
-            s = atlases.sample(rng)
-            case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="atlas")
-            if case is not None:
-                return case
-    for _ in range(tries):
-        if concept and rng.random() < cfg.p_concept and any(s[3] >= 0 for s in sampler.structures):
-            s, vid = sampler.concept_window(rng, window=cfg.contract.model_shape[0],
-                                            spacing_mm=cfg.contract.label_spacing_mm)
-            return concept_case(s.image, s.mask, vid)
-        s = sampler.sample(rng)
-        case = prompted_case(s.image, s.mask, s.spacing, rng, cfg, kind="finetune")
-        if case is not None:
-            return case
-    raise ValueError(f"finetune: no usable training sample in {tries} draws (structures too small?)")
+        case = _draw_from(atlases, rng, cfg, concept, tries, "atlas", "atlas")
+    if case is None:
+        case = _draw_from(sampler, rng, cfg, concept, tries, "finetune", "concept")
+    if case is None:
+        raise ValueError(f"finetune: no usable training sample in {tries} draws (structures too small?)")
+    return case
 
 
 def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[Sequence] = None,

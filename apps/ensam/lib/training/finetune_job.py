@@ -67,13 +67,16 @@ class FinetuneJob:
     def vocab(self) -> Dict[str, int]:
         return load_vocab(self.weight_paths, self.extra_names, self.num_labels)
 
+    def _existing_weights(self) -> List[str]:
+        return [p for p in self.weight_paths if os.path.exists(p)]
+
     def init_weights(self) -> Optional[str]:
-        existing = [p for p in self.weight_paths if os.path.exists(p)]
+        existing = self._existing_weights()
         return existing[-1] if existing else None
 
     def shipped_weights(self) -> Optional[str]:
         """The app's shipped artefact (the first of ``weight_paths`` that exists), which the anchor pulls toward."""
-        existing = [p for p in self.weight_paths if os.path.exists(p)]
+        existing = self._existing_weights()
         return existing[0] if existing else None
 
     def anchor_target(self, req: dict, init_path: Optional[str], init, net) -> tuple:
