@@ -113,11 +113,15 @@ def test_atlas_answer_features_of_the_fused_and_the_engine_route(tmp_path):
 
 def test_the_scorer_predicts_the_error_of_the_datastore_pool_answer(tmp_path):
     from lib.activelearning.scoring import UncertaintyScoring
+    from lib.infers.seg_by_example import EnsamSegByExample
 
     atlases = _atlas_pool(tmp_path)
     reference = Atlas("ref0", atlases[0].image_path, atlases[0].label_path, {"blob_b": 1}, "MR", "reference")
     library = AtlasLibrary(atlases + [reference], FAST)
     by_example = SimpleNamespace(library=library, seg=SegmentByExample(library))
+    # the task's own way to build the segmenter (ensam_seg's answer), on this stand-in of the task
+    by_example._datastore_carriers = lambda: EnsamSegByExample._datastore_carriers(by_example)
+    by_example.segmenter = lambda *a: EnsamSegByExample.segmenter(by_example, *a)
     scorer = UncertaintyScoring(None, None, by_example=by_example)
     img, lab, aff = synthetic_volume(1)
     vol = SimpleNamespace(array=img, affine=aff, key="target")

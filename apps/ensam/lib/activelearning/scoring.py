@@ -262,21 +262,10 @@ class UncertaintyScoring(_EnsamScoring):
         made as ``ensam_seg`` makes it (the datastore's atlases of the name, up to ``DATASTORE_ATLASES``, local vote,
         for a name of the datastore pool; the reference library as ``ensam_seg``'s own otherwise) and by its route
         (the engine runs only for the ``atlas+ensam`` route or a weighted feature that needs it)."""
-        from lib.atlas.segment import SegmentByExample
-        from lib.infers.seg_by_example import DATASTORE_ATLASES, DATASTORE_FUSION
-
         be = self.by_example
         seg = segs.get(name)
         if seg is None:
-            if route.get("pool") == "datastore":
-                carriers = sorted((a for a in be.library.atlases if a.source == "datastore" and name in a.names),
-                                  key=lambda a: a.key)
-                seg = SegmentByExample(be.library.subset(carriers), engine, max_atlases=DATASTORE_ATLASES,
-                                       cache_images=1, **DATASTORE_FUSION)
-            else:
-                seg = SegmentByExample(be.library, engine, max_atlases=be.seg.max_atlases, cache_images=1,
-                                       fusion=be.seg.fusion, fusion_sigma=be.seg.fusion_sigma,
-                                       fusion_power=be.seg.fusion_power)
+            seg = be.segmenter(name, route.get("pool"), engine)
             segs[name] = seg
         s, feats = atlas_answer_features(seg, vol.array, vol.affine, name, route.get("route", "atlas"), vol.key,
                                          reference_mm3=(self._reference_volumes(seg, vol, name)

@@ -405,15 +405,16 @@ class EnsamSegByExample(InferTask):
         res_json.update(self.provider.weights_info(engine))
         return path, res_json
 
-    def uncertainty(self, vol, names: Sequence[str], engine=None) -> Dict[str, float]:
-        """Per-structure uncertainty of the atlas route for ``names`` (those with no atlas count 1): 1 - mean
-        pairwise Dice of the atlases' masks and ensam's mask from their prompts."""
-        names = [canonical_name(n) for n in names]
-        self.datastore_atlases()
-        self.seg.engine = engine
-        res = self.seg.segment(vol.array, vol.affine, names, image_key=vol.key,
-                               log=lambda m: logger.info(f"uncertainty: {m}"))
-        return {n: (res.structures[n].uncertainty if n in res.structures else 1.0) for n in names}
+    def segmenter(self, name: str, pool: Optional[str], engine=None) -> SegmentByExample:
+        """A segmenter of its own for ``name`` that answers as this task does: for a name of the datastore pool,
+        the datastore's atlases of it (up to ``DATASTORE_ATLASES``, local fusion); otherwise the reference library
+        with this task's settings (the uncertainty score rebuilds the task's answer with it, issue 29)."""
+        if pool == "datastore":
+            return SegmentByExample(self.library.subset(self._datastore_carriers().get(name, [])), engine,
+                                    max_atlases=DATASTORE_ATLASES, cache_images=1, **DATASTORE_FUSION)
+        return SegmentByExample(self.library, engine, max_atlases=self.seg.max_atlases, cache_images=1,
+                                fusion=self.seg.fusion, fusion_sigma=self.seg.fusion_sigma,
+                                fusion_power=self.seg.fusion_power)
 
 
 def _label_names(info: dict) -> Dict[str, int]:
