@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "ensam")
 sys.path.insert(0, APP)
-from lib.benchmark import stop_server  # noqa: E402 (the app's package, from this checkout)
+from lib.local_server import copy_app, free_port, server_env, start_server, wait_ready  # noqa: E402 (this checkout's)
 SAMPLE = os.path.join(ROOT, "sample-datasets")
 # (file, a foreground click inside the body, a second click near it): the first two are the clicked images
 SOURCES = [("studies/ct_dicom.nii.gz", [256, 200, 10], [250, 210, 10]),
@@ -41,29 +39,8 @@ SOURCES = [("studies/ct_dicom.nii.gz", [256, 200, 10], [250, 210, 10]),
            ("train/imagesTr/mni152_t1.nii.gz", [98, 116, 94], [100, 118, 94])]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
-
-
-def copy_app(dst: str) -> str:
-    """The app's code and its shipped weights (linked, only read); nothing of the repository's model/ is written."""
-    shutil.copytree(APP, dst, ignore=shutil.ignore_patterns("__pycache__", "logs", "bin", "model", "*.pyc"))
-    os.makedirs(os.path.join(dst, "model"))
-    for f in os.listdir(os.path.join(APP, "model")):
-        if f.startswith("ensam"):  # fine-tuned weights of this checkout: not the shipped ones
-            continue
-        src = os.path.join(APP, "model", f)
-        if f.endswith(".pt"):
-            os.symlink(src, os.path.join(dst, "model", f))
-        elif os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dst, "model", f))
-    return dst
 
 
 def make_studies(dst: str, count: int) -> list:
@@ -93,39 +70,22 @@ def _click(url: str, image: str, params: dict, timeout: float = 600) -> tuple:
 
 def one_run(work: str, app_dir: str, studies: str, images: list, conf: list, threads: int, env_extra: dict,
             timeout: float) -> dict:
-    port = _free_port()
-    env = dict(os.environ)
-    env.update({"PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                "MONAI_LABEL_TRACKING_ENABLED": "false", "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads)})
-    env.update(env_extra)
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
-           "--conf", "models", "ensam", *conf, "--host", "127.0.0.1", "--port", str(port),
-           "--uvicorn_app", "lib.server:app"]
+    port = free_port()
     log = os.path.join(work, f"server-{port}.log")
-    url = f"http://127.0.0.1:{port}"
+    # as `make serve`: start-up scoring and sessions on (not quiet)
+    env = server_env(app_dir, threads, quiet=False, **env_extra)
     t_spawn = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_server(app_dir, studies, *conf, log_path=log, cwd=work, env=env, port=port)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.perf_counter() - t_spawn > timeout:
-                raise RuntimeError(f"no /info within {timeout} s; see {log}")
-            time.sleep(0.05)
+        wait_ready(server, "/info/", timeout, "server", every=0.05)
         t_info = time.perf_counter() - t_spawn
+        url = server.url
         (first, p1, p2), (other, q1, _) = images[0], images[1]
         s1, lat1 = _click(url, first, {"foreground": [p1], "client_id": "bench", "label": "a"})
         s2, lat2 = _click(url, first, {"foreground": [p1, p2], "client_id": "bench", "label": "a"})
         s3, lat3 = _click(url, other, {"foreground": [q1], "client_id": "bench", "label": "b"})
     finally:
-        stop_server(proc)
+        server.stop(grace=30)
     with open(log, errors="replace") as f:
         text = f.read()
     warm = re.findall(r"ensam warm-up[^\n]*", text)

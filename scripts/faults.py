@@ -140,33 +140,12 @@ class Rig:
         self.starts = 0
 
     def start(self):
-        port = L._free_port()
-        env = dict(os.environ)
-        env.update({"PYTHONPATH": os.pathsep.join([self.app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                    "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-                    "MONAI_LABEL_SESSIONS": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app_dir, "--studies",
-               self.studies, "--conf", "models", "ensam", "--conf", "labels", ",".join(L.OBJECTS), "--host",
-               "127.0.0.1", "--port", str(port), "--uvicorn_app", "lib.server:app"]
-        log = os.path.join(self.work, f"server{self.starts}.log")
-        import subprocess
-
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.srv = L.Server(f"http://127.0.0.1:{port}", proc, self.work, self.app_dir, self.studies, log)
-        self.starts += 1
+        """A fresh server on the same app copy and datastore; seconds until it answers /info/."""
         t0 = time.time()
-        while time.time() - t0 < 240:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-            try:
-                if requests.get(f"{self.srv.url}/info/", timeout=5).status_code == 200:
-                    return time.time() - t0
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server did not start; see {log}")
+        self.srv = L.launch_server(self.work, self.app_dir, self.studies, name=f"server{self.starts}")
+        self.starts += 1
+        L.wait_server(self.srv, timeout=240)
+        return time.time() - t0
 
     def kill(self):
         os.killpg(self.srv.proc.pid, signal.SIGKILL)

@@ -43,8 +43,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,9 @@ import requests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(ROOT, "apps", "ensam")
 NGINX_CONF = os.path.join(ROOT, "deploy", "nginx", "ensam.conf")
+if APP not in sys.path:
+    sys.path.insert(0, APP)
+from lib.local_server import Service, free_port, launch, server_cmd, server_env, wait_ready  # noqa: E402
 
 # synthetic studies: two ellipsoid "organs" per volume (as tests/conftest.py), at a per-image offset
 SHAPE = (64, 56, 32)
@@ -83,29 +84,17 @@ def synthetic(seed: int):
     return img, lab, aff, objects
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(Service):
+    """A server (or the nginx proxy) this script started, with the app copy and datastore it serves."""
 
+    def __init__(self, url: str, proc: Optional[subprocess.Popen] = None, work: str = "", app_dir: str = "",
+                 studies: str = "", log: str = ""):
+        super().__init__(url, proc, log)
+        self.work, self.app_dir, self.studies = work, app_dir, studies
 
-@dataclass
-class Server:
-    url: str
-    proc: Optional[subprocess.Popen] = None
-    work: str = ""
-    app_dir: str = ""
-    studies: str = ""
-    log: str = ""
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    @property
+    def log(self) -> str:
+        return self.log_path
 
 
 def prepare_app(work: str, n_images: int, labels_for: int = 0) -> tuple:
@@ -145,37 +134,15 @@ def save_labels(url: str, work: str, count: int) -> None:
 def launch_server(work: str, app_dir: str, studies: str, env_extra: Optional[dict] = None, name: str = "server",
                   threads: Optional[int] = None) -> Server:
     """One server process on ``app_dir`` / ``studies`` (not waited for: :func:`wait_server`)."""
-    port = _free_port()
-    env = dict(os.environ)
-    env.update({"PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                "MONAI_LABEL_TRACKING_ENABLED": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-                "MONAI_LABEL_SESSIONS": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"})
-    if threads:
-        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
-           "--conf", "models", "ensam", "--conf", "labels", ",".join(OBJECTS), "--host", "127.0.0.1",
-           "--port", str(port), "--uvicorn_app", "lib.server:app"]
-    log = os.path.join(work, f"{name}.log")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(f"http://127.0.0.1:{port}", proc, work, app_dir, studies, log)
+    env = server_env(app_dir, threads, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", **(env_extra or {}))
+    port, log = free_port(), os.path.join(work, f"{name}.log")
+    cmd = server_cmd(app_dir, studies, port, "--conf", "labels", ",".join(OBJECTS))
+    return Server(f"http://127.0.0.1:{port}", launch(cmd, log, work, env), work, app_dir, studies, log)
 
 
 def wait_server(srv: Server, timeout: float = 240) -> Server:
-    deadline = time.time() + timeout
-    while True:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"{srv.log}: the process exited with {srv.proc.returncode}")
-        try:
-            if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
-                return srv
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            srv.stop()
-            raise RuntimeError(f"no answer within {timeout} s; see {srv.log}")
-        time.sleep(0.5)
+    wait_ready(srv, "/info/", timeout, os.path.splitext(os.path.basename(srv.log_path))[0] or "server")
+    return srv
 
 
 def start_server(work: str, n_images: int, labels_for: int = 2, env_extra: Optional[dict] = None,
@@ -252,16 +219,14 @@ def start_cluster(work: str, n_images: int, replicas: int, labels_for: int = 2, 
             time.sleep(3.0)  # the first creates the datastore index; the others read it
         for srv in servers:
             wait_server(srv, timeout)
-        nginx, listen = _nginx(), _free_port()
+        nginx, listen = _nginx(), free_port()
         conf = nginx_config(work, listen, [int(srv.url.rsplit(":", 1)[1]) for srv in servers])
         err = os.path.join(work, "nginx-error.log")
         check = subprocess.run([nginx, "-t", "-c", conf, "-e", err], capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t: {check.stderr}")
         log = os.path.join(work, "nginx.log")
-        with open(log, "w") as f:
-            proc = subprocess.Popen([nginx, "-c", conf, "-e", err, "-g", "daemon off;"], cwd=work, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proc = launch([nginx, "-c", conf, "-e", err, "-g", "daemon off;"], log, work)
         proxy = wait_server(Server(f"http://127.0.0.1:{listen}", proc, work, app_dir, studies, log), 30)
         save_labels(proxy.url, work, labels_for)
         return proxy, servers

@@ -5,17 +5,14 @@
   subprocess (``monailabel start_server ... --uvicorn_app lib.server:app``) on a free 127.0.0.1 port, over a
   throw-away copy of the app (so training never touches apps/ensam/model) and a datastore of small real NIfTI
   volumes; tracking, datastore auto-reload and auto-scoring off. Killed at the end of the session.
+* The process helpers (``free_port``, ``Service``, ``launch``, ``wait_ready``, ``server_env``, ``server_cmd``) are
+  lib/local_server.py's, importable from here as before.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +22,10 @@ _APP = os.path.join(ROOT, "apps", "ensam")
 while _APP in sys.path:
     sys.path.remove(_APP)
 sys.path.insert(0, _APP)
+
+# the server process helpers, here for the tests that import them from conftest
+from lib.local_server import (Service, copy_app, free_port, launch, server_cmd, server_env,  # noqa: E402,F401
+                              start_server, wait_ready)
 
 # Synthetic study geometry: not cubic, anisotropic, with an axis flip, so any axis mix-up shows.
 SHAPE = (48, 40, 24)
@@ -53,87 +54,6 @@ def synthetic_volume(seed: int, shift=(0, 0, 0)):
     return img, lab, affine
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    """A process a fixture started (server, PACS): where it answers, its log, how to stop it."""
-
-    url: str
-    proc: subprocess.Popen = field(repr=False)
-    log_path: str = ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def launch(cmd: list, log_path: str, cwd: str, env: dict | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group, stdout + stderr into ``log_path``."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(svc: Service, path: str, timeout: float, what: str, every: float = 0.5) -> None:
-    """Poll ``GET svc.url + path`` until 200; on exit or timeout stop the process and raise with its log tail."""
-    import requests
-
-    deadline = time.time() + timeout
-    while True:
-        if not svc.alive():
-            raise RuntimeError(f"{what} exited with {svc.proc.returncode}:\n{svc.log_tail()}")
-        try:
-            if requests.get(f"{svc.url}{path}", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.time() > deadline:
-            svc.stop()
-            raise RuntimeError(f"{what} did not answer within {timeout:.0f} s:\n{svc.log_tail()}")
-        time.sleep(every)
-
-
-def server_env(app_dir: str, **extra: str) -> dict:
-    """Environment of a test server: the app copy first on PYTHONPATH, tracking / sessions / auto-scoring off."""
-    env = dict(os.environ)
-    env.update({
-        "PYTHONPATH": os.pathsep.join([app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "MONAI_LABEL_TRACKING_ENABLED": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-        "MONAI_LABEL_SESSIONS": "false",
-        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
-    })
-    env.update(extra)
-    return env
-
-
-def server_cmd(app_dir: str, studies: str, port: int, *conf: str) -> list:
-    """``monailabel start_server`` for the app copy, through ensam's uvicorn app (not the `monailabel` wrapper
-    script: it runs whatever `python` is first on PATH)."""
-    return [sys.executable, "-m", "monailabel.main", "start_server", "--app", app_dir, "--studies", studies,
-            "--conf", "models", "ensam", *conf, "--host", "127.0.0.1", "--port", str(port),
-            "--uvicorn_app", "lib.server:app"]
-
-
 @dataclass
 class EnsamServer(Service):
     app_dir: str = ""
@@ -143,21 +63,8 @@ class EnsamServer(Service):
 
 
 def _copy_app(dst: str) -> str:
-    """apps/ensam without its model weights' mutable state: code + pre-trained weights (if any)."""
-    ignore = shutil.ignore_patterns("__pycache__", "logs", "bin", "model", "*.pyc")
-    shutil.copytree(_APP, dst, ignore=ignore)
-    os.makedirs(os.path.join(dst, "model"), exist_ok=True)
-    src_model = os.path.join(_APP, "model")
-    if os.path.isdir(src_model):
-        for f in os.listdir(src_model):  # shipped artefacts (weights, atlas_validation.json); not ensam.pt*, which
-            if f.startswith("ensam"):       # the app's train task writes
-                continue
-            src, dst_f = os.path.join(src_model, f), os.path.join(dst, "model", f)
-            if f.endswith(".pt"):
-                os.symlink(src, dst_f)  # large and only read
-            else:
-                shutil.copyfile(src, dst_f)  # a test may rewrite its copy (never the repository's file)
-    return dst
+    """apps/ensam as a test server runs it (lib.local_server.copy_app): code + shipped model files, no ensam*."""
+    return copy_app(dst, _APP)
 
 
 @pytest.fixture(scope="session")
@@ -185,12 +92,9 @@ def ensam_server(tmp_path_factory):
 def serve(work: str, app_dir: str, studies: str, images: dict, *conf: str):
     """Start the app copy over ``studies`` with ``--conf`` pairs ``conf``, yield it once it answers, stop it after
     (for a fixture: ``yield from serve(...)``)."""
-    port = free_port()
-    env = server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-    cmd = server_cmd(app_dir, studies, port, *conf)
-    log_path = os.path.join(work, "server.log")
-    server = EnsamServer(f"http://127.0.0.1:{port}", launch(cmd, log_path, work, env), log_path, app_dir, studies,
-                         work, images)
+    server = start_server(app_dir, studies, *conf, log_path=os.path.join(work, "server.log"), cwd=work,
+                          env=server_env(app_dir, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false"), cls=EnsamServer,
+                          fields=dict(app_dir=app_dir, studies=studies, work=work, images=images))
     try:
         wait_ready(server, "/info/", 180, "server")
         yield server

@@ -2,7 +2,6 @@
 processes over the gloo backend on CPU: the same code path as several GPUs with NCCL, minus the device."""
 
 import os
-import socket
 
 import numpy as np
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from lib.local_server import free_port
 from lib.network import NetworkConfig, build_network
 from lib.training.distributed import average_gradients, broadcast_parameters, init_process_group
 from lib.training.finetune import finetune
@@ -17,12 +17,6 @@ from lib.training.loop import LoopConfig
 
 WORLD = 2
 TINY = dict(filters=8, blocks=(1, 1, 1), depth=1, heads=2, num_labels=8, roi_size=(16, 16, 16))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(rank, port):
@@ -86,7 +80,7 @@ def _finetune_worker(rank, port, out, stop_rank_after):
 
 
 def _spawn(fn, *args):
-    mp.spawn(fn, args=(_free_port(),) + args, nprocs=WORLD, join=True)
+    mp.spawn(fn, args=(free_port(),) + args, nprocs=WORLD, join=True)
 
 
 # ------------------------------------------------------------------------------------------------- tests

@@ -11,7 +11,6 @@ each, gloo on CPU).
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,9 @@ APP = os.path.join(ROOT, "apps", "ensam")
 sys.path.insert(0, HERE)
 
 import torchrun_step_worker as W  # noqa: E402
+from lib.local_server import free_port  # noqa: E402
 
 TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -46,7 +40,7 @@ def _env() -> dict:
 
 def _two_nodes(args, cwd=ROOT, run_id="ensam-test"):
     """Two torchrun invocations joined by one c10d rendezvous on 127.0.0.1: (return codes, outputs)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),

