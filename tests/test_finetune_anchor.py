@@ -11,7 +11,7 @@ import torch
 
 from lib.network import NetworkConfig, build_network
 from lib.training import data as D
-from lib.training.finetune import atlas_volumes, finetune
+from lib.training.finetune import ATLAS_RECIPE, atlas_volume_weights, atlas_volumes, finetune
 from lib.training.loop import LoopConfig
 
 torch.set_num_threads(1)
@@ -104,6 +104,20 @@ def _atlas_folder(root, n=3):
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump({"training": entries}, f)
     return root
+
+
+def test_atlas_draws_are_weighted_by_the_shipped_recipe_file(tmp_path):
+    """The rehearsal's volume weights are read from the recipe file (one place for the numbers), not a copy."""
+    import yaml
+
+    shipped = yaml.safe_load(ATLAS_RECIPE.read_text())["volume_weights"]
+    assert atlas_volume_weights() == {k: float(v) for k, v in shipped.items()}
+    assert atlas_volume_weights()["antspy_mni_aal"] < 1.0  # recipe v12 damps the brain parcellations
+    other = tmp_path / "recipe.yaml"
+    other.write_text("volume_weights: {ct_small: 0.25}\n")
+    assert atlas_volume_weights(other) == {"ct_small": 0.25}
+    other.write_text("lr: 0.001\n")
+    assert atlas_volume_weights(other) == {}
 
 
 def test_atlas_volumes_are_bounded_in_memory_and_never_the_evaluation_set(tmp_path):

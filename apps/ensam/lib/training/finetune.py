@@ -38,6 +38,7 @@ from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters
 from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
+from .pretrain_config import load_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,15 @@ def _sampler(vols, label_ids: Optional[Mapping[int, int]], rehearsal: float = 0.
 # (the 512 x 512 x 133 chest CT at 2: 1.4 mm; the 1 mm brain MRs at 2), which every step resamples anyway.
 ATLAS_MAX_VOXELS = 24e6
 ATLAS_VOLUME_VOXELS = 6e6
-# the shipped main weights' recipe (v12, ``volume_weights``): brain parcellations (borders that are not image edges)
-# and the spine part maps damped, so about 60 % of the atlas draws are CT structures
-ATLAS_VOLUME_WEIGHTS = {"antspy_mni_aal": 0.15, "antspy_mni_oasis": 0.15, "tptbox_spine_ct_parts": 0.5,
-                        "tptbox_spine_mr_parts": 0.5}
+# the atlas draws are weighted as the shipped main weights' recipe weighted its volumes (``volume_weights`` of
+# recipe v12: brain parcellations, whose borders are not image edges, and the spine part maps damped, so about 60 %
+# of the draws are CT structures); read from the recipe file itself, one place for the numbers
+ATLAS_RECIPE = Path(__file__).with_name("pretrain_v12.yaml")
+
+
+def atlas_volume_weights(recipe: Path = ATLAS_RECIPE) -> Dict[str, float]:
+    """The ``volume_weights`` of the recipe file ``recipe`` (default: the shipped main weights' recipe, v12)."""
+    return {str(k): float(v) for k, v in (load_config_file(str(recipe)).get("volume_weights") or {}).items()}
 
 
 def atlas_volumes(folder: str, max_voxels: float = ATLAS_MAX_VOXELS, volume_voxels: float = ATLAS_VOLUME_VOXELS,
@@ -135,7 +141,7 @@ def _atlas_sampler(volumes, num_labels: int) -> "D.ObjectSampler":
     volume weights); their built-in vocabulary ids (for prompt-free steps) only below the network's ``num_labels``."""
     names = {v.name for v in volumes}
     s = D.ObjectSampler(volumes, holdout=D.DEFAULT_HOLDOUT, weights={"real": 1.0},
-                        volume_weights={k: w for k, w in ATLAS_VOLUME_WEIGHTS.items() if k in names})
+                        volume_weights={k: w for k, w in atlas_volume_weights().items() if k in names})
     s.structures = [(vi, lab, name, vid if vid < num_labels else -1) for vi, lab, name, vid in s.structures]
     if not s.structures:
         raise ValueError("rehearsal_atlases: the rehearsal volumes hold no named labelled structure")
