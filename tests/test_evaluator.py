@@ -422,7 +422,8 @@ def test_view_selection_learns_from_the_other_images():
 
 def test_runs_merge_into_one_report_with_renames_and_the_tail_kept(tmp_path):
     """lib.evaluation.merge: two runs (one renamed) become one report, box-start rows first; a method given twice,
-    or runs of another protocol, are refused; --keep-tail keeps the hand-written sections after the report."""
+    or runs of another protocol, are refused; --keep-tail keeps the hand-written sections after the report; --plot
+writes the merged curves."""
     from lib.evaluation.evaluator import evaluate
     from lib.evaluation.merge import main as merge_main
     from lib.evaluation.merge import merge_results
@@ -438,7 +439,8 @@ def test_runs_merge_into_one_report_with_renames_and_the_tail_kept(tmp_path):
     out = tmp_path / "EVALUATION.md"
     out.write_text("# old report\n\nMachine: old.\n\n## Hand-written section\n\nkept text\n")
     merge_main([str(out), str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:box_fill=box fill, renamed",
-                "--keep-tail"])
+                "--keep-tail", "--plot", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.read_text()
     rows = [line.split("|")[1].strip() for line in text.split("## Per image")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| method")]

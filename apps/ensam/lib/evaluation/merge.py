@@ -5,12 +5,13 @@ weights with the shipped engine, the same network alone, and the baselines, each
         runs/eval/rel_box/results.json runs/eval/rel_click/results.json \\
         "runs/eval/net_box/results.json:ensam=ensam, network only" \\
         "runs/eval/net_click/results.json:ensam (click start)=ensam, network only (click start)" \\
-        runs/eval/baselines/results.json --keep-tail
+        runs/eval/baselines/results.json --keep-tail --plot apps/ensam/model/dsc_vs_step.png
 
 A ``PATH:OLD=NEW`` argument renames a method of that run. Rows come in the order the runs and their methods are
 given, box-start methods before click-start ones. The runs must share the protocol (seed, clicks, jitter, NSD
 tolerance) and the data; a method given twice is refused. ``--keep-tail``: the sections the output file already
-has after the generated report (hand-written sections below its "Machine:" line) are kept."""
+has after the generated report (hand-written sections below its "Machine:" line) are kept. ``--plot PNG``: the
+merged runs' DSC-vs-step curves (:func:`lib.evaluation.report.plot_curves`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .evaluator import results_markdown
+from .evaluator import plot_curves, results_markdown
 
 PROTOCOL_KEYS = ("seed", "clicks", "jitter_voxels", "nsd_tolerance_mm", "nsd_min_dsc")
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="the markdown report to write")
     ap.add_argument("runs", nargs="+", help="results.json of each run, optionally PATH:OLD=NEW[;OLD=NEW]")
     ap.add_argument("--keep-tail", action="store_true", help="keep the sections after the output's report")
+    ap.add_argument("--plot", default=None, help="also write the merged DSC-vs-step curves to this PNG")
     a = ap.parse_args(argv)
     runs = []
     for arg in a.runs:
@@ -88,7 +90,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     tail = _tail(out) if a.keep_tail else ""
     out.write_text(results_markdown(merged) + ("\n" + tail if tail else ""))
-    print(f"{out}: {len(merged['methods'])} methods ({', '.join(merged['methods'])})")
+    if a.plot:
+        plot_curves(merged, a.plot)
+    print(f"{out}: {len(merged['methods'])} methods ({', '.join(merged['methods'])})"
+          + (f"; curves {a.plot}" if a.plot else ""))
     return 0
 
 
