@@ -13,7 +13,8 @@ deterministic (seeded boxes and click tie-breaks), so a faithful build reproduce
 
 When an engine setting decided on the tuning split changes the evaluation-set figures after a release (issue 27: the
 guarded corrections), the engine's figures are recorded in apps/ensam/model/engine_evaluation.json for those weights
-(by their SHA-256) and the gate holds the engine to them; new weights bring their own ``meta["evaluation"]``."""
+(by their SHA-256; never more than the margins below the release's figures) and the gate holds the engine to them;
+new weights bring their own ``meta["evaluation"]`` (and the record goes or is re-measured with them)."""
 
 from __future__ import annotations
 
@@ -53,30 +54,57 @@ def measured():
     return {start: res["methods"][run_name("ensam", start)]["overall"] for start in RECORDED}
 
 
-def recorded_figures(row: str) -> dict:
-    """The figures the gate holds the shipped engine to: the engine record when it names these weights, else the
-    weights' own release figures."""
-    if os.path.exists(ENGINE_RECORD):
-        record = json.load(open(ENGINE_RECORD))
-        h = hashlib.sha256()
-        with open(WEIGHTS, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if record["weights_sha256"] == h.hexdigest():
-            return record["evaluation"][row]
-    return read_meta(WEIGHTS)["evaluation"][row]
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def test_the_engine_record_is_for_the_shipped_weights_and_within_reach_of_the_release():
-    """The engine record names the shipped weights (a stale record would silently fall back to the meta) and no
-    average in it is more than 0.01 / 0.04 below the release's own figures: an engine change may not buy its gains
-    with a loss the gate would have refused."""
-    record = json.load(open(ENGINE_RECORD))
+def recorded_figures(row: str, record_path: str = ENGINE_RECORD, weights: str = WEIGHTS) -> dict:
+    """The figures the gate holds the shipped engine to: the engine record when it names these weights (by SHA-256),
+    else the weights' own release figures. A record below the release's figures by more than the margins is refused
+    (AssertionError): an engine change may not buy its gains with a loss the gate would have refused."""
+    release = read_meta(weights)["evaluation"][row]
+    if not os.path.exists(record_path):
+        return release
+    record = json.load(open(record_path))
+    if record["weights_sha256"] != _sha256(weights):
+        return release
+    figures = record["evaluation"][row]
+    for k in KEYS:
+        assert figures[k] >= release[k] - MARGIN[k], (row, k, figures[k], release[k])
+    return figures
+
+
+def test_an_engine_record_counts_only_for_the_weights_it_names_and_near_their_release(tmp_path):
     release = read_meta(WEIGHTS)["evaluation"]
+    rec = tmp_path / "engine_evaluation.json"
+    near = {row: {k: release[row][k] - MARGIN[k] / 2 for k in KEYS} for row in RECORDED.values()}
+    rec.write_text(json.dumps({"weights_sha256": _sha256(WEIGHTS), "evaluation": near}))
     for row in RECORDED.values():
-        assert recorded_figures(row) == record["evaluation"][row]
-        for k in KEYS:
-            assert record["evaluation"][row][k] >= release[row][k] - MARGIN[k], (row, k)
+        assert recorded_figures(row, str(rec)) == near[row]
+    rec.write_text(json.dumps({"weights_sha256": "0" * 64, "evaluation": near}))  # a stale record: other weights
+    for row in RECORDED.values():
+        assert recorded_figures(row, str(rec)) == release[row]
+        assert recorded_figures(row, str(tmp_path / "absent.json")) == release[row]
+    far = {row: {k: release[row][k] - 2 * MARGIN[k] for k in KEYS} for row in RECORDED.values()}
+    rec.write_text(json.dumps({"weights_sha256": _sha256(WEIGHTS), "evaluation": far}))
+    with pytest.raises(AssertionError):
+        recorded_figures(RECORDED["box"], str(rec))
+
+
+def test_a_shipped_engine_record_names_the_shipped_weights():
+    """A record left behind by other weights would silently stop counting (the gate falls back to the meta): new
+    weights must come with the record removed or re-measured."""
+    if os.path.exists(ENGINE_RECORD):
+        assert json.load(open(ENGINE_RECORD))["weights_sha256"] == _sha256(WEIGHTS)
+        for row in RECORDED.values():
+            assert recorded_figures(row) == json.load(open(ENGINE_RECORD))["evaluation"][row]
+    else:
+        for row in RECORDED.values():
+            assert recorded_figures(row) == read_meta(WEIGHTS)["evaluation"][row]
 
 
 @pytest.mark.parametrize("start", list(RECORDED))
