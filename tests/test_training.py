@@ -422,6 +422,28 @@ def test_the_change_penalty_covers_only_right_voxels_far_from_the_new_prompt():
     assert _loss(flipped, target, cfg, keep=keep).item() > _loss(flipped, target, off, keep=keep).item() + 0.5
 
 
+def test_the_change_penalty_can_be_kept_to_sessions_that_started_from_a_box():
+    """change_boxed_only: a corrective step of a lone-click session pays no change penalty (its first answer is a
+    small part of the object: the needed change is far from the click); a box session's step still does."""
+    from lib.network import BOX_MAX, BOX_MIN, FG
+    from lib.training.loop import _keep
+
+    gt = np.zeros((16, 16, 16), bool)
+    gt[4:12, 4:12, 4:12] = True
+    prev = gt.copy()
+    prev[10:12] = False
+    correction = (np.array([[11.0, 8.0, 8.0]], np.float32), True)
+    p_prev = torch.as_tensor(prev, dtype=torch.float32)[None, None]
+    boxed, lone = np.array([BOX_MIN, BOX_MAX]), np.array([FG])
+    only = LoopConfig.on_grid((16, 16, 16), change_weight=1.0, change_boxed_only=True)
+    everywhere = LoopConfig.on_grid((16, 16, 16), change_weight=1.0)
+    assert _keep(prev, gt, correction, p_prev, only, lone) is None
+    kept, _ = _keep(prev, gt, correction, p_prev, only, boxed)
+    assert kept.sum() > 0
+    assert _keep(prev, gt, correction, p_prev, everywhere, lone) is not None
+    assert _keep(prev, gt, correction, p_prev, LoopConfig.on_grid((16, 16, 16)), boxed) is None
+
+
 def test_training_with_the_change_penalty_runs_and_validation_counts_harmful_steps():
     from lib.training.loop import evaluate
 
