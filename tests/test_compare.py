@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lib.evaluation.compare import by_size, compare, main, paired, structures_of
+from lib.evaluation.compare import by_size, compare, largest_losses, main, paired, structures_of
 
 
 def _run(values, method="ensam (click start)"):
@@ -22,6 +22,21 @@ def test_a_candidate_better_on_every_structure_is_significant_and_counted():
     assert r["p"] < 0.01
     same = compare(a, a)["averages"]["final_dsc"]
     assert same["p"] == 1.0 and same["diff"] == 0.0
+
+
+def test_what_the_average_hides_is_named_per_size_and_per_structure():
+    """A candidate that gains a little on six small structures and loses much on the three largest: the average
+    moves little, the by-size DSC_AUC and the largest losses name the large ones."""
+    a = _run([0.5] * 9)
+    b = _run([0.55] * 6 + [0.3] * 3)
+    res = compare(a, b)
+    assert res["dsc_auc_by_size"]["large"]["b"] == pytest.approx(1.2)
+    assert res["dsc_auc_by_size"]["small"]["b"] > res["dsc_auc_by_size"]["small"]["a"]
+    worst = res["largest_dsc_auc_losses"]
+    assert sorted(x["label"] for x in worst) == [6, 7, 8]
+    assert all(x["b"] < x["a"] for x in worst)
+    _, sa, _ = structures_of(a, None)
+    assert largest_losses(sa, sa) == []  # nothing falls: nothing named
 
 
 def test_size_thirds_follow_the_voxel_counts():
