@@ -18,7 +18,6 @@ new weights bring their own ``meta["evaluation"]`` (and the record goes or is re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from lib.evaluation.evaluator import EnsamMethod, evaluate, run_name
+from lib.io.digest import sha256_file
 from lib.weights import read_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,14 +54,6 @@ def measured():
     return {start: res["methods"][run_name("ensam", start)]["overall"] for start in RECORDED}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def recorded_figures(row: str, record_path: str = ENGINE_RECORD, weights: str = WEIGHTS) -> dict:
     """The figures the gate holds the shipped engine to: the engine record when it names these weights (by SHA-256),
     else the weights' own release figures. A record below the release's figures by more than the margins is refused
@@ -70,7 +62,7 @@ def recorded_figures(row: str, record_path: str = ENGINE_RECORD, weights: str = 
     if not os.path.exists(record_path):
         return release
     record = json.load(open(record_path))
-    if record["weights_sha256"] != _sha256(weights):
+    if record["weights_sha256"] != sha256_file(weights):
         return release
     figures = record["evaluation"][row]
     for k in KEYS:
@@ -82,7 +74,7 @@ def test_an_engine_record_counts_only_for_the_weights_it_names_and_near_their_re
     release = read_meta(WEIGHTS)["evaluation"]
     rec = tmp_path / "engine_evaluation.json"
     near = {row: {k: release[row][k] - MARGIN[k] / 2 for k in KEYS} for row in RECORDED.values()}
-    rec.write_text(json.dumps({"weights_sha256": _sha256(WEIGHTS), "evaluation": near}))
+    rec.write_text(json.dumps({"weights_sha256": sha256_file(WEIGHTS), "evaluation": near}))
     for row in RECORDED.values():
         assert recorded_figures(row, str(rec)) == near[row]
     rec.write_text(json.dumps({"weights_sha256": "0" * 64, "evaluation": near}))  # a stale record: other weights
@@ -90,7 +82,7 @@ def test_an_engine_record_counts_only_for_the_weights_it_names_and_near_their_re
         assert recorded_figures(row, str(rec)) == release[row]
         assert recorded_figures(row, str(tmp_path / "absent.json")) == release[row]
     far = {row: {k: release[row][k] - 2 * MARGIN[k] for k in KEYS} for row in RECORDED.values()}
-    rec.write_text(json.dumps({"weights_sha256": _sha256(WEIGHTS), "evaluation": far}))
+    rec.write_text(json.dumps({"weights_sha256": sha256_file(WEIGHTS), "evaluation": far}))
     with pytest.raises(AssertionError):
         recorded_figures(RECORDED["box"], str(rec))
 
@@ -99,7 +91,7 @@ def test_a_shipped_engine_record_names_the_shipped_weights():
     """A record left behind by other weights would silently stop counting (the gate falls back to the meta): new
     weights must come with the record removed or re-measured."""
     if os.path.exists(ENGINE_RECORD):
-        assert json.load(open(ENGINE_RECORD))["weights_sha256"] == _sha256(WEIGHTS)
+        assert json.load(open(ENGINE_RECORD))["weights_sha256"] == sha256_file(WEIGHTS)
         for row in RECORDED.values():
             assert recorded_figures(row) == json.load(open(ENGINE_RECORD))["evaluation"][row]
     else:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from lib.batch.store import ResultStore, Task
 from lib.batch.worker import Segmenter
 from lib.io.atomic import atomic_write_json
+from lib.io.digest import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,7 @@ def weights_sha256(path: Optional[str]) -> str:
     """The weights' version: sha256 of the file's bytes ("untrained" without a file)."""
     if not path:
         return "untrained"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def result_key(study: Study, weights_sha: str, request: dict) -> str:

@@ -17,12 +17,13 @@ two inferences would also only share the same cores.) Waiting on it is the answe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from typing import Dict, Optional, Sequence, Tuple
+
+from lib.io.digest import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,13 @@ class EngineProvider:
             known = self._versions.get(key)
         if known is not None:
             return known
-        h = hashlib.sha256()
         try:
             with open(path, "rb") as f:
                 if self._identity_of_open(f) != identity:
                     return None
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+                version = sha256_file(f)[:16]
         except FileNotFoundError:
             return None
-        version = h.hexdigest()[:16]
         with self._build_lock:
             if len(self._versions) > 16:  # old publications
                 self._versions.clear()
