@@ -382,6 +382,13 @@ def test_scoring_then_next_sample_for_each_strategy(ensam_server):
         res = client.next_sample(strategy, {})
         assert res["id"] in unlabelled, (strategy, res)
     assert client.next_sample("first", {})["id"] == unlabelled[0]
+    # random with a seed: the same unlabelled set and seed give the same image; seeds spread over the images
+    seeded = [client.next_sample("random", {"seed": s})["id"] for s in range(12)]
+    assert seeded == [client.next_sample("random", {"seed": s})["id"] for s in range(12)]
+    assert set(seeded) <= set(unlabelled) and len(set(seeded)) > 1, seeded
+    for bad in (-1, "3", 1.5, True):
+        r = requests.post(f"{ensam_server.url}/activelearning/random", json={"seed": bad}, timeout=30)
+        assert r.status_code == 400 and "seed" in r.json()["detail"], (bad, r.status_code, r.text)
     # two annotators asking novelty in a row get different images (the first is pending)
     a = client.next_sample("novelty", {})["id"]
     b = client.next_sample("novelty", {})["id"]

@@ -34,7 +34,6 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 
 _APP_DIR = os.path.dirname(os.path.realpath(__file__))
 if _APP_DIR not in sys.path:  # lib.* is imported lazily later (engine, training): keep the app folder importable
@@ -157,7 +156,7 @@ class EnsamApp(monailabel_patches.AppPatches, MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        strategies: Dict[str, Strategy] = {"first": First(), "random": Random()}
+        strategies: Dict[str, Strategy] = {"first": First()}  # random, novelty, uncertainty: the config's
         for c in self.models.values():
             s = c.strategy()
             if s:

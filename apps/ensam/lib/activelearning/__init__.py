@@ -1,6 +1,6 @@
 """Active learning for ensam: scoring methods and next-sample strategies."""
 
 from .scoring import NoveltyScoring, UncertaintyScoring
-from .strategies import NoveltyStrategy, UncertaintyStrategy
+from .strategies import NoveltyStrategy, RandomStrategy, UncertaintyStrategy
 
-__all__ = ["NoveltyScoring", "UncertaintyScoring", "NoveltyStrategy", "UncertaintyStrategy"]
+__all__ = ["NoveltyScoring", "UncertaintyScoring", "NoveltyStrategy", "RandomStrategy", "UncertaintyStrategy"]

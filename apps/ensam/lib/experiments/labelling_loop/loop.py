@@ -150,7 +150,9 @@ def _run_order(cfg: LoopConfig, order: str, client: Client, server: LoopServer, 
             if order == "uncertainty":
                 params["labels"] = cfg.label
             client.scoring(order, params)
-        image_id = client.next_sample(order)
+        # random: seeded by the loop's seed and the labels so far, so that two runs (other training settings, say)
+        # label the same sequence and their clicks pair
+        image_id = client.next_sample(order, {"seed": cfg.seed * 1000 + len(labelled)} if order == "random" else None)
         if image_id is None or image_id in labelled or image_id not in by_id:
             raise RuntimeError(f"[{order}] /activelearning/{order} gave {image_id!r} with {len(labelled)} labelled")
         inst = by_id[image_id]

@@ -83,8 +83,8 @@ class Client:
                               files={"label": (os.path.basename(mask_path), f)}, timeout=self.timeout)
         return self._ok(r, f"PUT /datastore/label ({image_id})").json()
 
-    def next_sample(self, strategy: str) -> Optional[str]:
-        r = self._ok(self.http.post(f"{self.url}/activelearning/{strategy}", json={}, timeout=self.timeout),
+    def next_sample(self, strategy: str, params: Optional[dict] = None) -> Optional[str]:
+        r = self._ok(self.http.post(f"{self.url}/activelearning/{strategy}", json=params or {}, timeout=self.timeout),
                      f"POST /activelearning/{strategy}")
         body = r.json() or {}
         return body.get("id")
