@@ -443,8 +443,9 @@ def test_boundary_cut_conf_setting():
     with pytest.raises(RequestError, match="lone_click_view"):
         EnsamConfig._engine_kwargs({"lone_click_view": "maybe"})
     assert EngineConfig().correction_reach[2:] == ("guard", 0.15)  # guarded by default (issue 27)
-    assert EnsamConfig._engine_kwargs({"conservative_corrections": "false"})["config"].correction_reach == ()
+    off = EnsamConfig._engine_kwargs({"conservative_corrections": "false"})["config"]
+    assert off.correction_reach == () and off.lone_correction_reach == ()
     on = EnsamConfig._engine_kwargs({"conservative_corrections": "true"})["config"]
-    assert on.correction_reach == (3.0, 3.0, "asym") and (on.boundary_cut is None) == (EngineConfig().boundary_cut is None)
+    assert on.correction_reach == on.lone_correction_reach == (3.0, 3.0, "asym") and (on.boundary_cut is None) == (EngineConfig().boundary_cut is None)
     with pytest.raises(RequestError, match="conservative_corrections"):
         EnsamConfig._engine_kwargs({"conservative_corrections": "yes please"})

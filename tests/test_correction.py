@@ -115,3 +115,44 @@ def test_guard_keeps_a_far_trim_but_refuses_a_deletion():
     strict = conservative_merge(prev, trimmed, click, np.array([0]), (1, 1, 1), k=1.0, margin_mm=1.0, mode="guard",
                                 guard=0.0)
     assert np.array_equal(strict, asym)  # guard 0 is "asym"
+
+
+def test_the_diagnosis_merges_on_a_crop_exactly_as_on_the_whole_image():
+    """lib.evaluation.diagnose's counterfactual rules run on the box around both answers and the clicks: every rule
+    must give there what it gives on the whole image (outside that box both answers are empty)."""
+    from lib.evaluation.diagnose import GUARD_VARIANTS, _merged
+
+    shape = (70, 60, 50)
+    prev = _ball(shape, (30, 28, 25), 10)
+    new = _ball(shape, (36, 30, 25), 9) | _ball(shape, (55, 45, 38), 6)  # a shifted answer and a far island
+    pts = np.array([[30, 28, 25], [41, 30, 25], [22, 28, 25]])
+    labels = np.array([1, 1, 0])
+    spacing = (1.0, 1.2, 2.0)
+    out = {}
+    for name, rule in GUARD_VARIANTS.items():
+        crop = _merged(prev, new, pts, labels, spacing, rule)
+        whole = new
+        for step in () if rule is None else rule if isinstance(rule[0], tuple) else (rule,):
+            whole = conservative_merge(prev, whole, pts, labels, spacing, *step) > 0
+        assert crop.shape == shape and np.array_equal(crop, whole), name
+        out[name] = crop
+    # the case separates the rules (the test compares something): the far island trips the tight guard only
+    assert not np.array_equal(out["guard 0.15"], out["guard 1.0"])
+    assert np.array_equal(out["guard 0.15"], out["asym"]) and np.array_equal(out["guard 1.0"], out["none"])
+
+
+def test_flood_keeps_a_growth_near_the_click_and_drops_a_flood_far_from_it():
+    prev = _ball((80, 80, 80), (40, 40, 40), 10)
+    click = np.array([[40, 40, 53]])  # a foreground click 3 voxels outside the answer
+    grown = prev | _ball(prev.shape, (40, 40, 53), 4)  # what the click asks: a little more near it
+    out = conservative_merge(prev, grown, click, np.array([1]), (1, 1, 1), k=3.0, margin_mm=3.0, mode="flood",
+                             guard=0.3)
+    assert np.array_equal(out.astype(bool), grown)
+    flood = grown | (_ball(prev.shape, (40, 40, 40), 30) & ~_ball(prev.shape, (40, 40, 40), 26))  # a far shell
+    out = conservative_merge(prev, flood, click, np.array([1]), (1, 1, 1), k=3.0, margin_mm=3.0, mode="flood",
+                             guard=0.3)
+    assert np.array_equal(out.astype(bool), grown)  # the shell (far from the click, > 0.3 x prev) is dropped
+    shrunk = prev & ~_ball(prev.shape, (40, 40, 30), 5)  # removals stay the network's: nothing is put back
+    out = conservative_merge(prev, shrunk | flood, click, np.array([1]), (1, 1, 1), k=3.0, margin_mm=3.0,
+                             mode="flood", guard=0.3)
+    assert np.array_equal(out.astype(bool), shrunk | grown)

@@ -90,12 +90,16 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
     ``mode="guard"``: ``new`` as it is, unless the changes "asym" would refuse (removals away from the background
     clicks, additions not connected to a foreground click) exceed ``guard`` x the previous answer's volume: then the
     "asym" answer. The network's far changes are kept when they are trims or growths, refused when they delete or
-    flood the object (the steps that destroy a good answer)."""
+    flood the object (the steps that destroy a good answer).
+    ``mode="flood"``: ``new`` as it is, except that additions outside the balls of the contradicted FOREGROUND clicks
+    are dropped when they exceed ``guard`` x the previous answer's volume: a foreground click may grow the object
+    about as far as it sits from the previous answer, not flood the neighbourhood (removals are left to the
+    network: from a lone click the first answer's extent is a guess the background clicks must be free to shrink)."""
     prev_b, new_b = prev.astype(bool), new.astype(bool)
     if prev_b.shape != new_b.shape:
         raise ValueError(f"prev {prev_b.shape} and new {new_b.shape} differ")
-    if mode not in ("ball", "asym", "remove", "guard"):
-        raise ValueError(f"mode must be 'ball', 'asym', 'remove' or 'guard', got {mode!r}")
+    if mode not in ("ball", "asym", "remove", "guard", "flood"):
+        raise ValueError(f"mode must be 'ball', 'asym', 'remove', 'guard' or 'flood', got {mode!r}")
     idx = contradicted_clicks(prev_b, points, labels)
     if not prev_b.any() or not len(idx):
         return new_b.astype(np.uint8)
@@ -104,6 +108,13 @@ def conservative_merge(prev: np.ndarray, new: np.ndarray, points: np.ndarray, la
     pts = np.asarray(points, float).reshape(-1, 3)[idx]
     fg = np.asarray(labels).reshape(-1)[idx].astype(bool)
     radii = [k * click_depth_mm(prev_b, c, sp, surf) + margin_mm for c in pts]
+    if mode == "flood":
+        if not fg.any():
+            return new_b.astype(np.uint8)
+        far = new_b & ~prev_b & ~_balls(prev_b.shape, pts[fg], [r for r, f in zip(radii, fg) if f], sp)
+        if np.count_nonzero(far) <= guard * np.count_nonzero(prev_b):
+            return new_b.astype(np.uint8)
+        return (new_b & ~far).astype(np.uint8)
     if mode == "ball":
         allowed = _balls(prev_b.shape, pts, radii, sp)
         return np.where(allowed, new_b, prev_b).astype(np.uint8)

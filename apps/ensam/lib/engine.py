@@ -282,11 +282,10 @@ class EnsamEngine:
             new = self.config.boundary_cut.refine(image[region], new, spacing, pts[inside] - a, labels[inside],
                                                   box).astype(np.uint8)
             self._timed("cut_s", tc)
-        reach = self.config.correction_reach
-        # "guard" holds a correction to the previous answer only when a box bounds the object: a lone click's first
-        # answer is a guess at the object's extent that the corrections must be free to move (tuning split: guard
-        # on click starts cost DSC_AUC 0.13)
-        if pm is not None and reach and len(pts) and (len(bxs) or tuple(reach[2:3]) != ("guard",)):
+        # a box bounds the object: correction_reach; without one, a lone click's first answer is a guess at the
+        # object's extent that the corrections must be free to move: lone_correction_reach (issue 27)
+        reach = self.config.correction_reach if len(bxs) else self.config.lone_correction_reach
+        if pm is not None and reach and len(pts):
             k, margin, *rest = reach
             inside = np.all((pts >= a) & (pts < b), axis=1)
             new = conservative_merge(prev_mask[region], new, pts[inside] - a, labels[inside], spacing, float(k),

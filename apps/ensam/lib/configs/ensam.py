@@ -99,7 +99,8 @@ class EnsamConfig(TaskConfig):
                     for k, stage in (("boundary_cut", BoundaryCut), ("lone_click_view", LoneClickView))
                     if getattr(s, k) is not None}
         if s.conservative_corrections is not None:
-            settings["correction_reach"] = CONSERVATIVE_CORRECTIONS if s.conservative_corrections else ()
+            strict = CONSERVATIVE_CORRECTIONS if s.conservative_corrections else ()
+            settings["correction_reach"] = settings["lone_correction_reach"] = strict
         return {"config": EngineConfig(**settings)} if settings else {}
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:

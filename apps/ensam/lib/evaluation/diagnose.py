@@ -181,12 +181,19 @@ GUARD_VARIANTS = {
     "guard 0.5": (3.0, 3.0, "guard", 0.5),
     "guard 1.0": (3.0, 3.0, "guard", 1.0),
     "asym": (3.0, 3.0, "asym", 0.0),
+    "flood 3 0.3": (3.0, 3.0, "flood", 0.3),
+    "flood 3 1.0": (3.0, 3.0, "flood", 1.0),
+    "flood 2 0.3": (2.0, 3.0, "flood", 0.3),
+    "flood 5 0.5": (5.0, 3.0, "flood", 0.5),
+    "guard 0.15 + flood 3 0.3": ((3.0, 3.0, "guard", 0.15), (3.0, 3.0, "flood", 0.3)),
+    "guard 0.15 + flood 2 0.15": ((3.0, 3.0, "guard", 0.15), (2.0, 3.0, "flood", 0.15)),
 }
 
 
 def _merged(prev: np.ndarray, new: np.ndarray, pts: np.ndarray, labels: np.ndarray, spacing, rule) -> np.ndarray:
     """``conservative_merge`` under ``rule`` (None = ``new``), computed on the box around ``prev``, ``new`` and the
-    clicks (outside it both masks are empty, so every rule agrees there): bool, ``prev``'s shape."""
+    clicks (outside it both masks are empty, so every rule agrees there): bool, ``prev``'s shape. ``rule``: one
+    ``(k, margin_mm, mode, guard)`` or a tuple of them, applied one after the other."""
     from ..correction import conservative_merge
 
     if rule is None:
@@ -198,9 +205,9 @@ def _merged(prev: np.ndarray, new: np.ndarray, pts: np.ndarray, labels: np.ndarr
     hi = np.max([b[1::2] for b in boxes] + [pts.max(0)], axis=0) + 3
     lo, hi = np.maximum(lo, 0), np.minimum(hi, prev.shape)
     reg = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    k, margin, mode, guard = rule
     out = new.copy()
-    out[reg] = conservative_merge(prev[reg], new[reg], pts - lo, labels, spacing, k, margin, mode, guard) > 0
+    for k, margin, mode, guard in (rule if isinstance(rule[0], tuple) else (rule,)):  # rules one after the other
+        out[reg] = conservative_merge(prev[reg], out[reg], pts - lo, labels, spacing, k, margin, mode, guard) > 0
     return out
 
 
@@ -242,7 +249,7 @@ class _Counterfactual:
 
 
 def print_guard_table(rows: list) -> None:
-    """Per rule: the share of corrective steps lowering the DSC by > HARM_DSC, by > 0.2, the worst drop and the mean
+    """Per rule: the share of corrective steps lowering the DSC by more than HARM_DSC's two levels, the worst drop and the mean
     DSC change, over all steps, then by step and click kind (a one-step counterfactual from the same previous answer:
     what the rule changes at that step, not the session it would have led to)."""
     from .report import HARM_DSC
@@ -260,7 +267,8 @@ def print_guard_table(rows: list) -> None:
         print(f"{g} ({len(rs)} steps)")
         for n in names:
             d = np.array([r["dsc"][n] - r["dsc_prev"] for r in rs])
-            print(f"  {n:<12} harmful {100 * (d < -HARM_DSC).mean():5.1f} %  destructive {100 * (d < -0.2).mean():4.1f} %"
+            print(f"  {n:<12} harmful {100 * (d < -HARM_DSC[0]).mean():5.1f} %  destructive "
+                  f"{100 * (d < -HARM_DSC[1]).mean():4.1f} %"
                   f"  worst {-d.min():.3f}  mean change {d.mean():+.4f}")
 
 
