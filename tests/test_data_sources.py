@@ -332,3 +332,21 @@ def test_concept_windows_take_spacing_and_size_from_the_contract():
     smp, vid = s.concept_window(np.random.default_rng(0), aug=False)
     assert smp.image.shape == (c.model_shape[0],) * 3 and np.all(smp.spacing == c.label_spacing_mm)
     assert vid == smp.label_id >= 0 and smp.mask.any()
+
+
+def test_lone_click_validation_on_large_structures_only():
+    """build_large_click_validation (stop 36): one-click cases in the engine's lone-click view, only on training
+    structures at least val_large_view x that view (here 0.6 x 64 mm), deterministic, none when 0."""
+    from lib.training.pretrain import PretrainConfig, build_large_click_validation
+
+    vols = [ct_volume(), mr_volume()]
+    cfg = PretrainConfig(val_click_large=2, val_large_view=0.6)
+    lcfg = cfg.loop_config()
+    cases = build_large_click_validation(vols, cfg, lcfg)
+    names = {c.name for c in cases}
+    assert {"liver", "aorta", "grey_matter", "brain_other"} <= names  # extents 41-92 mm
+    assert not names & {"spleen", "vertebrae_L2", "white_matter", "kidney_left"}  # under 38 mm, or held out
+    assert all(c.kind == "large_click" and list(c.types) == [1] and c.prev is None and c.gt.any() for c in cases)
+    again = build_large_click_validation(vols, cfg, lcfg)
+    assert [case_signature(c) for c in cases] == [case_signature(c) for c in again]
+    assert build_large_click_validation(vols, PretrainConfig(), lcfg) == []

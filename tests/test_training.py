@@ -242,11 +242,16 @@ def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     net = '{"filters": 8, "blocks": [1, 1, 1], "depth": 1, "heads": 2, "roi_size": [32, 32, 32]}'
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"source_weights": {"real": 1, "blob": 1, "lesion": 1}, "val_per_structure": 1, '
-                   '"val_synthetic": 1, "val_concept": 1, "loop": {"max_clicks": 1}}')
+                   '"val_synthetic": 1, "val_concept": 1, "loop": {"max_clicks": 1}, "val_click_large": 1, '
+                   '"val_large_view": 4.0}')
     main(["--out", str(out), "--minutes", "5", "--max-steps", "2", "--network", net, "--config", str(cfg),
           "--no-progress", "--val-minutes", "100"])
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["state"]["step"] == 2
+    # the lone-click sessions on large structures are validated apart and counted in the score (stop 36)
+    val = ck["state"]["val_history"][0]
+    assert 0.0 <= val["val_large_click2_dsc"] <= 1.0
+    assert "lone-click cases on large structures" in (out / "log.txt").read_text()
     main(["--out", str(out), "--resume", "--max-steps", "3", "--no-progress"])
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["state"]["step"] == 3 and len(ck["state"]["history"]) == 3

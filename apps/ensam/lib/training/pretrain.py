@@ -141,6 +141,33 @@ def build_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
     return cases
 
 
+def build_large_click_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig) -> list:
+    """``cfg.val_click_large`` lone-click cases (the engine's view around the click, as :func:`build_validation`'s
+    one-click starts) on every training structure whose largest extent is at least ``cfg.val_large_view`` x that
+    view: the view is then all organ, and the corrective clicks must grow the answer to fill it (deterministic for a
+    given data set and ``cfg.val_seed``). In-sample by design: it checks a behaviour the held-out structures (none
+    that large) cannot show."""
+    if cfg.val_click_large <= 0:
+        return []
+    rng = np.random.default_rng(cfg.val_seed + 1)
+    lcfg = replace(lcfg, click_extent_scale=(1.0, 1.0), click_view_object=(), p_refine=0.0)
+    view = lcfg.contract.roi.click_extent_mm
+    held = set(cfg.holdout)
+    cases = []
+    for v in volumes:
+        for lab in sorted(v.bboxes):
+            name = v.names.get(lab, str(lab))
+            extent = max((s.stop - s.start) * float(sp) for s, sp in zip(v.bboxes[lab], v.spacing))
+            if name in held or extent < cfg.val_large_view * view:
+                continue
+            for _ in range(cfg.val_click_large):
+                c = _heldout_case(v, lab, name, rng, lcfg, use_box=False)
+                if c is not None:
+                    c.kind = "large_click"
+                    cases.append(c)
+    return cases
+
+
 def select_volumes(volumes: list, names: List[str]) -> list:
     """The volumes named in ``names`` (all when empty); a name that is not loaded is an error."""
     if not names:
@@ -235,12 +262,14 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
     sampler = D.ObjectSampler(volumes, holdout=cfg.holdout, weights=cfg.source_weights,
                               volume_weights=cfg.volume_weights)
     val_cases = build_validation(volumes, cfg, lcfg)
+    large_cases = build_large_click_validation(volumes, cfg, lcfg)
     _log(out, f"data ready in {time.time() - t0:.1f} s: {[v.name for v in volumes]}, {len(sampler.structures)} "
-              f"training structures, sources {sampler.sources}, {len(val_cases)} validation cases")
+              f"training structures, sources {sampler.sources}, {len(val_cases)} validation cases"
+              + (f", {len(large_cases)} lone-click cases on large structures" if large_cases else ""))
 
     state = {"step": 0, "elapsed": 0.0, "history": [], "val_history": [], "best": -1.0, "best_step": -1,
              "loss_ema": None, "samples": 0}
-    val_names = [f"{c.kind}:{c.name}" for c in val_cases]
+    val_names = [f"{c.kind}:{c.name}" for c in val_cases + large_cases]
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, net, opt, rng)
         _log(out, f"resumed from {ckpt}: step {state['step']}, {state['elapsed'] / 60:.1f} min trained")
@@ -290,6 +319,10 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         parts = [scores["val_box_dsc"], scores["val_click2_dsc"]]
         if "val_oneclick_dsc" in scores:  # recipe v3: the one-click start counts as much as the box start
             parts.append(scores["val_oneclick_dsc"])
+        if large_cases:  # a large organ grown from a lone click (stop 36)
+            scores["val_large_click2_dsc"] = evaluate(net, large_cases, n_clicks=2, device=device, cfg=lcfg,
+                                                      first_net=first_net)["val_click2_dsc"]
+            parts.append(scores["val_large_click2_dsc"])
         score = float(np.mean(parts)) - cfg.val_harmful_weight * scores.get("val_harmful", 0.0)
         rec = {"step": state["step"], "elapsed": state["elapsed"], "score": score, **scores}
         state["val_history"].append(rec)

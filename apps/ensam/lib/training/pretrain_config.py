@@ -53,6 +53,12 @@ class PretrainConfig:
     val_synthetic: int = 8
     val_concept: int = 2
     val_click_start: int = 0               # per held-out structure: cases that start from one click (recipe v3: 1)
+    val_click_large: int = 0               # per TRAINING structure whose extent is >= val_large_view x the lone-click
+                                           # view: lone-click cases + 2 corrective clicks, scored apart as
+                                           # val_large_click2_dsc and counted in the score (a behaviour check, not
+                                           # a held-out one: the growth of a large organ from a lone click, which
+                                           # recipes v16-v19's refiners lost unseen; stop 36)
+    val_large_view: float = 1.5
     val_harmful_weight: float = 0.0        # the validation score (which weights are exported as best) minus this x
                                            # the share of corrective steps lowering the DSC by > 0.05 (issue 27)
     export: str = ""
