@@ -237,3 +237,23 @@ def test_guarded_corrections_hold_the_previous_answer_only_with_a_box(volume):
     assert np.array_equal(held[far], prev[far])  # the previous answer stands away from the click
     assert not np.array_equal(free[far], prev[far])  # where the network alone changed it
     assert held[21, 30, 15] == free[21, 30, 15]  # the click's own voxel answered as the network does
+
+
+def test_lone_correction_reach_is_the_rule_of_sessions_without_a_box(volume):
+    """``lone_correction_reach`` (stop 36): the merge rule of corrective steps when no box bounds the object, apart
+    from ``correction_reach`` (the box sessions' rule): strict here, a background click changes only its
+    neighbourhood of a lone-click session's previous answer."""
+    img, aff = volume
+    plain = _engine(config=EngineConfig(max_zoom=0, boundary_cut=None, correction_reach=()))
+    strict = _engine(config=EngineConfig(max_zoom=0, boundary_cut=None, correction_reach=(),
+                                         lone_correction_reach=(1.0, 1.0, "asym")))
+    prev = np.zeros(img.shape, np.uint8)
+    prev[18:42, 18:47, 8:22] = 1
+    click = dict(points=[[21, 30, 15]], point_labels=[0], prev_mask=prev)  # 3 voxels inside prev's boundary
+    free, held = plain.segment(img, aff, **click), strict.segment(img, aff, **click)
+    far = np.ones(img.shape, bool)
+    far[14:29, 22:39, 7:24] = False  # beyond the click's reach (1 x 3 mm + 1 mm, anisotropic voxels)
+    assert np.array_equal(held[far], prev[far])  # the previous answer stands away from the click
+    assert not np.array_equal(free[far], prev[far])  # where the network alone changed it
+    box = [[20, 39, 20, 44, 10, 19]]  # with a box the box sessions' rule (off here) applies, not this one
+    assert np.array_equal(plain.segment(img, aff, boxes=box, **click), strict.segment(img, aff, boxes=box, **click))
