@@ -61,11 +61,12 @@ class EngineConfig:
     connected to foreground clicks; "guard": the network's answer unless what "asym" refuses exceeds guard x the
     previous answer's volume; "flood": the network's answer less the additions far from the foreground clicks
     when they exceed guard x the previous answer's volume; :func:`lib.correction.conservative_merge`, issue 27);
-    applied last, after the boundary cut, in sessions with a box. ``lone_correction_reach``: the same for sessions
-    without a box (a lone click's first answer is a guess at the extent that the corrections must be free to move:
-    the box default on click starts cost DSC_AUC 0.13 on the tuning split). Default ``(3, 3, "guard", 0.15)``, chosen on the tuning split (box start:
-    DSC_AUC 2.527 -> 2.604, NSD_AUC 2.519 -> 2.587, final DSC 0.693 -> 0.698, destructive steps 3.6 % -> 0.4 %;
-    model card, "Engine settings decided on the tuning split")."""
+    applied last, after the boundary cut, in sessions with a box. Default ``(3, 3, "guard", 0.15)``, chosen on the
+    tuning split (box start: DSC_AUC 2.527 -> 2.604, NSD_AUC 2.519 -> 2.587, final DSC 0.693 -> 0.698, destructive
+    steps 3.6 % -> 0.4 %; model card, "Engine settings decided on the tuning split").
+    ``lone_correction_reach``: the same for sessions without a box; default () (off): a lone click's first answer
+    is a guess at the extent that the corrections must be free to move (the box default on click starts cost DSC_AUC
+    0.13, "flood" (3, 3 mm, 0.3) cost 0.054 on the tuning split)."""
 
     max_zoom: int = 2
     zoom_factor: float = 1.5

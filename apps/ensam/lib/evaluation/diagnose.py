@@ -217,17 +217,13 @@ class _Counterfactual:
     against ``self.gt``, set per structure) and the step's features."""
 
     def __init__(self, engine, base: dict, variants: dict):
-        self.engine, self.base, self.variants = engine, base, variants
+        self.network, self.base, self.variants = EnsamMethod(engine=engine), base, variants
         self.gt, self.rows, self.meta, self.step = None, [], {}, 0
 
     def predict(self, image, affine, boxes, points, point_labels, prev_mask):
         pts = np.asarray(points).reshape(-1, 3)
         labs = np.asarray(point_labels).reshape(-1)
-        from ..engine import image_fingerprint
-
-        raw = self.engine.segment(image, affine, points=pts if len(pts) else None,
-                                  point_labels=labs if len(pts) else None, boxes=boxes or None, prev_mask=prev_mask,
-                                  image_key=image_fingerprint(image, affine)) > 0
+        raw = self.network.predict(image, affine, boxes, pts, labs, prev_mask) > 0
         if prev_mask is None:
             self.step = 0
             return raw.astype(np.uint8)

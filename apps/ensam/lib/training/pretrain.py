@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..contract import Contract, check_same, read_contract
+from ..geometry import bbox_edge_mm
 from ..engine import load_network
 from ..network import build_network
 from ..weights import load_artefact
@@ -157,7 +158,7 @@ def build_large_click_validation(volumes, cfg: PretrainConfig, lcfg: LoopConfig)
     for v in volumes:
         for lab in sorted(v.bboxes):
             name = v.names.get(lab, str(lab))
-            extent = max((s.stop - s.start) * float(sp) for s, sp in zip(v.bboxes[lab], v.spacing))
+            extent = bbox_edge_mm([i for s in v.bboxes[lab] for i in (s.start, s.stop - 1)], v.spacing)
             if name in held or extent < cfg.val_large_view * view:
                 continue
             for _ in range(cfg.val_click_large):
