@@ -10,7 +10,7 @@ import torch
 from lib.contract import contract_for_network
 from lib.engine import EngineConfig, EnsamEngine
 from lib.network import NetworkConfig, build_network
-from lib.weights import WeightsError, combine_with_refiner, load_artefact, save_artefact
+from lib.weights import WeightsError, average_weights, combine_with_refiner, load_artefact, save_artefact
 from test_engine import volume  # noqa: F401 - the engine tests' volume (a bright block in noise), a fixture
 
 torch.set_num_threads(1)
@@ -78,6 +78,41 @@ def test_a_refiner_of_another_network_is_refused(files, tmp_path):
         combine_with_refiner(files["a"], str(tmp_path / "c.pt"), str(tmp_path / "out.pt"))
     with pytest.raises(WeightsError, match="already carries"):
         combine_with_refiner(files["both"], files["b"], str(tmp_path / "out2.pt"))
+
+
+def test_a_release_replaces_the_refiner_and_keeps_the_main_weights(files, tmp_path):
+    """A release that changes only the refiner: the shipped artefact's main weights and meta stay, the new
+    refiner and the release's own fields (``meta_update``) come in."""
+    out = combine_with_refiner(files["both"], files["a"], str(tmp_path / "r7.pt"), replace=True,
+                               meta_update={"release": 7, "evaluation": {"box": 0.5}})
+    art, before = load_artefact(out), load_artefact(files["both"])
+    assert all(torch.equal(art.state_dict[k], before.state_dict[k]) for k in before.state_dict)
+    main = _bf16(load_artefact(files["a"]).state_dict)
+    assert all(torch.equal(art.refiner[k].float(), main[k]) for k in main)  # the new refiner, not the old one
+    assert any(not torch.equal(art.refiner[k].float(), before.refiner[k].float()) for k in main)
+    assert art.meta["release"] == 7 and art.meta["evaluation"] == {"box": 0.5}
+    assert art.meta["refiner"]["from"] == "a.pt" and art.meta["step"] == 10
+
+
+def test_checkpoints_of_one_network_average_and_others_are_refused(files, tmp_path):
+    out = average_weights([files["a"], files["b"]], str(tmp_path / "mean.pt"))
+    art, a, b = load_artefact(out), load_artefact(files["a"]), load_artefact(files["b"])
+    for k, v in art.state_dict.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (a.state_dict[k] + b.state_dict[k]) / 2, atol=1e-6)
+        else:
+            assert torch.equal(v, a.state_dict[k])
+    assert art.meta["step"] == "mean of steps 10 + 20"
+    assert [d["step"] for d in art.meta["averaged_from"]] == [10, 20]
+    cfg2 = NetworkConfig(**{**CFG.to_dict(), "roi_size": (32, 32, 32)})
+    save_artefact(str(tmp_path / "c.pt"), _state(2), _meta(cfg2))
+    with pytest.raises(WeightsError, match="differs"):
+        average_weights([files["a"], str(tmp_path / "c.pt")], str(tmp_path / "x.pt"))
+    with pytest.raises(WeightsError, match="carries a refiner"):
+        average_weights([files["a"], files["both"]], str(tmp_path / "y.pt"))
+    with pytest.raises(WeightsError, match="at least two"):
+        average_weights([files["a"]], str(tmp_path / "z.pt"))
+    assert not any(os.path.exists(tmp_path / n) for n in ("x.pt", "y.pt", "z.pt"))
 
 
 def test_the_refiner_answers_corrective_steps_and_the_main_weights_the_first(files, volume):

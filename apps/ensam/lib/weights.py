@@ -45,7 +45,7 @@ FORMAT = "ensam-weights/1"
 FORMAT_FAMILY = "ensam-weights/"
 
 __all__ = ["FORMAT", "Artefact", "WeightsError", "load_artefact", "read_meta", "save_artefact", "side_paths",
-           "normalise_vocab", "combine_with_refiner"]
+           "normalise_vocab", "combine_with_refiner", "average_weights"]
 
 
 class WeightsError(ValueError):
@@ -337,32 +337,72 @@ def save_artefact(path: str, state_dict: Dict[str, Any], meta: Optional[Dict[str
 
 # ---- a main network and a refiner in one artefact --------------------------------------------------------------
 
-def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat16",
-                         note: Optional[Dict[str, Any]] = None) -> str:
-    """Publish at ``out`` the artefact ``main`` (its weights, meta and vocabulary) with the weights of ``refiner``
-    as its corrective steps' network (stored as ``dtype``: "bfloat16" halves its size; "float32" keeps it). Both
-    must be the same network under the same contract (refused otherwise). ``note`` is stored as ``meta["refiner"]``
-    (provenance), with the refiner's own run, step and validation scores. Returns ``out``."""
-    import torch
-
-    a, b = load_artefact(main), load_artefact(refiner)
+def _same_network(a: Artefact, b: Artefact, where: str) -> None:
+    """Refuse ``b`` unless it is ``a``'s network under ``a``'s contract (the multi-mask head aside)."""
     for what in ("network", "contract"):
         ours, theirs = a.meta.get(what), b.meta.get(what)
         if what == "network" and ours and theirs:  # the main weights' mask head is theirs alone
             ours, theirs = ({k: v for k, v in d.items() if k != "n_masks"} for d in (ours, theirs))
         if ours != theirs:
-            raise WeightsError(f"{refiner}: its {what} differs from {main}'s: the refiner must be the same network "
+            raise WeightsError(f"{where}: its {what} differs from {a.path}'s: it must be the same network "
                                f"trained under the same contract")
-    if a.refiner is not None:
-        raise WeightsError(f"{main} already carries a refiner")
+
+
+def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat16",
+                         note: Optional[Dict[str, Any]] = None, replace: bool = False,
+                         meta_update: Optional[Dict[str, Any]] = None) -> str:
+    """Publish at ``out`` the artefact ``main`` (its weights, meta and vocabulary) with the weights of ``refiner``
+    as its corrective steps' network (stored as ``dtype``: "bfloat16" halves its size; "float32" keeps it). Both
+    must be the same network under the same contract (refused otherwise). ``note`` is stored as ``meta["refiner"]``
+    (provenance), with the refiner's own run, step and validation scores. ``main`` may already carry a refiner only
+    with ``replace`` (a release that keeps the main weights and changes the refiner). ``meta_update``: top-level
+    meta fields set as given (a release's number, date and evaluation figures). Returns ``out``."""
+    import torch
+
+    a, b = load_artefact(main), load_artefact(refiner)
+    _same_network(a, b, refiner)
+    if a.refiner is not None and not replace:
+        raise WeightsError(f"{main} already carries a refiner (replace it with --replace)")
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     ref = {k: v.to(dt) if v.is_floating_point() else v for k, v in b.state_dict.items()
            if not k.startswith(HEAD_PREFIX)}
     meta = dict(a.meta)
     meta["refiner"] = {"from": os.path.basename(refiner), "dtype": dtype,
                        **{k: b.meta.get(k) for k in ("run", "step", "minutes_trained", "val_box_dsc",
-                                                     "val_click2_dsc") if k in b.meta}, **(note or {})}
+                                                     "val_click2_dsc", "val_large_click2_dsc", "val_harmful")
+                          if k in b.meta}, **(note or {})}
+    meta.update(meta_update or {})
     return save_artefact(out, a.state_dict, meta, refiner=ref)
+
+
+def average_weights(paths: list, out: str) -> str:
+    """Publish at ``out`` the mean of the weights of ``paths`` (checkpoints of one run: the same network under the
+    same contract, refused otherwise; integer tensors must agree), with the first one's meta, its ``step`` naming
+    the steps averaged (``averaged_from``: each file and step). A mean of nearby checkpoints of one run is a cheap
+    ensemble in one network (weight averaging). Main weights only: an input carrying a refiner is refused."""
+    import torch
+
+    if len(paths) < 2:
+        raise WeightsError("averaging needs at least two checkpoints")
+    arts = [load_artefact(p) for p in paths]
+    for p, art in zip(paths, arts):
+        _same_network(arts[0], art, p)
+        if art.refiner is not None:
+            raise WeightsError(f"{p} carries a refiner: average main weights (or refiners) one set at a time")
+        if set(art.state_dict) != set(arts[0].state_dict):
+            raise WeightsError(f"{p}: its weights are not those of {paths[0]}'s network")
+    sd = {}
+    for k, v in arts[0].state_dict.items():
+        if v.is_floating_point():
+            sd[k] = torch.stack([art.state_dict[k].float() for art in arts]).mean(0).to(v.dtype)
+        elif all(torch.equal(art.state_dict[k], v) for art in arts):
+            sd[k] = v
+        else:
+            raise WeightsError(f"{k!r} is an integer tensor that differs between the checkpoints")
+    meta = dict(arts[0].meta)
+    meta["averaged_from"] = [{"from": os.path.basename(p), "step": art.meta.get("step")} for p, art in zip(paths, arts)]
+    meta["step"] = "mean of steps " + " + ".join(str(art.meta.get("step")) for art in arts)
+    return save_artefact(out, sd, meta)
 
 
 def _main(argv: Optional[list] = None) -> None:
@@ -376,8 +416,17 @@ def _main(argv: Optional[list] = None) -> None:
     c.add_argument("out")
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     c.add_argument("--note", default=None, help="JSON object stored in meta['refiner'] (provenance)")
+    c.add_argument("--replace", action="store_true", help="MAIN may carry a refiner: it is replaced")
+    c.add_argument("--meta", default=None, help="JSON file: top-level meta fields to set (release, evaluation)")
+    v = sub.add_parser("average", help="the mean of several checkpoints of one run (same network)")
+    v.add_argument("out")
+    v.add_argument("inputs", nargs="+")
     a = p.parse_args(argv)
-    out = combine_with_refiner(a.main, a.refiner, a.out, a.dtype, json.loads(a.note) if a.note else None)
+    if a.cmd == "average":
+        out = average_weights(a.inputs, a.out)
+    else:
+        out = combine_with_refiner(a.main, a.refiner, a.out, a.dtype, json.loads(a.note) if a.note else None,
+                                   replace=a.replace, meta_update=_read_json(a.meta) if a.meta else None)
     print(f"{out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB")
 
 
