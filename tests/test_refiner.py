@@ -36,7 +36,7 @@ def _bf16(sd: dict) -> dict:
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("refiner")
     a, b = str(d / "a.pt"), str(d / "b.pt")
-    save_artefact(a, _state(0), dict(_meta(), step=10))
+    save_artefact(a, _state(0), dict(_meta(), step=10, val_box_dsc=0.5))
     save_artefact(b, _state(1), dict(_meta(), step=20, run="runs/other"))
     b_rounded = save_artefact(str(d / "b_bf16.pt"), _bf16(_state(1)), _meta())
     both = combine_with_refiner(a, b, str(d / "both.pt"), note={"why": "test"})
@@ -104,6 +104,7 @@ def test_checkpoints_of_one_network_average_and_others_are_refused(files, tmp_pa
             assert torch.equal(v, a.state_dict[k])
     assert art.meta["step"] == "mean of steps 10 + 20"
     assert [d["step"] for d in art.meta["averaged_from"]] == [10, 20]
+    assert "val_box_dsc" not in art.meta and art.meta["averaged_from"][0]["val_box_dsc"] == 0.5
     cfg2 = NetworkConfig(**{**CFG.to_dict(), "roi_size": (32, 32, 32)})
     save_artefact(str(tmp_path / "c.pt"), _state(2), _meta(cfg2))
     with pytest.raises(WeightsError, match="differs"):

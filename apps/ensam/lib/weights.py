@@ -369,7 +369,8 @@ def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat
     meta = dict(a.meta)
     meta["refiner"] = {"from": os.path.basename(refiner), "dtype": dtype,
                        **{k: b.meta.get(k) for k in ("run", "step", "minutes_trained", "val_box_dsc",
-                                                     "val_click2_dsc", "val_large_click2_dsc", "val_harmful")
+                                                     "val_click2_dsc", "val_large_click2_dsc", "val_harmful",
+                                                     "averaged_from")
                           if k in b.meta}, **(note or {})}
     meta.update(meta_update or {})
     return save_artefact(out, a.state_dict, meta, refiner=ref)
@@ -378,7 +379,8 @@ def combine_with_refiner(main: str, refiner: str, out: str, dtype: str = "bfloat
 def average_weights(paths: list, out: str) -> str:
     """Publish at ``out`` the mean of the weights of ``paths`` (checkpoints of one run: the same network under the
     same contract, refused otherwise; integer tensors must agree), with the first one's meta, its ``step`` naming
-    the steps averaged (``averaged_from``: each file and step). A mean of nearby checkpoints of one run is a cheap
+    the steps averaged (``averaged_from``: each file, step and validation scores; the mean's own are unmeasured, so
+    none is kept at the top). A mean of nearby checkpoints of one run is a cheap
     ensemble in one network (weight averaging). Main weights only: an input carrying a refiner is refused."""
     import torch
 
@@ -399,8 +401,11 @@ def average_weights(paths: list, out: str) -> str:
             sd[k] = v
         else:
             raise WeightsError(f"{k!r} is an integer tensor that differs between the checkpoints")
-    meta = dict(arts[0].meta)
-    meta["averaged_from"] = [{"from": os.path.basename(p), "step": art.meta.get("step")} for p, art in zip(paths, arts)]
+    # the inputs' validation scores describe them, not their mean: kept per input under averaged_from
+    meta = {k: v for k, v in arts[0].meta.items() if not k.startswith("val_")}
+    meta["averaged_from"] = [{"from": os.path.basename(p), "step": art.meta.get("step"),
+                              **{k: v for k, v in art.meta.items() if k.startswith("val_")}}
+                             for p, art in zip(paths, arts)]
     meta["step"] = "mean of steps " + " + ".join(str(art.meta.get("step")) for art in arts)
     return save_artefact(out, sd, meta)
 
