@@ -2,7 +2,10 @@
 click and two corrective clicks through one session, several boxes, an undo, strokes, a request without a session)
 sent to the real server over the two sample volumes of the evaluation set; every answer's mask must be
 voxel-identical to the one the code before the change gave (``tests/data/http_answers.json``: shape, voxels and
-SHA-256 of the mask's bytes in C order, recorded from commit 240ac4f with ``ENSAM_RECORD_ANSWERS=1``).
+SHA-256 of the mask's bytes in C order, recorded from commit 240ac4f with ``ENSAM_RECORD_ANSWERS=1``). New weights
+change answers: release 7 (2026-12-07, a new refiner) re-recorded the file, and exactly the refiner's answers
+changed (the two corrective clicks and the undo back to the first of them); the five answers of the main weights
+(boxes, lone clicks, strokes) stayed identical to 240ac4f's.
 
 Recording: ``ENSAM_RECORD_ANSWERS=1 pytest tests/test_http_identical.py`` writes the file instead of comparing."""
 
