@@ -4,9 +4,9 @@ A server of its own (app copy with the shipped weights; no other test trains it)
 evaluation set (the CT as 512 x 512 x 20 at 0.98 x 0.98 x 2 mm, the MR at 3 mm), requests as Slicer and OHIF send
 them. Each answer's DSC against the reference label must reach a floor (the shipped weights' DSC on that structure
 through this server, measured and printed by these tests on 2026-12-06, release 6, minus MARGIN; release 7 changed
-only the refiner and was published only after passing these floors: 2026-12-07, corrected CT liver 0.952, MR liver 0.866) and beat the
-classical graph cut on the same prompts. An untrained network, prompts shifted in the geometry, or empty masks
-fail here. (The synthetic blobs of the other server tests are too easy for this: graph cut scores 1.0 on them.)"""
+only the refiner and was published only after passing these floors: 2026-12-07, corrected CT liver 0.952, MR liver
+0.866) and beat the classical graph cut on the same prompts. An untrained network, prompts shifted in the
+geometry, or empty masks fail here. (The synthetic blobs of the other server tests are too easy for this: graph cut scores 1.0 on them.)"""
 
 from __future__ import annotations
 

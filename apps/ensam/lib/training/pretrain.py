@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from ..contract import Contract, check_same, read_contract
-from ..geometry import bbox_edge_mm
 from ..engine import load_network
+from ..geometry import bbox_edge_mm
 from ..network import build_network
 from ..weights import load_artefact
 from . import data as D
