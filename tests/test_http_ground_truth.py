@@ -6,7 +6,8 @@ them. Each answer's DSC against the reference label must reach a floor (the ship
 through this server, measured and printed by these tests on 2026-12-06, release 6, minus MARGIN; release 7 changed
 only the refiner and was published only after passing these floors: 2026-12-07, corrected CT liver 0.952, MR liver
 0.866) and beat the classical graph cut on the same prompts. An untrained network, prompts shifted in the
-geometry, or empty masks fail here. (The synthetic blobs of the other server tests are too easy for this: graph cut scores 1.0 on them.)"""
+geometry, or empty masks fail here. (The synthetic blobs of the other server tests are too easy for this: graph
+cut scores 1.0 on them.)"""
 
 from __future__ import annotations
 
