@@ -154,12 +154,13 @@ class RecordingEngine:
     def __init__(self):
         self.calls = []
 
-    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+    def segment_step(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None,
+                     prev_info=None):
         self.calls.append({"points": points, "point_labels": point_labels, "boxes": boxes})
         out = np.zeros(np.shape(image), np.uint8)
         b = boxes[0]
         out[b[0] + 1:b[1], b[2] + 1:b[3], b[4] + 1:b[5]] = 1
-        return out
+        return out, {}
 
 
 def test_segment_by_example_registers_each_atlas_once_and_prompts_the_engine(atlas_folder):
@@ -223,12 +224,13 @@ def test_an_unreadable_atlas_is_skipped_not_fatal(atlas_folder):
 class CornerEngine(RecordingEngine):
     """Answers only a small cube at the box's low corner: most of what the atlases agree on is missed."""
 
-    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+    def segment_step(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None,
+                     prev_info=None):
         self.calls.append({"points": points, "point_labels": point_labels, "prev_mask": prev_mask})
         out = np.zeros(np.shape(image), np.uint8)
         b = boxes[0]
         out[b[0]:b[0] + 2, b[2]:b[2] + 2, b[4]:b[4] + 2] = 1
-        return out
+        return out, {}
 
 
 def test_corrective_click_where_the_atlases_agree_and_ensam_misses(atlas_folder):

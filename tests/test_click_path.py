@@ -68,18 +68,18 @@ def test_one_rounding_rule_for_points_and_boxes_over_http_and_the_engine(volume)
 
 # ------------------------------------------------------------------------------------------------ ROI reuse
 def test_roi_reuse_gives_the_answer_of_a_fresh_engine(volume, monkeypatch):
-    """A refinement click that reuses a cached encoding answers exactly what a fresh engine (empty cache) answers
-    when it encodes the same ROI itself."""
+    """A refinement click that reuses its session's cached encoding answers exactly what a fresh engine (empty
+    cache) answers when it encodes the same ROI itself."""
     img, aff = volume
     box = [[20, 39, 20, 44, 10, 19]]
     clicks = dict(points=[[30, 30, 15], [22, 42, 11]], point_labels=[1, 0])
     cached = _engine()
-    m1 = cached.segment(img, aff, boxes=box, image_key="v")
-    m2 = cached.segment(img, aff, boxes=box, prev_mask=m1, image_key="v", **clicks)
+    m1, first = cached.segment_step(img, aff, boxes=box, image_key="v")
+    m2 = cached.segment(img, aff, boxes=box, prev_mask=m1, image_key="v", prev_info=first, **clicks)
     info = dict(cached.last_info)
     assert info["cache_hits"] >= 1
-    roi = next(r for r in cached.cache.rois_for("v", cached._version)
-               if list(r.start) == info["roi_start"] and list(r.size) == info["roi_size"])
+    assert (info["roi_start"], info["roi_size"]) == (first["roi_start"], first["roi_size"])  # the session's own
+    roi, = cached.step_rois(info, cached.contract.roi.model_shape)
 
     fresh = _engine()
     monkeypatch.setattr(fresh, "_pick_roi", lambda *a, **k: roi)  # the ROI the cached answer used
@@ -89,8 +89,32 @@ def test_roi_reuse_gives_the_answer_of_a_fresh_engine(volume, monkeypatch):
     # a reused encoding belongs to its image and its weights only
     other = img.copy()
     other[:5] += 1
-    cached.segment(other, aff, boxes=box, prev_mask=m1, image_key="w", **clicks)
+    cached.segment(other, aff, boxes=box, prev_mask=m1, image_key="w", prev_info=first, **clicks)
     assert cached.last_info["cache_hits"] == 0
+
+
+def test_a_correction_does_not_depend_on_other_sessions_rois(volume):
+    """A corrective step reuses only its own session's previous ROI: another session's request on the same image
+    in between (a slightly larger box, whose ROI contains this session's prompts and is newer in the cache) changes
+    nothing, and without the previous step's info the step gets a fresh ROI."""
+    img, aff = volume
+    mine, theirs = [[20, 39, 20, 44, 10, 19]], [[18, 41, 18, 46, 8, 21]]
+    clicks = dict(points=[[30, 30, 15], [22, 42, 11]], point_labels=[1, 0])
+    alone = _engine()
+    m1, i1 = alone.segment_step(img, aff, boxes=mine, image_key="v")
+    a2, a_info = alone.segment_step(img, aff, boxes=mine, prev_mask=m1, image_key="v", prev_info=i1, **clicks)
+
+    shared = _engine()
+    s1, j1 = shared.segment_step(img, aff, boxes=mine, image_key="v")
+    _, other = shared.segment_step(img, aff, boxes=theirs, image_key="v")  # another client, the same image
+    assert other["roi_start"] != j1["roi_start"] or other["roi_size"] != j1["roi_size"]
+    s2, s_info = shared.segment_step(img, aff, boxes=mine, prev_mask=s1, image_key="v", prev_info=j1, **clicks)
+    assert np.array_equal(m1, s1) and np.array_equal(a2, s2)
+    assert (s_info["roi_start"], s_info["roi_size"]) == (j1["roi_start"], j1["roi_size"]) and s_info["cache_hits"]
+    # no previous info: the ROI is chosen from the prompts and the previous mask alone, whatever the cache holds
+    _, n_info = shared.segment_step(img, aff, boxes=mine, prev_mask=s1, image_key="v", **clicks)
+    _, f_info = _engine().segment_step(img, aff, boxes=mine, prev_mask=s1, image_key="v", **clicks)
+    assert (n_info["roi_start"], n_info["roi_size"]) == (f_info["roi_start"], f_info["roi_size"])
 
 
 # ------------------------------------------------------------------------------------- clicks + several boxes
@@ -225,6 +249,23 @@ def test_http_refinement_with_roi_reuse_equals_a_fresh_engine(ensam_server, monk
                         prev_mask=m1)
     assert eng.last_info["cache_hits"] == 0
     assert _dice(m2, fresh) >= 0.98 and np.count_nonzero(m2 != fresh) <= max(20, 0.01 * np.count_nonzero(m2))
+
+
+def test_http_corrections_do_not_depend_on_another_clients_requests(ensam_server):
+    """Two clients on one image: client B's box between client A's first prompt and A's correction changes nothing
+    in A's answer (A's correction reuses A's own ROI, never B's newer, larger one that contains A's prompts)."""
+    base = {"roi": [4, 20, 8, 22, 5, 15], "label": "own-roi"}  # blob_a of vol2
+    click = dict(foreground=[[12, 15, 10]], background=[[5, 9, 6]])
+    _infer(ensam_server, "ensam", "vol2", dict(base, client_id="own-alone", reset_state=True))
+    alone, p_alone = _answer(_infer(ensam_server, "ensam", "vol2", dict(base, client_id="own-alone", **click)))
+    _infer(ensam_server, "ensam", "vol2", dict(base, client_id="own-shared", reset_state=True))
+    _infer(ensam_server, "ensam", "vol2", {"roi": [3, 21, 7, 23, 4, 16], "label": "theirs", "client_id": "other",
+                                           "reset_state": True})
+    shared, p_shared = _answer(_infer(ensam_server, "ensam", "vol2", dict(base, client_id="own-shared", **click)))
+    assert p_shared["previous_mask"] and p_shared["engine"]["cache_hits"] >= 1
+    assert (p_shared["engine"]["roi_start"], p_shared["engine"]["roi_size"]) == \
+        (p_alone["engine"]["roi_start"], p_alone["engine"]["roi_size"])
+    assert np.array_equal(alone, shared)
 
 
 def test_http_concept_mode_contract(ensam_server):

@@ -124,20 +124,22 @@ def test_the_refiner_answers_corrective_steps_and_the_main_weights_the_first(fil
     eng = EnsamEngine(weights=files["both"], config=cfg)
     assert eng_a.refiner is None and eng.refiner is not None
 
-    first = eng.segment(img, aff, boxes=BOX)
-    assert eng.last_info["weights"] == "main"
-    assert np.array_equal(first, eng_a.segment(img, aff, boxes=BOX))
-    eng_b.segment(img, aff, boxes=BOX)  # the same ROIs encoded before the corrective step (ROI reuse)
+    first, info = eng.segment_step(img, aff, boxes=BOX)
+    assert info["weights"] == "main"
+    first_a, info_a = eng_a.segment_step(img, aff, boxes=BOX)
+    assert np.array_equal(first, first_a)
+    _, info_b = eng_b.segment_step(img, aff, boxes=BOX)  # the same ROIs encoded before the corrective step
     clicks = dict(points=[[30, 30, 15]], point_labels=[1])
     misses = eng.cache.misses
-    second = eng.segment(img, aff, boxes=BOX, prev_mask=first, **clicks)
+    second = eng.segment(img, aff, boxes=BOX, prev_mask=first, prev_info=info, **clicks)
     assert eng.last_info["weights"] == "refiner"
-    by_b = eng_b.segment(img, aff, boxes=BOX, prev_mask=first, **clicks)
-    by_a = eng_a.segment(img, aff, boxes=BOX, prev_mask=first, **clicks)
+    by_b = eng_b.segment(img, aff, boxes=BOX, prev_mask=first, prev_info=info_b, **clicks)
+    by_a = eng_a.segment(img, aff, boxes=BOX, prev_mask=first, prev_info=info_a, **clicks)
     assert not np.array_equal(by_a, by_b), "the two networks must answer differently for this test to tell"
     assert np.array_equal(second, by_b)
     assert eng.cache.misses == misses + 1  # the refiner encodes the ROI once ...
-    eng.segment(img, aff, boxes=BOX, prev_mask=second, points=[[30, 30, 15], [22, 22, 12]], point_labels=[1, 0])
+    eng.segment(img, aff, boxes=BOX, prev_mask=second, points=[[30, 30, 15], [22, 22, 12]], point_labels=[1, 0],
+                prev_info=eng.last_info)
     assert eng.cache.misses == misses + 1 and eng.last_info["weights"] == "refiner"  # ... then reuses it
     # a lone click (no previous mask) is a first prompt: the main weights
     eng.segment(img, aff, points=[[30, 30, 15]], point_labels=[1])
@@ -184,11 +186,12 @@ def test_pretraining_can_start_from_the_refiner(files):
 def test_the_first_prompt_warms_the_refiner_so_corrections_only_decode(files, volume):
     img, aff = volume
     eng = EnsamEngine(weights=files["both"], config=EngineConfig(max_zoom=0, boundary_cut=None))
-    first = eng.segment(img, aff, boxes=BOX)
+    first, info = eng.segment_step(img, aff, boxes=BOX)
     assert eng.cache.misses == 2  # the ROI by the main weights and by the refiner
-    second = eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1])
+    second = eng.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]], point_labels=[1],
+                         prev_info=info)
     assert eng.cache.misses == 2 and eng.last_info["weights"] == "refiner" and "encode_s" not in eng.last_info
     cold = EnsamEngine(weights=files["both"], config=EngineConfig(max_zoom=0, boundary_cut=None, refiner_warm=False))
-    cold.segment(img, aff, boxes=BOX)
+    _, cold_info = cold.segment_step(img, aff, boxes=BOX)
     assert np.array_equal(second, cold.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]],
-                                               point_labels=[1]))  # the same answer, the encoding paid earlier
+                                               point_labels=[1], prev_info=cold_info))  # the same answer, the encoding paid earlier

@@ -31,12 +31,13 @@ class BoxEngine:
     def __init__(self, shrink: int = 1):
         self.shrink, self.calls = shrink, 0
 
-    def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None):
+    def segment_step(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None,
+                     prev_info=None):
         self.calls += 1
         out = np.zeros(np.shape(image), np.uint8)
         b, s = boxes[0], self.shrink
         out[b[0] + s:b[1] + 1 - s, b[2] + s:b[3] + 1 - s, b[4] + s:b[5] + 1 - s] = 1
-        return out
+        return out, {}
 
 
 def _ball(shape, centre, r):

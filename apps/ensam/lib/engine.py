@@ -129,11 +129,13 @@ class EnsamEngine:
             return feats, False
         return feats, True
 
-    def _pick_roi(self, shape, spacing, bxs, fg, mask_box, key, image=None) -> Roi:
+    def _pick_roi(self, shape, spacing, bxs, fg, mask_box, own_rois=(), image=None) -> Roi:
         """The ROI for these prompts (``mask_box``: the previous mask's bounding box or None); for a refinement step
-        (a previous mask), an already-encoded ROI of the same image is reused when it contains the prompts and is
-        not much larger than the fresh choice (so refinement clicks hit the cache). The prompts' union is computed
-        once for both."""
+        (a previous mask), one of ``own_rois`` (the ROIs of the same session's previous step, already encoded) is
+        reused when it contains the prompts and is not much larger than the fresh choice (so refinement clicks hit
+        the cache). Only the session's own: reusing any cached ROI of the image made a corrective step's answer
+        depend on other users' requests (CT spleen through HTTP: 0.956 alone, 0.946 after another client's box;
+        docs/HISTORY.md, "Answers that depend on other sessions' ROIs"). The prompts' union is computed once."""
         extent = prompt_extent(bxs, fg, mask_box)
         policy = self.contract.roi
         if mask_box is None and not len(bxs) and self.config.lone_click_view is not None and image is not None:
@@ -145,29 +147,39 @@ class EnsamEngine:
             # to 0.4 between two evaluation runs that differed only in earlier structures)
             return roi
         lo, hi, _ = extent
-        for cached in self.cache.rois_for(key, self._version):
-            if cached.model_shape != roi.model_shape or not cached.contains(lo, hi):
+        for own in own_rois:
+            if own.model_shape != roi.model_shape or not own.contains(lo, hi):
                 continue
-            if np.all(np.asarray(cached.size) <= self.config.reuse_roi_growth * np.asarray(roi.size)):
-                return cached
+            if np.all(np.asarray(own.size) <= self.config.reuse_roi_growth * np.asarray(roi.size)):
+                return own
         return roi
 
+    @staticmethod
+    def step_rois(info: dict | None, model_shape) -> list[Roi]:
+        """The ROIs a step's info (:meth:`segment_step`'s) reports, one per object (none for None or {})."""
+        objects = (info or {}).get("objects") or ([info] if info and "roi_start" in info else [])
+        return [Roi(tuple(int(v) for v in o["roi_start"]), tuple(int(v) for v in o["roi_size"]),
+                    tuple(int(v) for v in model_shape)) for o in objects if "roi_start" in o and "roi_size" in o]
+
     def segment(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
-                image_key: str | None = None, prompts: Prompts | None = None) -> np.ndarray:
+                image_key: str | None = None, prompts: Prompts | None = None,
+                prev_info: dict | None = None) -> np.ndarray:
         """:meth:`segment_step`'s mask; its info is also left in ``last_info`` for single-threaded callers (the
         evaluator, the benchmark, tests). The server never reads ``last_info``: its sessions
         (:class:`lib.session.InteractiveSession`) take the info :meth:`segment_step` returns with the mask."""
         mask, self.last_info = self.segment_step(image, affine, points, point_labels, boxes, prev_mask, image_key,
-                                                 prompts)
+                                                 prompts, prev_info)
         return mask
 
     def segment_step(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
-                     image_key: str | None = None, prompts: Prompts | None = None) -> tuple[np.ndarray, dict]:
+                     image_key: str | None = None, prompts: Prompts | None = None,
+                     prev_info: dict | None = None) -> tuple[np.ndarray, dict]:
         """Segment one object and say how: (mask, info). image (X, Y, Z) as stored; affine 4x4; points (N, 3) voxel
         indices with point_labels (N,) 1 = foreground / 0 = background; boxes [[i0, i1, j0, j1, k0, k1], ...];
         prev_mask (X, Y, Z) (non-zero = object). ``prompts``: the same already checked by
         :func:`lib.geometry.check_prompts` for this image (the infer task's; then points/point_labels/boxes are
-        ignored). Several boxes are several
+        ignored); ``prev_info``: the info of the same session's previous step (with ``prev_mask``), whose ROIs this
+        step may reuse (:meth:`_pick_roi`; without it a corrective step gets a fresh ROI). Several boxes are several
         objects: each is segmented (with the clicks inside it) and the results are united. Returns uint8 (X, Y, Z)
         0/1 (Fortran-ordered) and the step's info: ROI, cache hits, zooms, refinement windows, which weights
         answered, the multi-mask choice, times (``encode_s``, ``decode_s``, ``paste_s``, ``cut_s``, ``seconds``);
@@ -200,6 +212,7 @@ class EnsamEngine:
         key = image_key or image_fingerprint(image, affine)
         spacing = spacing_from_affine(affine)
         t0 = time.perf_counter()
+        own_rois = self.step_rois(prev_info, self.contract.roi.model_shape) if prev is not None else []
         with self._lock, torch.inference_mode():
             self._times = {}
             groups = [(pts, labels, bxs, prev, prev_box)]
@@ -218,7 +231,7 @@ class EnsamEngine:
                     groups.append((pts[inside], labels[inside], b[None], pm, pm_box))
             parts, objects = [], []
             for g in groups:  # each object's ROI, cache hits, zooms, ... (the answer reports every object's)
-                region, new, obj = self._segment_one(image, spacing, *g, key)
+                region, new, obj = self._segment_one(image, spacing, *g, key, own_rois)
                 parts.append((region, new))
                 objects.append(obj)
             tp = time.perf_counter()
@@ -240,12 +253,12 @@ class EnsamEngine:
         info.update({k: round(v, 4) for k, v in times.items()})  # encode_s, decode_s, paste_s, cut_s
         return out, info
 
-    def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, prev_box, key):
+    def _segment_one(self, image, spacing, pts, labels, bxs, prev_mask, prev_box, key, own_rois=()):
         """Predict one object: (the region of the original grid its ROI covers, the uint8 mask there, its info)."""
         shape = image.shape
         fg = pts[labels == 1]
         net = self.refiner if prev_mask is not None and self.refiner is not None else self.network
-        roi = self._pick_roi(shape, spacing, bxs, fg, prev_box, key, image)
+        roi = self._pick_roi(shape, spacing, bxs, fg, prev_box, own_rois, image)
         hits, zooms = 0, 0
         multimask = (self.config.multimask and prev_mask is None and not len(bxs) and net is self.network
                      and net.mask_head is not None)

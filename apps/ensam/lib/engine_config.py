@@ -49,8 +49,10 @@ class EngineConfig:
     object-relative lone-click views (recipe v8, ``LoopConfig.click_view_object``), which answer a click with the
     object under it at any share of the view; one more encoding per round, on the first click only.
     ``refiner_warm``: with weights that carry a refiner, the first prompt's ROI is also encoded by the refiner
-    (cached), so the corrective clicks that follow, which reuse that ROI, cost a decode, not an encode: the first
-    interaction pays one more encoding instead.
+    (cached), so the corrective clicks that follow, which reuse that ROI (their session's previous step's, passed
+    as ``prev_info``), cost a decode, not an encode: the first interaction pays one more encoding instead.
+    ``reuse_roi_growth``: a corrective step reuses its session's previous ROI when that contains the prompts and is
+    at most this x the fresh choice per axis.
     ``multimask``: with weights whose network has a multi-mask head (``NetworkConfig.n_masks`` > 1,
     :class:`lib.network.mask_head.MultiMaskHead`), a lone first click (no box, no previous mask) is answered by the
     mask with the highest predicted DSC (AutoZoom then grows the view while that mask touches it); every other

@@ -62,8 +62,8 @@ def image_fingerprint(image: np.ndarray, affine) -> str:
 
 class EncodingCache(ByteLRU):
     """LRU of encoder features keyed by (image key, ROI, weights version, flip, encoded by the refiner), bounded in
-    bytes. Thread-safe. :meth:`rois_for` lists the ROIs encoded unflipped, by either network (their geometry is
-    what a corrective step reuses)."""
+    bytes. Thread-safe. A corrective step finds its session's encoding here by the ROI its previous step reported
+    (:meth:`lib.engine.EnsamEngine._pick_roi`)."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes=max_bytes, sizeof=lambda feats: sum(f.numel() * f.element_size() for f in feats))
@@ -81,6 +81,3 @@ class EncodingCache(ByteLRU):
 
     def put(self, key, feats) -> None:  # type: ignore[override]
         super().put(key, feats, replace=False)  # features of one key never change: the first stays
-
-    def rois_for(self, image_key, version):
-        return [k[1] for k in self.keys(newest_first=True) if k[0] == image_key and k[2] == version and not k[3]]

@@ -119,8 +119,9 @@ class InteractiveSession:
         lap("session")
         with device_lock if device_lock is not None else contextlib.nullcontext():
             lap("wait")
+            # the previous step's info: its ROI is the only one this step may reuse (never another session's)
             mask, info = engine.segment_step(volume.array, volume.affine, prev_mask=prev, image_key=volume.key,
-                                             prompts=prompts)
+                                             prompts=prompts, prev_info=self.last_info if prev is not None else None)
             lap("infer")
         mask = np.asarray(mask)
         if mask.shape != tuple(volume.shape):

@@ -215,8 +215,9 @@ class SegmentByExample:
     """Registration cache + fusion + prompting + ensam. Thread-safe; one image is registered at a time.
 
     Args:
-        library: the atlases. engine: an object with ``segment(image, affine, points=, point_labels=, boxes=,
-            prev_mask=, image_key=)`` (``lib.engine.EnsamEngine``); None gives the atlas-only answer.
+        library: the atlases. engine: an object with ``segment_step(image, affine, points=, point_labels=, boxes=,
+            prev_mask=, image_key=, prev_info=)`` -> (mask, info) (``lib.engine.EnsamEngine``); None gives the
+            atlas-only answer.
         max_atlases: atlases registered per image (pre-selection). n_fg / n_bg: clicks from the fused mask.
         use_prev_mask: also give ensam the fused mask as its previous mask.
         corrections: corrective clicks the atlases give after ensam's first answer (default 2, chosen by
@@ -352,9 +353,10 @@ class SegmentByExample:
             if self.use_prev_mask:
                 prev = np.zeros(image.shape, dtype=bool)
                 prev[region] = fused.mask
-            out = np.asarray(engine.segment(image, affine, points=prompts.points if len(prompts.points) else None,
+            out, info = engine.segment_step(image, affine, points=prompts.points if len(prompts.points) else None,
                                             point_labels=prompts.point_labels if len(prompts.points) else None,
-                                            boxes=[prompts.box], prev_mask=prev, image_key=image_key)) > 0
+                                            boxes=[prompts.box], prev_mask=prev, image_key=image_key)
+            out = np.asarray(out) > 0
             for _ in range(self.corrections):
                 click = self._correction(out[region], fused, spacing)
                 if click is None:
@@ -362,8 +364,10 @@ class SegmentByExample:
                 point, label = click
                 prompts.points = np.concatenate([prompts.points, [point + start]]).astype(int)
                 prompts.point_labels = np.concatenate([prompts.point_labels, [label]]).astype(int)
-                out = np.asarray(engine.segment(image, affine, points=prompts.points, point_labels=prompts.point_labels,
-                                                boxes=[prompts.box], prev_mask=out, image_key=image_key)) > 0
+                out, info = engine.segment_step(image, affine, points=prompts.points,
+                                                point_labels=prompts.point_labels, boxes=[prompts.box], prev_mask=out,
+                                                image_key=image_key, prev_info=info)  # this answer's own ROI
+                out = np.asarray(out) > 0
             box = mask_bbox(out)
             if box is not None:
                 grown = _union([region, tuple(slice(int(box[2 * a]), int(box[2 * a + 1]) + 1) for a in range(3))],

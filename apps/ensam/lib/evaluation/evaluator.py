@@ -123,6 +123,7 @@ class EnsamMethod:
 
             engine = EnsamEngine(weights=weights, device=device, config=config)
         self.engine = engine
+        self._last_info: Optional[dict] = None  # the running session's previous step (its ROI may be reused)
 
     @staticmethod
     def _key(image, affine) -> str:
@@ -132,14 +133,17 @@ class EnsamMethod:
 
     def predict(self, image, affine, boxes, points, point_labels, prev_mask):
         pts = np.asarray(points).reshape(-1, 3)
-        return self.engine.segment(
+        mask = self.engine.segment(
             image, affine,
             points=pts if len(pts) else None,
             point_labels=np.asarray(point_labels).reshape(-1) if len(pts) else None,
             boxes=[np.asarray(b).tolist() for b in boxes] if boxes else None,
             prev_mask=prev_mask,
             image_key=self._key(image, affine),
+            prev_info=self._last_info if prev_mask is not None else None,  # a session's step follows its previous
         )
+        self._last_info = self.engine.last_info
+        return mask
 
     def new_run(self) -> None:
         """A new protocol run: the engine's encodings and ROIs of earlier runs are forgotten."""

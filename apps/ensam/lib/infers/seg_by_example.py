@@ -83,9 +83,9 @@ class LockedEngine:
     def __init__(self, engine, lock):
         self.engine, self.lock = engine, lock
 
-    def segment(self, *args, **kwargs):
+    def segment_step(self, *args, **kwargs):
         with self.lock:
-            return self.engine.segment(*args, **kwargs)
+            return self.engine.segment_step(*args, **kwargs)
 
 
 class EnsamSegByExample(InferTask):
