@@ -27,7 +27,7 @@ class StubEngine:
         self.last_info = {"cache_hits": 0}
 
     def segment(self, image, affine, points=None, point_labels=None, boxes=None, prev_mask=None, image_key=None,
-                prompts=None):
+                prompts=None, prev_info=None):
         if prompts is not None:  # checked prompts (lib.geometry.Prompts), as the infer task passes them
             points, point_labels, boxes = prompts.points, prompts.point_labels, prompts.boxes
         self.calls.append(dict(points=points, point_labels=point_labels, boxes=boxes, prev=prev_mask is not None))
@@ -449,3 +449,7 @@ def test_boundary_cut_conf_setting():
     assert on.correction_reach == on.lone_correction_reach == (3.0, 3.0, "asym") and (on.boundary_cut is None) == (EngineConfig().boundary_cut is None)
     with pytest.raises(RequestError, match="conservative_corrections"):
         EnsamConfig._engine_kwargs({"conservative_corrections": "yes please"})
+    assert EnsamConfig._engine_kwargs({"bf16": "off"})["config"].bf16 == "off"
+    assert EnsamConfig._engine_kwargs({"bf16": "auto"}) == {} and EngineConfig().bf16 == "auto"
+    with pytest.raises(RequestError, match="bf16"):
+        EnsamConfig._engine_kwargs({"bf16": "fast"})

@@ -1,17 +1,21 @@
-"""Issue 28: the interactive session's refactoring changed no answer. A fixed set of HTTP requests (a box, a lone
-click and two corrective clicks through one session, several boxes, an undo, strokes, a request without a session)
-sent to the real server over the two sample volumes of the evaluation set; every answer's mask must be
-voxel-identical to the one the code before the change gave (``tests/data/http_answers.json``: shape, voxels and
-SHA-256 of the mask's bytes in C order, recorded from commit 240ac4f with ``ENSAM_RECORD_ANSWERS=1``). New weights
-change answers: release 7 (2026-12-07, a new refiner) re-recorded the file, and exactly the refiner's answers
-changed (the two corrective clicks and the undo back to the first of them); the five answers of the main weights
-(boxes, lone clicks, strokes) stayed identical to 240ac4f's.
+"""Issue 28: the interactive session's refactoring changed no answer, and no later change does unnoticed. A fixed set
+of HTTP requests (a box, a lone click and two corrective clicks through one session, several boxes, an undo, strokes,
+a request without a session) sent to the real server (float32, ``--conf bf16 off``: the ground-truth test's server)
+over the two sample volumes of the evaluation set; every answer's mask must equal the recorded one
+(``tests/data/http_answers.npz``: the masks, bit-packed) up to float rounding across CPUs: at most ``TOLERANCE`` of
+its voxels differ (at least ``MIN_VOXELS``). The same CPU kind reproduces the recording voxel for voxel; between an
+Intel Xeon and an AMD EPYC (both float32) the CT boxes differed by 122 and 200 voxels of 382 318 and 493 157
+(0.03-0.04 %), the MR answers not at all. A changed rule moves far more (a corrective step that reused another
+session's ROI: thousands of voxels).
+
+History: recorded from commit 240ac4f (hashes); release 7 (2026-12-07, a new refiner) changed exactly the refiner's
+answers. 2026-12-07 (stop 38): masks instead of hashes, recorded on an AMD EPYC in float32, since the hashes could
+only pass on the CPU kind that recorded them.
 
 Recording: ``ENSAM_RECORD_ANSWERS=1 pytest tests/test_http_identical.py`` writes the file instead of comparing."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,17 +29,27 @@ from lib.prompts.simulation import box_from_mask, next_click
 from test_http_ground_truth import EVAL, gt_server  # noqa: F401 (the server over the evaluation set: a fixture)
 
 TIMEOUT = 300
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "http_answers.json")
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "http_answers.npz")
 RECORD = os.environ.get("ENSAM_RECORD_ANSWERS") == "1"
+TOLERANCE = 0.001  # share of an answer's voxels (the larger of recorded and new) that float rounding may flip
+MIN_VOXELS = 2
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(EVAL, "dataset.json")),
                                 reason="the evaluation set is not fetched (make data)")
 
 
-def _digest(mask: np.ndarray) -> dict:
-    m = np.ascontiguousarray(np.asarray(mask), dtype=np.uint8)
-    return {"shape": list(m.shape), "voxels": int(np.count_nonzero(m)),
-            "sha256": hashlib.sha256(m.tobytes()).hexdigest()}
+def _save(path: str, answers: list) -> None:
+    """The masks of ``answers`` [(name, mask)], bit-packed (C order), with their names and shapes."""
+    masks = [np.ascontiguousarray(np.asarray(m) > 0) for _, m in answers]
+    np.savez_compressed(path, names=np.array([n for n, _ in answers]), shapes=np.array([m.shape for m in masks]),
+                        **{f"m{i}": np.packbits(m.ravel()) for i, m in enumerate(masks)})
+
+
+def _load(path: str) -> dict:
+    """{name: bool mask} as :func:`_save` wrote them."""
+    with np.load(path) as z:
+        return {str(n): np.unpackbits(z[f"m{i}"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+                for i, (n, shape) in enumerate(zip(z["names"], z["shapes"]))}
 
 
 def _answer(resp) -> tuple:
@@ -99,16 +113,23 @@ def _requests(server):
     return out
 
 
-def test_answers_are_voxel_identical_to_before(gt_server):  # noqa: F811
-    got = {name: _digest(mask) for name, mask in _requests(gt_server)}
+def test_answers_are_the_recorded_ones(gt_server):  # noqa: F811
+    got = _requests(gt_server)
     if RECORD:
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
-        with open(FIXTURE, "w") as f:
-            json.dump(got, f, indent=1)
+        _save(FIXTURE, got)
         pytest.skip(f"recorded {len(got)} answers in {FIXTURE}")
-    with open(FIXTURE) as f:
-        want = json.load(f)
-    assert list(got) == list(want)
-    assert all(d["voxels"] > 0 for n, d in want.items() if n != "mr undo")
-    changed = {n: (want[n], got[n]) for n in want if got[n] != want[n]}
-    assert not changed, changed
+    want = _load(FIXTURE)
+    assert [n for n, _ in got] == list(want)
+    assert all(m.any() for n, m in want.items() if n != "mr undo")
+    rows, changed = [], {}
+    for name, mask in got:
+        mask = np.asarray(mask) > 0
+        assert mask.shape == want[name].shape, (name, mask.shape, want[name].shape)
+        differ = int(np.count_nonzero(mask != want[name]))
+        size = max(int(mask.sum()), int(want[name].sum()))
+        rows.append(f"{name:16s} voxels {int(mask.sum()):7d}  recorded {int(want[name].sum()):7d}  differ {differ}")
+        if differ > max(MIN_VOXELS, TOLERANCE * size):
+            changed[name] = (differ, size)
+    print("\nHTTP answers against the recording:\n" + "\n".join(rows))
+    assert not changed, f"answers changed beyond float rounding (voxels that differ, answer size): {changed}"

@@ -101,6 +101,8 @@ class EnsamConfig(TaskConfig):
         if s.conservative_corrections is not None:
             strict = CONSERVATIVE_CORRECTIONS if s.conservative_corrections else ()
             settings["correction_reach"] = settings["lone_correction_reach"] = strict
+        if s.bf16 != "auto":
+            settings["bf16"] = s.bf16
         return {"config": EngineConfig(**settings)} if settings else {}
 
     def _network_config(self, path: Optional[str]) -> Optional[dict]:
