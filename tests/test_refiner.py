@@ -193,5 +193,6 @@ def test_the_first_prompt_warms_the_refiner_so_corrections_only_decode(files, vo
     assert eng.cache.misses == 2 and eng.last_info["weights"] == "refiner" and "encode_s" not in eng.last_info
     cold = EnsamEngine(weights=files["both"], config=EngineConfig(max_zoom=0, boundary_cut=None, refiner_warm=False))
     _, cold_info = cold.segment_step(img, aff, boxes=BOX)
+    # the same answer, the encoding paid earlier
     assert np.array_equal(second, cold.segment(img, aff, boxes=BOX, prev_mask=first, points=[[30, 30, 15]],
-                                               point_labels=[1], prev_info=cold_info))  # the same answer, the encoding paid earlier
+                                               point_labels=[1], prev_info=cold_info))
