@@ -3,10 +3,12 @@ of HTTP requests (a box, a lone click and two corrective clicks through one sess
 a request without a session) sent to the real server (float32, ``--conf bf16 off``: the ground-truth test's server)
 over the two sample volumes of the evaluation set; every answer's mask must equal the recorded one
 (``tests/data/http_answers.npz``: the masks, bit-packed) up to float rounding across CPUs: at most ``TOLERANCE`` of
-its voxels differ (at least ``MIN_VOXELS``). The same CPU kind reproduces the recording voxel for voxel; between an
-Intel Xeon and an AMD EPYC (both float32) the CT boxes differed by 122 and 200 voxels of 382 318 and 493 157
-(0.03-0.04 %), the MR answers not at all. A changed rule moves far more (a corrective step that reused another
-session's ROI: thousands of voxels).
+its voxels differ (at least ``MIN_VOXELS``). The same CPU kind reproduces the recording voxel for voxel. Between an
+Intel Xeon and an AMD EPYC (both float32) the CT boxes' voxel COUNTS differed by 122 and 200 (of 382 318 and 493 157),
+the MR answers not at all; the voxels that differ are more than the counts' difference (bf16 against float32 on one
+CPU: counts 128 / 211 apart, 212 / 359 voxels differ, 0.06-0.07 %), hence 0.25 %. A changed rule moves far more (a
+corrective step that reused another session's ROI: about 1 % of a spleen), and bf16 instead of float32 fails here on
+the small MR answers (30 of 152 voxels).
 
 History: recorded from commit 240ac4f (hashes); release 7 (2026-12-07, a new refiner) changed exactly the refiner's
 answers. 2026-12-07 (stop 38): masks instead of hashes, recorded on an AMD EPYC in float32, since the hashes could
@@ -31,7 +33,7 @@ from test_http_ground_truth import EVAL, gt_server  # noqa: F401 (the server ove
 TIMEOUT = 300
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "http_answers.npz")
 RECORD = os.environ.get("ENSAM_RECORD_ANSWERS") == "1"
-TOLERANCE = 0.001  # share of an answer's voxels (the larger of recorded and new) that float rounding may flip
+TOLERANCE = 0.0025  # share of an answer's voxels (the larger of recorded and new) that float rounding may flip
 MIN_VOXELS = 2
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(EVAL, "dataset.json")),
