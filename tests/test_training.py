@@ -243,11 +243,14 @@ def test_pretrain_cli_runs_resumes_and_exports(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"source_weights": {"real": 1, "blob": 1, "lesion": 1}, "val_per_structure": 1, '
                    '"val_synthetic": 1, "val_concept": 1, "loop": {"max_clicks": 1}, "val_click_large": 1, '
-                   '"val_large_view": 4.0}')
+                   '"val_large_view": 4.0, "keep_validated": true}')
     main(["--out", str(out), "--minutes", "5", "--max-steps", "2", "--network", net, "--config", str(cfg),
           "--no-progress", "--val-minutes", "100"])
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["state"]["step"] == 2
+    # keep_validated: every validation's weights stay, named by their step (here the start's)
+    kept = torch.load(out / "validated" / "step0.pt", weights_only=True)
+    assert kept["meta"]["step"] == 0 and set(kept["state_dict"]) == set(ck["model"])
     # the lone-click sessions on large structures are validated apart and counted in the score (stop 36)
     val = ck["state"]["val_history"][0]
     assert 0.0 <= val["val_large_click2_dsc"] <= 1.0

@@ -328,13 +328,15 @@ def run(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dic
         rec = {"step": state["step"], "elapsed": state["elapsed"], "score": score, **scores}
         state["val_history"].append(rec)
         msg = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+        meta = {"step": state["step"], "minutes_trained": state["elapsed"] / 60, "device": device,
+                "network": ncfg.to_dict(), "contract": lcfg.contract.to_dict(), **scores, "run": str(out),
+                "optimizer": cfg.optimizer, **({"first_answers": cfg.first_answers} if first_net is not None else {})}
+        if cfg.keep_validated:  # every validated checkpoint, to choose among on the tuning split afterwards
+            (out / "validated").mkdir(exist_ok=True)
+            export_weights(net, out / "validated" / f"step{state['step']}.pt", meta)
         if score > state["best"]:
             state["best"], state["best_step"] = score, state["step"]
-            export_weights(net, export, {"step": state["step"], "minutes_trained": state["elapsed"] / 60,
-                                         "device": device, "network": ncfg.to_dict(),
-                                         "contract": lcfg.contract.to_dict(), **scores,
-                                         "run": str(out), "optimizer": cfg.optimizer,
-                                         **({"first_answers": cfg.first_answers} if first_net is not None else {})})
+            export_weights(net, export, meta)
             msg += f"  -> new best, exported {export}"
         _log(out, f"[val] step {state['step']} ({time.time() - tv:.0f} s) {msg}")
         plot_curves(out, state["history"], state["val_history"])

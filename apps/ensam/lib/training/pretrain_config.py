@@ -61,6 +61,9 @@ class PretrainConfig:
     val_large_view: float = 1.5
     val_harmful_weight: float = 0.0        # the validation score (which weights are exported as best) minus this x
                                            # the share of corrective steps lowering the DSC by > 0.05 (issue 27)
+    keep_validated: bool = False           # also export every validated checkpoint as <out>/validated/step<N>.pt: the
+                                           # run's validation (18 + 28 cases) ranked recipe v21's checkpoints unlike the
+                                           # tuning split (stop 38), so the choice is made there, among these
     export: str = ""
     init: str = ""                         # weights to start from when the run has no last.pt (e.g. the shipped
                                            # apps/ensam/model/pretrained_ensam.pt): a new machine resumes from them
