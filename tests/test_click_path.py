@@ -102,7 +102,7 @@ def test_a_correction_does_not_depend_on_other_sessions_rois(volume):
     clicks = dict(points=[[30, 30, 15], [22, 42, 11]], point_labels=[1, 0])
     alone = _engine()
     m1, i1 = alone.segment_step(img, aff, boxes=mine, image_key="v")
-    a2, a_info = alone.segment_step(img, aff, boxes=mine, prev_mask=m1, image_key="v", prev_info=i1, **clicks)
+    a2, _ = alone.segment_step(img, aff, boxes=mine, prev_mask=m1, image_key="v", prev_info=i1, **clicks)
 
     shared = _engine()
     s1, j1 = shared.segment_step(img, aff, boxes=mine, image_key="v")

@@ -156,10 +156,11 @@ class EnsamEngine:
 
     @staticmethod
     def step_rois(info: dict | None, model_shape) -> list[Roi]:
-        """The ROIs a step's info (:meth:`segment_step`'s) reports, one per object (none for None or {})."""
-        objects = (info or {}).get("objects") or ([info] if info and "roi_start" in info else [])
-        return [Roi(tuple(int(v) for v in o["roi_start"]), tuple(int(v) for v in o["roi_size"]),
-                    tuple(int(v) for v in model_shape)) for o in objects if "roi_start" in o and "roi_size" in o]
+        """The ROIs a step's info (:meth:`segment_step`'s) reports under ``objects``, one per object (none for None
+        or {}: a session after an undo)."""
+        shape = tuple(int(v) for v in model_shape)
+        return [Roi(tuple(int(v) for v in o["roi_start"]), tuple(int(v) for v in o["roi_size"]), shape)
+                for o in (info or {}).get("objects", [])]
 
     def segment(self, image: np.ndarray, affine, points=None, point_labels=None, boxes=None, prev_mask=None,
                 image_key: str | None = None, prompts: Prompts | None = None,
