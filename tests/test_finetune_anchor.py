@@ -188,6 +188,29 @@ def test_two_rounds_stay_near_the_shipped_weights_with_the_anchor_to_shipped(tmp
     assert 0 < ends["shipped"] < 0.85 * ends["start"], ends
 
 
+def test_start_from_shipped_trains_every_round_from_the_shipped_weights(tmp_path):
+    """``start_from`` ``shipped``: round 2 starts again from the shipped weights (not round 1's published ones), so
+    two rounds on the same labels and seed publish the same weights; ``latest`` (the default) builds on round 1."""
+    from lib.weights import load_artefact
+
+    ds = _datastore(str(tmp_path))
+    published = {}
+    for start in ("shipped", "latest"):
+        task, _ = _task(str(tmp_path / start), atlas_folder="")
+        assert task.parse_request({})["start_from"] == "latest"
+        arts = []
+        for _ in range(2):
+            stats = task(dict(ROUND, start_from=start), ds)
+            assert stats["status"] == "DONE"
+            arts.append(load_artefact(os.path.join(str(tmp_path / start), "model", "ensam.pt")))
+        assert arts[1].meta["trained_from"] == ("pretrained_ensam.pt" if start == "shipped" else "ensam.pt")
+        published[start] = max(float((arts[1].state_dict[k].float() - v.float()).abs().max())
+                               for k, v in arts[0].state_dict.items())
+    assert published["shipped"] < 1e-6 < published["latest"], published
+    with pytest.raises(ValueError, match="start_from"):
+        task.parse_request({"start_from": "yesterday"})
+
+
 def test_the_train_task_rehearses_the_atlases_and_refuses_bad_values(tmp_path):
     ds = _datastore(str(tmp_path))
     folder = _atlas_folder(str(tmp_path / "atlases"), n=2)

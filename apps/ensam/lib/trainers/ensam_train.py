@@ -10,7 +10,9 @@ writes the statistics that ``/info`` shows (``train_stats``).
 Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
 ``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
-``pretrained`` (start from the current weights), ``keep_refiner`` (weights with a refiner for corrective steps keep
+``pretrained`` (start from weights, not from scratch), ``start_from`` (``latest``: the newest published weights, so
+that a round builds on the previous round's; ``shipped``: the app's shipped weights, trained on every saved label
+again, so that rounds never add up their drift), ``keep_refiner`` (weights with a refiner for corrective steps keep
 it, untuned, beside the tuned main weights; false: the tuned network answers every step), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
 ``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting;
@@ -23,7 +25,7 @@ network forget the other; the atlases are subsampled and bounded in memory, see
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
 [0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``,
 ``anchor`` and ``rehearsal_atlases`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
-one of :data:`ANCHOR_TO`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
+one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ NUMBER_BOUNDS = {
     "rehearsal_atlases": (float, 0.0, 1.0, False, True),
 }
 ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
+START_FROM = ("latest", "shipped")  # which weights a run starts from (the first is the default)
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
 MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)
@@ -141,6 +144,7 @@ class EnsamTrain(TrainTask):
             "rehearsal": 0.3,
             "anchor": 0.02,
             "anchor_to": list(ANCHOR_TO),
+            "start_from": list(START_FROM),
             "rehearsal_atlases": 0.5,
         }
         self._config.update(config or {})
@@ -180,6 +184,10 @@ class EnsamTrain(TrainTask):
         if out["anchor_to"] not in ANCHOR_TO:
             raise ValueError(f"train parameter 'anchor_to' must be one of {list(ANCHOR_TO)}, "
                              f"got {str(req.get('anchor_to'))[:60]!r}")
+        out["start_from"] = str(first_value(req.get("start_from")) or START_FROM[0]).lower()
+        if out["start_from"] not in START_FROM:
+            raise ValueError(f"train parameter 'start_from' must be one of {list(START_FROM)}, "
+                             f"got {str(req.get('start_from'))[:60]!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)

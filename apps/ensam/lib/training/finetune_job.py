@@ -152,7 +152,9 @@ class FinetuneJob:
         train_items, val_items = split_items(items, req["val_split"], req["seed"])
         names = sorted({n for it in items for n in it["labels"]})
         vocab = extend_vocab(self.vocab(), names, self.num_labels)
-        init = self.init_weights() if req["pretrained"] else None
+        init = None
+        if req["pretrained"]:
+            init = self.shipped_weights() if req.get("start_from") == "shipped" else self.init_weights()
         network_config = self.network_config or (read_meta(init).get("network") if init else None) or {}
         logger.info(
             f"ensam train: {len(train_items)} train / {len(val_items)} val images; labels {names}; "

@@ -37,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     p.add_argument("--train-seconds", type=float, default=180.0, help="CPU time budget of one round")
     p.add_argument("--train-steps", type=int, default=0, help="step limit of one round (0 = none)")
     p.add_argument("--rehearsal", type=float, default=0.3)
+    p.add_argument("--train-args", type=json.loads, default={},
+                   help='more keys of every train request, JSON (e.g. \'{"start_from": "shipped"}\')')
     p.add_argument("--target", type=float, default=0.90)
     p.add_argument("--max-clicks", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -79,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
                      eval_structures=a.eval_structures, instances=a.instances,
                      min_voxels=a.min_voxels, margin_mm=a.margin_mm, orders=orders, every=a.every, rounds=a.rounds,
                      train_seconds=a.train_seconds, train_steps=a.train_steps, rehearsal=a.rehearsal,
+                     train_args=dict(a.train_args),
                      target=a.target, max_clicks=a.max_clicks, seed=a.seed, threads=a.threads,
                      uncertainty=not a.no_uncertainty, saving_after=a.saving_after,
                      cases=tuple(preset.get("cases", ())) if a.data is None or (

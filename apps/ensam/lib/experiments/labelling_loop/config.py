@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
 
 # this file is apps/ensam/lib/experiments/labelling_loop/config.py
 APP_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -47,6 +47,7 @@ class LoopConfig:
     train_steps: int = 0
     val_split: float = 0.2
     rehearsal: float = 0.3
+    train_args: Dict[str, Any] = field(default_factory=dict)  # more keys of the train request (e.g. start_from)
     target: float = 0.90
     max_clicks: int = 10
     jitter: int = 3

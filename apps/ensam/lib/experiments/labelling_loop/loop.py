@@ -191,6 +191,7 @@ def train_round(client: Client, server: LoopServer, cfg: LoopConfig, state: dict
               "val_split": cfg.val_split, "rehearsal": cfg.rehearsal, "cpu_processes": 1}
     if cfg.train_steps:
         params["max_steps"] = cfg.train_steps
+    params.update(cfg.train_args)
     t = time.time()
     task = client.train(params, timeout=max(600.0, 6 * cfg.train_seconds + 600))
     wall = time.time() - t
