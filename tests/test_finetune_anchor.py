@@ -169,7 +169,7 @@ ROUND = {"max_steps": 4, "max_seconds": 0, "concept": False, "labels": "spleen",
 
 
 def test_two_rounds_stay_near_the_shipped_weights_with_the_anchor_to_shipped(tmp_path):
-    """Round 2 starts from round 1's published weights; with ``anchor_to`` ``shipped`` it ends nearer the shipped
+    """Round 2 starts from round 1's published weights (``start_from`` latest); with ``anchor_to`` ``shipped`` it ends nearer the shipped
     weights than with ``start`` (which pulls toward round 1's weights, so the rounds drift)."""
     from lib.weights import load_artefact
 
@@ -179,7 +179,7 @@ def test_two_rounds_stay_near_the_shipped_weights_with_the_anchor_to_shipped(tmp
         task, shipped = _task(str(tmp_path / target), atlas_folder="")
         ref = load_artefact(shipped).state_dict
         for _ in range(2):
-            stats = task(dict(ROUND, anchor_to=target), ds)
+            stats = task(dict(ROUND, anchor_to=target, start_from="latest"), ds)
             assert stats["status"] == "DONE"
         art = load_artefact(os.path.join(str(tmp_path / target), "model", "ensam.pt"))
         assert art.meta["forgetting_guard"]["anchor_target"] == ("pretrained_ensam.pt" if target == "shipped"
@@ -190,14 +190,14 @@ def test_two_rounds_stay_near_the_shipped_weights_with_the_anchor_to_shipped(tmp
 
 def test_start_from_shipped_trains_every_round_from_the_shipped_weights(tmp_path):
     """``start_from`` ``shipped``: round 2 starts again from the shipped weights (not round 1's published ones), so
-    two rounds on the same labels and seed publish the same weights; ``latest`` (the default) builds on round 1."""
+    two rounds on the same labels and seed publish the same weights (the default); ``latest`` builds on round 1."""
     from lib.weights import load_artefact
 
     ds = _datastore(str(tmp_path))
     published = {}
     for start in ("shipped", "latest"):
         task, _ = _task(str(tmp_path / start), atlas_folder="")
-        assert task.parse_request({})["start_from"] == "latest"
+        assert task.parse_request({})["start_from"] == "shipped"
         arts = []
         for _ in range(2):
             stats = task(dict(ROUND, start_from=start), ds)
