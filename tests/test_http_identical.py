@@ -12,7 +12,7 @@ the small MR answers (30 of 152 voxels).
 
 History: recorded from commit 240ac4f (hashes); release 7 (2026-12-07, a new refiner) changed exactly the refiner's
 answers. 2026-12-07 (stop 38): masks instead of hashes, recorded on an AMD EPYC in float32, since the hashes could
-only pass on the CPU kind that recorded them.
+only pass on the CPU kind that recorded them. Release 8 (stop 39, a new refiner): re-recorded there, float32.
 
 Recording: ``ENSAM_RECORD_ANSWERS=1 pytest tests/test_http_identical.py`` writes the file instead of comparing."""
 
