@@ -211,6 +211,19 @@ def test_start_from_shipped_trains_every_round_from_the_shipped_weights(tmp_path
         task.parse_request({"start_from": "yesterday"})
 
 
+def test_the_train_task_forces_bf16_on_or_off_and_records_it(tmp_path):
+    """``bf16`` ``off`` trains in float32 even where the CPU has bf16 units, ``on`` autocasts anyway; the statistics
+    say which ran; ``auto`` (the default) is the engine's rule; any other value is refused before anything starts."""
+    ds = _datastore(str(tmp_path))
+    task, _ = _task(str(tmp_path / "app"), atlas_folder="")
+    assert task.parse_request({})["bf16"] == "auto"
+    for value, want in (("off", False), ("on", True)):
+        stats = task(dict(ROUND, max_steps=2, bf16=value), ds)
+        assert stats["status"] == "DONE" and stats["bf16"] is want, stats
+    with pytest.raises(ValueError, match="bf16"):
+        task.parse_request({"bf16": "half"})
+
+
 def test_the_train_task_rehearses_the_atlases_and_refuses_bad_values(tmp_path):
     ds = _datastore(str(tmp_path))
     folder = _atlas_folder(str(tmp_path / "atlases"), n=2)

@@ -12,7 +12,8 @@ Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (
 ``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
 ``pretrained`` (start from weights, not from scratch), ``start_from`` (``shipped``, the default: the app's shipped weights,
 trained on every saved label again, so that rounds never add up their drift; ``latest``: the newest published
-weights, so that a round builds on the previous round's), ``keep_refiner`` (weights with a refiner for corrective steps keep
+weights, so that a round builds on the previous round's), ``bf16`` (``auto``: bf16 autocast on CUDA and on CPUs with
+bf16 units, float32 elsewhere; ``on`` / ``off`` force it), ``keep_refiner`` (weights with a refiner for corrective steps keep
 it, untuned, beside the tuned main weights; false: the tuned network answers every step), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
 ``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting;
@@ -25,7 +26,7 @@ network forget the other; the atlases are subsampled and bounded in memory, see
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
 [0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``,
 ``anchor`` and ``rehearsal_atlases`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
-one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
+one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, ``bf16`` one of :data:`BF16`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
 # (docs/LABELLING_LOOP.md, "Every round from the shipped weights"): better next answers on vertebrae and hippocampus,
 # forgetting after round 2 0.074 -> 0.015 on vertebrae (0.123 -> 0.158 on hippocampus)
 START_FROM = ("shipped", "latest")
+BF16 = ("auto", "on", "off")  # bf16 autocast of the training steps (auto: where it pays, lib.engine_parts.bf16_ok)
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
 MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)
@@ -148,6 +150,7 @@ class EnsamTrain(TrainTask):
             "anchor": 0.02,
             "anchor_to": list(ANCHOR_TO),
             "start_from": list(START_FROM),
+            "bf16": list(BF16),
             "rehearsal_atlases": 0.5,
         }
         self._config.update(config or {})
@@ -191,6 +194,9 @@ class EnsamTrain(TrainTask):
         if out["start_from"] not in START_FROM:
             raise ValueError(f"train parameter 'start_from' must be one of {list(START_FROM)}, "
                              f"got {str(req.get('start_from'))[:60]!r}")
+        out["bf16"] = str(first_value(req.get("bf16")) or BF16[0]).lower()
+        if out["bf16"] not in BF16:
+            raise ValueError(f"train parameter 'bf16' must be one of {list(BF16)}, got {str(req.get('bf16'))[:60]!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)

@@ -224,7 +224,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
              rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0,
              anchor_weights: Optional[Mapping[str, torch.Tensor]] = None, rehearsal_atlases: float = 0.0,
-             rehearsal_volumes: Optional[Sequence] = None) -> Dict:
+             rehearsal_volumes: Optional[Sequence] = None, bf16: Optional[bool] = None) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -277,7 +277,9 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
-    amp = bf16_ok(device)  # bf16 autocast on CUDA and on CPUs with bf16 units (about 2x faster steps)
+    # bf16 autocast: by default (``bf16`` None) on CUDA and on CPUs with bf16 units (about 2x faster steps); True / False
+    # force it (the train task's ``bf16`` on / off)
+    amp = bf16_ok(device) if bf16 is None else bool(bf16)
     sync = Sync(world_size)
     grad_hook = None
     if sync.active:
@@ -293,7 +295,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         return s
 
     stats = {"steps": 0, "seconds": 0.0, "loss_first": None, "loss_last": None, "restored_best": False,
-             "atlas_steps": 0}
+             "atlas_steps": 0, "bf16": amp}
     best_sd, best = None, None
     if vcases:
         best = score_now()

@@ -324,7 +324,8 @@ class FinetuneJob:
                           seed=req["seed"] + rank, progress=progress, rank=rank, world_size=world_size,
                           rehearsal=req["rehearsal"], contract=contract, anchor=req.get("anchor", 0.0),
                           anchor_weights=anchor_weights,
-                          rehearsal_atlases=against_forgetting["rehearsal_atlases"], rehearsal_volumes=atlases)
+                          rehearsal_atlases=against_forgetting["rehearsal_atlases"], rehearsal_volumes=atlases,
+                          bf16={"on": True, "off": False}.get(req.get("bf16", "auto")))
         del atlases, anchor_weights
         if rank != 0:
             return result
