@@ -26,7 +26,7 @@ from scipy import ndimage
 from .contract import Contract, check_same, contract_for_network, read_contract
 from .correction import conservative_merge
 from .engine_config import EngineConfig
-from .engine_parts import EncodingCache, bf16_ok, image_fingerprint, load_network, load_refiner
+from .engine_parts import EncodingCache, bf16_ok, image_fingerprint, load_network, load_refiner, use_bf16
 from .geometry import (PromptError, Prompts, Roi, bbox_edge_mm, check_prompts, choose_roi, crop_to_model,
                        flip_model_boxes, flip_model_points, logits_to_original, mask_bbox, mask_to_model,
                        normalize_intensity, prompt_extent, spacing_from_affine)
@@ -74,9 +74,7 @@ class EnsamEngine:
         self.cache = EncodingCache(self.config.cache_bytes)
         self.last_info: dict = {}  # the info of the latest segment() call (segment_step returns it instead)
         self._times: dict = {}  # the running call's time split, under self._lock (handed over and emptied at its end)
-        if self.config.bf16 not in ("auto", "on", "off"):
-            raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {self.config.bf16!r}")
-        self.bf16 = self.config.bf16 == "on" or (self.config.bf16 == "auto" and bf16_ok(self.device))
+        self.bf16 = use_bf16(self.config.bf16, self.device)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

@@ -14,7 +14,7 @@ from .cache import ByteLRU
 from .network import EnsamNet, NetworkConfig, build_network
 from .weights import Artefact, load_artefact
 
-__all__ = ["bf16_ok", "load_network", "load_refiner", "image_fingerprint", "EncodingCache"]
+__all__ = ["bf16_ok", "BF16_MODES", "use_bf16", "load_network", "load_refiner", "image_fingerprint", "EncodingCache"]
 
 
 def bf16_ok(device) -> bool:
@@ -25,6 +25,17 @@ def bf16_ok(device) -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+BF16_MODES = ("auto", "on", "off")  # the engine's ``bf16`` setting and the train task's ``bf16`` parameter
+
+
+def use_bf16(mode: str, device) -> bool:
+    """Whether to autocast to bf16 on ``device`` for ``mode``: "on", "off", or "auto" (where :func:`bf16_ok`);
+    ValueError for any other mode."""
+    if mode not in BF16_MODES:
+        raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {mode!r}")
+    return mode == "on" or (mode == "auto" and bf16_ok(device))
 
 
 def load_network(weights: str | Artefact | None = None, config: NetworkConfig | dict | None = None,

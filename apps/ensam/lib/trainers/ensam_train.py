@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.engine_parts import BF16_MODES
 from lib.request_parsing import first_value, parse_bool
 from lib.training.finetune_job import FinetuneJob, cuda_available
 
@@ -63,7 +64,8 @@ ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
 # (docs/LABELLING_LOOP.md, "Every round from the shipped weights"): better next answers on vertebrae and hippocampus,
 # forgetting after round 2 0.074 -> 0.015 on vertebrae (0.123 -> 0.158 on hippocampus)
 START_FROM = ("shipped", "latest")
-BF16 = ("auto", "on", "off")  # bf16 autocast of the training steps (auto: where it pays, lib.engine_parts.bf16_ok)
+BF16 = BF16_MODES  # bf16 autocast of the training steps (auto: where it pays, lib.engine_parts.use_bf16)
+CHOICES = {"anchor_to": ANCHOR_TO, "start_from": START_FROM, "bf16": BF16}  # parameters with named values (first: default)
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
 MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)
@@ -186,17 +188,10 @@ class EnsamTrain(TrainTask):
         out["optimizer"] = str(first_value(req.get("optimizer")) or "muon").lower()
         if out["optimizer"] not in ("muon", "adamw"):
             raise ValueError(f"optimizer must be 'muon' or 'adamw', got {out['optimizer']!r}")
-        out["anchor_to"] = str(first_value(req.get("anchor_to")) or ANCHOR_TO[0]).lower()
-        if out["anchor_to"] not in ANCHOR_TO:
-            raise ValueError(f"train parameter 'anchor_to' must be one of {list(ANCHOR_TO)}, "
-                             f"got {str(req.get('anchor_to'))[:60]!r}")
-        out["start_from"] = str(first_value(req.get("start_from")) or START_FROM[0]).lower()
-        if out["start_from"] not in START_FROM:
-            raise ValueError(f"train parameter 'start_from' must be one of {list(START_FROM)}, "
-                             f"got {str(req.get('start_from'))[:60]!r}")
-        out["bf16"] = str(first_value(req.get("bf16")) or BF16[0]).lower()
-        if out["bf16"] not in BF16:
-            raise ValueError(f"train parameter 'bf16' must be one of {list(BF16)}, got {str(req.get('bf16'))[:60]!r}")
+        for k, choices in CHOICES.items():
+            out[k] = str(first_value(req.get(k)) or choices[0]).lower()
+            if out[k] not in choices:
+                raise ValueError(f"train parameter {k!r} must be one of {list(choices)}, got {str(req.get(k))[:60]!r}")
         out["concept"] = parse_bool(req.get("concept", True), "concept", default=True)
         out["labels"] = _label_names(req.get("labels"))
         out["pretrained"] = parse_bool(req.get("pretrained", True), "pretrained", default=True)

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from ..contract import Contract, check_same, contract_for_network
+from ..engine_parts import use_bf16
 from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters
-from .loop import LoopConfig, bf16_ok, concept_case, evaluate, prompted_case, train_step
+from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 from .pretrain_config import load_config_file
 
@@ -224,7 +225,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
              rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0,
              anchor_weights: Optional[Mapping[str, torch.Tensor]] = None, rehearsal_atlases: float = 0.0,
-             rehearsal_volumes: Optional[Sequence] = None, bf16: Optional[bool] = None) -> Dict:
+             rehearsal_volumes: Optional[Sequence] = None, bf16: str = "auto") -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -277,9 +278,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
-    # bf16 autocast: by default (``bf16`` None) on CUDA and on CPUs with bf16 units (about 2x faster steps); True / False
-    # force it (the train task's ``bf16`` on / off)
-    amp = bf16_ok(device) if bf16 is None else bool(bf16)
+    # bf16 autocast: "auto" on CUDA and on CPUs with bf16 units (about 2x faster steps); "on" / "off" force it
+    amp = use_bf16(bf16, device)
     sync = Sync(world_size)
     grad_hook = None
     if sync.active:

@@ -325,7 +325,7 @@ class FinetuneJob:
                           rehearsal=req["rehearsal"], contract=contract, anchor=req.get("anchor", 0.0),
                           anchor_weights=anchor_weights,
                           rehearsal_atlases=against_forgetting["rehearsal_atlases"], rehearsal_volumes=atlases,
-                          bf16={"on": True, "off": False}.get(req.get("bf16", "auto")))
+                          bf16=req.get("bf16", "auto"))
         del atlases, anchor_weights
         if rank != 0:
             return result
