@@ -283,6 +283,7 @@ def _save_final_label(server, image_id):
     ({"concept": "flase"}, "concept"),  # a boolean typo is a 400 as in an infer request
     ({"start_from": "yesterday"}, "start_from"),
     ({"bf16": "half"}, "bf16"),
+    ({"reference_tolerance": 2}, "reference_tolerance"),
 ])
 def test_bad_train_requests_are_refused_before_anything_starts(ensam_server, body, words):
     before = requests.get(f"{ensam_server.url}/train/", params={"all": True}, timeout=30)

@@ -269,3 +269,27 @@ def test_the_shipped_refiner_is_kept_beside_the_tuned_weights_unless_asked_not_t
             assert art.refiner is None
     with pytest.raises(ValueError, match="keep_refiner"):
         task.parse_request({"keep_refiner": "perhaps"})
+
+
+def test_the_train_task_guards_the_reference_atlases_and_records_the_blend(tmp_path):
+    """``reference_tolerance`` (default 0.02): after the round, the box DSC on the reference atlases of the
+    published weights is within the tolerance of the shipped weights' (blended back toward them when needed), and
+    the statistics and the artefact say which blend was published; 1 turns the guard off; a bad value is refused."""
+    from lib.training.reference_guard import ALPHAS
+    from lib.weights import load_artefact
+
+    ds = _datastore(str(tmp_path))
+    folder = _atlas_folder(str(tmp_path / "atlases"), n=2)
+    task, _ = _task(str(tmp_path / "app"), atlas_folder=folder)
+    assert task.parse_request({})["reference_tolerance"] == 0.02
+    stats = task(dict(ROUND, max_steps=6, learning_rate=3e-2, reference_tolerance=0.0), ds)
+    rec = stats["reference_guard"]
+    assert stats["status"] == "DONE" and rec["alpha"] in ALPHAS and rec["cases"] >= 2, stats
+    assert rec["reference_after"] >= rec["reference_base"], rec  # tolerance 0: never below the shipped weights
+    art = load_artefact(os.path.join(str(tmp_path / "app"), "model", "ensam.pt"))
+    assert art.meta["reference_guard"] == rec and art.meta["forgetting_guard"]["reference_tolerance"] == 0.0
+    stats = task(dict(ROUND, max_steps=2, reference_tolerance=1), ds)
+    assert "reference_guard" not in stats  # off
+    for bad in ({"reference_tolerance": 1.5}, {"reference_tolerance": -0.1}, {"reference_tolerance": "nan"}):
+        with pytest.raises(ValueError, match="reference_tolerance"):
+            task.parse_request(bad)

@@ -22,10 +22,12 @@ app's shipped weights, also when a round starts from an earlier round's weights,
 ``start``: the round's starting weights), ``rehearsal_atlases`` (fraction of the steps on the labelled structures of
 the reference atlases that ``ensam_seg`` uses, CT and MR, so that a site's labels of one modality do not make the
 network forget the other; the atlases are subsampled and bounded in memory, see
-:func:`lib.training.finetune.atlas_volumes`).
+:func:`lib.training.finetune.atlas_volumes`), ``reference_tolerance`` (default 0.02: the most the box DSC on 32
+structures of those reference atlases may fall below the shipped weights'; past it the published weights are blended
+back toward the shipped ones, the most tuned blend within it, :mod:`lib.training.reference_guard`; 1 = off).
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
 [0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``,
-``anchor`` and ``rehearsal_atlases`` in [0, 1); ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
+``anchor`` and ``rehearsal_atlases`` in [0, 1); ``reference_tolerance`` in [0, 1]; ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
 one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, ``bf16`` one of :data:`BF16`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
 """
 
@@ -58,6 +60,7 @@ NUMBER_BOUNDS = {
     "rehearsal": (float, 0.0, 1.0, False, True),
     "anchor": (float, 0.0, 1.0, False, True),
     "rehearsal_atlases": (float, 0.0, 1.0, False, True),
+    "reference_tolerance": (float, 0.0, 1.0, False, False),  # 1: no reference guard
 }
 ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
 # which weights a run starts from (the first is the default): "shipped" since the loop measured it against "latest"
@@ -154,6 +157,7 @@ class EnsamTrain(TrainTask):
             "start_from": list(START_FROM),
             "bf16": list(BF16),
             "rehearsal_atlases": 0.5,
+            "reference_tolerance": 0.02,
         }
         self._config.update(config or {})
 

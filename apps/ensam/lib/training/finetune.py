@@ -43,7 +43,7 @@ from .pretrain_config import load_config_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "as_volumes", "validation_cases", "atlas_volumes", "ATLAS_MAX_VOXELS", "ATLAS_VOLUME_VOXELS"]
+__all__ = ["finetune", "as_volumes", "validation_cases", "box_cases", "atlas_volumes", "ATLAS_MAX_VOXELS", "ATLAS_VOLUME_VOXELS"]
 
 
 def _unpack(case, i: int):
@@ -171,14 +171,25 @@ def _anchor_targets(network, anchor_weights: Optional[Mapping[str, torch.Tensor]
 def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     """Deterministic model-grid validation cases: one box-prompted case per structure of each case (no
     augmentation)."""
+    return box_cases(as_volumes(cases), cfg, seed)
+
+
+def box_cases(volumes, cfg: LoopConfig = LoopConfig(), seed: int = 1234, labels: Optional[Sequence[int]] = None):
+    """One deterministic box-prompted model-grid case per structure of each of ``volumes`` (``D.Volume``; only the
+    label values ``labels`` when given), no augmentation: the validation cases of :func:`validation_cases` and the
+    reference cases of :mod:`lib.training.reference_guard`."""
     rng = np.random.default_rng(seed)
     out = []
-    for v in as_volumes(cases):
+    for v in volumes:
         for lab, sl in v.bboxes.items():
+            if labels is not None and lab not in labels:
+                continue
             lo = [s.start for s in sl]
             hi = [s.stop - 1 for s in sl]
             region = D._region(v.image.shape, lo, hi, v.spacing, rng)
             m = v.labels[region] == lab
+            if not m.any():  # a bounding box without voxels of its own value (an atlas's union region)
+                continue
             c = prompted_case(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing, rng, cfg, use_box=True,
                               roi_jitter=False, kind="val", name=f"{v.name}:{lab}")
             if c is not None:
@@ -225,7 +236,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
              should_stop: Optional[Callable[[], bool]] = None, rank: int = 0, world_size: int = 1,
              rehearsal: float = 0.3, contract: Optional[Contract] = None, anchor: float = 0.0,
              anchor_weights: Optional[Mapping[str, torch.Tensor]] = None, rehearsal_atlases: float = 0.0,
-             rehearsal_volumes: Optional[Sequence] = None, bf16: str = "auto") -> Dict:
+             rehearsal_volumes: Optional[Sequence] = None, bf16: str = "auto",
+             reference_volumes: Optional[Sequence] = None, reference_tolerance: float = 1.0) -> Dict:
     """Fine-tune ``network`` in place for at most ``max_seconds`` (and ``max_steps`` if > 0).
 
     Args:
@@ -248,6 +260,10 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         rehearsal_atlases: fraction of ALL steps drawn from ``rehearsal_volumes`` (labelled reference volumes,
             :func:`atlas_volumes`) instead of the user's cases: their named structures, box / click prompted, or
             prompt-free at ``p_concept`` when ``label_ids`` trains that mode; 0 = off. In [0, 1).
+        reference_volumes, reference_tolerance: against forgetting, with a tolerance below 1 the final weights are
+            blended back toward ``anchor_weights`` (the starting weights without them) as far as needed for their
+            box DSC on structures of these labelled reference volumes to stay within the tolerance of the base's
+            (:func:`lib.training.reference_guard.blend_within`; ``stats["reference_guard"]``).
         contract: the training/inference contract of the weights being tuned (:func:`lib.contract.read_contract`;
             None = the defaults on the network's grid); the tuned weights keep it.
         rank, world_size: data-parallel training over ``world_size`` processes (``torch.distributed`` already
@@ -257,7 +273,8 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
 
     Returns:
         dict with steps, seconds, samples_per_s, loss_first / loss_last (EMA), val_before / val_after / val_best
-        (dicts of val_box_dsc, val_click2_dsc, score), restored_best (bool).
+        (dicts of val_box_dsc, val_click2_dsc, score), restored_best (bool), with reference volumes
+        reference_guard (the blend chosen, the reference scores) and val_blended (the validation at that blend).
     """
     for key, value in (("rehearsal", rehearsal), ("anchor", anchor), ("rehearsal_atlases", rehearsal_atlases)):
         if not 0.0 <= value < 1.0:  # also refuses NaN
@@ -288,6 +305,12 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
         if rank != 0:
             vcases = []  # rank 0 validates for everyone
     start = _anchor_targets(network, anchor_weights) if anchor > 0 else None
+    guard_base = None
+    if reference_volumes and reference_tolerance < 1.0 and rank == 0:
+        own = network.state_dict()
+        guard_base = {k: (anchor_weights[k] if anchor_weights is not None and k in anchor_weights
+                          and tuple(anchor_weights[k].shape) == tuple(v.shape) else v).detach().clone()
+                      for k, v in own.items()}
 
     def score_now():
         s = evaluate(network, vcases, n_clicks=2, device=device, cfg=cfg)
@@ -353,5 +376,14 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
             network.load_state_dict(best_sd)
             stats["restored_best"] = True
         stats["val_best"] = dict(best)
+    if guard_base is not None:
+        from .reference_guard import blend_within, reference_cases
+
+        rcases = reference_cases(reference_volumes, cfg)
+        if rcases:
+            stats["reference_guard"] = blend_within(network, guard_base, rcases, reference_tolerance, device, cfg,
+                                                    amp=amp)
+            if vcases and stats["reference_guard"]["alpha"] < 1.0:
+                stats["val_blended"] = score_now()
     network.eval()
     return stats

@@ -106,12 +106,14 @@ class FinetuneJob:
         labelled atlas (a warning; the run goes on without them)."""
         from .finetune import atlas_volumes
 
-        if req.get("rehearsal_atlases", 0.0) <= 0:
+        if req.get("rehearsal_atlases", 0.0) <= 0 and req.get("reference_tolerance", 1.0) >= 1.0:
             return [], []
         vols = atlas_volumes(self.atlas_folder, seed=req["seed"]) if self.atlas_folder else []
         if not vols:
-            logger.warning(f"ensam train: rehearsal_atlases {req['rehearsal_atlases']} but no labelled atlas in "
-                           f"{self.atlas_folder or '(no atlas folder)'}; training without atlas rehearsal")
+            logger.warning(f"ensam train: rehearsal_atlases {req.get('rehearsal_atlases', 0.0)} / reference_tolerance "
+                           f"{req.get('reference_tolerance', 1.0)} but no labelled atlas in "
+                           f"{self.atlas_folder or '(no atlas folder)'}; training without atlas rehearsal and "
+                           f"without the reference guard")
         return vols, [v.name for v in vols]
 
     def stats(self) -> dict:
@@ -301,6 +303,7 @@ class FinetuneJob:
         against_forgetting = {"anchor": req.get("anchor", 0.0), "anchor_target": anchor_target,
                               "rehearsal": req["rehearsal"],
                               "rehearsal_atlases": req.get("rehearsal_atlases", 0.0) if atlases else 0.0,
+                              "reference_tolerance": req.get("reference_tolerance", 1.0) if atlases else 1.0,
                               "atlases": atlas_names}
         base_stats = dict(base_stats, forgetting_guard=against_forgetting)
         last_write = [0.0]
@@ -325,7 +328,8 @@ class FinetuneJob:
                           rehearsal=req["rehearsal"], contract=contract, anchor=req.get("anchor", 0.0),
                           anchor_weights=anchor_weights,
                           rehearsal_atlases=against_forgetting["rehearsal_atlases"], rehearsal_volumes=atlases,
-                          bf16=req.get("bf16", "auto"))
+                          bf16=req.get("bf16", "auto"), reference_volumes=atlases,
+                          reference_tolerance=against_forgetting["reference_tolerance"])
         del atlases, anchor_weights
         if rank != 0:
             return result
@@ -337,6 +341,7 @@ class FinetuneJob:
                 "labels_trained": plan["label_names"], "val_before": result.get("val_before"),
                 "forgetting_guard": against_forgetting,
                 "val_best": result.get("val_best"), "steps": result.get("steps"),
+                "reference_guard": result.get("reference_guard"), "val_blended": result.get("val_blended"),
                 # keep_refiner: the initial weights' refiner (trained for corrective steps) answers the corrections
                 # after the round as before it, untuned; else the tuned network answers every step
                 "refiner": ("kept" if req.get("keep_refiner", True) else "dropped")
