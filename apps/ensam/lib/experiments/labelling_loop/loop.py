@@ -208,6 +208,8 @@ def train_round(client: Client, server: LoopServer, cfg: LoopConfig, state: dict
         "steps": stats.get("steps"),
         "val_before": stats.get("val_before"),
         "val_best": stats.get("val_best"),
+        "reference_guard": stats.get("reference_guard"),  # the blend published (lib.training.reference_guard)
+        "val_blended": stats.get("val_blended"),
         "train_images": stats.get("train_images"),
         "val_images": stats.get("val_images"),
         "info_before": {k: before.get(k) for k in ("start_ts", "status", "weights")},
