@@ -9,7 +9,7 @@ import torch
 
 from lib.training.finetune import atlas_volumes
 from lib.training.loop import LoopConfig
-from lib.training.reference_guard import ALPHAS, blend_state, blend_within, reference_cases
+from lib.training.reference_guard import ALPHAS, blend_state, blend_within, reference_cases, reference_keys
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +28,10 @@ def test_blend_state_interpolates_floating_tensors_and_keeps_the_rest():
     assert torch.equal(blend_state(base, tuned, 1.0)["w"], tuned["w"])
 
 
+def _volumes():
+    return [v for v in atlas_volumes(ATLASES, seed=0) if v.name in ("ct_small", "tptbox_spine_ct", "tptbox_spine_mr")]
+
+
 @pytest.fixture(scope="module")
 def shipped_and_cases():
     from lib.contract import contract_for_network, read_contract
@@ -37,22 +41,30 @@ def shipped_and_cases():
     art = load_artefact(SHIPPED)
     net = load_network(art, None, "cpu")
     cfg = LoopConfig(contract=contract_for_network(net.config, read_contract(art, net.config)))
-    vols = [v for v in atlas_volumes(ATLASES, seed=0) if v.name in ("ct_small", "tptbox_spine_mr")]
-    assert {v.name for v in vols} == {"ct_small", "tptbox_spine_mr"}
-    cases = reference_cases(vols, cfg, max_cases=6)
-    return net, cfg, cases
+    vols = _volumes()
+    assert {v.name for v in vols} == {"ct_small", "tptbox_spine_ct", "tptbox_spine_mr"}
+    keys = reference_keys(vols, per_modality=4)
+    cases, groups = reference_cases(vols, cfg, keys)
+    return net, cfg, keys, cases, groups
 
 
-def test_reference_cases_are_fixed_and_spread_over_the_volumes(shipped_and_cases):
-    net, cfg, cases = shipped_and_cases
-    names = [c.name for c in cases]
-    assert len(names) == 6 and {n.split(":")[0] for n in names} == {"ct_small", "tptbox_spine_mr"}
-    vols = [v for v in atlas_volumes(ATLASES, seed=0) if v.name in ("ct_small", "tptbox_spine_mr")]
-    assert [c.name for c in reference_cases(vols, cfg, max_cases=6)] == names  # the same cases every round
+def test_reference_structures_are_fixed_per_modality_and_held_out_of_the_rehearsal(shipped_and_cases):
+    from lib.training.finetune import _atlas_sampler
+
+    net, cfg, keys, cases, groups = shipped_and_cases
+    assert sorted(groups) == ["CT"] * 4 + ["MR"] * 4 and len(cases) == 8
+    ct = [name for name, _ in keys if name != "tptbox_spine_mr"]
+    assert set(ct) == {"ct_small", "tptbox_spine_ct"}  # taken in turn from each CT volume
+    assert reference_keys(list(reversed(_volumes())), per_modality=4) == keys  # the same every round
+    vols = _volumes()
+    drawn = {(vols[vi].name, int(lab)) for vi, lab, _, _ in _atlas_sampler(vols, 128, exclude=keys).structures}
+    everything = {(vols[vi].name, int(lab)) for vi, lab, _, _ in _atlas_sampler(vols, 128).structures}
+    assert not drawn & set(keys) and set(keys) <= everything | set(keys) and len(drawn) > 0
+    assert everything - drawn == set(keys) & everything  # nothing else is held out
 
 
 def test_damaged_weights_are_blended_back_within_the_tolerance_and_good_ones_kept(shipped_and_cases):
-    net, cfg, cases = shipped_and_cases
+    net, cfg, keys, cases, groups = shipped_and_cases
     base = {k: v.clone() for k, v in net.state_dict().items()}
     # weights that forgot: every parameter moved far (as a round on another modality can do)
     torch.manual_seed(0)
@@ -61,13 +73,14 @@ def test_damaged_weights_are_blended_back_within_the_tolerance_and_good_ones_kep
             if p.numel() > 1:
                 p.add_(torch.randn_like(p) * 0.5 * p.std())
     damaged = {k: v.clone() for k, v in net.state_dict().items()}
-    rec = blend_within(net, base, cases, tolerance=0.02, cfg=cfg)
-    assert rec["reference_tuned"] < rec["reference_base"] - 0.02, rec  # the damage is real...
+    rec = blend_within(net, base, cases, groups, tolerance=0.02, cfg=cfg)
+    assert set(rec["reference_base"]) == {"CT", "MR"}, rec
+    assert any(rec["reference_tuned"][g] < rec["reference_base"][g] - 0.02 for g in "CT MR".split()), rec  # damage
     assert rec["alpha"] in ALPHAS and rec["alpha"] < 1.0, rec  # ...so the published weights are a blend
-    assert rec["reference_after"] >= rec["reference_base"] - 0.02, rec
+    assert all(rec["reference_after"][g] >= rec["reference_base"][g] - 0.02 for g in ("CT", "MR")), rec
     want = blend_state(base, damaged, rec["alpha"])
     assert all(torch.allclose(v, want[k]) for k, v in net.state_dict().items())  # the network holds that blend
     # weights within the tolerance are published as they are
     net.load_state_dict(base)
-    rec = blend_within(net, base, cases, tolerance=0.02, cfg=cfg)
+    rec = blend_within(net, base, cases, groups, tolerance=0.02, cfg=cfg)
     assert rec["alpha"] == 1.0 and rec["reference_after"] == rec["reference_base"], rec

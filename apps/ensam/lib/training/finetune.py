@@ -40,10 +40,12 @@ from .distributed import Sync, average_gradients, broadcast_parameters
 from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 from .pretrain_config import load_config_file
+from .reference_guard import blend_within, reference_cases, reference_keys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "as_volumes", "validation_cases", "box_cases", "atlas_volumes", "ATLAS_MAX_VOXELS", "ATLAS_VOLUME_VOXELS"]
+__all__ = ["finetune", "as_volumes", "validation_cases", "box_cases", "atlas_volumes", "ATLAS_MAX_VOXELS",
+           "ATLAS_VOLUME_VOXELS"]
 
 
 def _unpack(case, i: int):
@@ -137,12 +139,13 @@ def atlas_volumes(folder: str, max_voxels: float = ATLAS_MAX_VOXELS, volume_voxe
     return out
 
 
-def _atlas_sampler(volumes, num_labels: int) -> "D.ObjectSampler":
+def _atlas_sampler(volumes, num_labels: int, exclude: Sequence = ()) -> "D.ObjectSampler":
     """The atlases' labelled structures, drawn as pre-training drew them (its validation structures left out, its
-    volume weights); their built-in vocabulary ids (for prompt-free steps) only below the network's ``num_labels``."""
+    volume weights); their built-in vocabulary ids (for prompt-free steps) only below the network's ``num_labels``;
+    the (volume name, label value) pairs of ``exclude`` (the reference guard's structures) never drawn."""
     names = {v.name for v in volumes}
     s = D.ObjectSampler(volumes, holdout=D.DEFAULT_HOLDOUT, weights={"real": 1.0},
-                        volume_weights={k: w for k, w in atlas_volume_weights().items() if k in names})
+                        volume_weights={k: w for k, w in atlas_volume_weights().items() if k in names}, exclude=exclude)
     s.structures = [(vi, lab, name, vid if vid < num_labels else -1) for vi, lab, name, vid in s.structures]
     if not s.structures:
         raise ValueError("rehearsal_atlases: the rehearsal volumes hold no named labelled structure")
@@ -291,7 +294,10 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
     sampler = _sampler(vols, label_ids, rehearsal)
     if not sampler.structures:
         raise ValueError("finetune: no labelled structure in the cases")
-    atlases = _atlas_sampler(rehearsal_volumes, network.config.num_labels) if rehearsal_atlases > 0 else None
+    guarded = bool(reference_volumes) and reference_tolerance < 1.0
+    ref_keys = reference_keys(reference_volumes) if guarded else []  # held out of the rehearsal on every rank
+    atlases = _atlas_sampler(rehearsal_volumes, network.config.num_labels, exclude=ref_keys) \
+        if rehearsal_atlases > 0 else None
     vcases = validation_cases(val_cases, cfg) if val_cases else []
     network.to(device)
     opt = build_optimizer(network, optimizer, lr=lr, muon_lr_scale=1.0)
@@ -306,7 +312,7 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
             vcases = []  # rank 0 validates for everyone
     start = _anchor_targets(network, anchor_weights) if anchor > 0 else None
     guard_base = None
-    if reference_volumes and reference_tolerance < 1.0 and rank == 0:
+    if guarded and rank == 0:
         own = network.state_dict()
         guard_base = {k: (anchor_weights[k] if anchor_weights is not None and k in anchor_weights
                           and tuple(anchor_weights[k].shape) == tuple(v.shape) else v).detach().clone()
@@ -377,12 +383,10 @@ def finetune(network, cases: Sequence, max_seconds: float, val_cases: Optional[S
             stats["restored_best"] = True
         stats["val_best"] = dict(best)
     if guard_base is not None:
-        from .reference_guard import blend_within, reference_cases
-
-        rcases = reference_cases(reference_volumes, cfg)
+        rcases, groups = reference_cases(reference_volumes, cfg, ref_keys)
         if rcases:
-            stats["reference_guard"] = blend_within(network, guard_base, rcases, reference_tolerance, device, cfg,
-                                                    amp=amp)
+            stats["reference_guard"] = blend_within(network, guard_base, rcases, groups, reference_tolerance, device,
+                                                    cfg, amp=amp)
             if vcases and stats["reference_guard"]["alpha"] < 1.0:
                 stats["val_blended"] = score_now()
     network.eval()

@@ -1,11 +1,13 @@
 """A fine-tuning round never publishes weights that forget what the shipped weights knew (issue 29, item 2).
 
 After a round the tuned weights are scored (box-prompted DSC on the model grid, :func:`lib.training.loop.evaluate`)
-on a fixed set of structures of the labelled reference volumes (the atlases that ``ensam_seg`` and the atlas
-rehearsal use: CT and MR, real labels; never the evaluation set), and so are the weights the round must not forget
-(the shipped ones). When the tuned weights score more than ``tolerance`` below them, the published weights are a
-blend ``base + alpha x (tuned - base)``, the largest ``alpha`` of :data:`ALPHAS` whose score is within the tolerance
-(``alpha`` 0 is the base weights themselves, always within it). Interpolating between a fine-tuned network and its
+on a fixed set of structures of the labelled reference volumes (the atlases that ``ensam_seg`` uses: CT and MR, real
+labels; never the evaluation set), and so are the weights the round must not forget (the shipped ones). The
+structures are taken per modality and kept out of the atlas rehearsal (:func:`reference_keys`), so the score is a
+held-out measure of forgetting, as the evaluation set's is. When the tuned weights' mean over a modality falls more
+than ``tolerance`` below the base's, the published weights are a blend ``base + alpha x (tuned - base)``, the largest
+``alpha`` of :data:`ALPHAS` whose every modality is within the tolerance (``alpha`` 0 is the base weights
+themselves, always within it). Interpolating between a fine-tuned network and its
 starting point keeps most of the gain on the new task and most of the old behaviour (weight-space ensembles,
 WiSE-FT: Wortsman et al., CVPR 2022).
 
@@ -17,44 +19,56 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .loop import LoopConfig, evaluate
 
-__all__ = ["ALPHAS", "REFERENCE_CASES", "reference_cases", "blend_state", "blend_within"]
+__all__ = ["ALPHAS", "PER_MODALITY", "reference_keys", "reference_cases", "blend_state", "blend_within"]
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.0)  # tried in this order: the most tuned blend that stays within the tolerance
-REFERENCE_CASES = 32  # structures scored per blend: about 0.1 s each on one CPU thread (bf16)
+PER_MODALITY = 32  # structures scored per modality and blend: about 0.1 s each on one CPU thread (bf16)
 
 
-def reference_cases(volumes: Sequence, cfg: LoopConfig, max_cases: int = REFERENCE_CASES, seed: int = 4321) -> list:
-    """Box-prompted model-grid cases of at most ``max_cases`` structures of ``volumes`` (``D.Volume`` objects, e.g.
-    :func:`lib.training.finetune.atlas_volumes`), taken in turn from each volume (so every volume, CT and MR,
-    counts) in a ``seed``-shuffled order: the same cases for the same volumes and seed."""
+def reference_keys(volumes: Sequence, per_modality: int = PER_MODALITY, seed: int = 4321) -> List[Tuple[str, int]]:
+    """The (volume name, label value) of at most ``per_modality`` structures (and at most half) of each modality of
+    ``volumes`` (``D.Volume`` objects, e.g. :func:`lib.training.finetune.atlas_volumes`), taken in turn from each
+    volume of that modality in a ``seed``-shuffled order: the same structures for the same volumes and seed,
+    whatever else the round does. Only label values with voxels count."""
+    rng = np.random.default_rng(seed)
+    by_modality: Dict[str, list] = {}
+    for v in sorted(volumes, key=lambda v: v.name):
+        labels = [lab for lab in sorted(v.bboxes) if v.labels is not None and (v.labels[v.bboxes[lab]] == lab).any()]
+        order = [labels[i] for i in rng.permutation(len(labels))]
+        by_modality.setdefault(v.modality or "?", []).append((v.name, order))
+    out = []
+    for modality in sorted(by_modality):
+        queues, n, depth = by_modality[modality], 0, 0
+        cap = min(per_modality, sum(len(q) for _, q in queues) // 2)  # at least half stay for the rehearsal
+        while n < cap and any(depth < len(q) for _, q in queues):
+            for name, q in queues:
+                if depth < len(q) and n < cap:
+                    out.append((name, int(q[depth])))
+                    n += 1
+            depth += 1
+    return out
+
+
+def reference_cases(volumes: Sequence, cfg: LoopConfig, keys: Sequence[Tuple[str, int]],
+                    seed: int = 4321) -> Tuple[list, List[str]]:
+    """(box-prompted model-grid cases of the structures ``keys`` of ``volumes``, the modality of each)."""
     from .finetune import box_cases
 
-    rng = np.random.default_rng(seed)
-    per_volume = []
-    for v in volumes:
-        labels = sorted(v.bboxes)
-        order = [labels[i] for i in rng.permutation(len(labels))]
-        per_volume.append((v, order))
-    picked: Dict[int, List[int]] = {i: [] for i in range(len(per_volume))}
-    n, depth = 0, 0
-    while n < max_cases and any(depth < len(o) for _, o in per_volume):
-        for i, (_, order) in enumerate(per_volume):
-            if depth < len(order) and n < max_cases:
-                picked[i].append(order[depth])
-                n += 1
-        depth += 1
-    out = []
-    for i, (v, _) in enumerate(per_volume):
-        if picked[i]:
-            out.extend(box_cases([v], cfg, seed=seed + i, labels=picked[i]))
-    return out
+    cases, groups = [], []
+    for i, v in enumerate(sorted(volumes, key=lambda v: v.name)):
+        labels = [lab for name, lab in keys if name == v.name]
+        if labels:
+            got = box_cases([v], cfg, seed=seed + i, labels=labels)
+            cases.extend(got)
+            groups.extend([v.modality or "?"] * len(got))
+    return cases, groups
 
 
 def blend_state(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict:
@@ -70,33 +84,37 @@ def blend_state(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tens
     return out
 
 
-def _box_dsc(network, cases, device, cfg, amp: bool = False) -> float:
+def _box_dsc(network, cases, groups, device, cfg, amp: bool = False) -> Dict[str, float]:
+    """Mean box DSC per group (modality) of ``cases``."""
     with torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16,
                         enabled=amp):
-        return float(evaluate(network, cases, n_clicks=0, device=device, cfg=cfg)["val_box_dsc"])
+        dsc = [float(evaluate(network, [c], n_clicks=0, device=device, cfg=cfg)["val_box_dsc"]) for c in cases]
+    return {g: round(float(np.mean([d for d, h in zip(dsc, groups) if h == g])), 4) for g in sorted(set(groups))}
 
 
-def blend_within(network, base: Mapping[str, torch.Tensor], cases: Sequence, tolerance: float, device: str = "cpu",
-                 cfg: Optional[LoopConfig] = None, alphas: Sequence[float] = ALPHAS, amp: bool = False) -> dict:
+def blend_within(network, base: Mapping[str, torch.Tensor], cases: Sequence, groups: Sequence[str], tolerance: float,
+                 device: str = "cpu", cfg: Optional[LoopConfig] = None, alphas: Sequence[float] = ALPHAS,
+                 amp: bool = False) -> dict:
     """Load into ``network`` (holding the tuned weights) the blend toward ``base`` with the largest ``alphas`` entry
-    whose box DSC on ``cases`` is at least the base's minus ``tolerance``; the base weights when none is (so the
-    last entry should be 0); ``amp``: score in bf16 autocast (as the round trained). Returns {alpha, reference_base, reference_tuned, reference_after, cases, seconds}."""
+    whose mean box DSC on ``cases`` is, in every group of ``groups`` (one per case: the modality), at least the
+    base's minus ``tolerance``; the base weights when none is (so the last entry should be 0); ``amp``: score in
+    bf16 autocast (as the round trained). Returns {alpha, tolerance, reference_base, reference_tuned,
+    reference_after (each {group: mean DSC}), cases, seconds}."""
     cfg = cfg or LoopConfig()
     t0 = time.time()
     tuned = copy.deepcopy(network.state_dict())
     network.load_state_dict(blend_state(base, tuned, 0.0))
-    base_score = _box_dsc(network, cases, device, cfg, amp)
+    base_score = _box_dsc(network, cases, groups, device, cfg, amp)
     chosen, chosen_score, tuned_score = 0.0, base_score, None
     for a in alphas:
         if a == 0.0:
             break
         network.load_state_dict(blend_state(base, tuned, a))
-        s = _box_dsc(network, cases, device, cfg, amp)
+        s = _box_dsc(network, cases, groups, device, cfg, amp)
         tuned_score = s if a == alphas[0] else tuned_score
-        if s >= base_score - tolerance:
+        if all(s[g] >= base_score[g] - tolerance for g in base_score):
             chosen, chosen_score = a, s
             break
     network.load_state_dict(blend_state(base, tuned, chosen))
-    return {"alpha": chosen, "tolerance": tolerance, "reference_base": round(base_score, 4),
-            "reference_tuned": None if tuned_score is None else round(tuned_score, 4),
-            "reference_after": round(chosen_score, 4), "cases": len(cases), "seconds": round(time.time() - t0, 1)}
+    return {"alpha": chosen, "tolerance": tolerance, "reference_base": base_score, "reference_tuned": tuned_score,
+            "reference_after": chosen_score, "cases": len(cases), "seconds": round(time.time() - t0, 1)}

@@ -36,12 +36,15 @@ class ObjectSampler:
             not a registered source is an error).
         volume_weights: volume name -> factor on that volume's share of the ``real`` source (default 1; 0 = never
             drawn as a real structure), e.g. to damp atlas parcellations whose borders are not image edges.
+        exclude: (volume name, label value) pairs never drawn as real structures (the fine-tuning reference
+            guard's held-out structures, :mod:`lib.training.reference_guard`).
     """
 
     def __init__(self, volumes: Sequence[Volume], holdout: Sequence[str] = DEFAULT_HOLDOUT,
                  weights: Optional[Dict[str, float]] = None, only_holdout: bool = False,
-                 volume_weights: Optional[Dict[str, float]] = None) -> None:
+                 volume_weights: Optional[Dict[str, float]] = None, exclude: Sequence = ()) -> None:
         self.volumes = list(volumes)
+        held = {(str(n), int(lab)) for n, lab in exclude}  # (volume name, label value) never drawn
         self.holdout = set(holdout)
         self.max_region_voxels = 1.6e6
         w = dict(SOURCE_WEIGHTS if weights is None else weights)
@@ -53,7 +56,7 @@ class ObjectSampler:
         for vi, v in enumerate(self.volumes):
             for lab, sl in v.bboxes.items():
                 name = v.names.get(lab, "")
-                if not name or (name in self.holdout) != only_holdout:
+                if not name or (name in self.holdout) != only_holdout or (v.name, int(lab)) in held:
                     continue
                 vid = vocab_id(name)
                 self.structures.append((vi, lab, name, -1 if vid is None else vid))
