@@ -37,14 +37,14 @@ from ..contract import Contract, check_same, contract_for_network
 from ..engine_parts import use_bf16
 from . import data as D
 from .distributed import Sync, average_gradients, broadcast_parameters
-from .loop import LoopConfig, concept_case, evaluate, prompted_case, train_step
+from .loop import LoopConfig, box_cases, concept_case, evaluate, prompted_case, train_step
 from .optim import build_optimizer, lr_factor
 from .pretrain_config import load_config_file
 from .reference_guard import blend_within, reference_cases, reference_keys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finetune", "as_volumes", "validation_cases", "box_cases", "atlas_volumes", "ATLAS_MAX_VOXELS",
+__all__ = ["finetune", "as_volumes", "validation_cases", "atlas_volumes", "ATLAS_MAX_VOXELS",
            "ATLAS_VOLUME_VOXELS"]
 
 
@@ -175,30 +175,6 @@ def validation_cases(cases, cfg: LoopConfig = LoopConfig(), seed: int = 1234):
     """Deterministic model-grid validation cases: one box-prompted case per structure of each case (no
     augmentation)."""
     return box_cases(as_volumes(cases), cfg, seed)
-
-
-def box_cases(volumes, cfg: LoopConfig = LoopConfig(), seed: int = 1234, labels: Optional[Sequence[int]] = None):
-    """One deterministic box-prompted model-grid case per structure of each of ``volumes`` (``D.Volume``; only the
-    label values ``labels`` when given), no augmentation: the validation cases of :func:`validation_cases` and the
-    reference cases of :mod:`lib.training.reference_guard`."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for v in volumes:
-        for lab, sl in v.bboxes.items():
-            if labels is not None and lab not in labels:
-                continue
-            lo = [s.start for s in sl]
-            hi = [s.stop - 1 for s in sl]
-            region = D._region(v.image.shape, lo, hi, v.spacing, rng)
-            m = v.labels[region] == lab
-            if not m.any():  # a bounding box without voxels of its own value (an atlas's union region)
-                continue
-            c = prompted_case(D._norm01(v.image[region], v.lo, v.hi), m, v.spacing, rng, cfg, use_box=True,
-                              roi_jitter=False, kind="val", name=f"{v.name}:{lab}")
-            if c is not None:
-                c.seed = int(rng.integers(2 ** 31))
-                out.append(c)
-    return out
 
 
 def _draw_from(sampler, rng, cfg: LoopConfig, concept: bool, tries: int, prompted_kind: str,

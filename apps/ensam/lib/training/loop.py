@@ -42,6 +42,8 @@ from ..geometry import (Roi, RoiPolicy, bbox_edge_mm, choose_roi, crop_to_model,
 from ..network import BG, BOX_MAX, BOX_MIN, FG, dense_prompt_maps
 from ..prompts.simulation import box_from_mask, next_click, next_stroke
 from ..prompts.strokes import stroke_points
+from .data.augmentation import region_around
+from .data.volumes import norm01
 
 __all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "refine_case", "concept_case", "kept_region", "unrolled_loss", "train_step", "evaluate", "dice_np"]
 
@@ -185,6 +187,31 @@ def prompted_case(image: np.ndarray, mask: np.ndarray, spacing, rng, cfg: LoopCo
             res = next_click(None, gt, rng)
             pts = res[0][None].astype(float)
     return Case(x.float(), gt, pts.astype(np.float32), types.astype(np.int64), None, kind, name)
+
+
+def box_cases(volumes, cfg: Optional["LoopConfig"] = None, seed: int = 1234, labels: Optional[Sequence[int]] = None):
+    """One deterministic box-prompted model-grid case per structure of each of ``volumes`` (``Volume``; only the
+    label values ``labels`` when given), no augmentation: the validation cases of fine-tuning and the
+    reference cases of :mod:`lib.training.reference_guard` (``volumes`` from :mod:`lib.training.data`)."""
+    cfg = cfg or LoopConfig()
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in volumes:
+        for lab, sl in v.bboxes.items():
+            if labels is not None and lab not in labels:
+                continue
+            lo = [s.start for s in sl]
+            hi = [s.stop - 1 for s in sl]
+            region = region_around(v.image.shape, lo, hi, v.spacing, rng)
+            m = v.labels[region] == lab
+            if not m.any():  # a bounding box without voxels of its own value (an atlas's union region)
+                continue
+            c = prompted_case(norm01(v.image[region], v.lo, v.hi), m, v.spacing, rng, cfg, use_box=True,
+                              roi_jitter=False, kind="val", name=f"{v.name}:{lab}")
+            if c is not None:
+                c.seed = int(rng.integers(2 ** 31))
+                out.append(c)
+    return out
 
 
 def refine_case(image: np.ndarray, mask: np.ndarray, coarse_roi: Roi, box: np.ndarray, rng, cfg: LoopConfig,

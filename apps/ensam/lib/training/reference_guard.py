@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .loop import LoopConfig, evaluate
+from .loop import LoopConfig, box_cases, evaluate
 
 __all__ = ["ALPHAS", "PER_MODALITY", "reference_keys", "reference_cases", "blend_state", "blend_within"]
 
@@ -59,8 +59,6 @@ def reference_keys(volumes: Sequence, per_modality: int = PER_MODALITY, seed: in
 def reference_cases(volumes: Sequence, cfg: LoopConfig, keys: Sequence[Tuple[str, int]],
                     seed: int = 4321) -> Tuple[list, List[str]]:
     """(box-prompted model-grid cases of the structures ``keys`` of ``volumes``, the modality of each)."""
-    from .finetune import box_cases
-
     cases, groups = [], []
     for i, v in enumerate(sorted(volumes, key=lambda v: v.name)):
         labels = [lab for name, lab in keys if name == v.name]
