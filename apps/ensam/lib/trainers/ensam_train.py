@@ -7,28 +7,29 @@ before a training starts) and hands it to :class:`lib.training.finetune_job.Fine
 ``multi_gpu`` / ``cpu_processes``), publishes the best validated weights to ``model/ensam.pt`` as one artefact and
 writes the statistics that ``/info`` shows (``train_stats``).
 
-Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600),
-``max_steps`` (0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``,
-``learning_rate``, ``optimizer`` (muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``,
-``pretrained`` (start from weights, not from scratch), ``start_from`` (``shipped``, the default: the app's shipped weights,
-trained on every saved label again, so that rounds never add up their drift; ``latest``: the newest published
-weights, so that a round builds on the previous round's), ``bf16`` (``auto``: bf16 autocast on CUDA and on CPUs with
-bf16 units, float32 elsewhere; ``on`` / ``off`` force it), ``keep_refiner`` (weights with a refiner for corrective steps keep
-it, untuned, beside the tuned main weights; false: the tuned network answers every step), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
+Request (``POST /train/ensam`` JSON body; every key optional): ``max_seconds`` (time budget, default 600), ``max_steps``
+(0 = no limit), ``val_every`` (steps; 0 = about 5 times in the budget), ``val_split``, ``learning_rate``, ``optimizer``
+(muon|adamw), ``labels`` (names to train, default all saved ones), ``concept``, ``pretrained`` (start from weights, not
+from scratch), ``start_from`` (``shipped``, the default: the app's shipped weights, trained on every saved label again,
+so that rounds never add up their drift; ``latest``: the newest published weights, so that a round builds on the
+previous round's), ``bf16`` (``auto``: bf16 autocast on CUDA and on CPUs with bf16 units, float32 elsewhere; ``on`` /
+``off`` force it), ``keep_refiner`` (weights with a refiner for corrective steps keep it, untuned, beside the tuned main
+weights; false: the tuned network answers every step), ``seed``, ``device``, ``multi_gpu``, ``gpus``, ``cpu_processes``,
 ``rehearsal`` (fraction of steps on unnamed pre-training-style objects drawn on the same images, against forgetting),
-``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting;
-chosen on the tuning data by ``python -m lib.experiments.finetune_forgetting``), ``anchor_to`` (``shipped``: the
-app's shipped weights, also when a round starts from an earlier round's weights, so that rounds do not drift;
-``start``: the round's starting weights), ``rehearsal_atlases`` (fraction of the steps on the labelled structures of
-the reference atlases that ``ensam_seg`` uses, CT and MR, so that a site's labels of one modality do not make the
-network forget the other; the atlases are subsampled and bounded in memory, see
-:func:`lib.training.finetune.atlas_volumes`), ``reference_tolerance`` (default 0.02: the most the box DSC on 32
-structures of those reference atlases may fall below the shipped weights'; past it the published weights are blended
-back toward the shipped ones, the most tuned blend within it, :mod:`lib.training.reference_guard`; 1 = off).
+``anchor`` (after every step the weights move this fraction back toward the anchor's target, against forgetting; chosen
+on the tuning data by ``python -m lib.experiments.finetune_forgetting``), ``anchor_to`` (``shipped``: the app's shipped
+weights, also when a round starts from an earlier round's weights, so that rounds do not drift; ``start``: the round's
+starting weights), ``rehearsal_atlases`` (fraction of the steps on the labelled structures of the reference atlases that
+``ensam_seg`` uses, CT and MR, so that a site's labels of one modality do not make the network forget the other; the
+atlases are subsampled and bounded in memory, see :func:`lib.training.finetune.atlas_volumes`), ``reference_tolerance``
+(default 0.02: the most the box DSC on 32 structures per modality of those reference atlases, held out of the rehearsal,
+may fall below the shipped weights' on any modality; past it the published weights are blended back toward the shipped
+ones, the most tuned blend within it, :mod:`lib.training.reference_guard`; 1 = off).
 Bounds (400 otherwise, nothing started): every number finite and within :data:`NUMBER_BOUNDS` (``max_seconds`` in
-[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``,
-``anchor`` and ``rehearsal_atlases`` in [0, 1); ``reference_tolerance`` in [0, 1]; ``learning_rate`` in (0, 1]; ``seed`` in [0, 2^32 - 1]), ``anchor_to``
-one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, ``bf16`` one of :data:`BF16`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
+[0, 7 days], 0 = no time budget; ``max_steps`` and ``val_every`` in [0, 10^6]; ``val_split``, ``rehearsal``, ``anchor``
+and ``rehearsal_atlases`` in [0, 1); ``reference_tolerance`` in [0, 1]; ``learning_rate`` in (0, 1]; ``seed`` in
+[0, 2^32 - 1]), ``anchor_to`` one of :data:`ANCHOR_TO`, ``start_from`` one of :data:`START_FROM`, ``bf16`` one of
+:data:`BF16`, at most 256 label names of at most 128 characters, the request at most 64 KiB of JSON.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ ANCHOR_TO = ("shipped", "start")  # what the anchor pulls toward
 # forgetting after round 2 0.074 -> 0.015 on vertebrae (0.123 -> 0.158 on hippocampus)
 START_FROM = ("shipped", "latest")
 BF16 = BF16_MODES  # bf16 autocast of the training steps (auto: where it pays, lib.engine_parts.use_bf16)
-CHOICES = {"anchor_to": ANCHOR_TO, "start_from": START_FROM, "bf16": BF16}  # parameters with named values (first: default)
+# the parameters with named values (the first is the default)
+CHOICES = {"anchor_to": ANCHOR_TO, "start_from": START_FROM, "bf16": BF16}
 MAX_LABEL_NAMES = 256  # label names of one request (10k names were a 500 while the job started anyway)
 MAX_LABEL_NAME_CHARS = 128
 MAX_REQUEST_BYTES = 64 * 1024  # the request as JSON (monailabel puts it on the training process's command line)

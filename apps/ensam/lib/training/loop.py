@@ -45,7 +45,8 @@ from ..prompts.strokes import stroke_points
 from .data.augmentation import region_around
 from .data.volumes import norm01
 
-__all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "refine_case", "concept_case", "kept_region", "unrolled_loss", "train_step", "evaluate", "dice_np"]
+__all__ = ["LoopConfig", "Case", "bf16_ok", "prompted_case", "box_cases", "refine_case", "concept_case", "kept_region",
+           "unrolled_loss", "device_type", "train_step", "evaluate", "dice_np"]
 
 
 @dataclass
@@ -323,9 +324,8 @@ def unrolled_loss(net, case: Case, n_clicks: int, rng, cfg: LoopConfig = LoopCon
     # bf16 autocast: on CUDA, and on CPUs with bf16 units (AVX512-BF16 / AMX; pretrain's ``cpu_bf16``): a 64^3
     # training step (encode + 3 decodes + backward, 1 thread, AMD EPYC with avx512_bf16) took 2.0 s against 4.4 s
     # in fp32 (min of 3; runs/bench_step.py)
-    dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
     first = 0
-    with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=amp):
         if first_net is not None and case.label_id is None and case.prev is None and n_clicks >= 1:
             pred = _first_answer(first_net, case, device, cfg)
             correction = _correction(pred, case.gt, rng, cfg)
@@ -388,47 +388,54 @@ def _correction(pred: np.ndarray, gt: np.ndarray, rng, cfg: LoopConfig):
     return None if click is None else (click[0][None], click[1])
 
 
+def device_type(device) -> str:
+    """The autocast device type of ``device`` ("cuda" or "cpu")."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
 @torch.no_grad()
 def evaluate(net, cases: Sequence[Case], n_clicks: int = 2, device="cpu",
-             cfg: LoopConfig = LoopConfig(), first_net=None) -> Dict[str, float]:
+             cfg: LoopConfig = LoopConfig(), first_net=None, amp: bool = False) -> Dict[str, float]:
     """Box-only DSC (step 0) and DSC after ``n_clicks`` corrective clicks, averaged over the cases, and the share
     of corrective steps that lowered the DSC by more than ``HARM_DSC[0]`` (``val_harmful``)
     (model grid; click ties broken with each case's seed). Cases that start from one foreground click count their
     step 0 in ``val_oneclick_dsc`` (and their last step in the click average); prompt-free cases in
     ``val_concept_dsc``. With ``first_net`` (training a refiner), step 0 of the prompted cases is that network's
-    answer and the corrective steps ``net``'s, as the engine pairs them."""
+    answer and the corrective steps ``net``'s, as the engine pairs them. ``amp``: in bf16 autocast, as
+    :func:`train_step` trains (default float32)."""
     was = net.training
     net.eval()
     first, last, concept, oneclick = [], [], [], []
     steps = harmful = 0
-    for c in cases:
-        feats = net.encode(c.image.to(device))
-        if c.label_id is not None:
-            logits = _decode(net, feats, c.points, c.types, None, c.label_id, device, cfg.contract.click_sigma)
-            concept.append(dice_np((logits[0, 0] > 0).cpu().numpy(), c.gt))
-            continue
-        rng = np.random.default_rng(c.seed)
-        pts, types, prev = c.points.copy(), c.types.copy(), None
-        for step in range(n_clicks + 1):
-            if step == 0 and first_net is not None and c.prev is None:
-                pred = _first_answer(first_net, c, device, cfg)
-            else:
-                logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
-                pred = (logits[0, 0] > 0).cpu().numpy()
-            dsc = dice_np(pred, c.gt)
-            if step == 0:
-                (oneclick if c.types.tolist() == [FG] else first).append(dsc)
-            else:
-                steps += 1
-                harmful += int(dsc < before - HARM_DSC[0])
-            before = dsc
-            click = next_click(pred, c.gt, rng) if step < n_clicks else None
-            if click is None:
-                break
-            pts = np.concatenate([pts, click[0][None].astype(np.float32)])
-            types = np.concatenate([types, [FG if click[1] else BG]])
-            prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
-        last.append(dice_np(pred, c.gt))
+    with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=amp):
+        for c in cases:
+            feats = net.encode(c.image.to(device))
+            if c.label_id is not None:
+                logits = _decode(net, feats, c.points, c.types, None, c.label_id, device, cfg.contract.click_sigma)
+                concept.append(dice_np((logits[0, 0] > 0).cpu().numpy(), c.gt))
+                continue
+            rng = np.random.default_rng(c.seed)
+            pts, types, prev = c.points.copy(), c.types.copy(), None
+            for step in range(n_clicks + 1):
+                if step == 0 and first_net is not None and c.prev is None:
+                    pred = _first_answer(first_net, c, device, cfg)
+                else:
+                    logits = _decode(net, feats, pts, types, prev, None, device, cfg.contract.click_sigma)
+                    pred = (logits[0, 0] > 0).cpu().numpy()
+                dsc = dice_np(pred, c.gt)
+                if step == 0:
+                    (oneclick if c.types.tolist() == [FG] else first).append(dsc)
+                else:
+                    steps += 1
+                    harmful += int(dsc < before - HARM_DSC[0])
+                before = dsc
+                click = next_click(pred, c.gt, rng) if step < n_clicks else None
+                if click is None:
+                    break
+                pts = np.concatenate([pts, click[0][None].astype(np.float32)])
+                types = np.concatenate([types, [FG if click[1] else BG]])
+                prev = torch.as_tensor(pred, dtype=torch.float32, device=device)[None, None]
+            last.append(dice_np(pred, c.gt))
     net.train(was)
     out = {"val_box_dsc": float(np.mean(first)) if first else float("nan"),
            f"val_click{n_clicks}_dsc": float(np.mean(last)) if last else float("nan")}

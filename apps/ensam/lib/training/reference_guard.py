@@ -29,7 +29,7 @@ from .loop import LoopConfig, box_cases, evaluate
 __all__ = ["ALPHAS", "PER_MODALITY", "reference_keys", "reference_cases", "blend_state", "blend_within"]
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.0)  # tried in this order: the most tuned blend that stays within the tolerance
-PER_MODALITY = 32  # structures scored per modality and blend: about 0.1 s each on one CPU thread (bf16)
+PER_MODALITY = 32  # structures scored per modality and blend: 0.29 s each on one CPU thread, 0.16 s on two (bf16)
 
 
 def reference_keys(volumes: Sequence, per_modality: int = PER_MODALITY, seed: int = 4321) -> List[Tuple[str, int]]:
@@ -84,10 +84,8 @@ def blend_state(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tens
 
 def _box_dsc(network, cases, groups, device, cfg, amp: bool = False) -> Dict[str, float]:
     """Mean box DSC per group (modality) of ``cases``."""
-    with torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                        enabled=amp):
-        dsc = [float(evaluate(network, [c], n_clicks=0, device=device, cfg=cfg)["val_box_dsc"]) for c in cases]
-    return {g: round(float(np.mean([d for d, h in zip(dsc, groups) if h == g])), 4) for g in sorted(set(groups))}
+    return {g: round(float(evaluate(network, [c for c, h in zip(cases, groups) if h == g], n_clicks=0, device=device,
+                                    cfg=cfg, amp=amp)["val_box_dsc"]), 4) for g in sorted(set(groups))}
 
 
 def blend_within(network, base: Mapping[str, torch.Tensor], cases: Sequence, groups: Sequence[str], tolerance: float,
